@@ -1,0 +1,61 @@
+//! Datapath counters: one per-CPU slot per verdict, drop reason and event, indexed by
+//! [`Stat`]. Each packet bumps exactly one verdict counter; events are counted besides.
+
+macro_rules! stats {
+    ($($(#[$m:meta])* $name:ident = $label:literal,)*) => {
+        /// Index into NP_STATS.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Stat { $($(#[$m])* $name,)* }
+        impl Stat {
+            /// Every counter, in index order.
+            pub const ALL: &'static [Stat] = &[$(Stat::$name,)*];
+            /// Stable snake_case name (used by metrics and `inspect`).
+            pub const fn name(self) -> &'static str {
+                match self { $(Stat::$name => $label,)* }
+            }
+        }
+    };
+}
+
+stats! {
+    /// Not IPv4 (ARP, IPv6, VLAN-tagged): passed untouched.
+    PassNotIpv4 = "pass_not_ipv4",
+    /// IPv4 fragment: passed untouched to the stack, which reassembles.
+    PassFragment = "pass_fragment",
+    /// Truncated or inconsistent headers: passed untouched, the stack validates.
+    PassMalformed = "pass_malformed",
+    /// IPv4 but neither TCP nor UDP.
+    PassOtherProto = "pass_other_proto",
+    /// TCP/UDP that matches no frontend and no translated reply.
+    PassNoMatch = "pass_no_match",
+    /// Translated towards a backend on this node and handed to the stack for delivery.
+    LocalDeliver = "local_deliver",
+    /// Translated and sent back out of the receiving interface.
+    Tx = "tx",
+    /// Translated and redirected to another interface.
+    Redirect = "redirect",
+    /// FIB lookup needs the stack (no neighbour yet, ...): passed untranslated, TC finishes.
+    FibPass = "fib_pass",
+    /// Translated in TC (ingress fallback or egress reply) and continued.
+    TcNat = "tc_nat",
+    /// Dropped: the service has no usable backend.
+    DropNoBackend = "drop_no_backend",
+    /// Dropped: no free SNAT port after the probe limit.
+    DropSnatExhausted = "drop_snat_exhausted",
+    /// Dropped: the FIB says the destination is unreachable, blackholed or prohibited.
+    DropFib = "drop_fib",
+    /// Dropped: a conntrack or reverse-NAT map update failed.
+    DropMapFull = "drop_map_full",
+    /// Event: a new flow was bound to a backend.
+    NewFlow = "event_new_flow",
+    /// Event: a packet of an established flow was translated.
+    Established = "event_established",
+    /// Event: a reply was reverse-translated.
+    Reply = "event_reply",
+    /// Event: a flow's backend disappeared and a new one was chosen.
+    Reselect = "event_reselect",
+}
+
+/// Number of counters (the NP_STATS array size).
+pub const STAT_COUNT: u32 = Stat::ALL.len() as u32;
