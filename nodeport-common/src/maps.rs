@@ -31,6 +31,12 @@ pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_NODE_ADDRS: u32 = 256;
 pub const DEFAULT_MAX_DEVICES: u32 = 64;
 
+/// NP_MAGLEV packs two slots (backend ids) per 8-byte element: the kernel rounds array
+/// elements up to 8 bytes, so this keeps 4 bytes per slot and lets the agent see the
+/// memory-mapped array as one flat `u32` slice. Slot `s` is `entry[s / 2][s % 2]`.
+pub type MaglevEntry = [u32; 2];
+pub const MAGLEV_SLOTS_PER_ENTRY: u32 = 2;
+
 /// Backend id 0 is never allocated: an empty Maglev slot holds 0.
 pub const BACKEND_NONE: u32 = 0;
 

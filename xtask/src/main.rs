@@ -1,1 +1,82 @@
-fn main() {}
+//! Developer tasks for nodeport: `cargo xtask <setup|build|run|test|cleanup|bench>`.
+//!
+//! This crate must build on a fresh machine before the eBPF toolchain exists, so it uses only
+//! std, anyhow and clap, and never depends on another workspace crate.
+
+mod bench;
+mod build;
+mod cleanup;
+mod run;
+mod setup;
+mod test;
+mod util;
+
+use std::{ffi::OsString, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for nodeport"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need: rustfmt/clippy, the nightly toolchain with
+    /// rust-src, bpf-linker built against nightly's LLVM, and the Debian packages the tests use.
+    /// Idempotent and quick when everything is there.
+    Setup,
+    /// Build the agent (with its embedded eBPF object) and the test binaries.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build in release mode and run the namespace demo (root); with arguments after `--`,
+    /// run the agent itself with them instead (real node mode).
+    Run {
+        /// Arguments for `nodeport-agent`, e.g.
+        /// `-- --interface eth0 --node-name $(hostname) --manifests DIR --pin-path /sys/fs/bpf/nodeport`.
+        #[arg(last = true)]
+        agent_args: Vec<OsString>,
+    },
+    /// Run everything CI checks: setup, fmt, release build, clippy, cleanup, all tests.
+    Test {
+        /// Only the unprivileged host unit tests (library and binary unit tests; no root).
+        #[arg(long)]
+        unit: bool,
+    },
+    /// Remove leftovers of earlier runs: all `np-*` network namespaces and `/sys/fs/bpf/np-*`
+    /// pins. Stop running tests and demos first: their namespaces are removed too.
+    Cleanup,
+    /// Benchmarks (not implemented yet).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Everything we start (cargo, the agent's build script through aya-build) must find the
+    // bpf-linker that `cargo install` puts in Cargo's bin directory.
+    util::prepend_cargo_bin_to_path();
+    let result = match cli.command {
+        Command::Setup => setup::ensure(setup::Scope::All).map(|_| ExitCode::SUCCESS),
+        Command::Build { release } => build::run(release).map(|_| ExitCode::SUCCESS),
+        Command::Run { agent_args } => run::run(agent_args),
+        Command::Test { unit } => test::run(unit),
+        Command::Cleanup => cleanup::run(cleanup::Scope::Everything).map(|_| ExitCode::SUCCESS),
+        Command::Bench => bench::run().map(|_| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

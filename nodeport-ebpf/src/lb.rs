@@ -1,0 +1,331 @@
+//! The load-balancing decision: frontend lookup, conntrack, Maglev backend choice and SNAT
+//! port allocation for forward packets; reverse-NAT lookup for replies. Pure map logic:
+//! it decides the new addresses and ports; `nat` rewrites and `fwd` forwards.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
+use nodeport_common::{
+    hash::flow_hash, Backend, Config, CtEntry, FlowKey, FrontendKey, RevNat, Service, Stat,
+    BE_F_LOCAL, MAGLEV_SLOTS_PER_ENTRY, CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_ONLY, PROTO_TCP, SNAT_PROBES, SVC_F_LOCAL,
+};
+
+use crate::{
+    maps::{BACKENDS, CONFIG, CONNTRACK, MAGLEV, NODE_ADDRS, REVNAT, SERVICES},
+    packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats::count,
+};
+
+const NS: u64 = 1_000_000_000;
+/// A conntrack entry's timestamp is refreshed at most once a second (saves cache traffic).
+const REFRESH_NS: u64 = NS;
+
+/// New addresses and ports of a translated packet (network order).
+#[derive(Clone, Copy)]
+pub struct Nat {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// What to do with a TCP/UDP packet.
+pub enum Decision {
+    /// Drop, counting this reason.
+    Drop(Stat),
+    /// Forward packet of a flow to a backend on this node (deliver through the stack).
+    ToLocal(Nat),
+    /// Forward packet of a flow to a backend on another node.
+    ToRemote(Nat),
+    /// Reply of a translated flow, back towards the client.
+    Reply(Nat),
+}
+
+#[inline(always)]
+pub fn config() -> Config {
+    match CONFIG.get(0) {
+        Some(c) if c.snat_port_min != 0 => *c,
+        _ => Config::default(),
+    }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Find the service of a frontend: an exact (address, port) frontend (LoadBalancer or
+/// external IP), else a nodePort when the destination is one of this node's addresses.
+/// Returns the service and whether the destination is a node address.
+#[inline(always)]
+fn lookup_service(f: &Flow) -> Option<(Service, bool)> {
+    let mut key = FrontendKey { addr: f.daddr, port: f.dport, proto: f.proto, pad: 0 };
+    // SAFETY: values are plain data copied out immediately.
+    if let Some(svc) = unsafe { SERVICES.get(&key) } {
+        let is_node = unsafe { NODE_ADDRS.get(&f.daddr) }.is_some();
+        return Some((*svc, is_node));
+    }
+    unsafe { NODE_ADDRS.get(&f.daddr) }?;
+    key.addr = 0;
+    unsafe { SERVICES.get(&key) }.map(|svc| (*svc, true))
+}
+
+#[inline(always)]
+fn timeout_ns(cfg: &Config, proto: u8, flags: u16) -> u64 {
+    let s = if proto != PROTO_TCP {
+        cfg.udp_timeout_s
+    } else if flags & CT_F_CLOSING != 0 {
+        cfg.tcp_closing_timeout_s
+    } else if flags & CT_F_SYN_ONLY != 0 {
+        cfg.tcp_syn_timeout_s
+    } else {
+        cfg.tcp_timeout_s
+    };
+    s as u64 * NS
+}
+
+#[inline(always)]
+fn expired(cfg: &Config, proto: u8, ct: &CtEntry, now: u64) -> bool {
+    now.saturating_sub(ct.last_seen_ns) > timeout_ns(cfg, proto, ct.flags)
+}
+
+/// Keep a live entry fresh and follow the TCP state the datapath cares about.
+#[inline(always)]
+fn touch(ct: *mut CtEntry, tcp_flags: u8, forward: bool, now: u64) {
+    // SAFETY: `ct` points into a map value; racing writers only store whole fields.
+    unsafe {
+        let old = (*ct).flags;
+        let mut flags = old;
+        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            flags |= CT_F_CLOSING;
+        } else if forward && tcp_flags & TCP_ACK != 0 {
+            flags &= !CT_F_SYN_ONLY;
+        }
+        if flags != old {
+            (*ct).flags = flags;
+        }
+        if flags != old || now.saturating_sub((*ct).last_seen_ns) >= REFRESH_NS {
+            (*ct).last_seen_ns = now;
+        }
+    }
+}
+
+#[inline(always)]
+fn client_key(f: &Flow) -> FlowKey {
+    FlowKey {
+        saddr: f.saddr,
+        daddr: f.daddr,
+        sport: f.sport,
+        dport: f.dport,
+        proto: f.proto,
+        pad: [0; 3],
+    }
+}
+
+/// Decide for a packet that may be addressed to a frontend. `None`: no frontend matched.
+#[inline(always)]
+pub fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
+    let (svc, is_node_addr) = lookup_service(f)?;
+    let key = client_key(f);
+    let now = now_ns();
+
+    if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: map value pointer, copied.
+        let entry = unsafe { *ct };
+        if !expired(cfg, f.proto, &entry, now) {
+            // SAFETY: plain data.
+            if let Some(be) = unsafe { BACKENDS.get(&entry.backend_id) } {
+                if be.addr == entry.backend_addr && be.port == entry.backend_port {
+                    touch(ct, f.tcp_flags, true, now);
+                    count(Stat::Established);
+                    let nat = Nat {
+                        saddr: entry.nat_addr,
+                        sport: entry.nat_port,
+                        daddr: be.addr,
+                        dport: be.port,
+                    };
+                    return Some(if entry.flags & CT_F_SNAT != 0 {
+                        Decision::ToRemote(nat)
+                    } else {
+                        Decision::ToLocal(nat)
+                    });
+                }
+            }
+            count(Stat::Reselect);
+        }
+    }
+    Some(new_flow(f, cfg, &svc, is_node_addr, key, now))
+}
+
+/// Bind a new flow to a backend from the service's Maglev table.
+#[inline(always)]
+fn new_flow(
+    f: &Flow,
+    cfg: &Config,
+    svc: &Service,
+    is_node_addr: bool,
+    key: FlowKey,
+    now: u64,
+) -> Decision {
+    if svc.table_size == 0 {
+        return Decision::Drop(Stat::DropNoBackend);
+    }
+    let hash = flow_hash(f.saddr, f.sport, f.dport, f.proto);
+    let slot = svc.table_off.wrapping_add(hash % svc.table_size);
+    let Some(pair) = MAGLEV.get(slot / MAGLEV_SLOTS_PER_ENTRY) else {
+        return Decision::Drop(Stat::DropNoBackend);
+    };
+    let id = pair[(slot & 1) as usize];
+    // SAFETY: plain data.
+    let Some(be) = (unsafe { BACKENDS.get(&id) }).copied() else {
+        return Decision::Drop(Stat::DropNoBackend);
+    };
+    let local = be.flags & BE_F_LOCAL != 0 || svc.flags & SVC_F_LOCAL != 0;
+    let rev = RevNat {
+        fe_addr: f.daddr,
+        client_addr: f.saddr,
+        fe_port: f.dport,
+        client_port: f.sport,
+    };
+    let mut entry = CtEntry {
+        last_seen_ns: now,
+        backend_id: id,
+        svc_id: svc.svc_id,
+        backend_addr: be.addr,
+        nat_addr: f.saddr,
+        backend_port: be.port,
+        nat_port: f.sport,
+        flags: if f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            CT_F_SYN_ONLY
+        } else {
+            0
+        },
+        pad: 0,
+    };
+    if local {
+        let rkey = FlowKey {
+            saddr: be.addr,
+            daddr: f.saddr,
+            sport: be.port,
+            dport: f.sport,
+            proto: f.proto,
+            pad: [0; 3],
+        };
+        if REVNAT.insert(&rkey, &rev, 0).is_err() {
+            return Decision::Drop(Stat::DropMapFull);
+        }
+    } else {
+        let snat_addr = if is_node_addr { f.daddr } else { cfg.snat_addr };
+        let Some(port) = alloc_snat_port(f, cfg, &be, snat_addr, &rev, hash, now) else {
+            return Decision::Drop(Stat::DropSnatExhausted);
+        };
+        entry.nat_addr = snat_addr;
+        entry.nat_port = port;
+        entry.flags |= CT_F_SNAT;
+    }
+    if CONNTRACK.insert(&key, &entry, 0).is_err() {
+        return Decision::Drop(Stat::DropMapFull);
+    }
+    count(Stat::NewFlow);
+    let nat = Nat { saddr: entry.nat_addr, sport: entry.nat_port, daddr: be.addr, dport: be.port };
+    if local {
+        Decision::ToLocal(nat)
+    } else {
+        Decision::ToRemote(nat)
+    }
+}
+
+/// Pick a source port towards `be` from the SNAT range whose reply tuple is free, or held
+/// by a flow that is gone (its conntrack entry expired, missing or rebound). Tries
+/// `SNAT_PROBES` ports starting at a hash of the flow; `None` when all are taken.
+#[inline(always)]
+fn alloc_snat_port(
+    f: &Flow,
+    cfg: &Config,
+    be: &Backend,
+    snat_addr: u32,
+    rev: &RevNat,
+    hash: u32,
+    now: u64,
+) -> Option<u16> {
+    if snat_addr == 0 || cfg.snat_port_max < cfg.snat_port_min {
+        return None;
+    }
+    let range = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
+    let start = hash.rotate_left(16) % range;
+    let mut rkey = FlowKey {
+        saddr: be.addr,
+        daddr: snat_addr,
+        sport: be.port,
+        dport: 0,
+        proto: f.proto,
+        pad: [0; 3],
+    };
+    for i in 0..SNAT_PROBES {
+        let port = (cfg.snat_port_min as u32 + (start + i) % range) as u16;
+        rkey.dport = port.to_be();
+        if REVNAT.insert(&rkey, rev, BPF_NOEXIST as u64).is_ok() {
+            return Some(rkey.dport);
+        }
+        // SAFETY: plain data.
+        let Some(held) = (unsafe { REVNAT.get(&rkey) }).copied() else {
+            continue;
+        };
+        let owner = FlowKey {
+            saddr: held.client_addr,
+            daddr: held.fe_addr,
+            sport: held.client_port,
+            dport: held.fe_port,
+            proto: f.proto,
+            pad: [0; 3],
+        };
+        // SAFETY: plain data.
+        let live = match unsafe { CONNTRACK.get(&owner) } {
+            Some(ct) => {
+                !expired(cfg, f.proto, ct, now)
+                    && ct.nat_port == rkey.dport
+                    && ct.nat_addr == snat_addr
+                    && ct.backend_addr == be.addr
+                    && ct.backend_port == be.port
+            }
+            None => false,
+        };
+        if !live && REVNAT.insert(&rkey, rev, 0).is_ok() {
+            return Some(rkey.dport);
+        }
+    }
+    None
+}
+
+/// Reverse translation of a reply: the tuple as it arrives, looked up in NP_RNAT.
+#[inline(always)]
+pub fn reply(f: &Flow) -> Option<Decision> {
+    let key = client_key(f);
+    // SAFETY: plain data.
+    let rev = (unsafe { REVNAT.get(&key) }).copied()?;
+    let owner = FlowKey {
+        saddr: rev.client_addr,
+        daddr: rev.fe_addr,
+        sport: rev.client_port,
+        dport: rev.fe_port,
+        proto: f.proto,
+        pad: [0; 3],
+    };
+    if let Some(ct) = CONNTRACK.get_ptr_mut(&owner) {
+        touch(ct, f.tcp_flags, false, now_ns());
+    }
+    count(Stat::Reply);
+    Some(Decision::Reply(Nat {
+        saddr: rev.fe_addr,
+        sport: rev.fe_port,
+        daddr: rev.client_addr,
+        dport: rev.client_port,
+    }))
+}
+
+/// Whether an arriving packet could be the reply of a source-NATed flow: it is addressed to
+/// a port of the SNAT range (cheap test before the map lookup).
+#[inline(always)]
+pub fn maybe_snat_reply(f: &Flow, cfg: &Config) -> bool {
+    let port = u16::from_be(f.dport);
+    port >= cfg.snat_port_min && port <= cfg.snat_port_max
+}

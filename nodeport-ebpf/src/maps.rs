@@ -1,0 +1,55 @@
+//! Every map of the datapath, declared once. Sizes are defaults the agent may override at
+//! load time (`EbpfLoader::set_max_entries`); names come from `nodeport_common::maps`.
+
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use nodeport_common::{
+    stats::STAT_COUNT, Backend, Config, CtEntry, FlowKey, FrontendKey, NodeAddr, RevNat, Service,
+    DEFAULT_CT_ENTRIES, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_DEVICES,
+    DEFAULT_MAX_NODE_ADDRS, DEFAULT_MAX_SERVICES, MAGLEV_SLOTS_PER_ENTRY, MaglevEntry,
+};
+
+/// NP_SVC_V1: frontend (addr or 0 for nodePorts, port, proto) -> service (Maglev table range).
+#[map(name = "NP_SVC_V1")]
+pub static SERVICES: HashMap<FrontendKey, Service> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// NP_BE_V1: backend id -> backend address and target port.
+#[map(name = "NP_BE_V1")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// NP_MAGLEV_V1: slot pair -> two backend ids (see `MaglevEntry`); each service owns `table_size` slots at `table_off`.
+/// Memory-mappable so the agent writes whole tables without a syscall per slot.
+#[map(name = "NP_MAGLEV_V1")]
+pub static MAGLEV: Array<MaglevEntry> =
+    Array::with_max_entries(DEFAULT_MAGLEV_SLOTS / MAGLEV_SLOTS_PER_ENTRY, BPF_F_MMAPABLE);
+
+/// NP_CT_V1: client -> frontend tuple -> bound backend and translation.
+#[map(name = "NP_CT_V1")]
+pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+/// NP_RNAT_V1: reply tuple as it reaches this node -> frontend and client to restore.
+#[map(name = "NP_RNAT_V1")]
+pub static REVNAT: LruHashMap<FlowKey, RevNat> =
+    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+/// NP_NODEADDR_V1: IPv4 address of this node -> flags. Destinations that take nodePorts.
+#[map(name = "NP_NODEADDR_V1")]
+pub static NODE_ADDRS: HashMap<u32, NodeAddr> =
+    HashMap::with_max_entries(DEFAULT_MAX_NODE_ADDRS, 0);
+
+/// NP_CONFIG_V1: index 0 -> runtime settings.
+#[map(name = "NP_CONFIG_V1")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// NP_STATS_V1: counter index (`Stat`) -> per-CPU packet count.
+#[map(name = "NP_STATS_V1")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// NP_DEV_V1: ifindex -> ifindex, the interfaces XDP may redirect into (ours, with NAPI).
+#[map(name = "NP_DEV_V1")]
+pub static DEVICES: DevMapHash = DevMapHash::with_max_entries(DEFAULT_MAX_DEVICES, 0);

@@ -1,0 +1,13 @@
+//! Per-CPU counters: one increment per verdict, drop reason or event.
+
+use nodeport_common::Stat;
+
+use crate::maps::STATS;
+
+#[inline(always)]
+pub fn count(stat: Stat) {
+    if let Some(c) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *c += 1 };
+    }
+}

@@ -1,0 +1,54 @@
+//! `np-echo`: the backend echo server of the test pods (see `tests::echo`).
+//! `np-echo --name NAME [--tcp-port 80] [--udp-port 80] [--bind 0.0.0.0] [--verbose]`
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use anyhow::Context;
+use clap::Parser;
+use tests::echo::{EchoConfig, EchoServer};
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Echo server: answers `From=NAME ClientIP=.. ClientPort=..` over HTTP/1.1 and UDP"
+)]
+struct Args {
+    /// Name reported in `From=`.
+    #[arg(long)]
+    name: String,
+    /// TCP (HTTP) port; 0 disables TCP.
+    #[arg(long, default_value_t = 80)]
+    tcp_port: u16,
+    /// UDP port; 0 disables UDP.
+    #[arg(long, default_value_t = 80)]
+    udp_port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    bind: IpAddr,
+    /// Log every connection and datagram to stderr.
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let at = |port: u16| (port != 0).then(|| SocketAddr::new(a.bind, port));
+    let server = EchoServer::bind(EchoConfig {
+        name: a.name.clone(),
+        tcp: at(a.tcp_port),
+        udp: at(a.udp_port),
+        verbose: a.verbose,
+    })
+    .with_context(|| {
+        format!(
+            "cannot listen on {}:{}/tcp, {}/udp",
+            a.bind, a.tcp_port, a.udp_port
+        )
+    })?;
+    eprintln!(
+        "np-echo {}: tcp {:?} udp {:?}",
+        a.name,
+        server.tcp_addr(),
+        server.udp_addr()
+    );
+    server.run()
+}

@@ -1,0 +1,552 @@
+//! The two-node cluster of test-network.md, built in network namespaces: a `lan` bridge with
+//! a client and the nodes, pods behind each node in the routed (Calico-like) or bridged
+//! (bridge-CNI/flannel-like) shape, pod CIDRs routed node-to-node over the lan.
+//!
+//! ```text
+//!  client 198.18.0.10 ─┐  lan: bridge br0 in namespace np-<id>-lan, 198.18.0.0/24
+//!  node1  198.18.0.11 ─┤    node1 pods (routed):  pa1 198.19.1.10, pa2 198.19.1.11
+//!  node2  198.18.0.12 ─┘    node2 pods (bridged): pb1 198.19.2.10 on cni0 198.19.2.1/24
+//! ```
+//! Every node's lan interface is `lan0`; every pod's is `eth0`. Namespaces are
+//! `np-<id>-lan`, `np-<id>-client`, `np-<id>-<node>`, `np-<id>-<pod>`.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::netns::{require_tool, run_id, run_in, sh, Child, Netns, RunLease, TempDir};
+
+/// The gateway address routed pods use (Calico's choice); the node answers ARP for it by
+/// proxy ARP on the pod's host-side veth.
+pub const ROUTED_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Port the echo servers listen on in every pod (TCP and UDP); the Service's targetPort.
+pub const ECHO_PORT: u16 = 80;
+
+/// How a node connects its pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodShape {
+    /// One veth per pod, pod side `eth0` with a /32 and a default route via
+    /// [`ROUTED_GATEWAY`] (onlink); host side has proxy ARP and a /32 route to the pod.
+    Routed,
+    /// Pod veths on a `cni0` bridge holding the first address of the pod CIDR, which is the
+    /// pods' default gateway.
+    Bridged,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodSpec {
+    /// Short name (at most 11 chars: the host-side veth is `veth<name>`).
+    pub name: String,
+    pub ip: Ipv4Addr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// Node name, also the Kubernetes node name (at most 8 chars).
+    pub name: String,
+    /// The node's address on the lan.
+    pub ip: Ipv4Addr,
+    /// Pod CIDR network address and prefix length, e.g. 198.19.1.0/24.
+    pub pod_cidr: (Ipv4Addr, u8),
+    pub shape: PodShape,
+    pub pods: Vec<PodSpec>,
+}
+
+impl NodeSpec {
+    /// The `cni0` gateway of a bridged node: the first address of the pod CIDR.
+    pub fn bridge_gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.pod_cidr.0) + 1)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSpec {
+    pub client_ip: Ipv4Addr,
+    /// Prefix length of the lan (198.18.0.0/24).
+    pub lan_prefix: u8,
+    pub nodes: Vec<NodeSpec>,
+}
+
+impl ClusterSpec {
+    /// The cluster of test-network.md: node1 routed with pa1, pa2; node2 bridged with pb1.
+    pub fn standard() -> ClusterSpec {
+        ClusterSpec {
+            client_ip: Ipv4Addr::new(198, 18, 0, 10),
+            lan_prefix: 24,
+            nodes: vec![
+                NodeSpec {
+                    name: "node1".into(),
+                    ip: Ipv4Addr::new(198, 18, 0, 11),
+                    pod_cidr: (Ipv4Addr::new(198, 19, 1, 0), 24),
+                    shape: PodShape::Routed,
+                    pods: vec![
+                        PodSpec {
+                            name: "pa1".into(),
+                            ip: Ipv4Addr::new(198, 19, 1, 10),
+                        },
+                        PodSpec {
+                            name: "pa2".into(),
+                            ip: Ipv4Addr::new(198, 19, 1, 11),
+                        },
+                    ],
+                },
+                NodeSpec {
+                    name: "node2".into(),
+                    ip: Ipv4Addr::new(198, 18, 0, 12),
+                    pod_cidr: (Ipv4Addr::new(198, 19, 2, 0), 24),
+                    shape: PodShape::Bridged,
+                    pods: vec![PodSpec {
+                        name: "pb1".into(),
+                        ip: Ipv4Addr::new(198, 19, 2, 10),
+                    }],
+                },
+            ],
+        }
+    }
+
+    /// Adds a pod to node `node` (builder style).
+    pub fn with_pod(mut self, node: &str, name: &str, ip: Ipv4Addr) -> ClusterSpec {
+        self.node_mut(node).pods.push(PodSpec {
+            name: name.into(),
+            ip,
+        });
+        self
+    }
+
+    /// Sets the pod shape of node `node` (builder style).
+    pub fn with_shape(mut self, node: &str, shape: PodShape) -> ClusterSpec {
+        self.node_mut(node).shape = shape;
+        self
+    }
+
+    fn node_mut(&mut self, node: &str) -> &mut NodeSpec {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .unwrap_or_else(|| panic!("no node {node:?} in the cluster spec"))
+    }
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: (Ipv4Addr, u8),
+    pub shape: PodShape,
+    ns: Netns,
+}
+
+impl Node {
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// The `cni0` gateway of a bridged node: the first address of the pod CIDR.
+    pub fn bridge_gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.pod_cidr.0) + 1)
+    }
+}
+
+/// A running pod.
+#[derive(Debug)]
+pub struct Pod {
+    pub name: String,
+    /// Name of the node it runs on.
+    pub node: String,
+    pub ip: Ipv4Addr,
+    ns: Netns,
+    /// The echo server, killed before the namespace goes.
+    echo: Option<Child>,
+}
+
+impl Pod {
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// The pod's echo address (`ip:80`).
+    pub fn echo_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, ECHO_PORT))
+    }
+}
+
+/// The running cluster; dropping it stops the echo servers and deletes every namespace
+/// (which deletes the veths and the bridge with them).
+#[derive(Debug)]
+pub struct Cluster {
+    run_id: String,
+    spec: ClusterSpec,
+    pods: Vec<Pod>,
+    nodes: Vec<Node>,
+    client: Netns,
+    lan: Netns,
+    /// Logs of the echo servers (np-<id>-logs in $TMPDIR).
+    logs: TempDir,
+    /// Marks the run live for concurrent cleanups; released last.
+    _lease: RunLease,
+}
+
+impl Cluster {
+    /// Builds `spec` with a fresh run id.
+    pub fn new(spec: ClusterSpec) -> Cluster {
+        Cluster::with_run_id(&run_id(), spec)
+    }
+
+    /// Builds `spec`; all names carry `run_id`. Panics (after cleaning up what it made) when
+    /// a step fails.
+    pub fn with_run_id(run_id: &str, spec: ClusterSpec) -> Cluster {
+        require_tool("ethtool", "install it with `apt-get install ethtool`");
+        require_tool("nsenter", "install util-linux");
+        let lease = RunLease::new(run_id);
+        for n in &spec.nodes {
+            assert!(
+                n.name.len() <= 8,
+                "node name {:?} longer than 8 chars",
+                n.name
+            );
+        }
+        let lan = Netns::new(&format!("np-{run_id}-lan"));
+        lan.ip("link add br0 type bridge");
+        lan.ip("link set br0 up");
+        let client = Netns::new(&format!("np-{run_id}-client"));
+        let mut cluster = Cluster {
+            run_id: run_id.to_string(),
+            spec: ClusterSpec {
+                nodes: Vec::new(),
+                ..spec.clone()
+            },
+            pods: Vec::new(),
+            nodes: Vec::new(),
+            client,
+            lan,
+            logs: TempDir::new(run_id, "logs"),
+            _lease: lease,
+        };
+        cluster.attach_to_lan(&format!("np-{run_id}-client"), "v-client", "eth0");
+        cluster.client.ip(&format!(
+            "addr add {}/{} dev eth0",
+            spec.client_ip, spec.lan_prefix
+        ));
+        cluster.client.ip("link set eth0 up");
+
+        for n in &spec.nodes {
+            let ns = Netns::new(&format!("np-{run_id}-{}", n.name));
+            cluster.attach_to_lan(ns.name(), &format!("v-{}", n.name), "lan0");
+            ns.ip(&format!("addr add {}/{} dev lan0", n.ip, spec.lan_prefix));
+            ns.ip("link set lan0 up");
+            ns.sysctl("net.ipv4.ip_forward", "1");
+            match n.shape {
+                PodShape::Bridged => {
+                    ns.ip("link add cni0 type bridge");
+                    ns.ip(&format!(
+                        "addr add {}/{} dev cni0",
+                        n.bridge_gateway(),
+                        n.pod_cidr.1
+                    ));
+                    ns.ip("link set cni0 up");
+                }
+                PodShape::Routed => {
+                    // Proxy ARP answers only for addresses the node can route out of another
+                    // interface (net/ipv4/arp.c, arp_process -> arp_fwd_proxy). Calico gets
+                    // that from the host's default route; our nodes have none (nothing lies
+                    // beyond the lan), so give the gateway address a route of its own.
+                    ns.ip(&format!("route add {ROUTED_GATEWAY}/32 dev lo"));
+                }
+            }
+            cluster.nodes.push(Node {
+                name: n.name.clone(),
+                ip: n.ip,
+                pod_cidr: n.pod_cidr,
+                shape: n.shape,
+                ns,
+            });
+            cluster.spec.nodes.push(NodeSpec {
+                pods: Vec::new(),
+                ..n.clone()
+            });
+        }
+        // Pod CIDRs are routed node-to-node over the lan; the client gets no such route.
+        for n in &cluster.nodes {
+            for other in spec.nodes.iter().filter(|o| o.name != n.name) {
+                n.ns.ip(&format!(
+                    "route add {}/{} via {} dev lan0",
+                    other.pod_cidr.0, other.pod_cidr.1, other.ip
+                ));
+            }
+        }
+        for n in &spec.nodes {
+            for p in &n.pods {
+                cluster.add_pod(&n.name, &p.name, p.ip);
+            }
+        }
+        cluster
+    }
+
+    /// Creates a veth `bridge_side` (in the lan, on br0) <-> `inner` (in namespace `ns`).
+    ///
+    /// The lan emulates a physical wire: tx checksum offload is off on both ends, so frames
+    /// on the lan carry complete checksums as a real NIC sends them (a veth with tx offload
+    /// passes CHECKSUM_PARTIAL packets whose checksum field holds only the pseudo-header
+    /// sum, which an XDP program on the receiving end would see and forward as is). GRO is
+    /// on at the bridge-side ends because XDP_TX/XDP_REDIRECT into a veth only delivers
+    /// when the receiving peer has NAPI (drivers/net/veth.c, veth_xdp_xmit ->
+    /// `rcv_priv->napi` check); GRO on, or an XDP program, enables it. Pod veths keep the
+    /// defaults a CNI leaves (GRO off, offloads on): the agent must cope with those.
+    fn attach_to_lan(&self, ns: &str, bridge_side: &str, inner: &str) {
+        assert!(
+            bridge_side.len() <= 15,
+            "interface name {bridge_side:?} too long"
+        );
+        self.lan.ip(&format!(
+            "link add {bridge_side} type veth peer name {inner} netns {ns}"
+        ));
+        self.lan.ip(&format!("link set {bridge_side} master br0"));
+        self.lan.ip(&format!("link set {bridge_side} up"));
+        self.lan.ethtool_k(bridge_side, &["tx", "off", "gro", "on"]);
+        let netns = format!("--net={}/{ns}", crate::netns::NETNS_DIR);
+        sh(&["nsenter", &netns, "--", "ethtool", "-K", inner, "tx", "off"]);
+    }
+
+    /// Adds pod `name` with address `ip` on node `node` (also on a running cluster; the
+    /// node's shape decides the wiring). Does not start its echo server.
+    pub fn add_pod(&mut self, node: &str, name: &str, ip: Ipv4Addr) -> &Pod {
+        assert!(name.len() <= 11, "pod name {name:?} longer than 11 chars");
+        assert!(
+            self.pods.iter().all(|p| p.name != name),
+            "pod {name} exists already"
+        );
+        let n = self.node(node);
+        let host_if = format!("veth{name}");
+        let ns = Netns::new(&format!("np-{}-{name}", self.run_id));
+        n.ns.ip(&format!(
+            "link add {host_if} type veth peer name eth0 netns {}",
+            ns.name()
+        ));
+        ns.ip("link set eth0 up");
+        match n.shape {
+            PodShape::Routed => {
+                ns.ip(&format!("addr add {ip}/32 dev eth0"));
+                ns.ip(&format!("route add {ROUTED_GATEWAY} dev eth0 scope link"));
+                ns.ip(&format!(
+                    "route add default via {ROUTED_GATEWAY} dev eth0 onlink"
+                ));
+                n.ns.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1");
+                n.ns.sysctl(&format!("net.ipv4.neigh.{host_if}.proxy_delay"), "0");
+                n.ns.ip(&format!("link set {host_if} up"));
+                n.ns.ip(&format!("route add {ip}/32 dev {host_if}"));
+            }
+            PodShape::Bridged => {
+                ns.ip(&format!("addr add {ip}/{} dev eth0", n.pod_cidr.1));
+                ns.ip(&format!("route add default via {}", n.bridge_gateway()));
+                n.ns.ip(&format!("link set {host_if} master cni0"));
+                n.ns.ip(&format!("link set {host_if} up"));
+            }
+        }
+        let node_name = n.name.clone();
+        self.spec
+            .nodes
+            .iter_mut()
+            .find(|s| s.name == node_name)
+            .expect("node spec")
+            .pods
+            .push(PodSpec {
+                name: name.into(),
+                ip,
+            });
+        self.pods.push(Pod {
+            name: name.into(),
+            node: node_name,
+            ip,
+            ns,
+            echo: None,
+        });
+        self.pods.last().expect("just pushed")
+    }
+
+    /// Removes pod `name`: stops its echo server and deletes its namespace and veth.
+    pub fn remove_pod(&mut self, name: &str) {
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"));
+        let mut pod = self.pods.remove(i);
+        pod.echo.take();
+        for n in &mut self.spec.nodes {
+            n.pods.retain(|p| p.name != name);
+        }
+        drop(pod);
+    }
+
+    /// Starts `echo --name POD` in pod `pod` and waits (bounded) until it accepts TCP.
+    pub fn start_echo(&mut self, pod: &str, echo: &Path) {
+        let log = self.logs.path().join(format!("echo-{pod}.log"));
+        let p = self
+            .pods
+            .iter_mut()
+            .find(|p| p.name == pod)
+            .unwrap_or_else(|| panic!("no pod {pod}"));
+        assert!(p.echo.is_none(), "echo already running in {pod}");
+        let echo = echo.to_str().expect("utf-8 path");
+        let port = ECHO_PORT.to_string();
+        let mut child = p.ns.spawn(
+            &[
+                echo,
+                "--name",
+                pod,
+                "--tcp-port",
+                &port,
+                "--udp-port",
+                &port,
+            ],
+            Some(&log),
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let up = run_in(&p.ns, || {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from((Ipv4Addr::LOCALHOST, ECHO_PORT)),
+                    Duration::from_millis(200),
+                )
+                .is_ok()
+            });
+            if up {
+                break;
+            }
+            if let Some(st) = child.try_wait() {
+                panic!("echo server in {pod} exited ({st}): {}", child.log());
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "echo server in {pod} did not listen within 5 s: {}",
+                    child.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        p.echo = Some(child);
+    }
+
+    /// Starts echo servers in every pod that has none.
+    pub fn start_all_echo(&mut self, echo: &Path) {
+        let names: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|p| p.echo.is_none())
+            .map(|p| p.name.clone())
+            .collect();
+        for n in names {
+            self.start_echo(&n, echo);
+        }
+    }
+
+    /// The log of pod `pod`'s echo server.
+    pub fn echo_log(&self, pod: &str) -> String {
+        self.pod(pod)
+            .echo
+            .as_ref()
+            .map(Child::log)
+            .unwrap_or_default()
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// The spec of what runs now (pods added or removed since creation included).
+    pub fn spec(&self) -> &ClusterSpec {
+        &self.spec
+    }
+
+    pub fn lan(&self) -> &Netns {
+        &self.lan
+    }
+
+    pub fn client(&self) -> &Netns {
+        &self.client
+    }
+
+    pub fn client_ip(&self) -> Ipv4Addr {
+        self.spec.client_ip
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    pub fn node_ip(&self, name: &str) -> Ipv4Addr {
+        self.node(name).ip
+    }
+
+    /// Name of the node whose lan address is `ip`.
+    pub fn node_by_ip(&self, ip: Ipv4Addr) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.ip == ip)
+    }
+
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Name of the node pod `pod` runs on.
+    pub fn pod_node(&self, pod: &str) -> &str {
+        &self.pod(pod).node
+    }
+
+    pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods.iter().filter(move |p| p.node == node)
+    }
+
+    /// The temp dir holding this cluster's logs.
+    pub fn log_dir(&self) -> &Path {
+        self.logs.path()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Echo servers first (a process keeps its namespace alive), then pods, then nodes;
+        // client, lan and the log dir follow as fields.
+        for p in &mut self.pods {
+            p.echo.take();
+        }
+        self.pods.clear();
+        self.nodes.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_spec_matches_test_network_md() {
+        let s = ClusterSpec::standard().with_pod("node2", "pb2", Ipv4Addr::new(198, 19, 2, 11));
+        assert_eq!(s.nodes[0].shape, PodShape::Routed);
+        assert_eq!(s.nodes[1].shape, PodShape::Bridged);
+        assert_eq!(s.nodes[1].bridge_gateway(), Ipv4Addr::new(198, 19, 2, 1));
+        let names: Vec<_> = s
+            .nodes
+            .iter()
+            .flat_map(|n| n.pods.iter().map(|p| p.name.as_str()))
+            .collect();
+        assert_eq!(names, ["pa1", "pa2", "pb1", "pb2"]);
+    }
+}

@@ -1,0 +1,324 @@
+//! A cluster with echo pods, a manifests folder and one agent per node: what `np-demo` runs
+//! and what the end-to-end tests start from. Dropping it stops the agents (SIGTERM, bounded
+//! wait), removes their pins, the manifests folder and the cluster, in that order.
+//!
+//! Agent contract (the only way the harness talks to the agent, so it never links it):
+//! `AGENT --interface lan0 --node-name NODE --manifests DIR --pin-path /sys/fs/bpf/np-<id>-NODE`
+//! run inside the node's network namespace with `nsenter --net` (mount namespace shared,
+//! so the agent sees /sys/fs/bpf).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    client,
+    cluster::{Cluster, ClusterSpec},
+    manifests::{Manifests, Protocol, Service, SAMPLE_NODE_PORT},
+    netns::{ensure_bpffs, Child, PinPath, TempDir},
+};
+
+/// How long a stopping agent gets between SIGTERM and SIGKILL.
+pub const AGENT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// The agent binary: `$NODEPORT_AGENT`, else `<workspace>/target/release/nodeport-agent`.
+pub fn default_agent_path() -> PathBuf {
+    std::env::var_os("NODEPORT_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release/nodeport-agent"))
+}
+
+/// Polls `f` every `every` until it returns true or `timeout` passes; returns the last result.
+pub fn poll_until(timeout: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(every);
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TestbedOptions {
+    pub spec: ClusterSpec,
+    pub service: Service,
+    /// The np-echo binary.
+    pub echo: PathBuf,
+    /// The agent binary; `None` runs the cluster without agents.
+    pub agent: Option<PathBuf>,
+    /// Extra arguments appended to every agent's command line.
+    pub agent_args: Vec<String>,
+}
+
+impl TestbedOptions {
+    /// The standard cluster, `sample-nodeport` with TCP and UDP, no agent.
+    pub fn standard(echo: PathBuf) -> TestbedOptions {
+        TestbedOptions {
+            spec: ClusterSpec::standard(),
+            service: Service::sample_nodeport_with_udp(),
+            echo,
+            agent: None,
+            agent_args: Vec::new(),
+        }
+    }
+
+    pub fn with_agent(mut self, agent: PathBuf) -> TestbedOptions {
+        self.agent = Some(agent);
+        self
+    }
+}
+
+/// One running agent.
+#[derive(Debug)]
+pub struct Agent {
+    pub node: String,
+    /// Stopped (SIGTERM, then SIGKILL after the grace) before the pin goes.
+    child: Child,
+    pin: PinPath,
+}
+
+impl Agent {
+    pub fn pin_path(&self) -> &Path {
+        self.pin.path()
+    }
+
+    pub fn log(&self) -> String {
+        self.child.log()
+    }
+}
+
+#[derive(Debug)]
+pub struct Testbed {
+    // Field order is drop order: agents, then the folder they read, then the cluster.
+    agents: Vec<Agent>,
+    manifest_dir: TempDir,
+    manifests: Manifests,
+    echo: PathBuf,
+    cluster: Cluster,
+}
+
+impl Testbed {
+    /// Builds the cluster, starts an echo server in every pod, writes the manifests (every
+    /// pod a ready endpoint) and starts the agents. Does not wait for the service.
+    pub fn start(opts: TestbedOptions) -> Testbed {
+        assert!(
+            opts.echo.is_file(),
+            "echo server binary {} not found (build it: cargo build -p tests --bins)",
+            opts.echo.display()
+        );
+        if let Some(a) = &opts.agent {
+            assert!(
+                a.is_file(),
+                "agent binary {} not found: build it (cargo build --release -p nodeport-agent) \
+                 or point NODEPORT_AGENT at it",
+                a.display()
+            );
+            ensure_bpffs();
+        }
+        let mut cluster = Cluster::new(opts.spec);
+        cluster.start_all_echo(&opts.echo);
+        let manifests = Manifests::from_cluster(&cluster, opts.service);
+        let manifest_dir = TempDir::new(cluster.run_id(), "manifests");
+        manifests
+            .write_to(manifest_dir.path())
+            .unwrap_or_else(|e| panic!("cannot write manifests: {e}"));
+        let mut tb = Testbed {
+            agents: Vec::new(),
+            manifest_dir,
+            manifests,
+            echo: opts.echo,
+            cluster,
+        };
+        if let Some(agent) = &opts.agent {
+            let nodes: Vec<String> = tb.cluster.nodes().iter().map(|n| n.name.clone()).collect();
+            for node in nodes {
+                tb.start_agent(agent, &node, &opts.agent_args);
+            }
+        }
+        tb
+    }
+
+    fn start_agent(&mut self, agent: &Path, node: &str, extra: &[String]) {
+        let pin = PinPath::new(&format!("np-{}-{node}", self.cluster.run_id()));
+        let log = self.cluster.log_dir().join(format!("agent-{node}.log"));
+        let agent = agent.to_str().expect("utf-8 agent path");
+        let dir = self
+            .manifest_dir
+            .path()
+            .to_str()
+            .expect("utf-8 temp path")
+            .to_string();
+        let pin_s = pin.path().to_str().expect("utf-8 pin path").to_string();
+        let mut argv: Vec<&str> = vec![
+            agent,
+            "--interface",
+            "lan0",
+            "--node-name",
+            node,
+            "--manifests",
+            &dir,
+            "--pin-path",
+            &pin_s,
+        ];
+        argv.extend(extra.iter().map(String::as_str));
+        let child = self
+            .cluster
+            .node(node)
+            .ns()
+            .spawn(&argv, Some(&log))
+            .with_term_grace(AGENT_STOP_GRACE);
+        self.agents.push(Agent {
+            node: node.to_string(),
+            child,
+            pin,
+        });
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    pub fn agents(&self) -> &[Agent] {
+        &self.agents
+    }
+
+    pub fn agent_log(&self, node: &str) -> String {
+        self.agents
+            .iter()
+            .find(|a| a.node == node)
+            .map(Agent::log)
+            .unwrap_or_default()
+    }
+
+    /// All agent logs, for failure messages.
+    pub fn agent_logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| format!("----- agent {} log -----\n{}\n", a.node, a.log()))
+            .collect()
+    }
+
+    /// Err with the agent's log when an agent has exited.
+    pub fn check_agents(&mut self) -> Result<(), String> {
+        for a in &mut self.agents {
+            if let Some(st) = a.child.try_wait() {
+                return Err(format!(
+                    "agent on {} exited early ({st}); its output:\n{}",
+                    a.node,
+                    a.child.log()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn manifests(&self) -> &Manifests {
+        &self.manifests
+    }
+
+    pub fn manifest_dir(&self) -> &Path {
+        self.manifest_dir.path()
+    }
+
+    /// Changes the manifests with `f` and rewrites the folder (atomically per file).
+    pub fn update_manifests(&mut self, f: impl FnOnce(&mut Manifests)) {
+        f(&mut self.manifests);
+        self.manifests
+            .write_to(self.manifest_dir.path())
+            .unwrap_or_else(|e| panic!("cannot write manifests: {e}"));
+    }
+
+    /// Adds a pod to the running cluster, starts its echo server and adds it to its
+    /// node's EndpointSlice.
+    pub fn add_pod(&mut self, node: &str, name: &str, ip: std::net::Ipv4Addr) {
+        self.cluster.add_pod(node, name, ip);
+        let echo = self.echo.clone();
+        self.cluster.start_echo(name, &echo);
+        self.update_manifests(|m| m.add_endpoint(name, ip, node));
+    }
+
+    /// Removes pod `pod` from its EndpointSlice (the pod keeps running).
+    pub fn remove_endpoint(&mut self, pod: &str) {
+        self.update_manifests(|m| {
+            assert!(m.remove_endpoint(pod), "{pod} is not an endpoint");
+        });
+    }
+
+    /// `node's address:30080`.
+    pub fn nodeport_addr(&self, node: &str) -> SocketAddr {
+        let port = self
+            .manifests
+            .service
+            .ports
+            .first()
+            .map(|p| p.node_port)
+            .unwrap_or(SAMPLE_NODE_PORT);
+        SocketAddr::from((self.cluster.node_ip(node), port))
+    }
+
+    /// Waits (bounded) until, through every node, the client gets an HTTP answer (and a UDP
+    /// one when the service has a UDP port). Err with the reason and agent logs otherwise.
+    pub fn wait_for_service(&mut self, timeout: Duration) -> Result<(), String> {
+        let udp = self
+            .manifests
+            .service
+            .ports
+            .iter()
+            .any(|p| p.protocol == Protocol::Udp);
+        let nodes: Vec<String> = self
+            .cluster
+            .nodes()
+            .iter()
+            .map(|n| n.name.clone())
+            .collect();
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        for node in nodes {
+            let addr = self.nodeport_addr(&node);
+            loop {
+                self.check_agents()?;
+                let tcp = client::http_get(self.cluster.client(), addr);
+                let ok = match tcp {
+                    Ok(_) if !udp => true,
+                    Ok(_) => match client::udp_request(self.cluster.client(), addr) {
+                        Ok(_) => true,
+                        Err(e) => {
+                            last = format!("udp: {e}");
+                            false
+                        }
+                    },
+                    Err(e) => {
+                        last = format!("tcp: {e}");
+                        false
+                    }
+                };
+                if ok {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "service not answering through {node} ({addr}) after {timeout:?}: {last}\n{}",
+                        self.agent_logs()
+                    ));
+                }
+                thread::sleep(Duration::from_millis(200));
+            }
+        }
+        Ok(())
+    }
+}
