@@ -4,7 +4,9 @@ use std::path::Path;
 
 fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nodeport-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
     let out = std::env::var("OUT_DIR")?;
     // AYA_BUILD_SKIP=1 (host-only checks) leaves an empty object: loading it fails clearly.
     let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v == "true");
@@ -15,7 +17,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     aya_build::build_ebpf(
-        [aya_build::Package { name: "nodeport-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "nodeport-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Nightly,
     )
 }

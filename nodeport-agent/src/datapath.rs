@@ -24,10 +24,17 @@ use nodeport_common::{
     maps as m, stats::STAT_COUNT, Backend, Config, FrontendKey, NodeAddr, Service, Stat,
 };
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    sync::Maps,
+};
 
 /// The eBPF object built from nodeport-ebpf by build.rs.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport-ebpf"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport-ebpf"));
+
+/// Reader of the datapath's aya-log ring buffer, forwarding records to the `log` facade.
+pub type EbpfLog = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 /// Map capacities chosen at load time.
 #[derive(Clone, Copy, Debug)]
@@ -98,7 +105,11 @@ impl MaglevMmap {
         }
         let ptr = NonNull::new(ptr.cast::<u32>())
             .ok_or_else(|| Error::Kernel("mmap returned null".into()))?;
-        Ok(Self { ptr, len: slots as usize, _map: map })
+        Ok(Self {
+            ptr,
+            len: slots as usize,
+            _map: map,
+        })
     }
 
     fn slots(&mut self) -> &mut [u32] {
@@ -113,7 +124,12 @@ unsafe impl Send for MaglevMmap {}
 impl Drop for MaglevMmap {
     fn drop(&mut self) {
         // SAFETY: unmapping what `new` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), (self.len * 4).div_ceil(4096) * 4096) };
+        unsafe {
+            libc::munmap(
+                self.ptr.as_ptr().cast(),
+                (self.len * 4).div_ceil(4096) * 4096,
+            )
+        };
     }
 }
 
@@ -129,6 +145,7 @@ pub struct Datapath {
     stats: PerCpuArray<MapData, u64>,
     devices: DevMapHash<MapData>,
     maglev: MaglevMmap,
+    logger: Option<EbpfLog>,
 }
 
 fn kerr(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
@@ -136,13 +153,17 @@ fn kerr(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
-    ebpf.take_map(name).ok_or_else(|| Error::Kernel(format!("map {name} missing from the object")))
+    ebpf.take_map(name)
+        .ok_or_else(|| Error::Kernel(format!("map {name} missing from the object")))
 }
 
 /// Mount the BPF filesystem at /sys/fs/bpf when nothing is mounted there.
 pub fn ensure_bpffs() -> Result<()> {
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         return Ok(());
     }
     nix::mount::mount(
@@ -166,7 +187,10 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(m::MAP_SERVICES, sizes.services)
             .map_max_entries(m::MAP_BACKENDS, sizes.backends)
-            .map_max_entries(m::MAP_MAGLEV, sizes.maglev_slots.div_ceil(m::MAGLEV_SLOTS_PER_ENTRY))
+            .map_max_entries(
+                m::MAP_MAGLEV,
+                sizes.maglev_slots.div_ceil(m::MAGLEV_SLOTS_PER_ENTRY),
+            )
             .map_max_entries(m::MAP_CONNTRACK, sizes.conntrack)
             .map_max_entries(m::MAP_REVNAT, sizes.conntrack)
             .load(EBPF_OBJECT)
@@ -186,20 +210,32 @@ impl Datapath {
                 fs::remove_dir_all(dir).map_err(|e| kerr(dir.display(), e))?;
             }
             fs::create_dir_all(dir).map_err(|e| kerr(dir.display(), e))?;
-            for (name, map) in ebpf.maps() {
-                map.pin(dir.join(name)).map_err(|e| kerr(format!("pinning {name}"), e))?;
+            for (name, map) in ebpf.maps().filter(|(name, _)| name.starts_with("NP_")) {
+                map.pin(dir.join(name))
+                    .map_err(|e| kerr(format!("pinning {name}"), e))?;
             }
         }
-        let services = HashMap::try_from(take(&mut ebpf, m::MAP_SERVICES)?).map_err(|e| kerr(m::MAP_SERVICES, e))?;
-        let backends = HashMap::try_from(take(&mut ebpf, m::MAP_BACKENDS)?).map_err(|e| kerr(m::MAP_BACKENDS, e))?;
-        let node_addrs = HashMap::try_from(take(&mut ebpf, m::MAP_NODE_ADDRS)?).map_err(|e| kerr(m::MAP_NODE_ADDRS, e))?;
-        let config = aya::maps::Array::try_from(take(&mut ebpf, m::MAP_CONFIG)?).map_err(|e| kerr(m::MAP_CONFIG, e))?;
-        let stats = PerCpuArray::try_from(take(&mut ebpf, m::MAP_STATS)?).map_err(|e| kerr(m::MAP_STATS, e))?;
-        let devices = DevMapHash::try_from(take(&mut ebpf, m::MAP_DEVICES)?).map_err(|e| kerr(m::MAP_DEVICES, e))?;
+        // Per-packet logs (only emitted when the debug switch is on) drain into `log`.
+        let logger = aya_log::EbpfLogger::init(&mut ebpf)
+            .map_err(|e| tracing::debug!(error = %e, "no eBPF log buffer"))
+            .ok();
+        let services = HashMap::try_from(take(&mut ebpf, m::MAP_SERVICES)?)
+            .map_err(|e| kerr(m::MAP_SERVICES, e))?;
+        let backends = HashMap::try_from(take(&mut ebpf, m::MAP_BACKENDS)?)
+            .map_err(|e| kerr(m::MAP_BACKENDS, e))?;
+        let node_addrs = HashMap::try_from(take(&mut ebpf, m::MAP_NODE_ADDRS)?)
+            .map_err(|e| kerr(m::MAP_NODE_ADDRS, e))?;
+        let config = aya::maps::Array::try_from(take(&mut ebpf, m::MAP_CONFIG)?)
+            .map_err(|e| kerr(m::MAP_CONFIG, e))?;
+        let stats = PerCpuArray::try_from(take(&mut ebpf, m::MAP_STATS)?)
+            .map_err(|e| kerr(m::MAP_STATS, e))?;
+        let devices = DevMapHash::try_from(take(&mut ebpf, m::MAP_DEVICES)?)
+            .map_err(|e| kerr(m::MAP_DEVICES, e))?;
         let Map::Array(maglev) = take(&mut ebpf, m::MAP_MAGLEV)? else {
             return Err(Error::Kernel(format!("{} is not an array", m::MAP_MAGLEV)));
         };
-        let slots = sizes.maglev_slots.div_ceil(m::MAGLEV_SLOTS_PER_ENTRY) * m::MAGLEV_SLOTS_PER_ENTRY;
+        let slots =
+            sizes.maglev_slots.div_ceil(m::MAGLEV_SLOTS_PER_ENTRY) * m::MAGLEV_SLOTS_PER_ENTRY;
         let maglev = MaglevMmap::new(maglev, slots)?;
         let mut dp = Self {
             ebpf,
@@ -212,6 +248,7 @@ impl Datapath {
             stats,
             devices,
             maglev,
+            logger,
         };
         dp.set_config(&Config::default())?;
         Ok(dp)
@@ -239,7 +276,10 @@ impl Datapath {
             }
         }
         let (xdp_id, xdp_mode) = attached.ok_or_else(|| {
-            kerr(format!("attaching XDP to {iface}"), last.map_or_else(String::new, |e| e.to_string()))
+            kerr(
+                format!("attaching XDP to {iface}"),
+                last.map_or_else(String::new, |e| e.to_string()),
+            )
         })?;
         if let Err(e) = tc::qdisc_add_clsact(iface) {
             // Already there (ours from a previous run, or another tool's): reuse it.
@@ -268,58 +308,31 @@ impl Datapath {
 
     /// Interfaces and XDP modes currently attached.
     pub fn attachments(&self) -> Vec<(String, XdpMode)> {
-        self.attached.iter().map(|a| (a.name.clone(), a.mode)).collect()
+        self.attached
+            .iter()
+            .map(|a| (a.name.clone(), a.mode))
+            .collect()
     }
 
     pub fn set_config(&mut self, cfg: &Config) -> Result<()> {
-        self.config.set(0, cfg, 0).map_err(|e| kerr(m::MAP_CONFIG, e))
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| kerr(m::MAP_CONFIG, e))
     }
 
-    pub fn set_backend(&mut self, id: u32, be: &Backend) -> Result<()> {
-        self.backends.insert(id, be, 0).map_err(|e| kerr(format!("{} insert {id}", m::MAP_BACKENDS), e))
-    }
-
-    pub fn delete_backend(&mut self, id: u32) -> Result<()> {
-        self.backends.remove(&id).map_err(|e| kerr(format!("{} remove {id}", m::MAP_BACKENDS), e))
-    }
-
-    /// Write a Maglev table into the slots starting at `offset`, then fence so the writes
-    /// are visible before any later map update that points packets at them.
-    pub fn write_slots(&mut self, offset: u32, ids: &[u32]) -> Result<()> {
-        let slots = self.maglev.slots();
-        let (start, total) = (offset as usize, slots.len());
-        let end = start + ids.len();
-        let dst = slots.get_mut(start..end).ok_or_else(|| {
-            Error::Kernel(format!("{} range {start}..{end} beyond {total} slots", m::MAP_MAGLEV))
-        })?;
-        dst.copy_from_slice(ids);
-        fence(Ordering::SeqCst);
-        Ok(())
-    }
-
-    pub fn set_service(&mut self, key: &FrontendKey, val: &Service) -> Result<()> {
-        self.services.insert(key, val, 0).map_err(|e| kerr(format!("{} insert {key:?}", m::MAP_SERVICES), e))
-    }
-
-    pub fn delete_service(&mut self, key: &FrontendKey) -> Result<()> {
-        self.services.remove(key).map_err(|e| kerr(format!("{} remove {key:?}", m::MAP_SERVICES), e))
-    }
-
-    pub fn set_node_addr(&mut self, addr: u32) -> Result<()> {
-        self.node_addrs
-            .insert(addr, NodeAddr { flags: 0 }, 0)
-            .map_err(|e| kerr(format!("{} insert", m::MAP_NODE_ADDRS), e))
-    }
-
-    pub fn delete_node_addr(&mut self, addr: u32) -> Result<()> {
-        self.node_addrs.remove(&addr).map_err(|e| kerr(format!("{} remove", m::MAP_NODE_ADDRS), e))
+    /// The eBPF log reader (read it when its fd is readable); `None` after the first call.
+    pub fn take_logger(&mut self) -> Option<EbpfLog> {
+        self.logger.take()
     }
 
     /// Counters summed over CPUs, by name.
     pub fn stats(&self) -> Result<BTreeMap<&'static str, u64>> {
         let mut out = BTreeMap::new();
         for (i, stat) in Stat::ALL.iter().enumerate().take(STAT_COUNT as usize) {
-            let per_cpu = self.stats.get(&(i as u32), 0).map_err(|e| kerr(m::MAP_STATS, e))?;
+            let per_cpu = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(|e| kerr(m::MAP_STATS, e))?;
             out.insert(stat.name(), per_cpu.iter().sum());
         }
         Ok(out)
@@ -328,6 +341,61 @@ impl Datapath {
     /// The loaded object, for tests that drive programs directly (BPF_PROG_TEST_RUN).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+}
+
+impl Maps for Datapath {
+    fn set_backend(&mut self, id: u32, be: &Backend) -> Result<()> {
+        self.backends
+            .insert(id, be, 0)
+            .map_err(|e| kerr(format!("{} insert {id}", m::MAP_BACKENDS), e))
+    }
+
+    fn delete_backend(&mut self, id: u32) -> Result<()> {
+        self.backends
+            .remove(&id)
+            .map_err(|e| kerr(format!("{} remove {id}", m::MAP_BACKENDS), e))
+    }
+
+    /// Write a Maglev table into the slots starting at `offset`, then fence so the writes
+    /// are visible before any later map update that points packets at them.
+    fn write_slots(&mut self, offset: u32, ids: &[u32]) -> Result<()> {
+        let slots = self.maglev.slots();
+        let (start, total) = (offset as usize, slots.len());
+        let end = start + ids.len();
+        let dst = slots.get_mut(start..end).ok_or_else(|| {
+            Error::Kernel(format!(
+                "{} range {start}..{end} beyond {total} slots",
+                m::MAP_MAGLEV
+            ))
+        })?;
+        dst.copy_from_slice(ids);
+        fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn set_service(&mut self, key: &FrontendKey, val: &Service) -> Result<()> {
+        self.services
+            .insert(key, val, 0)
+            .map_err(|e| kerr(format!("{} insert {key:?}", m::MAP_SERVICES), e))
+    }
+
+    fn delete_service(&mut self, key: &FrontendKey) -> Result<()> {
+        self.services
+            .remove(key)
+            .map_err(|e| kerr(format!("{} remove {key:?}", m::MAP_SERVICES), e))
+    }
+
+    fn set_node_addr(&mut self, addr: u32) -> Result<()> {
+        self.node_addrs
+            .insert(addr, NodeAddr { flags: 0 }, 0)
+            .map_err(|e| kerr(format!("{} insert", m::MAP_NODE_ADDRS), e))
+    }
+
+    fn delete_node_addr(&mut self, addr: u32) -> Result<()> {
+        self.node_addrs
+            .remove(&addr)
+            .map_err(|e| kerr(format!("{} remove", m::MAP_NODE_ADDRS), e))
     }
 }
 

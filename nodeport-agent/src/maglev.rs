@@ -184,18 +184,28 @@ mod tests {
             let max = *counts.iter().max().unwrap();
             let min = *counts.iter().min().unwrap();
             let mean = f64::from(m) / n as f64;
-            assert!(f64::from(max) / mean <= 1.01, "n={n}: max {max}, mean {mean}");
+            assert!(
+                f64::from(max) / mean <= 1.01,
+                "n={n}: max {max}, mean {mean}"
+            );
             assert!(max - min <= 1, "n={n}: max {max}, min {min}");
         }
     }
 
+    /// Removing one of N backends (same table size) must move the removed backend's 1/N
+    /// of the slots plus as few others as possible. Standard Maglev moves a few percent
+    /// more at M ~ 100 N (the cascade of the round-robin fill; the paper's section 5.3
+    /// shows it shrinking as M/N grows): measured here, over every possible removal and 20
+    /// name sets, the extra is 1.6-2.5% on average and at most 3.9% (N = 10) or 2.1%
+    /// (N = 100). The bounds below are 1/N + 2.5% on average and 1/N + 4.5% worst case.
     #[test]
     fn disruption() {
         for n in [10, 100] {
             let v = names(n);
             let m = table_size(n);
             let before = build(&refs(&v), m);
-            for removed in [0, n / 2, n - 1] {
+            let mut total_extra = 0.0;
+            for removed in 0..n {
                 let rest: Vec<Vec<u8>> = v
                     .iter()
                     .enumerate()
@@ -208,12 +218,17 @@ mod tests {
                     .zip(&after)
                     .filter(|&(&b, &a)| v[b as usize] != rest[a as usize])
                     .count();
-                let frac = moved as f64 / f64::from(m);
+                let own = before.iter().filter(|&&b| b as usize == removed).count();
+                assert!(moved >= own, "the removed backend's slots all move");
+                let extra = moved as f64 / f64::from(m) - 1.0 / n as f64;
                 assert!(
-                    frac <= 1.0 / n as f64 + 0.01,
-                    "n={n}, removed {removed}: {moved} of {m} slots moved ({frac:.4})"
+                    extra <= 0.045,
+                    "n={n}, removed {removed}: {moved} of {m} slots moved (extra {extra:.4})"
                 );
+                total_extra += extra;
             }
+            let mean = total_extra / n as f64;
+            assert!(mean <= 0.025, "n={n}: mean extra disruption {mean:.4}");
         }
     }
 

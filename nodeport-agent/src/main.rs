@@ -1,1 +1,239 @@
-fn main() {}
+//! nodeport-agent: loads the datapath, attaches it to the node's interfaces and keeps its
+//! maps equal to the desired state computed from Services, EndpointSlices and Nodes.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, ValueEnum};
+use nodeport_agent::{
+    datapath::{Datapath, EbpfLog, MapSizes, XdpAttachMode},
+    manifests,
+    model::{self, Inputs, Ipv4Cidr, Refusal, Settings},
+    sync::Reconciler,
+};
+use nodeport_common::{Config, CFG_F_DEBUG};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+use tracing::{error, info, warn};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// eBPF/XDP load balancer for Kubernetes NodePort and LoadBalancer services.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Interface to attach to (repeatable): the node's uplinks that receive nodePort traffic.
+    #[arg(long = "interface", required = true, value_name = "IF")]
+    interfaces: Vec<String>,
+    /// Name of this node's Node object (matches EndpointSlice `nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Folder of Kubernetes YAML/JSON (Services, EndpointSlices, Nodes), re-read on change.
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
+    /// Directory on a BPF filesystem where the maps are pinned.
+    #[arg(long, value_name = "DIR")]
+    pin_path: PathBuf,
+    /// XDP attachment: native (driver) if possible, else generic.
+    #[arg(long, value_enum, default_value_t = XdpAttachMode::Auto)]
+    xdp_mode: XdpAttachMode,
+    /// Valid nodePort range, as the API server's --service-node-port-range.
+    #[arg(long, default_value = "30000-32767", value_parser = parse_range)]
+    nodeport_range: (u16, u16),
+    /// Only node addresses in these CIDRs take nodePort traffic (kube-proxy's flag).
+    #[arg(long, value_delimiter = ',', num_args = 1.., value_name = "CIDR")]
+    nodeport_addresses: Vec<Ipv4Cidr>,
+    /// Source ports used when forwarding to a backend on another node (SNAT). Must lie
+    /// outside the nodePort range and the kernel's ephemeral port range.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
+    snat_port_range: (u16, u16),
+    /// Log every translated packet from the datapath (aya-log). For debugging only.
+    #[arg(long)]
+    debug_datapath: bool,
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not a range like 30000-32767"))?;
+    let a: u16 = a.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let b: u16 = b.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if a == 0 || a > b {
+        return Err(format!(
+            "{s:?}: the range must be non-empty and start above 0"
+        ));
+    }
+    Ok((a, b))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// IPv4 addresses of this network namespace's interfaces, loopback excluded.
+fn interface_addrs() -> Vec<Ipv4Addr> {
+    let mut out: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()
+        .map(|it| {
+            it.filter_map(|ifa| ifa.address?.as_sockaddr_in().map(|sin| sin.ip()))
+                .filter(|ip| !ip.is_loopback())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// First IPv4 address of `iface`: the SNAT source for LoadBalancer/external IP frontends.
+fn iface_addr(iface: &str) -> Option<Ipv4Addr> {
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|ifa| ifa.interface_name == iface)
+        .find_map(|ifa| ifa.address?.as_sockaddr_in().map(|sin| sin.ip()))
+}
+
+/// Forward the datapath's aya-log records to the log facade.
+fn spawn_ebpf_log(logger: EbpfLog) -> anyhow::Result<()> {
+    // SAFETY: the logger owns its ring buffer fd for its whole life and always returns it.
+    let mut fd = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("watching the eBPF log buffer: {}", e.into_parts().1))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    if let Err(e) = run(args).await {
+        error!("{e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let (lo, hi) = args.snat_port_range;
+    if lo <= args.nodeport_range.1 && hi >= args.nodeport_range.0 {
+        bail!("--snat-port-range {lo}-{hi} overlaps the nodePort range");
+    }
+    let sizes = MapSizes::default();
+    let mut dp = Datapath::load(sizes, Some(&args.pin_path)).context("loading the datapath")?;
+    let snat_addr = iface_addr(&args.interfaces[0])
+        .map(model::addr_raw)
+        .unwrap_or(0);
+    dp.set_config(&Config {
+        snat_addr,
+        flags: if args.debug_datapath { CFG_F_DEBUG } else { 0 },
+        snat_port_min: lo,
+        snat_port_max: hi,
+        ..Config::default()
+    })?;
+    if let Some(logger) = dp.take_logger() {
+        spawn_ebpf_log(logger)?;
+    }
+    for iface in &args.interfaces {
+        let mode = dp
+            .attach(iface, args.xdp_mode)
+            .with_context(|| format!("attaching to {iface}"))?;
+        info!(interface = %iface, xdp_mode = ?mode, "attached");
+    }
+
+    let settings = Settings {
+        nodeport_range: args.nodeport_range.0..=args.nodeport_range.1,
+        nodeport_cidrs: args.nodeport_addresses.clone(),
+        ..Settings::default()
+    };
+    let (tx, mut rx) = tokio::sync::watch::channel(manifests::Loaded::default());
+    tokio::spawn(manifests::watch(
+        args.manifests.clone(),
+        Duration::from_millis(500),
+        tx,
+    ));
+
+    let mut reconciler = Reconciler::new(sizes.maglev_slots, sizes.backends);
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut addr_tick = tokio::time::interval(Duration::from_secs(2));
+    let mut last_refusals: Vec<Refusal> = Vec::new();
+    let mut last_addrs: Vec<Ipv4Addr> = Vec::new();
+    let mut have_objects = false;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
+            changed = rx.changed() => {
+                if changed.is_err() { bail!("the manifests watcher stopped"); }
+                have_objects = true;
+            }
+            _ = addr_tick.tick() => {
+                if interface_addrs() == last_addrs { continue; }
+            }
+        }
+        if !have_objects {
+            continue;
+        }
+        let loaded = rx.borrow_and_update().clone();
+        let (objects, load_refusals) = &*loaded;
+        last_addrs = interface_addrs();
+        let started = Instant::now();
+        let (desired, mut refusals) = model::desired(&Inputs {
+            services: &objects.services,
+            slices: &objects.slices,
+            nodes: &objects.nodes,
+            node_name: &args.node_name,
+            interface_addrs: &last_addrs,
+            settings: &settings,
+        });
+        refusals.extend(load_refusals.iter().cloned());
+        refusals.sort();
+        if refusals != last_refusals {
+            for r in refusals.iter().filter(|r| !last_refusals.contains(r)) {
+                warn!("{r}");
+            }
+            last_refusals = refusals;
+        }
+        let report = reconciler.apply(&desired, &mut dp);
+        for e in &report.errors {
+            error!("sync: {e}");
+        }
+        info!(
+            services = desired.services.len(),
+            node_addrs = desired.node_addrs.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "synced: {report}"
+        );
+    }
+    drop(dp);
+    info!("detached and unpinned");
+    Ok(())
+}

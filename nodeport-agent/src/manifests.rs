@@ -94,8 +94,9 @@ fn load_file(file: &Path, objects: &mut Objects, refusals: &mut Vec<Refusal>) {
     let docs: Vec<Result<Value, String>> = if is_json {
         vec![serde_json::from_str(&text).map_err(|e| e.to_string())]
     } else {
-        serde_yaml::Deserializer::from_str(&text)
-            .map(|d| serde::Deserialize::deserialize(d).map_err(|e: serde_yaml::Error| e.to_string()))
+        split_documents(&text)
+            .into_iter()
+            .map(|d| serde_yaml::from_str(&d).map_err(|e| e.to_string()))
             .collect()
     };
     for (i, doc) in docs.into_iter().enumerate() {
@@ -107,6 +108,50 @@ fn load_file(file: &Path, objects: &mut Objects, refusals: &mut Vec<Refusal>) {
     }
 }
 
+/// Splits a YAML stream into its documents at `---` and `...` lines (column 0), so that a
+/// syntax error in one document cannot affect the others (serde_yaml's multi-document
+/// iterator keeps returning the same error, or panics, after one). Content after `--- ` on
+/// the same line starts the next document. Text before the first `---`, or after the last
+/// separator, that holds only comments and blank lines is not a document.
+fn split_documents(text: &str) -> Vec<String> {
+    let mut docs = Vec::new();
+    let mut cur = String::new();
+    let mut first = true;
+    let blank = |d: &str| {
+        d.lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#') || l.starts_with('%'))
+    };
+    for line in text.lines() {
+        let rest = if line == "---" || line == "..." {
+            Some("")
+        } else {
+            line.strip_prefix("--- ")
+                .or_else(|| line.strip_prefix("---\t"))
+        };
+        match rest {
+            Some(rest) => {
+                if !(first && blank(&cur)) {
+                    docs.push(std::mem::take(&mut cur));
+                }
+                cur.clear();
+                first = false;
+                if !rest.is_empty() {
+                    cur.push_str(rest);
+                    cur.push('\n');
+                }
+            }
+            None => {
+                cur.push_str(line);
+                cur.push('\n');
+            }
+        }
+    }
+    if !blank(&cur) || docs.is_empty() {
+        docs.push(cur);
+    }
+    docs
+}
+
 fn load_value(v: Value, place: &str, objects: &mut Objects, refusals: &mut Vec<Refusal>) {
     if v.is_null() {
         return; // empty document
@@ -115,14 +160,26 @@ fn load_value(v: Value, place: &str, objects: &mut Objects, refusals: &mut Vec<R
         refusals.push(Refusal::new(place, "is not a mapping"));
         return;
     };
-    let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+    let kind = obj
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     // API group: "" for the core group ("v1").
-    let group = api_version.rsplit_once('/').map_or("", |(g, _)| g).to_string();
+    let group = api_version
+        .rsplit_once('/')
+        .map_or("", |(g, _)| g)
+        .to_string();
     if kind.ends_with("List") {
         if let Some(items) = obj.get("items").and_then(Value::as_array) {
             for (j, item) in items.iter().enumerate() {
-                load_value(item.clone(), &format!("{place} item {j}"), objects, refusals);
+                load_value(
+                    item.clone(),
+                    &format!("{place} item {j}"),
+                    objects,
+                    refusals,
+                );
             }
             return;
         }
@@ -173,7 +230,9 @@ pub fn fingerprint(dir: &Path) -> std::io::Result<u64> {
         file.file_name().hash(&mut h);
         meta.len().hash(&mut h);
         if let Ok(t) = meta.modified() {
-            t.duration_since(UNIX_EPOCH).unwrap_or_default().hash(&mut h);
+            t.duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .hash(&mut h);
         }
         fs::read(&file)?.hash(&mut h);
     }
@@ -295,7 +354,11 @@ endpoints: [{{addresses: [10.0.0.1]}}]
                 {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}}
             ]}"#,
         );
-        write(d, "c.yml", "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: k}\n");
+        write(
+            d,
+            "c.yml",
+            "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: k}\n",
+        );
         write(d, "ignored.txt", "not: [a manifest");
         fs::create_dir(d.join("sub")).unwrap();
         write(&d.join("sub"), "deep.yaml", SVC);
@@ -354,11 +417,36 @@ key: [unclosed
         let text: Vec<String> = r.iter().map(ToString::to_string).collect();
         assert_eq!(r.len(), 5, "{text:#?}");
         let has = |needle: &str| text.iter().any(|t| t.contains(needle));
-        assert!(has("mixed.yaml document 0 (Service broken): does not parse"), "{text:#?}");
+        assert!(
+            has("mixed.yaml document 0 (Service broken): does not parse"),
+            "{text:#?}"
+        );
         assert!(has("mixed.yaml document 2: does not parse"), "{text:#?}");
         assert!(has("bad.json document 0: does not parse"), "{text:#?}");
-        assert!(has("old.yaml document 0 (EndpointSlice old): does not parse"), "{text:#?}");
+        assert!(
+            has("old.yaml document 0 (EndpointSlice old): does not parse"),
+            "{text:#?}"
+        );
         assert!(has("nokind.yaml document 0: has no kind"), "{text:#?}");
+    }
+
+    #[test]
+    fn splits_documents() {
+        assert_eq!(split_documents("a: 1\n"), ["a: 1\n"]);
+        assert_eq!(
+            split_documents("# c\n---\na: 1\n---\nb: 2\n"),
+            ["a: 1\n", "b: 2\n"]
+        );
+        assert_eq!(
+            split_documents("a: 1\n---\n---\nb: 2\n...\n"),
+            ["a: 1\n", "", "b: 2\n"]
+        );
+        assert_eq!(split_documents("--- {a: 1}\n--- x\n"), ["{a: 1}\n", "x\n"]);
+        assert_eq!(
+            split_documents("key: |\n  ---\n  text\n"),
+            ["key: |\n  ---\n  text\n"]
+        );
+        assert_eq!(split_documents(""), [""]);
     }
 
     #[test]
@@ -401,7 +489,12 @@ key: [unclosed
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow_and_update().0.services.len(), 1);
 
-        write(&d, "b.yaml", &SVC.replace("name: web", "name: web2").replace("30080", "30081"));
+        write(
+            &d,
+            "b.yaml",
+            &SVC.replace("name: web", "name: web2")
+                .replace("30080", "30081"),
+        );
         tokio::time::timeout(Duration::from_secs(10), rx.changed())
             .await
             .expect("reload within 10 s")
@@ -409,7 +502,9 @@ key: [unclosed
         assert_eq!(rx.borrow_and_update().0.services.len(), 2);
 
         // No change: nothing published.
-        assert!(tokio::time::timeout(Duration::from_secs(3), rx.changed()).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_secs(3), rx.changed())
+            .await
+            .is_err());
 
         drop(rx);
         tokio::time::timeout(Duration::from_secs(5), task)
@@ -424,7 +519,9 @@ key: [unclosed
         let d = dir.path().join("later");
         let (tx, mut rx) = tokio::sync::watch::channel(Arc::new((Objects::default(), Vec::new())));
         let task = tokio::spawn(watch(d.clone(), Duration::from_millis(500), tx));
-        assert!(tokio::time::timeout(Duration::from_secs(2), rx.changed()).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_secs(2), rx.changed())
+            .await
+            .is_err());
         fs::create_dir(&d).unwrap();
         write(&d, "a.yaml", SVC);
         tokio::time::timeout(Duration::from_secs(10), rx.changed())

@@ -13,7 +13,9 @@ use std::str::FromStr;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use nodeport_common::{Backend, FrontendKey, BE_F_LOCAL, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_LOCAL};
+use nodeport_common::{
+    Backend, FrontendKey, BE_F_LOCAL, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_LOCAL,
+};
 
 use crate::error::Error;
 
@@ -71,7 +73,10 @@ impl FromStr for Ipv4Cidr {
         };
         let (a, p) = s.split_once('/').unwrap_or((s, "32"));
         let addr: Ipv4Addr = a.trim().parse().map_err(|e| bad(&format!("{e}")))?;
-        let prefix: u8 = p.trim().parse().map_err(|_| bad("prefix length is not a number"))?;
+        let prefix: u8 = p
+            .trim()
+            .parse()
+            .map_err(|_| bad("prefix length is not a number"))?;
         Self::new(addr, prefix).ok_or_else(|| bad("prefix length is larger than 32"))
     }
 }
@@ -341,7 +346,10 @@ pub fn desired(inputs: &Inputs) -> (Desired, Vec<Refusal>) {
                 continue;
             };
             let Ok(addr) = a.parse::<Ipv4Addr>() else {
-                refusals.push(Refusal::new(obj(), format!("endpoint address {a:?} is not an IPv4 address")));
+                refusals.push(Refusal::new(
+                    obj(),
+                    format!("endpoint address {a:?} is not an IPv4 address"),
+                ));
                 continue;
             };
             let c = ep.conditions.as_ref();
@@ -354,22 +362,23 @@ pub fn desired(inputs: &Inputs) -> (Desired, Vec<Refusal>) {
                 local: ep.node_name.as_deref() == Some(inputs.node_name),
             });
         }
-        slices.entry((ns, svc.as_str())).or_default().push(ParsedSlice { ports, endpoints });
+        slices
+            .entry((ns, svc.as_str()))
+            .or_default()
+            .push(ParsedSlice { ports, endpoints });
     }
 
     // Oldest first, so that the oldest claim of a frontend wins.
     let mut services: Vec<&Service> = inputs.services.iter().collect();
-    services.sort_by(|a, b| {
-        let key = |s: &Service| {
-            let m = &s.metadata;
-            (
-                m.creation_timestamp.as_ref().map(|t| t.0).is_none(),
-                m.creation_timestamp.as_ref().map(|t| t.0),
-                m.namespace.clone().unwrap_or_else(|| "default".into()),
-                m.name.clone().unwrap_or_default(),
-            )
-        };
-        key(a).cmp(&key(b))
+    services.sort_by_cached_key(|s| {
+        let m = &s.metadata;
+        let created = m.creation_timestamp.as_ref().map(|t| t.0);
+        (
+            created.is_none(),
+            created,
+            m.namespace.as_deref().unwrap_or("default"),
+            m.name.as_deref().unwrap_or_default(),
+        )
     });
 
     let mut claims: BTreeMap<FrontendKey, ServicePortId> = BTreeMap::new();
@@ -417,7 +426,10 @@ fn node_addrs(inputs: &Inputs) -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
-#[expect(clippy::too_many_arguments, reason = "one call site; the pieces of `desired`'s state")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the pieces of `desired`'s state"
+)]
 fn service(
     svc: &Service,
     ns: &str,
@@ -429,7 +441,8 @@ fn service(
     out: &mut BTreeMap<ServicePortId, DesiredService>,
     refusals: &mut Vec<Refusal>,
 ) {
-    let refuse = |refusals: &mut Vec<Refusal>, reason: String| refusals.push(Refusal::new(obj, reason));
+    let refuse =
+        |refusals: &mut Vec<Refusal>, reason: String| refusals.push(Refusal::new(obj, reason));
     let Some(spec) = svc.spec.as_ref() else {
         return;
     };
@@ -447,7 +460,11 @@ fn service(
     if ports.len() > settings.max_ports_per_service {
         return refuse(
             refusals,
-            format!("{} ports, more than the limit of {}", ports.len(), settings.max_ports_per_service),
+            format!(
+                "{} ports, more than the limit of {}",
+                ports.len(),
+                settings.max_ports_per_service
+            ),
         );
     }
     let n_endpoints: usize = slices.iter().map(|s| s.endpoints.len()).sum();
@@ -463,13 +480,14 @@ fn service(
 
     // Addresses that take `port` traffic.
     let mut ips = BTreeSet::new();
-    let mut add_ip = |refusals: &mut Vec<Refusal>, field: &str, s: &str| match s.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(ip)) => {
-            ips.insert(ip);
-        }
-        Ok(std::net::IpAddr::V6(_)) => {}
-        Err(_) => refuse(refusals, format!("{field} {s:?} is not an IP address")),
-    };
+    let mut add_ip =
+        |refusals: &mut Vec<Refusal>, field: &str, s: &str| match s.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => {
+                ips.insert(ip);
+            }
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => refuse(refusals, format!("{field} {s:?} is not an IP address")),
+        };
     for ip in spec.external_ips.iter().flatten() {
         add_ip(refusals, "externalIPs entry", ip);
     }
@@ -477,7 +495,11 @@ fn service(
         if let Some(ip) = spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty()) {
             add_ip(refusals, "loadBalancerIP", ip);
         }
-        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
         for ing in ingress.into_iter().flatten() {
             if ing.ip_mode.as_deref() == Some("Proxy") {
                 continue;
@@ -504,7 +526,9 @@ fn service(
             .and_then(|c| c.timeout_seconds);
         affinity_timeout_s = match t {
             None => DEFAULT_AFFINITY_TIMEOUT_S,
-            Some(t) => u32::try_from(t).unwrap_or(1).clamp(1, MAX_AFFINITY_TIMEOUT_S),
+            Some(t) => u32::try_from(t)
+                .unwrap_or(1)
+                .clamp(1, MAX_AFFINITY_TIMEOUT_S),
         };
     }
 
@@ -515,7 +539,8 @@ fn service(
         } else {
             format!("spec.ports[{i}] {port_name:?}")
         };
-        let mut refuse_port = |reason: String| refusals.push(Refusal::new(obj, format!("{reason} ({what})")));
+        let mut refuse_port =
+            |reason: String| refusals.push(Refusal::new(obj, format!("{reason} ({what})")));
         let protocol = match sp.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
@@ -539,7 +564,9 @@ fn service(
             protocol,
         };
         if out.contains_key(&id) {
-            refuse_port(format!("a port named {port_name:?} with protocol {protocol} appears twice"));
+            refuse_port(format!(
+                "a port named {port_name:?} with protocol {protocol} appears twice"
+            ));
             continue;
         }
         let proto = protocol.number();
@@ -548,7 +575,8 @@ fn service(
         if has_node_port {
             match sp.node_port {
                 None | Some(0)
-                    if type_ == "LoadBalancer" && spec.allocate_load_balancer_node_ports == Some(false) => {}
+                    if type_ == "LoadBalancer"
+                        && spec.allocate_load_balancer_node_ports == Some(false) => {}
                 None | Some(0) => {
                     refuse_port("nodePort not allocated (set spec.ports[].nodePort; manifests have no allocator)".into());
                     continue;
@@ -583,8 +611,15 @@ fn service(
         if frontends.is_empty() {
             continue;
         }
-        if let Some((fe, owner)) = frontends.iter().find_map(|fe| claims.get(fe).map(|o| (fe, o))) {
-            refuse_port(format!("{} is already used by {}", describe_frontend(fe), owner));
+        if let Some((fe, owner)) = frontends
+            .iter()
+            .find_map(|fe| claims.get(fe).map(|o| (fe, o)))
+        {
+            refuse_port(format!(
+                "{} is already used by {}",
+                describe_frontend(fe),
+                owner
+            ));
             continue;
         }
 
@@ -679,7 +714,11 @@ fn backends(
     let mut seen = BTreeSet::new();
     let mut out = BTreeSet::new();
     for (e, port) in candidates {
-        let usable = if any_ready { e.ready } else { e.serving && e.terminating };
+        let usable = if any_ready {
+            e.ready
+        } else {
+            e.serving && e.terminating
+        };
         if usable && seen.insert((e.addr, port)) {
             out.insert(Backend {
                 addr: addr_raw(e.addr),
@@ -712,7 +751,11 @@ mod tests {
         run_with(services, slices, &Settings::default())
     }
 
-    fn run_with(services: &[Service], slices: &[EndpointSlice], settings: &Settings) -> (Desired, Vec<Refusal>) {
+    fn run_with(
+        services: &[Service],
+        slices: &[EndpointSlice],
+        settings: &Settings,
+    ) -> (Desired, Vec<Refusal>) {
         desired(&Inputs {
             services,
             slices,
@@ -801,13 +844,19 @@ endpoints:
 
     #[test]
     fn service_port_id_display() {
-        assert_eq!(id("default", "web", "http", Protocol::Tcp).to_string(), "default/web:http/TCP");
+        assert_eq!(
+            id("default", "web", "http", Protocol::Tcp).to_string(),
+            "default/web:http/TCP"
+        );
         assert_eq!(id("ns", "dns", "", Protocol::Udp).to_string(), "ns/dns/UDP");
     }
 
     #[test]
     fn refusal_display() {
-        let r = Refusal::new("Service default/foo", "nodePort 8888 is outside the range 30000-32767");
+        let r = Refusal::new(
+            "Service default/foo",
+            "nodePort 8888 is outside the range 30000-32767",
+        );
         assert_eq!(
             r.to_string(),
             "refused Service default/foo: nodePort 8888 is outside the range 30000-32767"
@@ -826,7 +875,9 @@ spec:
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].object, "Service default/foo");
         assert!(
-            r[0].to_string().starts_with("refused Service default/foo: nodePort 8888 is outside the range 30000-32767"),
+            r[0].to_string().starts_with(
+                "refused Service default/foo: nodePort 8888 is outside the range 30000-32767"
+            ),
             "{}",
             r[0]
         );
@@ -861,11 +912,7 @@ spec:
             let (d, r) = run(&[s], &[]);
             assert!(d.services.is_empty());
             assert_eq!(r.len(), 1, "{r:?}");
-            assert!(
-                r[0].reason.contains("nodePort not allocated"),
-                "{}",
-                r[0]
-            );
+            assert!(r[0].reason.contains("nodePort not allocated"), "{}", r[0]);
         }
     }
 
@@ -996,8 +1043,16 @@ spec:
             BTreeSet::from([np(30053, PROTO_UDP)])
         );
         assert_eq!(r.len(), 2);
-        assert!(r[0].reason.contains("SCTP") && r[0].reason.contains("\"sctp\""), "{}", r[0]);
-        assert!(r[1].reason.contains("unknown protocol \"ICMP\""), "{}", r[1]);
+        assert!(
+            r[0].reason.contains("SCTP") && r[0].reason.contains("\"sctp\""),
+            "{}",
+            r[0]
+        );
+        assert!(
+            r[1].reason.contains("unknown protocol \"ICMP\""),
+            "{}",
+            r[1]
+        );
         assert_eq!(r[0].object, "Service ns/multi");
     }
 
@@ -1017,14 +1072,20 @@ spec:
     fn nodeport_conflict_oldest_wins() {
         let older = aged("zzz-older", "2024-01-01T00:00:00Z", 30100, "");
         let newer = aged("aaa-newer", "2024-06-01T00:00:00Z", 30100, "");
-        for order in [[older.clone(), newer.clone()], [newer.clone(), older.clone()]] {
+        for order in [
+            [older.clone(), newer.clone()],
+            [newer.clone(), older.clone()],
+        ] {
             let (d, r) = run(&order, &[]);
             assert_eq!(d.services.len(), 1);
-            assert!(d.services.contains_key(&id("default", "zzz-older", "", Protocol::Tcp)));
+            assert!(d
+                .services
+                .contains_key(&id("default", "zzz-older", "", Protocol::Tcp)));
             assert_eq!(r.len(), 1);
             assert_eq!(r[0].object, "Service default/aaa-newer");
             assert!(
-                r[0].reason.contains("nodePort 30100/TCP is already used by default/zzz-older/TCP"),
+                r[0].reason
+                    .contains("nodePort 30100/TCP is already used by default/zzz-older/TCP"),
                 "{}",
                 r[0]
             );
@@ -1033,14 +1094,26 @@ spec:
         let a = aged("a", "2024-01-01T00:00:00Z", 30100, "");
         let b = aged("b", "2024-01-01T00:00:00Z", 30100, "");
         let (d, r) = run(&[b, a], &[]);
-        assert!(d.services.contains_key(&id("default", "a", "", Protocol::Tcp)));
+        assert!(d
+            .services
+            .contains_key(&id("default", "a", "", Protocol::Tcp)));
         assert_eq!(r[0].object, "Service default/b");
     }
 
     #[test]
     fn external_ip_conflict() {
-        let older = aged("older", "2024-01-01T00:00:00Z", 30100, "externalIPs: [192.0.2.5]");
-        let newer = aged("newer", "2024-06-01T00:00:00Z", 30101, "externalIPs: [192.0.2.5]");
+        let older = aged(
+            "older",
+            "2024-01-01T00:00:00Z",
+            30100,
+            "externalIPs: [192.0.2.5]",
+        );
+        let newer = aged(
+            "newer",
+            "2024-06-01T00:00:00Z",
+            30101,
+            "externalIPs: [192.0.2.5]",
+        );
         let other_port = svc("
 metadata: {name: other, creationTimestamp: '2024-07-01T00:00:00Z'}
 spec:
@@ -1049,10 +1122,14 @@ spec:
 ");
         let (d, r) = run(&[newer, older, other_port], &[]);
         assert_eq!(d.services.len(), 2);
-        assert!(d.services.contains_key(&id("default", "other", "", Protocol::Tcp)));
+        assert!(d
+            .services
+            .contains_key(&id("default", "other", "", Protocol::Tcp)));
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].object, "Service default/newer");
-        assert!(r[0].reason.contains("address 192.0.2.5:80/TCP is already used by default/older/TCP"));
+        assert!(r[0]
+            .reason
+            .contains("address 192.0.2.5:80/TCP is already used by default/older/TCP"));
     }
 
     #[test]
@@ -1065,16 +1142,24 @@ spec:
   loadBalancerIP: 300.1.1.1
   ports: [{port: 80, nodePort: 30200}]
 ");
-        let bad_slice = slice("
+        let bad_slice = slice(
+            "
 metadata: {name: s-1, labels: {kubernetes.io/service-name: s}}
 addressType: IPv4
 endpoints: [{addresses: [bogus]}, {addresses: [10.0.0.9]}]
-");
+",
+        );
         let (d, r) = run(&[s], &[bad_slice]);
         assert_eq!(r.len(), 3, "{r:?}");
-        assert!(r.iter().any(|r| r.object == "EndpointSlice default/s-1" && r.reason.contains("\"bogus\"")));
-        assert!(r.iter().any(|r| r.reason.contains("externalIPs entry \"not-an-ip\"")));
-        assert!(r.iter().any(|r| r.reason.contains("loadBalancerIP \"300.1.1.1\"")));
+        assert!(r
+            .iter()
+            .any(|r| r.object == "EndpointSlice default/s-1" && r.reason.contains("\"bogus\"")));
+        assert!(r
+            .iter()
+            .any(|r| r.reason.contains("externalIPs entry \"not-an-ip\"")));
+        assert!(r
+            .iter()
+            .any(|r| r.reason.contains("loadBalancerIP \"300.1.1.1\"")));
         let s = &d.services[&id("default", "s", "", Protocol::Tcp)];
         assert_eq!(s.frontends.len(), 2);
         assert_eq!(s.backends, BTreeSet::from([be("10.0.0.9", 80, false)]));
@@ -1099,16 +1184,20 @@ spec:
   type: NodePort
   ports: [{port: 80, nodePort: 30003}]
 ");
-        let sl = slice("
+        let sl = slice(
+            "
 metadata: {name: many-1, labels: {kubernetes.io/service-name: many}}
 addressType: IPv4
 endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}, {addresses: [10.0.0.3]}]
-");
+",
+        );
         let (d, r) = run_with(&[two_ports, many, svc(WEB)], &[sl], &settings);
         assert_eq!(d.services.len(), 1);
         assert_eq!(r.len(), 2);
-        assert!(r.iter().any(|r| r.object == "Service default/two" && r.reason.contains("2 ports, more than the limit of 1")));
-        assert!(r.iter().any(|r| r.object == "Service default/many" && r.reason.contains("3 endpoints, more than the limit of 2")));
+        assert!(r.iter().any(|r| r.object == "Service default/two"
+            && r.reason.contains("2 ports, more than the limit of 1")));
+        assert!(r.iter().any(|r| r.object == "Service default/many"
+            && r.reason.contains("3 endpoints, more than the limit of 2")));
     }
 
     #[test]
@@ -1144,7 +1233,8 @@ spec:
 
     #[test]
     fn readiness_fallback() {
-        let sl = slice("
+        let sl = slice(
+            "
 metadata: {name: web-x, namespace: default, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
 ports: [{name: http, port: 8080}]
@@ -1152,21 +1242,30 @@ endpoints:
 - {addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}}
 - {addresses: [10.0.0.2], conditions: {ready: false, serving: false, terminating: true}}
 - {addresses: [10.0.0.3], conditions: {ready: false}}
-");
-        let ready = slice("
+",
+        );
+        let ready = slice(
+            "
 metadata: {name: web-y, namespace: default, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
 ports: [{name: http, port: 8080}]
 endpoints:
 - {addresses: [10.0.0.4], conditions: {}}
-");
+",
+        );
         let key = id("default", "web", "http", Protocol::Tcp);
         // Only terminating ones: serving && terminating are used.
-        let (d, _) = run(&[svc(WEB)], &[sl.clone()]);
-        assert_eq!(d.services[&key].backends, BTreeSet::from([be("10.0.0.1", 8080, false)]));
+        let (d, _) = run(&[svc(WEB)], std::slice::from_ref(&sl));
+        assert_eq!(
+            d.services[&key].backends,
+            BTreeSet::from([be("10.0.0.1", 8080, false)])
+        );
         // A ready endpoint in another slice of the same service: only ready ones.
         let (d, _) = run(&[svc(WEB)], &[sl, ready]);
-        assert_eq!(d.services[&key].backends, BTreeSet::from([be("10.0.0.4", 8080, false)]));
+        assert_eq!(
+            d.services[&key].backends,
+            BTreeSet::from([be("10.0.0.4", 8080, false)])
+        );
     }
 
     #[test]
@@ -1190,36 +1289,50 @@ endpoints:
 ");
         let (d, _) = run(&[s], &[sl]);
         let key = id("default", "web", "http", Protocol::Tcp);
-        assert_eq!(d.services[&key].backends, BTreeSet::from([be("10.0.0.1", 8080, true)]));
+        assert_eq!(
+            d.services[&key].backends,
+            BTreeSet::from([be("10.0.0.1", 8080, true)])
+        );
     }
 
     #[test]
     fn slice_membership() {
-        let other_ns = slice("
+        let other_ns = slice(
+            "
 metadata: {name: web-o, namespace: other, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
 ports: [{name: http, port: 8080}]
 endpoints: [{addresses: [10.9.0.1]}]
-");
-        let ipv6 = slice("
+",
+        );
+        let ipv6 = slice(
+            "
 metadata: {name: web-6, namespace: default, labels: {kubernetes.io/service-name: web}}
 addressType: IPv6
 ports: [{name: http, port: 8080}]
 endpoints: [{addresses: ['2001:db8::1']}]
-");
-        let unlabeled = slice("
+",
+        );
+        let unlabeled = slice(
+            "
 metadata: {name: web-u, namespace: default}
 addressType: IPv4
 ports: [{name: http, port: 8080}]
 endpoints: [{addresses: [10.9.0.2]}]
-");
-        let second = slice("
+",
+        );
+        let second = slice(
+            "
 metadata: {name: web-2, namespace: default, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
 ports: [{name: http, port: 8080}]
 endpoints: [{addresses: [10.0.3.1]}, {addresses: [10.0.1.1], nodeName: node-a}]
-");
-        let (d, r) = run(&[svc(WEB)], &[slice(WEB_SLICE), other_ns, ipv6, unlabeled, second]);
+",
+        );
+        let (d, r) = run(
+            &[svc(WEB)],
+            &[slice(WEB_SLICE), other_ns, ipv6, unlabeled, second],
+        );
         assert!(r.is_empty(), "{r:?}");
         assert_eq!(
             d.services[&id("default", "web", "http", Protocol::Tcp)].backends,
@@ -1246,7 +1359,8 @@ spec:
 ");
         // `web` resolves by the service port name; `admin` through its targetPort name;
         // `metrics` and `dflt` by number; `udp` must not match the TCP port named "udp".
-        let sl = slice("
+        let sl = slice(
+            "
 metadata: {name: app-1, labels: {kubernetes.io/service-name: app}}
 addressType: IPv4
 ports:
@@ -1254,7 +1368,8 @@ ports:
 - {name: admin-port, port: 7070, protocol: TCP}
 - {name: udp, port: 5353, protocol: TCP}
 endpoints: [{addresses: [10.0.0.1]}]
-");
+",
+        );
         let (d, r) = run(&[s], &[sl]);
         assert!(r.is_empty(), "{r:?}");
         let port_of = |name: &str, p: Protocol| {
@@ -1275,23 +1390,32 @@ spec:
   type: NodePort
   ports: [{port: 80, targetPort: missing, nodePort: 30010}]
 ");
-        let sl = slice("
+        let sl = slice(
+            "
 metadata: {name: one-1, labels: {kubernetes.io/service-name: one}}
 addressType: IPv4
 ports: [{name: '', port: 8081}]
 endpoints: [{addresses: [10.0.0.2]}]
-");
-        let (d, _) = run(&[s.clone()], &[sl]);
+",
+        );
+        let (d, _) = run(std::slice::from_ref(&s), &[sl]);
         let b = &d.services[&id("default", "one", "", Protocol::Tcp)].backends;
-        assert_eq!(b.iter().map(|b| u16::from_be(b.port)).collect::<Vec<_>>(), [8081]);
-        let sl = slice("
+        assert_eq!(
+            b.iter().map(|b| u16::from_be(b.port)).collect::<Vec<_>>(),
+            [8081]
+        );
+        let sl = slice(
+            "
 metadata: {name: one-1, labels: {kubernetes.io/service-name: one}}
 addressType: IPv4
 ports: [{name: other, port: 8081}]
 endpoints: [{addresses: [10.0.0.2]}]
-");
+",
+        );
         let (d, _) = run(&[s], &[sl]);
-        assert!(d.services[&id("default", "one", "", Protocol::Tcp)].backends.is_empty());
+        assert!(d.services[&id("default", "one", "", Protocol::Tcp)]
+            .backends
+            .is_empty());
     }
 
     #[test]
@@ -1309,7 +1433,8 @@ spec:
 
     #[test]
     fn node_addresses() {
-        let n = node("
+        let n = node(
+            "
 metadata: {name: node-a}
 status:
   addresses:
@@ -1317,12 +1442,15 @@ status:
   - {type: ExternalIP, address: 203.0.113.5}
   - {type: InternalIP, address: 'fd00::5'}
   - {type: Hostname, address: node-a}
-");
-        let other = node("
+",
+        );
+        let other = node(
+            "
 metadata: {name: node-b}
 status:
   addresses: [{type: InternalIP, address: 10.1.0.6}]
-");
+",
+        );
         let nodes = [n, other];
         let ifaces: [Ipv4Addr; 3] = [
             "10.1.0.5".parse().unwrap(),
@@ -1345,11 +1473,17 @@ status:
             .collect();
         assert_eq!(d.node_addrs, want);
         let narrowed = Settings {
-            nodeport_cidrs: vec!["10.0.0.0/8".parse().unwrap(), "203.0.113.5".parse().unwrap()],
+            nodeport_cidrs: vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "203.0.113.5".parse().unwrap(),
+            ],
             ..Settings::default()
         };
         let (d, _) = desired(&inputs(&narrowed));
-        let want: BTreeSet<Ipv4Addr> = ["10.1.0.5", "203.0.113.5"].iter().map(|s| s.parse().unwrap()).collect();
+        let want: BTreeSet<Ipv4Addr> = ["10.1.0.5", "203.0.113.5"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
         assert_eq!(d.node_addrs, want);
     }
 
@@ -1369,14 +1503,21 @@ status:
     #[test]
     fn duplicate_endpoints_and_ports() {
         // The same endpoint in two slices (slice migration) gives one backend.
-        let dup = slice("
+        let dup = slice(
+            "
 metadata: {name: web-d, namespace: default, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
 ports: [{name: http, port: 8080}]
 endpoints: [{addresses: [10.0.2.1], nodeName: node-b}]
-");
+",
+        );
         let (d, _) = run(&[svc(WEB)], &[slice(WEB_SLICE), dup]);
-        assert_eq!(d.services[&id("default", "web", "http", Protocol::Tcp)].backends.len(), 2);
+        assert_eq!(
+            d.services[&id("default", "web", "http", Protocol::Tcp)]
+                .backends
+                .len(),
+            2
+        );
         // Two ports with the same name and protocol: the second is refused.
         let s = svc("
 metadata: {name: d}

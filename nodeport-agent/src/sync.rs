@@ -344,7 +344,12 @@ impl Reconciler {
         report
     }
 
-    fn sync_node_addrs(&mut self, desired: &Desired, maps: &mut impl Maps, report: &mut SyncReport) {
+    fn sync_node_addrs(
+        &mut self,
+        desired: &Desired,
+        maps: &mut impl Maps,
+        report: &mut SyncReport,
+    ) {
         let want: BTreeSet<u32> = desired.node_addrs.iter().map(|a| addr_raw(*a)).collect();
         for &a in want.difference(&self.node_addrs.clone()) {
             match maps.set_node_addr(a) {
@@ -355,7 +360,12 @@ impl Reconciler {
                 Err(e) => report.errors.push(e),
             }
         }
-        for a in self.node_addrs.difference(&want).copied().collect::<Vec<_>>() {
+        for a in self
+            .node_addrs
+            .difference(&want)
+            .copied()
+            .collect::<Vec<_>>()
+        {
             match maps.delete_node_addr(a) {
                 Ok(()) => {
                     self.node_addrs.remove(&a);
@@ -367,7 +377,12 @@ impl Reconciler {
     }
 
     /// Programs new and changed backends; returns every backend the desired state uses.
-    fn sync_backends(&mut self, desired: &Desired, maps: &mut impl Maps, report: &mut SyncReport) -> BTreeSet<BeKey> {
+    fn sync_backends(
+        &mut self,
+        desired: &Desired,
+        maps: &mut impl Maps,
+        report: &mut SyncReport,
+    ) -> BTreeSet<BeKey> {
         // One value per (addr, port); flags of all services using it are merged.
         let mut want: BTreeMap<BeKey, Backend> = BTreeMap::new();
         for ds in desired.services.values() {
@@ -424,9 +439,12 @@ impl Reconciler {
         let ids: Vec<u32> = keys
             .iter()
             .map(|k| {
-                self.backends.get(k).map(|b| b.id).ok_or_else(|| Error::BackendUnavailable {
-                    backend: be_name(*k),
-                })
+                self.backends
+                    .get(k)
+                    .map(|b| b.id)
+                    .ok_or_else(|| Error::BackendUnavailable {
+                        backend: be_name(*k),
+                    })
             })
             .collect::<Result<_>>()?;
 
@@ -457,7 +475,10 @@ impl Reconciler {
             }
             report.tables_written += 1;
             report.slots_written += u64::from(size);
-            Some(Some(Table { region, backends: keys }))
+            Some(Some(Table {
+                region,
+                backends: keys,
+            }))
         };
 
         let mut st = match self.services.remove(id) {
@@ -529,7 +550,12 @@ impl Reconciler {
 
     /// Deletes frontends that are no longer desired, forgets services that are gone, and
     /// frees the tables nothing points at any more.
-    fn delete_frontends(&mut self, desired: &Desired, maps: &mut impl Maps, report: &mut SyncReport) {
+    fn delete_frontends(
+        &mut self,
+        desired: &Desired,
+        maps: &mut impl Maps,
+        report: &mut SyncReport,
+    ) {
         let ids: Vec<ServicePortId> = self.services.keys().cloned().collect();
         for id in ids {
             let Some(mut st) = self.services.remove(&id) else {
@@ -563,13 +589,17 @@ impl Reconciler {
                 .into_iter()
                 .partition(|t| st.references(t.region));
             st.stale = keep;
-            self.regions.quarantine.extend(free.into_iter().map(|t| t.region));
+            self.regions
+                .quarantine
+                .extend(free.into_iter().map(|t| t.region));
 
             if want.is_none() && st.frontends.is_empty() {
                 if let Some(t) = st.table.take() {
                     self.regions.quarantine.push(t.region);
                 }
-                self.regions.quarantine.extend(st.stale.drain(..).map(|t| t.region));
+                self.regions
+                    .quarantine
+                    .extend(st.stale.drain(..).map(|t| t.region));
                 self.svc_ids.retire(st.svc_id);
             } else {
                 self.services.insert(id, st);
@@ -578,7 +608,12 @@ impl Reconciler {
     }
 
     /// Deletes backends that neither the desired state nor a table still in use references.
-    fn delete_backends(&mut self, wanted: &BTreeSet<BeKey>, maps: &mut impl Maps, report: &mut SyncReport) {
+    fn delete_backends(
+        &mut self,
+        wanted: &BTreeSet<BeKey>,
+        maps: &mut impl Maps,
+        report: &mut SyncReport,
+    ) {
         let mut referenced = wanted.clone();
         for st in self.services.values() {
             for t in st.table.iter().chain(&st.stale) {
@@ -638,5 +673,816 @@ impl Reconciler {
             slots_free: self.regions.free_slots(),
             slots_quarantined: self.regions.quarantined_slots(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use nodeport_common::{BACKEND_NONE, BE_F_LOCAL, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY};
+
+    use super::*;
+    use crate::model::{DesiredService, Protocol};
+
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum Call {
+        SetAddr(u32),
+        DelAddr(u32),
+        SetBackend(u32),
+        DelBackend(u32),
+        Slots(u32, u32),
+        SetSvc(FrontendKey, Service),
+        DelSvc(FrontendKey),
+    }
+
+    impl Call {
+        /// The phase of `apply` the call belongs to.
+        fn phase(&self) -> u8 {
+            match self {
+                Call::SetAddr(_) | Call::DelAddr(_) => 0,
+                Call::SetBackend(_) => 1,
+                Call::Slots(..) | Call::SetSvc(..) => 2,
+                Call::DelSvc(_) => 3,
+                Call::DelBackend(_) => 4,
+            }
+        }
+    }
+
+    /// In-memory maps that check the datapath's invariants on every call: a table is
+    /// fully written (with existing backends) before a frontend points at it, a live
+    /// table is never overwritten, and a backend is never deleted while a live table
+    /// holds its id.
+    struct FakeMaps {
+        backends: BTreeMap<u32, Backend>,
+        slots: Vec<u32>,
+        services: BTreeMap<FrontendKey, Service>,
+        node_addrs: BTreeSet<u32>,
+        calls: Vec<Call>,
+        /// NP_SVC capacity.
+        max_services: usize,
+        /// Frontends whose `set_service` fails.
+        broken: BTreeSet<FrontendKey>,
+        /// Every `(offset, len)` ever passed to `write_slots`.
+        written: BTreeSet<(u32, u32)>,
+    }
+
+    impl FakeMaps {
+        fn new(slots: u32) -> Self {
+            Self {
+                backends: BTreeMap::new(),
+                slots: vec![BACKEND_NONE; slots as usize],
+                services: BTreeMap::new(),
+                node_addrs: BTreeSet::new(),
+                calls: Vec::new(),
+                max_services: usize::MAX,
+                broken: BTreeSet::new(),
+                written: BTreeSet::new(),
+            }
+        }
+
+        fn live_regions(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+            self.services
+                .values()
+                .filter(|v| v.table_size != 0)
+                .map(|v| (v.table_off, v.table_size))
+        }
+
+        /// The backends a frontend's table resolves to, through NP_BE.
+        fn resolve(&self, fe: &FrontendKey) -> BTreeSet<BeKey> {
+            let v = &self.services[fe];
+            let r = v.table_off as usize..(v.table_off + v.table_size) as usize;
+            self.slots[r]
+                .iter()
+                .map(|id| {
+                    let b = self
+                        .backends
+                        .get(id)
+                        .expect("slot holds an existing backend id");
+                    (b.addr, b.port)
+                })
+                .collect()
+        }
+
+        fn take_calls(&mut self) -> Vec<Call> {
+            std::mem::take(&mut self.calls)
+        }
+    }
+
+    fn map_err(op: &'static str) -> Error {
+        Error::Map {
+            map: "fake",
+            op,
+            key: String::new(),
+            reason: "injected".into(),
+        }
+    }
+
+    impl Maps for FakeMaps {
+        fn set_backend(&mut self, id: u32, be: &Backend) -> Result<()> {
+            assert_ne!(id, BACKEND_NONE);
+            self.calls.push(Call::SetBackend(id));
+            self.backends.insert(id, *be);
+            Ok(())
+        }
+
+        fn delete_backend(&mut self, id: u32) -> Result<()> {
+            for (off, size) in self.live_regions() {
+                let r = off as usize..(off + size) as usize;
+                assert!(
+                    !self.slots[r].contains(&id),
+                    "backend {id} deleted while a live table holds it"
+                );
+            }
+            self.calls.push(Call::DelBackend(id));
+            assert!(
+                self.backends.remove(&id).is_some(),
+                "deleting a missing backend {id}"
+            );
+            Ok(())
+        }
+
+        fn write_slots(&mut self, offset: u32, ids: &[u32]) -> Result<()> {
+            let end = offset + ids.len() as u32;
+            for (off, size) in self.live_regions() {
+                assert!(
+                    end <= off || offset >= off + size,
+                    "table [{offset}, {end}) overwrites the live table [{off}, {})",
+                    off + size
+                );
+            }
+            for id in ids {
+                assert!(
+                    self.backends.contains_key(id),
+                    "slot written with unknown backend {id}"
+                );
+            }
+            self.calls.push(Call::Slots(offset, ids.len() as u32));
+            self.written.insert((offset, ids.len() as u32));
+            self.slots[offset as usize..end as usize].copy_from_slice(ids);
+            Ok(())
+        }
+
+        fn set_service(&mut self, key: &FrontendKey, val: &Service) -> Result<()> {
+            if self.broken.contains(key)
+                || (!self.services.contains_key(key) && self.services.len() >= self.max_services)
+            {
+                return Err(map_err("insert"));
+            }
+            if val.table_size != 0 {
+                // The table must have been written whole before this flip.
+                let written = self.written.contains(&(val.table_off, val.table_size));
+                assert!(written, "flip to a table that was never written: {val:?}");
+            }
+            self.calls.push(Call::SetSvc(*key, *val));
+            self.services.insert(*key, *val);
+            Ok(())
+        }
+
+        fn delete_service(&mut self, key: &FrontendKey) -> Result<()> {
+            self.calls.push(Call::DelSvc(*key));
+            assert!(
+                self.services.remove(key).is_some(),
+                "deleting a missing frontend"
+            );
+            Ok(())
+        }
+
+        fn set_node_addr(&mut self, addr: u32) -> Result<()> {
+            self.calls.push(Call::SetAddr(addr));
+            self.node_addrs.insert(addr);
+            Ok(())
+        }
+
+        fn delete_node_addr(&mut self, addr: u32) -> Result<()> {
+            self.calls.push(Call::DelAddr(addr));
+            self.node_addrs.remove(&addr);
+            Ok(())
+        }
+    }
+
+    fn sid(name: &str) -> ServicePortId {
+        ServicePortId {
+            namespace: "default".into(),
+            name: name.into(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn np(port: u16) -> FrontendKey {
+        FrontendKey {
+            addr: 0,
+            port: port.to_be(),
+            proto: PROTO_TCP,
+            pad: 0,
+        }
+    }
+
+    fn ext(ip: [u8; 4], port: u16) -> FrontendKey {
+        FrontendKey {
+            addr: addr_raw(Ipv4Addr::from(ip)),
+            port: port.to_be(),
+            proto: PROTO_UDP,
+            pad: 0,
+        }
+    }
+
+    fn be(last: u8, port: u16) -> Backend {
+        Backend {
+            addr: addr_raw(Ipv4Addr::new(10, 0, 0, last)),
+            port: port.to_be(),
+            flags: 0,
+            pad: 0,
+        }
+    }
+
+    fn dsvc(frontends: &[FrontendKey], backends: &[Backend]) -> DesiredService {
+        DesiredService {
+            frontends: frontends.iter().copied().collect(),
+            flags: 0,
+            affinity_timeout_s: 0,
+            backends: backends.iter().copied().collect(),
+        }
+    }
+
+    fn state(services: Vec<(&str, DesiredService)>) -> Desired {
+        Desired {
+            node_addrs: [Ipv4Addr::new(192, 168, 0, 1)].into(),
+            services: services.into_iter().map(|(n, s)| (sid(n), s)).collect(),
+        }
+    }
+
+    /// The maps hold exactly `d`: every frontend resolves to the desired backends.
+    fn verify(d: &Desired, m: &FakeMaps) {
+        let want_addrs: BTreeSet<u32> = d.node_addrs.iter().map(|a| addr_raw(*a)).collect();
+        assert_eq!(m.node_addrs, want_addrs);
+        let mut frontends = BTreeSet::new();
+        let mut used = BTreeSet::new();
+        for (id, ds) in &d.services {
+            let keys: BTreeSet<BeKey> = ds.backends.iter().map(be_key).collect();
+            for fe in &ds.frontends {
+                frontends.insert(*fe);
+                let v = m
+                    .services
+                    .get(fe)
+                    .unwrap_or_else(|| panic!("{id}: frontend {fe:?} missing"));
+                assert_eq!(v.flags, ds.flags, "{id}");
+                assert_eq!(v.affinity_timeout_s, ds.affinity_timeout_s, "{id}");
+                assert_eq!(v.table_size, maglev::table_size(keys.len()), "{id}");
+                assert_eq!(
+                    m.resolve(fe),
+                    keys,
+                    "{id}: table resolves to the desired backends"
+                );
+                for b in &ds.backends {
+                    let id = m
+                        .backends
+                        .iter()
+                        .find(|(_, v)| be_key(v) == be_key(b))
+                        .map(|(k, _)| *k);
+                    let id = id.unwrap_or_else(|| panic!("backend {b:?} missing"));
+                    assert_eq!(m.backends[&id].flags, b.flags);
+                    used.insert(id);
+                }
+            }
+        }
+        assert_eq!(
+            m.services.keys().copied().collect::<BTreeSet<_>>(),
+            frontends,
+            "no stray frontends"
+        );
+        assert_eq!(
+            m.backends.keys().copied().collect::<BTreeSet<_>>(),
+            used,
+            "no stray backends"
+        );
+    }
+
+    fn phases_in_order(calls: &[Call]) {
+        let phases: Vec<u8> = calls.iter().map(Call::phase).collect();
+        assert!(
+            phases.windows(2).all(|w| w[0] <= w[1]),
+            "calls out of order: {calls:?}"
+        );
+    }
+
+    const SLOTS: u32 = 100_000;
+
+    fn two_services() -> Desired {
+        state(vec![
+            (
+                "a",
+                dsvc(
+                    &[np(30001), ext([192, 0, 2, 1], 53)],
+                    &[be(1, 80), be(2, 80), be(3, 80)],
+                ),
+            ),
+            ("b", dsvc(&[np(30002)], &[be(3, 80), be(4, 8080)])),
+        ])
+    }
+
+    #[test]
+    fn programs_everything() {
+        let d = two_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        verify(&d, &m);
+        phases_in_order(&m.calls);
+        assert_eq!(rep.backends_set, 4);
+        assert_eq!(rep.tables_written, 2);
+        assert_eq!(rep.services_set, 3);
+        assert_eq!(rep.node_addrs_set, 1);
+        assert_eq!(rep.calls(), m.calls.len());
+        assert_eq!(
+            r.state_summary(),
+            StateSummary {
+                node_addrs: 1,
+                services: 2,
+                frontends: 3,
+                backends: 4,
+                tables: 2,
+                slots_used: 307 + 211,
+                slots_free: SLOTS - 307 - 211,
+                slots_quarantined: 0,
+            }
+        );
+        // Ids start at 1; backend 10.0.0.3:80 is shared by both services.
+        let ids: BTreeSet<u32> = m.backends.keys().copied().collect();
+        assert_eq!(ids, BTreeSet::from([1, 2, 3, 4]));
+        assert_ne!(r.svc_id(&sid("a")), r.svc_id(&sid("b")));
+    }
+
+    #[test]
+    fn second_apply_is_a_no_op() {
+        let d = two_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        r.apply(&d, &mut m);
+        m.take_calls();
+        let rep = r.apply(&d, &mut m);
+        assert_eq!(rep.calls(), 0);
+        assert!(rep.errors.is_empty());
+        assert_eq!(m.calls, []);
+    }
+
+    #[test]
+    fn endpoint_change_touches_only_its_service() {
+        let mut d = two_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        r.apply(&d, &mut m);
+        m.take_calls();
+        let ids_before: Vec<Option<u32>> = (1..=4)
+            .map(|i| r.backend_id(be(i, 80).addr, 80u16.to_be()))
+            .collect();
+        let svc_ids = (r.svc_id(&sid("a")), r.svc_id(&sid("b")));
+        let b_value = m.services[&np(30002)];
+
+        // Add an endpoint to "a".
+        d.services
+            .get_mut(&sid("a"))
+            .unwrap()
+            .backends
+            .insert(be(5, 80));
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty());
+        verify(&d, &m);
+        let calls = m.take_calls();
+        phases_in_order(&calls);
+        assert_eq!(calls.len(), 4, "backend, table, two flips: {calls:?}");
+        assert!(matches!(calls[0], Call::SetBackend(5)));
+        assert!(matches!(calls[1], Call::Slots(_, 401)));
+        assert!(calls[2..]
+            .iter()
+            .all(|c| matches!(c, Call::SetSvc(fe, _) if *fe != np(30002))));
+        assert_eq!(m.services[&np(30002)], b_value, "b untouched");
+
+        // Remove an endpoint of "a" that "b" does not share.
+        d.services
+            .get_mut(&sid("a"))
+            .unwrap()
+            .backends
+            .remove(&be(1, 80));
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty());
+        verify(&d, &m);
+        let calls = m.take_calls();
+        phases_in_order(&calls);
+        assert_eq!(
+            calls.len(),
+            4,
+            "table, two flips, backend delete: {calls:?}"
+        );
+        assert_eq!(calls[3], Call::DelBackend(1));
+        assert_eq!(m.services[&np(30002)], b_value, "b untouched");
+
+        // Stable ids.
+        let ids_after: Vec<Option<u32>> = (2..=4)
+            .map(|i| r.backend_id(be(i, 80).addr, 80u16.to_be()))
+            .collect();
+        assert_eq!(ids_after, ids_before[1..]);
+        assert_eq!((r.svc_id(&sid("a")), r.svc_id(&sid("b"))), svc_ids);
+    }
+
+    #[test]
+    fn table_is_written_before_the_flip_and_freed_after() {
+        let mut d = state(vec![("a", dsvc(&[np(30001), np(30003)], &[be(1, 80)]))]);
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        r.apply(&d, &mut m);
+        let old = r.table(&sid("a")).unwrap();
+        m.take_calls();
+        d.services.get_mut(&sid("a")).unwrap().backends = [be(2, 80)].into();
+        r.apply(&d, &mut m);
+        verify(&d, &m);
+        let calls = m.take_calls();
+        let new = r.table(&sid("a")).unwrap();
+        assert_ne!(new.offset, old.offset, "a fresh region");
+        let write = calls
+            .iter()
+            .position(|c| *c == Call::Slots(new.offset, new.size))
+            .unwrap();
+        let flips: Vec<usize> = calls
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| matches!(c, Call::SetSvc(_, v) if v.table_off == new.offset))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(flips.len(), 2);
+        assert!(flips.iter().all(|&f| f > write));
+        let del = calls
+            .iter()
+            .position(|c| *c == Call::DelBackend(1))
+            .unwrap();
+        assert!(flips.iter().all(|&f| f < del));
+        // The old region is quarantined, not yet free.
+        let s = r.state_summary();
+        assert_eq!(s.slots_quarantined, old.size);
+        assert_eq!(s.slots_free, SLOTS - new.size - old.size);
+    }
+
+    #[test]
+    fn backend_ids_are_quarantined_one_generation() {
+        let mut d = state(vec![("a", dsvc(&[np(30001)], &[be(1, 80), be(2, 80)]))]);
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        r.apply(&d, &mut m);
+        assert_eq!(r.backend_id(be(1, 80).addr, be(1, 80).port), Some(1));
+        // Replace 1 by 3 in one apply: 3 must not get id 1.
+        d.services.get_mut(&sid("a")).unwrap().backends = [be(2, 80), be(3, 80)].into();
+        r.apply(&d, &mut m);
+        verify(&d, &m);
+        assert_eq!(r.backend_id(be(3, 80).addr, be(3, 80).port), Some(3));
+        assert_eq!(r.backend_id(be(1, 80).addr, be(1, 80).port), None);
+        // Next apply: id 1 is free again.
+        d.services
+            .get_mut(&sid("a"))
+            .unwrap()
+            .backends
+            .insert(be(4, 80));
+        r.apply(&d, &mut m);
+        verify(&d, &m);
+        assert_eq!(r.backend_id(be(4, 80).addr, be(4, 80).port), Some(1));
+    }
+
+    #[test]
+    fn regions_are_reused_after_quarantine_and_allocator_full_is_per_service() {
+        // Room for exactly three tables of one backend (101 slots each).
+        let total = 303;
+        let mut d = state(vec![
+            ("a", dsvc(&[np(30001)], &[be(1, 80)])),
+            ("b", dsvc(&[np(30002)], &[be(2, 80)])),
+        ]);
+        let mut m = FakeMaps::new(total);
+        let mut r = Reconciler::new(total, 1024);
+        assert!(r.apply(&d, &mut m).errors.is_empty());
+        assert_eq!(
+            r.table(&sid("a")),
+            Some(Region {
+                offset: 0,
+                size: 101
+            })
+        );
+        assert_eq!(
+            r.table(&sid("b")),
+            Some(Region {
+                offset: 101,
+                size: 101
+            })
+        );
+
+        // Both change: a takes the last free region; b finds none (a's old one is in
+        // quarantine) and keeps its old table, reported.
+        d.services.get_mut(&sid("a")).unwrap().backends = [be(3, 80)].into();
+        d.services.get_mut(&sid("b")).unwrap().backends = [be(4, 80)].into();
+        let rep = r.apply(&d, &mut m);
+        assert_eq!(
+            r.table(&sid("a")),
+            Some(Region {
+                offset: 202,
+                size: 101
+            })
+        );
+        assert_eq!(rep.errors.len(), 1, "{:?}", rep.errors);
+        let msg = rep.errors[0].to_string();
+        assert!(msg.starts_with("default/b/TCP: "), "{msg}");
+        assert!(msg.contains("no free region of 101 Maglev slots"), "{msg}");
+        assert_eq!(
+            m.resolve(&np(30002)),
+            BTreeSet::from([be_key(&be(2, 80))]),
+            "b still on its old table"
+        );
+        assert_eq!(
+            m.resolve(&np(30001)),
+            BTreeSet::from([be_key(&be(3, 80))]),
+            "a programmed despite b"
+        );
+
+        // Next apply: the quarantined region is reused for b.
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        assert_eq!(
+            r.table(&sid("b")),
+            Some(Region {
+                offset: 0,
+                size: 101
+            })
+        );
+        verify(&d, &m);
+    }
+
+    #[test]
+    fn oversized_service_is_reported_and_others_programmed() {
+        let big: Vec<Backend> = (1..=20).map(|i| be(i, 80)).collect();
+        let d = state(vec![
+            ("a", dsvc(&[np(30001)], &[be(100, 80)])),
+            ("big", dsvc(&[np(30002)], &big)),
+            ("c", dsvc(&[np(30003)], &[be(101, 80)])),
+        ]);
+        let mut m = FakeMaps::new(1000);
+        let mut r = Reconciler::new(1000, 1024);
+        let rep = r.apply(&d, &mut m);
+        assert_eq!(rep.errors.len(), 1);
+        assert!(rep.errors[0].to_string().contains("default/big/TCP"));
+        assert!(!m.services.contains_key(&np(30002)));
+        assert_eq!(
+            m.resolve(&np(30001)),
+            BTreeSet::from([be_key(&be(100, 80))])
+        );
+        assert_eq!(
+            m.resolve(&np(30003)),
+            BTreeSet::from([be_key(&be(101, 80))])
+        );
+        // The big service's backends are kept for the retry, not churned.
+        m.take_calls();
+        let rep = r.apply(&d, &mut m);
+        assert_eq!(rep.errors.len(), 1);
+        assert!(m.calls.is_empty(), "{:?}", m.calls);
+    }
+
+    #[test]
+    fn map_full_is_per_service_and_retried() {
+        let d = two_services();
+        let mut m = FakeMaps::new(SLOTS);
+        m.max_services = 2;
+        let mut r = Reconciler::new(SLOTS, 1024);
+        let rep = r.apply(&d, &mut m);
+        assert_eq!(rep.errors.len(), 1, "{:?}", rep.errors);
+        let msg = rep.errors[0].to_string();
+        assert!(
+            msg.starts_with("default/b/TCP: frontend nodePort 30002/TCP: "),
+            "{msg}"
+        );
+        assert_eq!(m.services.len(), 2);
+        assert!(m.services.contains_key(&np(30001)));
+        m.max_services = 10;
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty());
+        verify(&d, &m);
+    }
+
+    #[test]
+    fn failed_flip_keeps_the_old_table_alive() {
+        let mut d = state(vec![("a", dsvc(&[np(30001), np(30003)], &[be(1, 80)]))]);
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        r.apply(&d, &mut m);
+        let old = r.table(&sid("a")).unwrap();
+        d.services.get_mut(&sid("a")).unwrap().backends = [be(2, 80)].into();
+        m.broken.insert(np(30003));
+        let rep = r.apply(&d, &mut m);
+        assert_eq!(rep.errors.len(), 1);
+        // 30003 still points at the old table, whose region and backend stay.
+        assert_eq!(m.services[&np(30003)].table_off, old.offset);
+        assert_eq!(m.resolve(&np(30003)), BTreeSet::from([be_key(&be(1, 80))]));
+        assert_eq!(m.resolve(&np(30001)), BTreeSet::from([be_key(&be(2, 80))]));
+        assert_eq!(r.state_summary().tables, 2);
+        // Repaired: the flip is retried, then the old table and backend go.
+        m.broken.clear();
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty());
+        verify(&d, &m);
+        assert_eq!(r.state_summary().tables, 1);
+        assert_eq!(r.state_summary().slots_quarantined, old.size);
+    }
+
+    #[test]
+    fn zero_backends_keep_a_service_entry() {
+        let mut d = state(vec![("a", dsvc(&[np(30001)], &[be(1, 80)]))]);
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        r.apply(&d, &mut m);
+        d.services.get_mut(&sid("a")).unwrap().backends.clear();
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty());
+        verify(&d, &m);
+        let v = m.services[&np(30001)];
+        assert_eq!((v.table_off, v.table_size), (0, 0));
+        assert_eq!(v.svc_id, r.svc_id(&sid("a")).unwrap());
+        assert!(m.backends.is_empty());
+        assert_eq!(r.table(&sid("a")), None);
+        // A new service without backends, too.
+        d.services.insert(sid("n"), dsvc(&[np(30009)], &[]));
+        r.apply(&d, &mut m);
+        verify(&d, &m);
+        assert_eq!(m.services[&np(30009)].table_size, 0);
+    }
+
+    #[test]
+    fn removal_deletes_frontends_then_backends() {
+        let mut d = two_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        r.apply(&d, &mut m);
+        m.take_calls();
+        let a_id = r.svc_id(&sid("a")).unwrap();
+        d.services.remove(&sid("a"));
+        d.node_addrs = [Ipv4Addr::new(192, 168, 0, 2)].into();
+        // Added in the same apply: must not get a's svc_id.
+        d.services.insert(sid("c"), dsvc(&[np(30005)], &[]));
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty());
+        verify(&d, &m);
+        let calls = m.take_calls();
+        phases_in_order(&calls);
+        assert_eq!(rep.services_deleted, 2);
+        assert_eq!(rep.services_set, 1);
+        assert_eq!(rep.backends_deleted, 2, "10.0.0.3 is still used by b");
+        assert_eq!(rep.node_addrs_set + rep.node_addrs_deleted, 2);
+        assert_eq!(r.svc_id(&sid("a")), None);
+        // The svc_id is reusable from the next apply on, not before.
+        assert_ne!(r.svc_id(&sid("c")), Some(a_id));
+        d.services.insert(sid("d"), dsvc(&[np(30006)], &[]));
+        r.apply(&d, &mut m);
+        assert_eq!(r.svc_id(&sid("d")), Some(a_id));
+    }
+
+    #[test]
+    fn frontend_moves_between_services() {
+        let d1 = state(vec![("old", dsvc(&[np(30001)], &[be(1, 80)]))]);
+        let d2 = state(vec![("new", dsvc(&[np(30001)], &[be(2, 80)]))]);
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        r.apply(&d1, &mut m);
+        m.take_calls();
+        let rep = r.apply(&d2, &mut m);
+        assert!(rep.errors.is_empty());
+        verify(&d2, &m);
+        let calls = m.take_calls();
+        assert!(
+            !calls.iter().any(|c| matches!(c, Call::DelSvc(_))),
+            "{calls:?}"
+        );
+        assert_eq!(r.svc_id(&sid("old")), None);
+        assert_eq!(r.state_summary().tables, 1);
+    }
+
+    #[test]
+    fn flag_changes_do_not_rewrite_tables() {
+        let mut d = two_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        r.apply(&d, &mut m);
+        m.take_calls();
+        {
+            let a = d.services.get_mut(&sid("a")).unwrap();
+            a.flags = SVC_F_AFFINITY;
+            a.affinity_timeout_s = 10;
+        }
+        r.apply(&d, &mut m);
+        verify(&d, &m);
+        let calls = m.take_calls();
+        assert_eq!(calls.len(), 2);
+        assert!(calls.iter().all(|c| matches!(c, Call::SetSvc(..))));
+
+        // A backend becoming local: one NP_BE update, no table.
+        let b = d.services.get_mut(&sid("b")).unwrap();
+        b.backends.remove(&be(4, 8080));
+        b.backends.insert(Backend {
+            flags: BE_F_LOCAL,
+            ..be(4, 8080)
+        });
+        r.apply(&d, &mut m);
+        verify(&d, &m);
+        let calls = m.take_calls();
+        assert_eq!(calls, [Call::SetBackend(4)]);
+    }
+
+    #[test]
+    fn frontends_added_and_removed() {
+        let mut d = two_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        r.apply(&d, &mut m);
+        m.take_calls();
+        let a = d.services.get_mut(&sid("a")).unwrap();
+        a.frontends.remove(&ext([192, 0, 2, 1], 53));
+        a.frontends.insert(ext([192, 0, 2, 2], 53));
+        r.apply(&d, &mut m);
+        verify(&d, &m);
+        let calls = m.take_calls();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert!(matches!(calls[0], Call::SetSvc(fe, _) if fe == ext([192, 0, 2, 2], 53)));
+        assert_eq!(calls[1], Call::DelSvc(ext([192, 0, 2, 1], 53)));
+    }
+
+    #[test]
+    fn backend_ids_exhausted() {
+        let d = state(vec![
+            ("a", dsvc(&[np(30001)], &[be(1, 80), be(2, 80)])),
+            ("b", dsvc(&[np(30002)], &[be(3, 80)])),
+        ]);
+        let mut m = FakeMaps::new(SLOTS);
+        // Ids 1 and 2 only.
+        let mut r = Reconciler::new(SLOTS, 3);
+        let rep = r.apply(&d, &mut m);
+        assert_eq!(rep.errors.len(), 2, "{:?}", rep.errors);
+        assert!(rep.errors[0]
+            .to_string()
+            .contains("no free backend id for 10.0.0.3:80"));
+        assert!(rep.errors[1]
+            .to_string()
+            .starts_with("default/b/TCP: backend 10.0.0.3:80"));
+        assert_eq!(m.resolve(&np(30001)).len(), 2);
+    }
+
+    #[test]
+    fn region_allocator_coalesces() {
+        let mut a = RegionAllocator::new(100);
+        let r1 = a.alloc(10).unwrap();
+        let r2 = a.alloc(20).unwrap();
+        let r3 = a.alloc(30).unwrap();
+        assert_eq!((r1.offset, r2.offset, r3.offset), (0, 10, 30));
+        assert!(a.alloc(41).is_none());
+        a.free(r2);
+        assert_eq!(a.alloc(15).unwrap().offset, 10, "first fit");
+        a.free(Region {
+            offset: 10,
+            size: 15,
+        });
+        a.free(r1);
+        a.free(r3);
+        assert_eq!(a.free.len(), 1, "{:?}", a.free);
+        assert_eq!(a.free_slots(), 100);
+        assert_eq!(
+            a.alloc(100),
+            Some(Region {
+                offset: 0,
+                size: 100
+            })
+        );
+        assert!(a.alloc(0).is_none());
+        assert!(RegionAllocator::new(0).alloc(1).is_none());
+    }
+
+    #[test]
+    fn same_table_on_every_node() {
+        // Two reconcilers fed the same backends in different insertion histories write the
+        // same table contents (through backend addresses, ids may differ).
+        let d = state(vec![(
+            "a",
+            dsvc(&[np(30001)], &[be(1, 80), be(2, 80), be(3, 80)]),
+        )]);
+        let mut m1 = FakeMaps::new(SLOTS);
+        let mut r1 = Reconciler::new(SLOTS, 1024);
+        r1.apply(&d, &mut m1);
+        let mut m2 = FakeMaps::new(SLOTS);
+        let mut r2 = Reconciler::new(SLOTS, 1024);
+        r2.apply(
+            &state(vec![("x", dsvc(&[np(30009)], &[be(3, 80), be(9, 80)]))]),
+            &mut m2,
+        );
+        r2.apply(&d, &mut m2);
+        let table = |m: &FakeMaps| {
+            let v = m.services[&np(30001)];
+            m.slots[v.table_off as usize..(v.table_off + v.table_size) as usize]
+                .iter()
+                .map(|id| be_key(&m.backends[id]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(table(&m1), table(&m2));
     }
 }

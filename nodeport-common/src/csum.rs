@@ -19,11 +19,8 @@ pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
 /// Update `check` for a 32-bit field changing from `old` to `new`.
 #[inline(always)]
 pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
-    let sum = (!check as u32)
-        + (!(old >> 16) & 0xffff)
-        + (!old & 0xffff)
-        + (new >> 16)
-        + (new & 0xffff);
+    let sum =
+        (!check as u32) + (!(old >> 16) & 0xffff) + (!old & 0xffff) + (new >> 16) + (new & 0xffff);
     !fold(sum)
 }
 
@@ -53,7 +50,9 @@ mod tests {
 
     #[test]
     fn incremental_matches_full_recompute() {
-        let mut words = [0x4500u16, 0x0054, 0x1c46, 0x4000, 0x4001, 0, 0xc612, 0x0001, 0xc612, 0x0002];
+        let mut words = [
+            0x4500u16, 0x0054, 0x1c46, 0x4000, 0x4001, 0, 0xc612, 0x0001, 0xc612, 0x0002,
+        ];
         let check = full(&words);
         let old = ((words[8] as u32) << 16) | words[9] as u32;
         let new = 0xc613_0105u32;
@@ -62,8 +61,12 @@ mod tests {
         assert_eq!(replace4(check, old, new), full(&words));
         let old16 = words[3];
         words[3] = 0xbeef;
-        assert_eq!(replace2(full(&words[..]) , 0xbeef, 0xbeef), full(&words));
-        let before = { let mut w = words; w[3] = old16; full(&w) };
+        assert_eq!(replace2(full(&words[..]), 0xbeef, 0xbeef), full(&words));
+        let before = {
+            let mut w = words;
+            w[3] = old16;
+            full(&w)
+        };
         assert_eq!(replace2(before, old16, 0xbeef), full(&words));
     }
 

@@ -58,9 +58,8 @@ pub fn xdp_forward(ctx: &XdpContext, b: &Bounds, f: &Flow, nat: &Nat) -> (u32, S
     let ingress = ctx.ingress_ifindex() as u32;
     let mut p = params(f, nat, ingress);
     // SAFETY: ctx and params are valid for the helper; size is the struct's.
-    let rc = unsafe {
-        bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) as u32
-    };
+    let rc =
+        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) as u32 };
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         let out = p.ifindex;
         let same = out == ingress;
@@ -103,9 +102,8 @@ pub fn tc_forward(ctx: &TcContext, f: &Flow, nat: &Nat) -> (i32, Stat) {
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let mut p = params(f, nat, ingress);
     // SAFETY: ctx and params are valid for the helper.
-    let rc = unsafe {
-        bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) as u32
-    };
+    let rc =
+        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) as u32 };
     if unreachable(rc) {
         return (TC_ACT_SHOT, Stat::DropFib);
     }
@@ -119,4 +117,3 @@ pub fn tc_forward(ctx: &TcContext, f: &Flow, nat: &Nat) -> (i32, Stat) {
     }
     (TC_ACT_OK, Stat::TcNat)
 }
-

@@ -5,7 +5,8 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use nodeport_common::{
     hash::flow_hash, Backend, Config, CtEntry, FlowKey, FrontendKey, RevNat, Service, Stat,
-    BE_F_LOCAL, MAGLEV_SLOTS_PER_ENTRY, CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_ONLY, PROTO_TCP, SNAT_PROBES, SVC_F_LOCAL,
+    BE_F_LOCAL, CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_ONLY, MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP,
+    SNAT_PROBES, SVC_F_LOCAL,
 };
 
 use crate::{
@@ -58,7 +59,12 @@ fn now_ns() -> u64 {
 /// Returns the service and whether the destination is a node address.
 #[inline(always)]
 fn lookup_service(f: &Flow) -> Option<(Service, bool)> {
-    let mut key = FrontendKey { addr: f.daddr, port: f.dport, proto: f.proto, pad: 0 };
+    let mut key = FrontendKey {
+        addr: f.daddr,
+        port: f.dport,
+        proto: f.proto,
+        pad: 0,
+    };
     // SAFETY: values are plain data copied out immediately.
     if let Some(svc) = unsafe { SERVICES.get(&key) } {
         let is_node = unsafe { NODE_ADDRS.get(&f.daddr) }.is_some();
@@ -226,7 +232,12 @@ fn new_flow(
         return Decision::Drop(Stat::DropMapFull);
     }
     count(Stat::NewFlow);
-    let nat = Nat { saddr: entry.nat_addr, sport: entry.nat_port, daddr: be.addr, dport: be.port };
+    let nat = Nat {
+        saddr: entry.nat_addr,
+        sport: entry.nat_port,
+        daddr: be.addr,
+        dport: be.port,
+    };
     if local {
         Decision::ToLocal(nat)
     } else {

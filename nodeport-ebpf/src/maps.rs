@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use nodeport_common::{
-    stats::STAT_COUNT, Backend, Config, CtEntry, FlowKey, FrontendKey, NodeAddr, RevNat, Service,
-    DEFAULT_CT_ENTRIES, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_DEVICES,
-    DEFAULT_MAX_NODE_ADDRS, DEFAULT_MAX_SERVICES, MAGLEV_SLOTS_PER_ENTRY, MaglevEntry,
+    stats::STAT_COUNT, Backend, Config, CtEntry, FlowKey, FrontendKey, MaglevEntry, NodeAddr,
+    RevNat, Service, DEFAULT_CT_ENTRIES, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_DEVICES, DEFAULT_MAX_NODE_ADDRS, DEFAULT_MAX_SERVICES, MAGLEV_SLOTS_PER_ENTRY,
 };
 
 /// NP_SVC_V1: frontend (addr or 0 for nodePorts, port, proto) -> service (Maglev table range).
@@ -24,8 +24,10 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_M
 /// NP_MAGLEV_V1: slot pair -> two backend ids (see `MaglevEntry`); each service owns `table_size` slots at `table_off`.
 /// Memory-mappable so the agent writes whole tables without a syscall per slot.
 #[map(name = "NP_MAGLEV_V1")]
-pub static MAGLEV: Array<MaglevEntry> =
-    Array::with_max_entries(DEFAULT_MAGLEV_SLOTS / MAGLEV_SLOTS_PER_ENTRY, BPF_F_MMAPABLE);
+pub static MAGLEV: Array<MaglevEntry> = Array::with_max_entries(
+    DEFAULT_MAGLEV_SLOTS / MAGLEV_SLOTS_PER_ENTRY,
+    BPF_F_MMAPABLE,
+);
 
 /// NP_CT_V1: client -> frontend tuple -> bound backend and translation.
 #[map(name = "NP_CT_V1")]

@@ -65,27 +65,44 @@ pub fn rewrite_xdp(b: &Bounds, f: &Flow, nat: &Nat, dec_ttl: bool) -> bool {
 /// The same rewrite through TC helpers. Returns false when a helper failed.
 #[inline(always)]
 pub fn rewrite_tc(ctx: &TcContext, f: &Flow, nat: &Nat, dec_ttl: bool) -> bool {
-    let l4_flags = if f.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let l4_flags = if f.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
     let ip_check = f.l3 + IP_CHECK;
     let l4_check = f.l4_check_off();
     if dec_ttl {
         let old = u16::from_ne_bytes([f.ttl, f.proto]);
         let new = u16::from_ne_bytes([f.ttl.wrapping_sub(1), f.proto]);
         if ctx.store(f.l3 + IP_TTL_PROTO, &new, 0).is_err()
-            || ctx.l3_csum_replace(ip_check, old as u64, new as u64, 2).is_err()
+            || ctx
+                .l3_csum_replace(ip_check, old as u64, new as u64, 2)
+                .is_err()
         {
             return false;
         }
     }
     let addr = |off: usize, old: u32, new: u32| -> bool {
         old == new
-            || (ctx.l4_csum_replace(l4_check, old as u64, new as u64, l4_flags | BPF_F_PSEUDO_HDR as u64 | 4).is_ok()
-                && ctx.l3_csum_replace(ip_check, old as u64, new as u64, 4).is_ok()
+            || (ctx
+                .l4_csum_replace(
+                    l4_check,
+                    old as u64,
+                    new as u64,
+                    l4_flags | BPF_F_PSEUDO_HDR as u64 | 4,
+                )
+                .is_ok()
+                && ctx
+                    .l3_csum_replace(ip_check, old as u64, new as u64, 4)
+                    .is_ok()
                 && ctx.store(off, &new, 0).is_ok())
     };
     let port = |off: usize, old: u16, new: u16| -> bool {
         old == new
-            || (ctx.l4_csum_replace(l4_check, old as u64, new as u64, l4_flags | 2).is_ok()
+            || (ctx
+                .l4_csum_replace(l4_check, old as u64, new as u64, l4_flags | 2)
+                .is_ok()
                 && ctx.store(off, &new, 0).is_ok())
     };
     addr(f.l3 + IP_SADDR, f.saddr, nat.saddr)

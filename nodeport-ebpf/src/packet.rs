@@ -29,11 +29,13 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// Packet memory of one program invocation: `[start, end)`.
+/// Packet memory of one program invocation: `[start, end)` is directly readable; `len` is
+/// the whole packet's length (larger in TC when the skb is non-linear).
 #[derive(Clone, Copy)]
 pub struct Bounds {
     pub start: usize,
     pub end: usize,
+    pub len: usize,
 }
 
 impl Bounds {
@@ -116,7 +118,7 @@ pub fn parse(b: &Bounds) -> Result<Flow, Stat> {
     if b.ptr::<u8>(l3 + ihl - 1).is_none() {
         return Err(Stat::PassMalformed);
     }
-    let frame_l3_len = b.end - b.start - l3;
+    let frame_l3_len = b.len.saturating_sub(l3);
     if (tot_len as usize) < ihl || tot_len as usize > frame_l3_len {
         return Err(Stat::PassMalformed);
     }

@@ -27,7 +27,12 @@ pub fn np_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_xdp(ctx: &XdpContext) -> (u32, Stat) {
-    let b = Bounds { start: ctx.data(), end: ctx.data_end() };
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let b = Bounds {
+        start,
+        end,
+        len: end - start,
+    };
     let f = match parse(&b) {
         Ok(f) => f,
         Err(stat) => return (xdp_action::XDP_PASS, stat),
@@ -78,7 +83,11 @@ fn tc_bounds(ctx: &TcContext) -> Bounds {
     let want = 14 + 60 + 20;
     let len = ctx.len();
     let _ = ctx.pull_data(if len < want { len } else { want });
-    Bounds { start: ctx.data(), end: ctx.data_end() }
+    Bounds {
+        start: ctx.data(),
+        end: ctx.data_end(),
+        len: len as usize,
+    }
 }
 
 /// TC ingress: finishes translations XDP passed to the stack. Only its own actions are
@@ -120,7 +129,9 @@ pub fn np_tc_in(ctx: TcContext) -> i32 {
 pub fn np_tc_out(ctx: TcContext) -> i32 {
     let b = tc_bounds(&ctx);
     let Ok(f) = parse(&b) else { return TC_ACT_OK };
-    let Some(Decision::Reply(nat)) = reply(&f) else { return TC_ACT_OK };
+    let Some(Decision::Reply(nat)) = reply(&f) else {
+        return TC_ACT_OK;
+    };
     if rewrite_tc(&ctx, &f, &nat, false) {
         count(Stat::TcNat);
         TC_ACT_OK

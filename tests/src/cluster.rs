@@ -186,6 +186,8 @@ pub struct Cluster {
     lan: Netns,
     /// Logs of the echo servers (np-<id>-logs in $TMPDIR).
     logs: TempDir,
+    /// XDP links of the bridge-side veth ends (see `wire`); detached when dropped.
+    wire_links: Vec<std::os::fd::OwnedFd>,
     /// Marks the run live for concurrent cleanups; released last.
     _lease: RunLease,
 }
@@ -224,6 +226,7 @@ impl Cluster {
             client,
             lan,
             logs: TempDir::new(run_id, "logs"),
+            wire_links: Vec::new(),
             _lease: lease,
         };
         cluster.attach_to_lan(&format!("np-{run_id}-client"), "v-client", "eth0");
@@ -292,11 +295,12 @@ impl Cluster {
     /// on the lan carry complete checksums as a real NIC sends them (a veth with tx offload
     /// passes CHECKSUM_PARTIAL packets whose checksum field holds only the pseudo-header
     /// sum, which an XDP program on the receiving end would see and forward as is). GRO is
-    /// on at the bridge-side ends because XDP_TX/XDP_REDIRECT into a veth only delivers
-    /// when the receiving peer has NAPI (drivers/net/veth.c, veth_xdp_xmit ->
-    /// `rcv_priv->napi` check); GRO on, or an XDP program, enables it. Pod veths keep the
+    /// on at the bridge-side ends, and they carry the `wire` XDP_PASS program, because
+    /// XDP_TX/XDP_REDIRECT into a veth only delivers when the receiving peer has NAPI
+    /// (drivers/net/veth.c, veth_xdp_xmit); measured here, GRO alone left XDP_TX frames
+    /// unflushed until the next packet, the XDP program does not. Pod veths keep the
     /// defaults a CNI leaves (GRO off, offloads on): the agent must cope with those.
-    fn attach_to_lan(&self, ns: &str, bridge_side: &str, inner: &str) {
+    fn attach_to_lan(&mut self, ns: &str, bridge_side: &str, inner: &str) {
         assert!(
             bridge_side.len() <= 15,
             "interface name {bridge_side:?} too long"
@@ -307,6 +311,14 @@ impl Cluster {
         self.lan.ip(&format!("link set {bridge_side} master br0"));
         self.lan.ip(&format!("link set {bridge_side} up"));
         self.lan.ethtool_k(bridge_side, &["tx", "off", "gro", "on"]);
+        let name = bridge_side.to_string();
+        let link = crate::netns::run_in(&self.lan, move || {
+            let ifindex =
+                nix::net::if_::if_nametoindex(name.as_str()).expect("bridge port ifindex");
+            let prog = crate::wire::load_xdp_pass().expect("loading the wire XDP program");
+            crate::wire::attach_xdp(&prog, ifindex).expect("attaching the wire XDP program")
+        });
+        self.wire_links.push(link);
         let netns = format!("--net={}/{ns}", crate::netns::NETNS_DIR);
         sh(&["nsenter", &netns, "--", "ethtool", "-K", inner, "tx", "off"]);
     }

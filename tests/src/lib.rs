@@ -12,3 +12,4 @@ pub mod echo;
 pub mod manifests;
 pub mod netns;
 pub mod testbed;
+pub mod wire;

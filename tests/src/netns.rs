@@ -37,20 +37,26 @@ const TEMP_MARKER: &str = ".np-harness";
 /// cleanup started while other tests run leaves their namespaces alone.
 pub const RUNS_DIR: &str = "/run/np-runs";
 
-/// Registers run `run_id` as live (file `/run/np-runs/<id>` with this process's pid) until
-/// dropped; [`cleanup_leftovers`] skips names of live runs.
+/// Registers a run id or a full `np-*` name as live (file `/run/np-runs/<key>` holding this
+/// process's pid) until dropped; [`cleanup_leftovers`] skips names whose run id or full name
+/// has a live lease. Every [`Netns`] holds one for its name, a [`Cluster`](crate::cluster::Cluster)
+/// one for its run id (covering its pins and temp dirs).
 #[derive(Debug)]
 pub struct RunLease {
     path: PathBuf,
 }
 
 impl RunLease {
-    pub fn new(run_id: &str) -> RunLease {
-        let path = Path::new(RUNS_DIR).join(run_id);
+    pub fn new(key: &str) -> RunLease {
+        assert!(
+            !key.contains('/'),
+            "lease key {key:?} must be one path component"
+        );
+        let path = Path::new(RUNS_DIR).join(key);
         if let Err(e) = fs::create_dir_all(RUNS_DIR)
             .and_then(|()| fs::write(&path, std::process::id().to_string()))
         {
-            eprintln!("warning: cannot register run {run_id} in {RUNS_DIR}: {e}");
+            eprintln!("warning: cannot register {key} in {RUNS_DIR}: {e}");
         }
         RunLease { path }
     }
@@ -62,9 +68,9 @@ impl Drop for RunLease {
     }
 }
 
-/// Whether run `run_id` has a lease whose owner process is alive.
-pub fn run_is_live(run_id: &str) -> bool {
-    fs::read_to_string(Path::new(RUNS_DIR).join(run_id))
+/// Whether `key` (a run id or a full name) has a lease whose owner process is alive.
+pub fn run_is_live(key: &str) -> bool {
+    fs::read_to_string(Path::new(RUNS_DIR).join(key))
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
         .is_some_and(|pid| kill(Pid::from_raw(pid), None).is_ok())
@@ -77,7 +83,7 @@ pub fn run_id_of(name: &str) -> Option<&str> {
 }
 
 fn owned_by_live_run(name: &str) -> bool {
-    run_id_of(name).is_some_and(run_is_live)
+    run_is_live(name) || run_id_of(name).is_some_and(run_is_live)
 }
 
 /// A short id, unique per call in practice (6 base-36 chars from the pid, the clock, a
@@ -154,6 +160,8 @@ pub fn require_tool(name: &str, hint: &str) {
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// Keeps concurrent cleanups away while this guard lives; released after the delete.
+    _lease: RunLease,
 }
 
 impl Netns {
@@ -167,9 +175,11 @@ impl Netns {
             !Path::new(NETNS_DIR).join(name).exists(),
             "namespace {name} already exists (run id collision or leftover)"
         );
+        let lease = RunLease::new(name);
         sh(&["ip", "netns", "add", name]);
         let ns = Netns {
             name: name.to_string(),
+            _lease: lease,
         };
         ns.ip("link set lo up");
         ns
@@ -519,9 +529,9 @@ fn remove_any(path: &Path) {
 /// Mounts bpffs on /sys/fs/bpf when it is not mounted yet (systemd usually does this; a
 /// bare VM may not), so agents can pin.
 pub fn ensure_bpffs() {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    const BPF_FS_MAGIC: libc::__fsword_t = 0xcafe_4a11;
     let mounted = nix::sys::statfs::statfs(BPFFS)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false);
     if !mounted {
         sh(&["mount", "-t", "bpf", "bpf", BPFFS]);
@@ -542,8 +552,16 @@ pub struct CleanupReport {
 /// leases. Names of runs that are still live (a [`RunLease`] whose process is alive) are
 /// skipped, so it is safe while other test runs are in progress.
 pub fn cleanup_leftovers() -> CleanupReport {
+    cleanup_matching(|_| true)
+}
+
+/// [`cleanup_leftovers`] restricted to `np-*` names for which `select` is true.
+pub fn cleanup_matching(select: impl Fn(&str) -> bool) -> CleanupReport {
     let mut report = CleanupReport::default();
     let skip = |name: &str, report: &mut CleanupReport| {
+        if !select(name) {
+            return true;
+        }
         let live = owned_by_live_run(name);
         if live {
             report.skipped_live.push(name.to_string());
@@ -582,7 +600,8 @@ pub fn cleanup_leftovers() -> CleanupReport {
     }
     if let Ok(entries) = fs::read_dir(RUNS_DIR) {
         for e in entries.flatten() {
-            if !run_is_live(&e.file_name().to_string_lossy()) {
+            let key = e.file_name().to_string_lossy().into_owned();
+            if select(&format!("{PREFIX}{key}")) && select(&key) && !run_is_live(&key) {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -634,6 +653,24 @@ mod tests {
         assert!(owned_by_live_run(&format!("np-{id}-node1")));
         drop(lease);
         assert!(!run_is_live(&id));
+    }
+
+    #[test]
+    fn cleanup_spares_live_runs_and_removes_dead_ones() {
+        if !require_root() {
+            return;
+        }
+        let id = run_id();
+        let mine = |n: &str| run_id_of(n) == Some(id.as_str());
+        let live = Netns::new(&format!("np-{id}-live"));
+        // A leftover: a namespace whose guard is gone without deleting it.
+        let dead = format!("np-{id}-dead");
+        sh(&["ip", "netns", "add", &dead]);
+        let report = cleanup_matching(mine);
+        assert_eq!(report.namespaces, vec![dead.clone()]);
+        assert!(report.skipped_live.contains(&live.name().to_string()));
+        assert!(live.path().exists());
+        assert!(!Path::new(NETNS_DIR).join(&dead).exists());
     }
 
     #[test]

@@ -11,7 +11,10 @@
 
 use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp};
 use etherparse::PacketBuilder;
-use nodeport_agent::datapath::{Datapath, MapSizes};
+use nodeport_agent::{
+    datapath::{Datapath, MapSizes},
+    sync::Maps,
+};
 use nodeport_common::{
     maps as m, Backend, Config, FrontendKey, Service, BE_F_LOCAL, PROTO_TCP, PROTO_UDP,
 };
@@ -55,12 +58,25 @@ fn service(port: u16, proto: u8, off: u32, backend_ids: &[u32], dp: &mut Datapat
         svc_id,
         ..Default::default()
     };
-    dp.set_service(&FrontendKey { addr: 0, port: port.to_be(), proto, pad: 0 }, &svc)
-        .expect("set service");
+    dp.set_service(
+        &FrontendKey {
+            addr: 0,
+            port: port.to_be(),
+            proto,
+            pad: 0,
+        },
+        &svc,
+    )
+    .expect("set service");
 }
 
 fn backend(addr: [u8; 4], port: u16, flags: u8) -> Backend {
-    Backend { addr: raw(addr), port: port.to_be(), flags, pad: 0 }
+    Backend {
+        addr: raw(addr),
+        port: port.to_be(),
+        flags,
+        pad: 0,
+    }
 }
 
 fn setup() -> Option<Env> {
@@ -70,7 +86,10 @@ fn setup() -> Option<Env> {
     let id = run_id();
     let ns = Netns::new(&format!("np-{id}-pkt"));
     let peer = Netns::new(&format!("np-{id}-pkp"));
-    ns.ip(&format!("link add lan0 type veth peer name lanp netns {}", peer.name()));
+    ns.ip(&format!(
+        "link add lan0 type veth peer name lanp netns {}",
+        peer.name()
+    ));
     ns.ip("link set lan0 address 02:00:00:00:00:0b");
     ns.ip("addr add 198.18.0.11/24 dev lan0");
     ns.ip("link set lan0 up");
@@ -83,15 +102,28 @@ fn setup() -> Option<Env> {
     ns.ip("route add blackhole 198.19.9.0/24");
     ns.sysctl("net.ipv4.conf.all.forwarding", "1");
     ns.sysctl("net.ipv4.conf.lan0.forwarding", "1");
-    let lan0 = run_in(&ns, || nix::net::if_::if_nametoindex("lan0").expect("lan0 ifindex"));
+    let lan0 = run_in(&ns, || {
+        nix::net::if_::if_nametoindex("lan0").expect("lan0 ifindex")
+    });
 
-    let sizes = MapSizes { services: 64, backends: 64, maglev_slots: 1024, conntrack: 1024 };
+    let sizes = MapSizes {
+        services: 64,
+        backends: 64,
+        maglev_slots: 1024,
+        conntrack: 1024,
+    };
     let mut dp = Datapath::load(sizes, None).expect("load datapath");
-    dp.set_config(&Config { snat_addr: raw(NODE1), snat_port_min: SNAT_PORT, snat_port_max: SNAT_PORT, ..Config::default() })
-        .expect("config");
+    dp.set_config(&Config {
+        snat_addr: raw(NODE1),
+        snat_port_min: SNAT_PORT,
+        snat_port_max: SNAT_PORT,
+        ..Config::default()
+    })
+    .expect("config");
     dp.set_node_addr(raw(NODE1)).expect("node addr");
     dp.set_backend(1, &backend(POD_REMOTE, 80, 0)).unwrap();
-    dp.set_backend(2, &backend(POD_LOCAL, 80, BE_F_LOCAL)).unwrap();
+    dp.set_backend(2, &backend(POD_LOCAL, 80, BE_F_LOCAL))
+        .unwrap();
     dp.set_backend(3, &backend(POD_NO_NEIGH, 80, 0)).unwrap();
     dp.set_backend(4, &backend(POD_BLACKHOLE, 80, 0)).unwrap();
     service(30080, PROTO_TCP, 0, &[1], &mut dp, 1); // remote backend
@@ -101,7 +133,12 @@ fn setup() -> Option<Env> {
     service(30082, PROTO_TCP, 40, &[3], &mut dp, 5); // gateway without neighbour
     service(30083, PROTO_TCP, 50, &[4], &mut dp, 6); // blackholed backend
     service(30084, PROTO_TCP, 60, &[], &mut dp, 7); // no endpoints
-    Some(Env { ns, _peer: peer, dp, lan0 })
+    Some(Env {
+        ns,
+        _peer: peer,
+        dp,
+        lan0,
+    })
 }
 
 impl Env {
@@ -136,7 +173,11 @@ impl Env {
     }
 }
 
-fn run<P: TestRun<Result = aya::TestRunResult>>(prog: &P, input: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>)
+fn run<P: TestRun<Result = aya::TestRunResult>>(
+    prog: &P,
+    input: &[u8],
+    ctx: Option<&[u8]>,
+) -> (u32, Vec<u8>)
 where
     for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>>,
 {
@@ -151,17 +192,40 @@ where
     (res.return_value, out)
 }
 
-fn tcp(smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, ttl: u8, syn: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(smac, dmac).ipv4(src, dst, ttl).tcp(sp, dp, 1000, 64240);
+fn tcp(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: [u8; 4],
+    sp: u16,
+    dst: [u8; 4],
+    dp: u16,
+    ttl: u8,
+    syn: bool,
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src, dst, ttl)
+        .tcp(sp, dp, 1000, 64240);
     let b = if syn { b.syn() } else { b.ack(5000) };
     let mut v = Vec::new();
     b.write(&mut v, b"GET / HTTP/1.1\r\n\r\n").unwrap();
     v
 }
 
-fn udp(smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, ttl: u8) -> Vec<u8> {
+fn udp(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: [u8; 4],
+    sp: u16,
+    dst: [u8; 4],
+    dp: u16,
+    ttl: u8,
+) -> Vec<u8> {
     let mut v = Vec::new();
-    PacketBuilder::ethernet2(smac, dmac).ipv4(src, dst, ttl).udp(sp, dp).write(&mut v, b"ping").unwrap();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src, dst, ttl)
+        .udp(sp, dp)
+        .write(&mut v, b"ping")
+        .unwrap();
     v
 }
 
@@ -173,10 +237,21 @@ fn zero_udp_csum(mut v: Vec<u8>) -> Vec<u8> {
 }
 
 #[track_caller]
-fn expect(env: &mut Env, case: &str, got: (u32, Vec<u8>), verdict: u32, out: &[u8], stat: &str, before: u64) {
+fn expect(
+    env: &mut Env,
+    case: &str,
+    got: (u32, Vec<u8>),
+    verdict: u32,
+    out: &[u8],
+    stat: &str,
+    before: u64,
+) {
     if got.0 != verdict || got.1 != out {
         let stats = env.dp.stats().expect("stats");
-        eprintln!("{case}: counters now {:?}", stats.iter().filter(|(_, v)| **v > 0).collect::<Vec<_>>());
+        eprintln!(
+            "{case}: counters now {:?}",
+            stats.iter().filter(|(_, v)| **v > 0).collect::<Vec<_>>()
+        );
     }
     assert_eq!(got.0, verdict, "{case}: verdict");
     assert_eq!(hex(&got.1), hex(out), "{case}: output bytes");
@@ -184,7 +259,10 @@ fn expect(env: &mut Env, case: &str, got: (u32, Vec<u8>), verdict: u32, out: &[u
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 macro_rules! case {
@@ -204,37 +282,97 @@ macro_rules! case {
 fn remote_backend_snat_and_reply() {
     let Some(mut env) = setup() else { return };
     // SYN to nodeIP:30080 -> DNAT to pod on node2, SNAT to node1:61000, TTL-1, out of lan0.
-    case!(env, "tcp syn to remote backend", "xdp",
+    case!(
+        env,
+        "tcp syn to remote backend",
+        "xdp",
         tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40000, NODE1, 30080, 64, true),
-        XDP_TX, tcp(NODE1_MAC, NODE2_MAC, NODE1, SNAT_PORT, POD_REMOTE, 80, 63, true), "tx");
+        XDP_TX,
+        tcp(NODE1_MAC, NODE2_MAC, NODE1, SNAT_PORT, POD_REMOTE, 80, 63, true),
+        "tx"
+    );
     // Next packet of the flow: conntrack keeps the translation.
-    case!(env, "tcp ack of established flow", "xdp",
+    case!(
+        env,
+        "tcp ack of established flow",
+        "xdp",
         tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40000, NODE1, 30080, 64, false),
-        XDP_TX, tcp(NODE1_MAC, NODE2_MAC, NODE1, SNAT_PORT, POD_REMOTE, 80, 63, false), "event_established");
+        XDP_TX,
+        tcp(NODE1_MAC, NODE2_MAC, NODE1, SNAT_PORT, POD_REMOTE, 80, 63, false),
+        "event_established"
+    );
     // Reply from the pod via node2 -> back to the client as nodeIP:30080.
-    case!(env, "reply from remote backend", "xdp",
+    case!(
+        env,
+        "reply from remote backend",
+        "xdp",
         tcp(NODE2_MAC, NODE1_MAC, POD_REMOTE, 80, NODE1, SNAT_PORT, 63, false),
-        XDP_TX, tcp(NODE1_MAC, CLIENT_MAC, NODE1, 30080, CLIENT, 40000, 62, false), "event_reply");
+        XDP_TX,
+        tcp(NODE1_MAC, CLIENT_MAC, NODE1, 30080, CLIENT, 40000, 62, false),
+        "event_reply"
+    );
     // A second client needs a SNAT port towards the same backend: the range has one port,
     // held by a live flow, so this is a counted drop, never a shared tuple.
-    case!(env, "snat exhaustion", "xdp",
-        tcp(CLIENT_MAC, NODE1_MAC, [198, 18, 0, 20], 40000, NODE1, 30080, 64, true),
-        XDP_DROP, tcp(CLIENT_MAC, NODE1_MAC, [198, 18, 0, 20], 40000, NODE1, 30080, 64, true), "drop_snat_exhausted");
+    case!(
+        env,
+        "snat exhaustion",
+        "xdp",
+        tcp(
+            CLIENT_MAC,
+            NODE1_MAC,
+            [198, 18, 0, 20],
+            40000,
+            NODE1,
+            30080,
+            64,
+            true
+        ),
+        XDP_DROP,
+        tcp(
+            CLIENT_MAC,
+            NODE1_MAC,
+            [198, 18, 0, 20],
+            40000,
+            NODE1,
+            30080,
+            64,
+            true
+        ),
+        "drop_snat_exhausted"
+    );
 }
 
 #[test]
 fn udp_checksums() {
     let Some(mut env) = setup() else { return };
-    case!(env, "udp with checksum to remote backend", "xdp",
+    case!(
+        env,
+        "udp with checksum to remote backend",
+        "xdp",
         udp(CLIENT_MAC, NODE1_MAC, CLIENT, 5353, NODE1, 30080, 64),
-        XDP_TX, udp(NODE1_MAC, NODE2_MAC, NODE1, SNAT_PORT, POD_REMOTE, 80, 63), "tx");
-    case!(env, "udp reply", "xdp",
+        XDP_TX,
+        udp(NODE1_MAC, NODE2_MAC, NODE1, SNAT_PORT, POD_REMOTE, 80, 63),
+        "tx"
+    );
+    case!(
+        env,
+        "udp reply",
+        "xdp",
         udp(NODE2_MAC, NODE1_MAC, POD_REMOTE, 80, NODE1, SNAT_PORT, 63),
-        XDP_TX, udp(NODE1_MAC, CLIENT_MAC, NODE1, 30080, CLIENT, 5353, 62), "event_reply");
+        XDP_TX,
+        udp(NODE1_MAC, CLIENT_MAC, NODE1, 30080, CLIENT, 5353, 62),
+        "event_reply"
+    );
     // A zero UDP checksum means "none" and must stay zero.
-    case!(env, "udp without checksum to local backend", "xdp",
+    case!(
+        env,
+        "udp without checksum to local backend",
+        "xdp",
         zero_udp_csum(udp(CLIENT_MAC, NODE1_MAC, CLIENT, 5354, NODE1, 30081, 64)),
-        XDP_PASS, zero_udp_csum(udp(CLIENT_MAC, NODE1_MAC, CLIENT, 5354, POD_LOCAL, 80, 64)), "local_deliver");
+        XDP_PASS,
+        zero_udp_csum(udp(CLIENT_MAC, NODE1_MAC, CLIENT, 5354, POD_LOCAL, 80, 64)),
+        "local_deliver"
+    );
 }
 
 #[test]
@@ -242,18 +380,36 @@ fn local_backend_dnat_and_tc_reply() {
     let Some(mut env) = setup() else { return };
     // Local pod: DNAT only, client address kept, handed to the stack (no TTL change: the
     // stack routes it and decrements).
-    case!(env, "tcp syn to local backend", "xdp",
+    case!(
+        env,
+        "tcp syn to local backend",
+        "xdp",
         tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40001, NODE1, 30081, 64, true),
-        XDP_PASS, tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40001, POD_LOCAL, 80, 64, true), "local_deliver");
+        XDP_PASS,
+        tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40001, POD_LOCAL, 80, 64, true),
+        "local_deliver"
+    );
     // The pod's reply leaves through the stack; TC egress restores nodeIP:30081.
-    case!(env, "local reply in tc egress", m::PROG_TC_EGRESS,
+    case!(
+        env,
+        "local reply in tc egress",
+        m::PROG_TC_EGRESS,
         tcp(NODE1_MAC, CLIENT_MAC, POD_LOCAL, 80, CLIENT, 40001, 63, false),
-        TC_ACT_OK, tcp(NODE1_MAC, CLIENT_MAC, NODE1, 30081, CLIENT, 40001, 63, false), "tc_nat");
+        TC_ACT_OK,
+        tcp(NODE1_MAC, CLIENT_MAC, NODE1, 30081, CLIENT, 40001, 63, false),
+        "tc_nat"
+    );
     // Unrelated egress traffic is untouched and counts nothing.
     let before = env.stat("tc_nat");
-    let stray = tcp(NODE1_MAC, CLIENT_MAC, POD_LOCAL, 80, CLIENT, 40999, 63, false);
+    let stray = tcp(
+        NODE1_MAC, CLIENT_MAC, POD_LOCAL, 80, CLIENT, 40999, 63, false,
+    );
     let (verdict, out) = env.tc(m::PROG_TC_EGRESS, &stray);
-    assert_eq!((verdict, hex(&out)), (TC_ACT_OK, hex(&stray)), "unrelated egress");
+    assert_eq!(
+        (verdict, hex(&out)),
+        (TC_ACT_OK, hex(&stray)),
+        "unrelated egress"
+    );
     assert_eq!(env.stat("tc_nat"), before, "unrelated egress counted");
 }
 
@@ -262,39 +418,135 @@ fn fib_outcomes() {
     let Some(mut env) = setup() else { return };
     // No neighbour yet: XDP leaves the frame untouched for the stack...
     let syn = tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40002, NODE1, 30082, 64, true);
-    case!(env, "no neighbour: xdp passes untouched", "xdp", syn.clone(), XDP_PASS, syn.clone(), "fib_pass");
+    case!(
+        env,
+        "no neighbour: xdp passes untouched",
+        "xdp",
+        syn.clone(),
+        XDP_PASS,
+        syn.clone(),
+        "fib_pass"
+    );
     // ...and TC ingress translates it and hands it to bpf_redirect_neigh (which resolves
     // the neighbour; the MACs are filled in by the kernel on transmit).
-    case!(env, "no neighbour: tc ingress translates", m::PROG_TC_INGRESS, syn,
-        TC_ACT_REDIRECT, tcp(CLIENT_MAC, NODE1_MAC, NODE1, SNAT_PORT, POD_NO_NEIGH, 80, 63, true), "tc_nat");
+    case!(
+        env,
+        "no neighbour: tc ingress translates",
+        m::PROG_TC_INGRESS,
+        syn,
+        TC_ACT_REDIRECT,
+        tcp(
+            CLIENT_MAC,
+            NODE1_MAC,
+            NODE1,
+            SNAT_PORT,
+            POD_NO_NEIGH,
+            80,
+            63,
+            true
+        ),
+        "tc_nat"
+    );
     let bh = tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40003, NODE1, 30083, 64, true);
-    case!(env, "blackholed backend", "xdp", bh.clone(), XDP_DROP, bh, "drop_fib");
+    case!(
+        env,
+        "blackholed backend",
+        "xdp",
+        bh.clone(),
+        XDP_DROP,
+        bh,
+        "drop_fib"
+    );
     let none = tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40004, NODE1, 30084, 64, true);
-    case!(env, "service without endpoints", "xdp", none.clone(), XDP_DROP, none, "drop_no_backend");
+    case!(
+        env,
+        "service without endpoints",
+        "xdp",
+        none.clone(),
+        XDP_DROP,
+        none,
+        "drop_no_backend"
+    );
 }
 
 #[test]
 fn pass_through_untouched() {
     let Some(mut env) = setup() else { return };
     let ssh = tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40000, NODE1, 22, 64, true);
-    case!(env, "node port without service", "xdp", ssh.clone(), XDP_PASS, ssh, "pass_no_match");
+    case!(
+        env,
+        "node port without service",
+        "xdp",
+        ssh.clone(),
+        XDP_PASS,
+        ssh,
+        "pass_no_match"
+    );
     let other = tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40000, OTHER, 30080, 64, true);
-    case!(env, "nodePort on a foreign address", "xdp", other.clone(), XDP_PASS, other, "pass_no_match");
-    let stray = tcp(NODE2_MAC, NODE1_MAC, POD_REMOTE, 80, NODE1, 61_001, 64, false);
-    case!(env, "unknown reply in snat range", "xdp", stray.clone(), XDP_PASS, stray, "pass_no_match");
+    case!(
+        env,
+        "nodePort on a foreign address",
+        "xdp",
+        other.clone(),
+        XDP_PASS,
+        other,
+        "pass_no_match"
+    );
+    let stray = tcp(
+        NODE2_MAC, NODE1_MAC, POD_REMOTE, 80, NODE1, 61_001, 64, false,
+    );
+    case!(
+        env,
+        "unknown reply in snat range",
+        "xdp",
+        stray.clone(),
+        XDP_PASS,
+        stray,
+        "pass_no_match"
+    );
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&CLIENT_MAC);
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
-    case!(env, "arp", "xdp", arp.clone(), XDP_PASS, arp, "pass_not_ipv4");
+    case!(
+        env,
+        "arp",
+        "xdp",
+        arp.clone(),
+        XDP_PASS,
+        arp,
+        "pass_not_ipv4"
+    );
     let mut icmp = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC).ipv4(CLIENT, NODE1, 64).icmpv4_echo_request(1, 1)
-        .write(&mut icmp, b"ping").unwrap();
-    case!(env, "icmp echo to the node", "xdp", icmp.clone(), XDP_PASS, icmp, "pass_other_proto");
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC)
+        .ipv4(CLIENT, NODE1, 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut icmp, b"ping")
+        .unwrap();
+    case!(
+        env,
+        "icmp echo to the node",
+        "xdp",
+        icmp.clone(),
+        XDP_PASS,
+        icmp,
+        "pass_other_proto"
+    );
     let mut v6 = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC).ipv6([0xfd; 16], [0xfd; 16], 64).udp(1, 30080)
-        .write(&mut v6, b"x").unwrap();
-    case!(env, "ipv6", "xdp", v6.clone(), XDP_PASS, v6, "pass_not_ipv4");
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC)
+        .ipv6([0xfd; 16], [0xfd; 16], 64)
+        .udp(1, 30080)
+        .write(&mut v6, b"x")
+        .unwrap();
+    case!(
+        env,
+        "ipv6",
+        "xdp",
+        v6.clone(),
+        XDP_PASS,
+        v6,
+        "pass_not_ipv4"
+    );
 }
 
 /// Insert an 802.1Q tag after the MAC addresses.
@@ -344,15 +596,36 @@ fn malformed_and_unusual_shapes() {
 
     // IP options are supported: the L4 header is found through the IHL, options kept.
     let with_opts = with_ip_options(&syn, 2);
-    let expected = with_ip_options(&tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40010, POD_LOCAL, 80, 64, true), 2);
-    case!(env, "ip options", "xdp", with_opts, XDP_PASS, expected, "local_deliver");
+    let expected = with_ip_options(
+        &tcp(
+            CLIENT_MAC, NODE1_MAC, CLIENT, 40010, POD_LOCAL, 80, 64, true,
+        ),
+        2,
+    );
+    case!(
+        env,
+        "ip options",
+        "xdp",
+        with_opts,
+        XDP_PASS,
+        expected,
+        "local_deliver"
+    );
 
     let mut shapes: Vec<(&str, Vec<u8>, &str)> = Vec::new();
     // (A frame shorter than an Ethernet header never reaches XDP: the kernel's test run
     // refuses it just as drivers do.)
     shapes.push(("ethernet only", syn[..14].to_vec(), "pass_malformed"));
-    shapes.push(("truncated ipv4 header", syn[..14 + 12].to_vec(), "pass_malformed"));
-    shapes.push(("truncated tcp header", syn[..14 + 20 + 10].to_vec(), "pass_malformed"));
+    shapes.push((
+        "truncated ipv4 header",
+        syn[..14 + 12].to_vec(),
+        "pass_malformed",
+    ));
+    shapes.push((
+        "truncated tcp header",
+        syn[..14 + 20 + 10].to_vec(),
+        "pass_malformed",
+    ));
     let mut ihl4 = syn.clone();
     ihl4[14] = 0x44;
     fix_ip_csum(&mut ihl4);
@@ -399,15 +672,29 @@ fn every_program_passes_the_verifier() {
     // The configurations that ship: default map sizes (what the agent uses) and the
     // small sizes of tests. Runtime settings (debug logging) are map values, not a
     // different program, so they need no separate load.
-    for sizes in [MapSizes::default(), MapSizes { services: 64, backends: 64, maglev_slots: 1024, conntrack: 1024 }] {
+    for sizes in [
+        MapSizes::default(),
+        MapSizes {
+            services: 64,
+            backends: 64,
+            maglev_slots: 1024,
+            conntrack: 1024,
+        },
+    ] {
         let mut dp = Datapath::load(sizes, None).expect("every program loads through the verifier");
         for name in [m::PROG_XDP, m::PROG_TC_INGRESS, m::PROG_TC_EGRESS] {
-            let info = dp.ebpf_mut().program(name).unwrap().info().expect("program info");
+            let info = dp
+                .ebpf_mut()
+                .program(name)
+                .unwrap()
+                .info()
+                .expect("program info");
             let xlated = info.size_translated().unwrap_or(0) / 8;
             let verified = info.verified_instruction_count().unwrap_or(0);
-            eprintln!("{name}: {xlated} instructions, {verified} verified instructions ({sizes:?})");
+            eprintln!(
+                "{name}: {xlated} instructions, {verified} verified instructions ({sizes:?})"
+            );
             assert!(xlated > 0, "{name} has no instructions");
         }
     }
 }
-

@@ -72,7 +72,12 @@ pub fn run(scope: Scope) -> Result<()> {
                     .join(" ")
             })
             .unwrap_or_default();
-        util::run_quiet(Command::new(&ip).args(["netns", "delete", name]))?;
+        if let Err(err) = util::run_quiet(Command::new(&ip).args(["netns", "delete", name])) {
+            if Path::new(NETNS_RUN_DIR).join(name).exists() {
+                return Err(err);
+            }
+            continue; // its owner deleted it in the meantime
+        }
         if pids.is_empty() {
             eprintln!("cleanup: deleted network namespace {name}");
         } else {
@@ -85,7 +90,11 @@ pub fn run(scope: Scope) -> Result<()> {
         } else {
             fs::remove_file(pin)
         };
-        result.with_context(|| format!("removing {}", pin.display()))?;
+        match result {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err).with_context(|| format!("removing {}", pin.display())),
+        }
         eprintln!("cleanup: removed {}", pin.display());
     }
     Ok(())

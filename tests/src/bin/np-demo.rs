@@ -3,7 +3,8 @@
 //! node, prints commands to try, and removes everything on Ctrl-C/SIGTERM.
 //!
 //! `np-demo --agent PATH --echo PATH [--keep-going] [--agent-arg ARG]...`
-//! Without `--agent` it runs the cluster and echo pods only (to poke at the network).
+//! Without `--agent` it runs the cluster and echo pods only (to poke at the network);
+//! `np-demo --cleanup` removes leftovers of earlier runs.
 
 use std::{
     path::PathBuf,
@@ -16,7 +17,7 @@ use std::{
 use clap::Parser;
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use tests::{
-    netns::require_root,
+    netns::{cleanup_leftovers, require_root},
     testbed::{Testbed, TestbedOptions},
 };
 
@@ -35,6 +36,10 @@ struct Args {
     /// Extra argument for every agent (repeatable), e.g. `--agent-arg=--verbose`.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// Only remove leftovers of earlier runs (np-* namespaces, pins, temp dirs; live runs
+    /// are spared) and exit.
+    #[arg(long)]
+    cleanup: bool,
     /// How long to wait for the service to answer before warning.
     #[arg(long, default_value_t = 20)]
     ready_timeout_secs: u64,
@@ -52,6 +57,17 @@ fn main() -> ExitCode {
         require_root();
         eprintln!("np-demo must run as root");
         return ExitCode::FAILURE;
+    }
+    if args.cleanup {
+        let r = cleanup_leftovers();
+        println!(
+            "removed {} namespace(s), {} pin(s), {} temp dir(s); spared {} of live runs",
+            r.namespaces.len(),
+            r.pins.len(),
+            r.temp_dirs.len(),
+            r.skipped_live.len()
+        );
+        return ExitCode::SUCCESS;
     }
     // A handler (not a blocked mask) so children, which exec, start with default dispositions.
     let act = SigAction::new(
