@@ -195,10 +195,8 @@ impl Datapath {
             .map_max_entries(m::MAP_REVNAT, sizes.conntrack)
             .load(EBPF_OBJECT)
             .map_err(|e| kerr("loading the eBPF object", e))?;
-        for name in [m::PROG_XDP] {
-            let p: &mut Xdp = prog(&mut ebpf, name)?;
-            p.load().map_err(|e| verifier_err(name, e))?;
-        }
+        let xdp: &mut Xdp = prog(&mut ebpf, m::PROG_XDP)?;
+        xdp.load().map_err(|e| verifier_err(m::PROG_XDP, e))?;
         for name in [m::PROG_TC_INGRESS, m::PROG_TC_EGRESS] {
             let p: &mut SchedClassifier = prog(&mut ebpf, name)?;
             p.load().map_err(|e| verifier_err(name, e))?;

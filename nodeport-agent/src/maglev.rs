@@ -3,20 +3,35 @@
 //! with the flow hash. Every node must compute the same table for the same backends, so the
 //! hashes here are fixed-seed and the table depends only on the *set* of backend names.
 
-/// Smallest table size for `n_backends`: the smallest prime `>= max(100 * n, 101)`, or 0
-/// when there is no backend. With at least 100 slots per backend, the round-robin fill of
-/// [`build`] gives every backend `floor(M/N)` or `ceil(M/N)` slots, so the largest share
-/// exceeds the mean by at most 1%.
+/// Table size for `n_backends`: the first rung of a fixed ladder of primes (the largest
+/// prime below each power of two from 2^7) that is `>= 100 * n`, or 0 when there is no
+/// backend. At least 100 slots per backend keeps the round-robin fill of [`build`] within
+/// 1% of perfect balance (every backend gets `floor(M/N)` or `ceil(M/N)` slots).
+///
+/// A ladder rather than "the next prime after 100 * n": the size, and with it every
+/// permutation, then stays the same while endpoints come and go between two rungs, so an
+/// endpoint change moves only the slots Maglev has to move. With an exact size, 10 -> 9
+/// backends moved 90% of the slots (measured). Memory stays within 2x of the minimum.
 pub fn table_size(n_backends: usize) -> u32 {
     if n_backends == 0 {
         return 0;
     }
-    let min = n_backends.saturating_mul(100).max(101);
-    let mut m = u64::try_from(min).unwrap_or(u64::MAX) | 1; // 101 and up: primes are odd
-    while !is_prime(m) {
-        m += 2;
+    let min = (n_backends as u64).saturating_mul(100);
+    for bits in 7..32 {
+        let rung = largest_prime_below(1u64 << bits);
+        if rung >= min {
+            return rung as u32;
+        }
     }
-    u32::try_from(m).unwrap_or(u32::MAX)
+    u32::MAX
+}
+
+fn largest_prime_below(n: u64) -> u64 {
+    let mut m = n - 1;
+    while !is_prime(m) {
+        m -= 2;
+    }
+    m
 }
 
 /// Trial division; fast enough for the sizes we use (sqrt(500,009) < 708).
@@ -142,10 +157,13 @@ mod tests {
     #[test]
     fn table_sizes() {
         assert_eq!(table_size(0), 0);
-        assert_eq!(table_size(1), 101);
-        assert_eq!(table_size(2), 211);
-        assert_eq!(table_size(10), 1009);
-        assert_eq!(table_size(5000), 500_009);
+        assert_eq!(table_size(1), 127);
+        assert_eq!(table_size(2), 251);
+        assert_eq!(table_size(10), 1021);
+        assert_eq!(table_size(11), 2039);
+        assert_eq!(table_size(5000), 524_287);
+        // The size stays put while endpoints come and go between two rungs.
+        assert_eq!(table_size(6), table_size(10));
         for n in [1, 3, 7, 100, 1234] {
             let m = table_size(n);
             assert!(is_prime(u64::from(m)));
@@ -269,5 +287,38 @@ mod tests {
             seen[i as usize] = true;
         }
         assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    #[ignore]
+    fn tmp_measure() {
+        for n in [3usize, 10, 100, 1000] {
+            let m = table_size(n);
+            let mut all = Vec::new();
+            let sets = if n >= 1000 { 3 } else { 20 };
+            for set in 0..sets {
+                let v: Vec<Vec<u8>> = (0..n).map(|i| format!("10.{}.{}.{}:{}", set, (i >> 8) & 0xff, i & 0xff, 8080 + set).into_bytes()).collect();
+                let before = build(&refs(&v), m);
+                let removals: Vec<usize> = if n >= 1000 { (0..n).step_by(50).collect() } else { (0..n).collect() };
+                for &removed in &removals {
+                    let rest: Vec<Vec<u8>> = v.iter().enumerate().filter(|&(i, _)| i != removed).map(|(_, x)| x.clone()).collect();
+                    let m2 = table_size(n - 1);
+                    let after = build(&refs(&rest), m);
+                    let moved = before.iter().zip(&after).filter(|&(&b, &a)| v[b as usize] != rest[a as usize]).count();
+                    all.push(moved as f64 / f64::from(m) - 1.0 / n as f64);
+                    if m2 != m && set == 0 && removed == 0 {
+                        let after2 = build(&refs(&rest), m2);
+                        // compare by flow hash mod size: a flow h maps to before[h % m] vs after2[h % m2]
+                        let mut mv = 0u64; let tot = 1_000_000u64;
+                        for h in 0..tot { let x = hash64(&h.to_le_bytes(), 7); if v[before[(x % u64::from(m)) as usize] as usize] != rest[after2[(x % u64::from(m2)) as usize] as usize] { mv += 1; } }
+                        println!("n={n}: crossing rung {m} -> {m2}: {:.4} of flows moved", mv as f64 / tot as f64);
+                    }
+                }
+            }
+            let mean = all.iter().sum::<f64>() / all.len() as f64;
+            let max = all.iter().cloned().fold(f64::MIN, f64::max);
+            let min = all.iter().cloned().fold(f64::MAX, f64::min);
+            println!("n={n} m={m} m(n-1)={} samples={} extra mean {mean:.4} min {min:.4} max {max:.4}", table_size(n-1), all.len());
+        }
     }
 }

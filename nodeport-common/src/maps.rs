@@ -22,11 +22,11 @@ pub const PROG_TC_INGRESS: &str = "np_tc_in";
 pub const PROG_TC_EGRESS: &str = "np_tc_out";
 
 /// Default capacities. The Maglev array holds every service's table back to back: 10,000
-/// services of 10 backends (prime 1,009 each) plus one of 5,000 backends (500,009) plus
+/// services of 10 backends (1,021 slots each) plus one of 5,000 backends (524,287) plus
 /// room to write one replacement table aside before flipping.
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
-pub const DEFAULT_MAGLEV_SLOTS: u32 = 11_200_000;
+pub const DEFAULT_MAGLEV_SLOTS: u32 = 11_600_000;
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_NODE_ADDRS: u32 = 256;
 pub const DEFAULT_MAX_DEVICES: u32 = 64;

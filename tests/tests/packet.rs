@@ -38,6 +38,9 @@ const POD_NO_NEIGH: [u8; 4] = [198, 19, 3, 10];
 const POD_BLACKHOLE: [u8; 4] = [198, 19, 9, 10];
 const SNAT_PORT: u16 = 61_000;
 
+/// An IPv4 address and port.
+type Addr = ([u8; 4], u16);
+
 fn raw(a: [u8; 4]) -> u32 {
     u32::from_ne_bytes(a)
 }
@@ -173,13 +176,9 @@ impl Env {
     }
 }
 
-fn run<P: TestRun<Result = aya::TestRunResult>>(
-    prog: &P,
-    input: &[u8],
-    ctx: Option<&[u8]>,
-) -> (u32, Vec<u8>)
+fn run<P>(prog: &P, input: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>)
 where
-    for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>>,
+    for<'a> P: TestRun<Result = aya::TestRunResult, Opts<'a> = TestRunOptions<'a>>,
 {
     let mut out = vec![0u8; input.len() + 256];
     let mut opts = TestRunOptions::new();
@@ -195,10 +194,8 @@ where
 fn tcp(
     smac: [u8; 6],
     dmac: [u8; 6],
-    src: [u8; 4],
-    sp: u16,
-    dst: [u8; 4],
-    dp: u16,
+    (src, sp): Addr,
+    (dst, dp): Addr,
     ttl: u8,
     syn: bool,
 ) -> Vec<u8> {
@@ -211,15 +208,7 @@ fn tcp(
     v
 }
 
-fn udp(
-    smac: [u8; 6],
-    dmac: [u8; 6],
-    src: [u8; 4],
-    sp: u16,
-    dst: [u8; 4],
-    dp: u16,
-    ttl: u8,
-) -> Vec<u8> {
+fn udp(smac: [u8; 6], dmac: [u8; 6], (src, sp): Addr, (dst, dp): Addr, ttl: u8) -> Vec<u8> {
     let mut v = Vec::new();
     PacketBuilder::ethernet2(smac, dmac)
         .ipv4(src, dst, ttl)
@@ -286,9 +275,23 @@ fn remote_backend_snat_and_reply() {
         env,
         "tcp syn to remote backend",
         "xdp",
-        tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40000, NODE1, 30080, 64, true),
+        tcp(
+            CLIENT_MAC,
+            NODE1_MAC,
+            (CLIENT, 40000),
+            (NODE1, 30080),
+            64,
+            true
+        ),
         XDP_TX,
-        tcp(NODE1_MAC, NODE2_MAC, NODE1, SNAT_PORT, POD_REMOTE, 80, 63, true),
+        tcp(
+            NODE1_MAC,
+            NODE2_MAC,
+            (NODE1, SNAT_PORT),
+            (POD_REMOTE, 80),
+            63,
+            true
+        ),
         "tx"
     );
     // Next packet of the flow: conntrack keeps the translation.
@@ -296,9 +299,23 @@ fn remote_backend_snat_and_reply() {
         env,
         "tcp ack of established flow",
         "xdp",
-        tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40000, NODE1, 30080, 64, false),
+        tcp(
+            CLIENT_MAC,
+            NODE1_MAC,
+            (CLIENT, 40000),
+            (NODE1, 30080),
+            64,
+            false
+        ),
         XDP_TX,
-        tcp(NODE1_MAC, NODE2_MAC, NODE1, SNAT_PORT, POD_REMOTE, 80, 63, false),
+        tcp(
+            NODE1_MAC,
+            NODE2_MAC,
+            (NODE1, SNAT_PORT),
+            (POD_REMOTE, 80),
+            63,
+            false
+        ),
         "event_established"
     );
     // Reply from the pod via node2 -> back to the client as nodeIP:30080.
@@ -306,9 +323,23 @@ fn remote_backend_snat_and_reply() {
         env,
         "reply from remote backend",
         "xdp",
-        tcp(NODE2_MAC, NODE1_MAC, POD_REMOTE, 80, NODE1, SNAT_PORT, 63, false),
+        tcp(
+            NODE2_MAC,
+            NODE1_MAC,
+            (POD_REMOTE, 80),
+            (NODE1, SNAT_PORT),
+            63,
+            false
+        ),
         XDP_TX,
-        tcp(NODE1_MAC, CLIENT_MAC, NODE1, 30080, CLIENT, 40000, 62, false),
+        tcp(
+            NODE1_MAC,
+            CLIENT_MAC,
+            (NODE1, 30080),
+            (CLIENT, 40000),
+            62,
+            false
+        ),
         "event_reply"
     );
     // A second client needs a SNAT port towards the same backend: the range has one port,
@@ -320,10 +351,8 @@ fn remote_backend_snat_and_reply() {
         tcp(
             CLIENT_MAC,
             NODE1_MAC,
-            [198, 18, 0, 20],
-            40000,
-            NODE1,
-            30080,
+            ([198, 18, 0, 20], 40000),
+            (NODE1, 30080),
             64,
             true
         ),
@@ -331,10 +360,8 @@ fn remote_backend_snat_and_reply() {
         tcp(
             CLIENT_MAC,
             NODE1_MAC,
-            [198, 18, 0, 20],
-            40000,
-            NODE1,
-            30080,
+            ([198, 18, 0, 20], 40000),
+            (NODE1, 30080),
             64,
             true
         ),
@@ -349,18 +376,30 @@ fn udp_checksums() {
         env,
         "udp with checksum to remote backend",
         "xdp",
-        udp(CLIENT_MAC, NODE1_MAC, CLIENT, 5353, NODE1, 30080, 64),
+        udp(CLIENT_MAC, NODE1_MAC, (CLIENT, 5353), (NODE1, 30080), 64),
         XDP_TX,
-        udp(NODE1_MAC, NODE2_MAC, NODE1, SNAT_PORT, POD_REMOTE, 80, 63),
+        udp(
+            NODE1_MAC,
+            NODE2_MAC,
+            (NODE1, SNAT_PORT),
+            (POD_REMOTE, 80),
+            63
+        ),
         "tx"
     );
     case!(
         env,
         "udp reply",
         "xdp",
-        udp(NODE2_MAC, NODE1_MAC, POD_REMOTE, 80, NODE1, SNAT_PORT, 63),
+        udp(
+            NODE2_MAC,
+            NODE1_MAC,
+            (POD_REMOTE, 80),
+            (NODE1, SNAT_PORT),
+            63
+        ),
         XDP_TX,
-        udp(NODE1_MAC, CLIENT_MAC, NODE1, 30080, CLIENT, 5353, 62),
+        udp(NODE1_MAC, CLIENT_MAC, (NODE1, 30080), (CLIENT, 5353), 62),
         "event_reply"
     );
     // A zero UDP checksum means "none" and must stay zero.
@@ -368,9 +407,21 @@ fn udp_checksums() {
         env,
         "udp without checksum to local backend",
         "xdp",
-        zero_udp_csum(udp(CLIENT_MAC, NODE1_MAC, CLIENT, 5354, NODE1, 30081, 64)),
+        zero_udp_csum(udp(
+            CLIENT_MAC,
+            NODE1_MAC,
+            (CLIENT, 5354),
+            (NODE1, 30081),
+            64
+        )),
         XDP_PASS,
-        zero_udp_csum(udp(CLIENT_MAC, NODE1_MAC, CLIENT, 5354, POD_LOCAL, 80, 64)),
+        zero_udp_csum(udp(
+            CLIENT_MAC,
+            NODE1_MAC,
+            (CLIENT, 5354),
+            (POD_LOCAL, 80),
+            64
+        )),
         "local_deliver"
     );
 }
@@ -384,9 +435,23 @@ fn local_backend_dnat_and_tc_reply() {
         env,
         "tcp syn to local backend",
         "xdp",
-        tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40001, NODE1, 30081, 64, true),
+        tcp(
+            CLIENT_MAC,
+            NODE1_MAC,
+            (CLIENT, 40001),
+            (NODE1, 30081),
+            64,
+            true
+        ),
         XDP_PASS,
-        tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40001, POD_LOCAL, 80, 64, true),
+        tcp(
+            CLIENT_MAC,
+            NODE1_MAC,
+            (CLIENT, 40001),
+            (POD_LOCAL, 80),
+            64,
+            true
+        ),
         "local_deliver"
     );
     // The pod's reply leaves through the stack; TC egress restores nodeIP:30081.
@@ -394,15 +459,34 @@ fn local_backend_dnat_and_tc_reply() {
         env,
         "local reply in tc egress",
         m::PROG_TC_EGRESS,
-        tcp(NODE1_MAC, CLIENT_MAC, POD_LOCAL, 80, CLIENT, 40001, 63, false),
+        tcp(
+            NODE1_MAC,
+            CLIENT_MAC,
+            (POD_LOCAL, 80),
+            (CLIENT, 40001),
+            63,
+            false
+        ),
         TC_ACT_OK,
-        tcp(NODE1_MAC, CLIENT_MAC, NODE1, 30081, CLIENT, 40001, 63, false),
+        tcp(
+            NODE1_MAC,
+            CLIENT_MAC,
+            (NODE1, 30081),
+            (CLIENT, 40001),
+            63,
+            false
+        ),
         "tc_nat"
     );
     // Unrelated egress traffic is untouched and counts nothing.
     let before = env.stat("tc_nat");
     let stray = tcp(
-        NODE1_MAC, CLIENT_MAC, POD_LOCAL, 80, CLIENT, 40999, 63, false,
+        NODE1_MAC,
+        CLIENT_MAC,
+        (POD_LOCAL, 80),
+        (CLIENT, 40999),
+        63,
+        false,
     );
     let (verdict, out) = env.tc(m::PROG_TC_EGRESS, &stray);
     assert_eq!(
@@ -417,7 +501,14 @@ fn local_backend_dnat_and_tc_reply() {
 fn fib_outcomes() {
     let Some(mut env) = setup() else { return };
     // No neighbour yet: XDP leaves the frame untouched for the stack...
-    let syn = tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40002, NODE1, 30082, 64, true);
+    let syn = tcp(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 40002),
+        (NODE1, 30082),
+        64,
+        true,
+    );
     case!(
         env,
         "no neighbour: xdp passes untouched",
@@ -438,16 +529,21 @@ fn fib_outcomes() {
         tcp(
             CLIENT_MAC,
             NODE1_MAC,
-            NODE1,
-            SNAT_PORT,
-            POD_NO_NEIGH,
-            80,
+            (NODE1, SNAT_PORT),
+            (POD_NO_NEIGH, 80),
             63,
             true
         ),
         "tc_nat"
     );
-    let bh = tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40003, NODE1, 30083, 64, true);
+    let bh = tcp(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 40003),
+        (NODE1, 30083),
+        64,
+        true,
+    );
     case!(
         env,
         "blackholed backend",
@@ -457,7 +553,14 @@ fn fib_outcomes() {
         bh,
         "drop_fib"
     );
-    let none = tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40004, NODE1, 30084, 64, true);
+    let none = tcp(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 40004),
+        (NODE1, 30084),
+        64,
+        true,
+    );
     case!(
         env,
         "service without endpoints",
@@ -472,7 +575,14 @@ fn fib_outcomes() {
 #[test]
 fn pass_through_untouched() {
     let Some(mut env) = setup() else { return };
-    let ssh = tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40000, NODE1, 22, 64, true);
+    let ssh = tcp(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 40000),
+        (NODE1, 22),
+        64,
+        true,
+    );
     case!(
         env,
         "node port without service",
@@ -482,7 +592,14 @@ fn pass_through_untouched() {
         ssh,
         "pass_no_match"
     );
-    let other = tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40000, OTHER, 30080, 64, true);
+    let other = tcp(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 40000),
+        (OTHER, 30080),
+        64,
+        true,
+    );
     case!(
         env,
         "nodePort on a foreign address",
@@ -493,7 +610,12 @@ fn pass_through_untouched() {
         "pass_no_match"
     );
     let stray = tcp(
-        NODE2_MAC, NODE1_MAC, POD_REMOTE, 80, NODE1, 61_001, 64, false,
+        NODE2_MAC,
+        NODE1_MAC,
+        (POD_REMOTE, 80),
+        (NODE1, 61_001),
+        64,
+        false,
     );
     case!(
         env,
@@ -592,13 +714,25 @@ fn with_ip_options(v: &[u8], words: usize) -> Vec<u8> {
 #[test]
 fn malformed_and_unusual_shapes() {
     let Some(mut env) = setup() else { return };
-    let syn = tcp(CLIENT_MAC, NODE1_MAC, CLIENT, 40010, NODE1, 30081, 64, true);
+    let syn = tcp(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 40010),
+        (NODE1, 30081),
+        64,
+        true,
+    );
 
     // IP options are supported: the L4 header is found through the IHL, options kept.
     let with_opts = with_ip_options(&syn, 2);
     let expected = with_ip_options(
         &tcp(
-            CLIENT_MAC, NODE1_MAC, CLIENT, 40010, POD_LOCAL, 80, 64, true,
+            CLIENT_MAC,
+            NODE1_MAC,
+            (CLIENT, 40010),
+            (POD_LOCAL, 80),
+            64,
+            true,
         ),
         2,
     );
@@ -646,7 +780,7 @@ fn malformed_and_unusual_shapes() {
     let mut opts_cut = with_ip_options(&syn, 10);
     opts_cut.truncate(14 + 30);
     shapes.push(("options beyond frame", opts_cut, "pass_malformed"));
-    let mut badudp = udp(CLIENT_MAC, NODE1_MAC, CLIENT, 5355, NODE1, 30081, 64);
+    let mut badudp = udp(CLIENT_MAC, NODE1_MAC, (CLIENT, 5355), (NODE1, 30081), 64);
     badudp[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&200u16.to_be_bytes());
     shapes.push(("udp length beyond ip payload", badudp, "pass_malformed"));
     let mut mf = syn.clone();
