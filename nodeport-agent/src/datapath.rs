@@ -14,8 +14,9 @@ use std::{
 use aya::{
     maps::{DevMapHash, HashMap, Map, MapData, PerCpuArray},
     programs::{
-        tc::{self, SchedClassifierLinkId, TcAttachType},
-        xdp::XdpLinkId,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachType},
+        xdp::XdpLink,
         SchedClassifier, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
@@ -26,7 +27,7 @@ use nodeport_common::{
 
 use crate::{
     error::{Error, Result},
-    sync::Maps,
+    sync::{MapSnapshot, Maps},
 };
 
 /// The eBPF object built from nodeport-ebpf by build.rs.
@@ -67,10 +68,20 @@ pub enum XdpAttachMode {
 /// An interface the programs are attached to.
 struct Attachment {
     name: String,
-    xdp: XdpLinkId,
-    mode: XdpMode,
-    tc_in: SchedClassifierLinkId,
-    tc_out: SchedClassifierLinkId,
+    /// `None` when an existing pinned link was taken over (its mode is the earlier one's).
+    mode: Option<XdpMode>,
+    /// XDP, TC ingress and TC egress links, with their pin paths (when pinned).
+    links: Vec<(FdLink, Option<PathBuf>)>,
+}
+
+/// How XDP ended up attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new attachment in this mode.
+    New(XdpMode),
+    /// The pinned links of an earlier run were taken over; the programs were replaced
+    /// atomically (bpf_link_update), without a moment with no program attached.
+    Replaced,
 }
 
 /// The shared-memory view of NP_MAGLEV (BPF_F_MMAPABLE array of `MaglevEntry`, two
@@ -137,6 +148,8 @@ impl Drop for MaglevMmap {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
+    keep: bool,
+    pins: PinReport,
     attached: Vec<Attachment>,
     services: HashMap<MapData, FrontendKey, Service>,
     backends: HashMap<MapData, u32, Backend>,
@@ -176,15 +189,97 @@ pub fn ensure_bpffs() -> Result<()> {
     .map_err(|e| kerr("mounting bpffs at /sys/fs/bpf", e))
 }
 
+/// The layout of a map as the kernel reports it. A pinned map is reused only when its
+/// layout equals what this build expects (aya would reuse any pinned map by name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {} key {} B value {} B max_entries {} flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
+/// What happened to each pinned map at load.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PinReport {
+    /// Pinned maps whose layout matched: their entries (conntrack included) carry over.
+    pub reused: Vec<String>,
+    /// Pinned maps with another layout, replaced by fresh ones: (name, why).
+    pub replaced: Vec<(String, String)>,
+    /// Maps created and pinned for the first time.
+    pub created: Vec<String>,
+}
+
+/// The layouts this build's object declares for its `NP_` maps, with `sizes` applied.
+pub fn expected_layouts(sizes: &MapSizes) -> Result<Vec<(String, Layout)>> {
+    let obj =
+        aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| kerr("parsing the eBPF object", e))?;
+    let mut out: Vec<(String, Layout)> = obj
+        .maps
+        .iter()
+        .filter(|(name, _)| name.starts_with("NP_"))
+        .map(|(name, map)| {
+            let max_entries = match name.as_str() {
+                m::MAP_SERVICES => sizes.services,
+                m::MAP_BACKENDS => sizes.backends,
+                m::MAP_MAGLEV => sizes.maglev_slots.div_ceil(m::MAGLEV_SLOTS_PER_ENTRY),
+                m::MAP_CONNTRACK | m::MAP_REVNAT => sizes.conntrack,
+                _ => map.max_entries(),
+            };
+            let layout = Layout {
+                map_type: map.map_type(),
+                key_size: map.key_size(),
+                value_size: map.value_size(),
+                max_entries,
+                flags: map.map_flags(),
+            };
+            (name.clone(), layout)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Why a pinned map of layout `found` cannot stand in for one of layout `want`.
+pub fn layout_mismatch(want: &Layout, found: &Layout) -> Option<String> {
+    (want != found).then(|| format!("pinned map has {found}, this build needs {want}"))
+}
+
+fn pinned_layout(path: &Path) -> Result<Layout> {
+    let info = aya::maps::MapInfo::from_pin(path).map_err(|e| kerr(path.display(), e))?;
+    let map_type = info.map_type().map_err(|e| kerr(path.display(), e))? as u32;
+    Ok(Layout {
+        map_type,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    })
+}
+
 impl Datapath {
-    /// Load the programs and create the maps (pinned under `pin_dir` when given).
+    /// Load the programs and create the maps. With `pin_dir`, every `NP_` map is pinned
+    /// there, and a map already pinned by an earlier run is reused when its layout matches
+    /// (so conntrack and the service tables survive a restart) or replaced when not.
     pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
             return Err(Error::Kernel(
                 "this binary was built with AYA_BUILD_SKIP and carries no eBPF object".into(),
             ));
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(m::MAP_SERVICES, sizes.services)
             .map_max_entries(m::MAP_BACKENDS, sizes.backends)
             .map_max_entries(
@@ -192,7 +287,32 @@ impl Datapath {
                 sizes.maglev_slots.div_ceil(m::MAGLEV_SLOTS_PER_ENTRY),
             )
             .map_max_entries(m::MAP_CONNTRACK, sizes.conntrack)
-            .map_max_entries(m::MAP_REVNAT, sizes.conntrack)
+            .map_max_entries(m::MAP_REVNAT, sizes.conntrack);
+        let mut report = PinReport::default();
+        let layouts = expected_layouts(&sizes)?;
+        if let Some(dir) = pin_dir {
+            ensure_bpffs()?;
+            fs::create_dir_all(dir).map_err(|e| kerr(dir.display(), e))?;
+            for (name, want) in &layouts {
+                let path = dir.join(name);
+                if path.exists() {
+                    let found = pinned_layout(&path)?;
+                    match layout_mismatch(want, &found) {
+                        None => report.reused.push(name.clone()),
+                        Some(why) => {
+                            fs::remove_file(&path).map_err(|e| kerr(path.display(), e))?;
+                            report.replaced.push((name.clone(), why));
+                        }
+                    }
+                } else {
+                    report.created.push(name.clone());
+                }
+            }
+            for (name, _) in &layouts {
+                loader.map_pin_path(name.as_str(), dir.join(name));
+            }
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| kerr("loading the eBPF object", e))?;
         let xdp: &mut Xdp = prog(&mut ebpf, m::PROG_XDP)?;
@@ -200,18 +320,6 @@ impl Datapath {
         for name in [m::PROG_TC_INGRESS, m::PROG_TC_EGRESS] {
             let p: &mut SchedClassifier = prog(&mut ebpf, name)?;
             p.load().map_err(|e| verifier_err(name, e))?;
-        }
-        if let Some(dir) = pin_dir {
-            ensure_bpffs()?;
-            if dir.exists() {
-                // A previous run died without cleaning up: start from fresh maps.
-                fs::remove_dir_all(dir).map_err(|e| kerr(dir.display(), e))?;
-            }
-            fs::create_dir_all(dir).map_err(|e| kerr(dir.display(), e))?;
-            for (name, map) in ebpf.maps().filter(|(name, _)| name.starts_with("NP_")) {
-                map.pin(dir.join(name))
-                    .map_err(|e| kerr(format!("pinning {name}"), e))?;
-            }
         }
         // Per-packet logs (only emitted when the debug switch is on) drain into `log`.
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
@@ -235,9 +343,11 @@ impl Datapath {
         let slots =
             sizes.maglev_slots.div_ceil(m::MAGLEV_SLOTS_PER_ENTRY) * m::MAGLEV_SLOTS_PER_ENTRY;
         let maglev = MaglevMmap::new(maglev, slots)?;
-        let mut dp = Self {
+        Ok(Self {
             ebpf,
             pin_dir: pin_dir.map(Path::to_path_buf),
+            keep: false,
+            pins: report,
             attached: Vec::new(),
             services,
             backends,
@@ -247,65 +357,149 @@ impl Datapath {
             devices,
             maglev,
             logger,
-        };
-        dp.set_config(&Config::default())?;
-        Ok(dp)
+        })
     }
 
-    /// Attach XDP (ingress), TC ingress and TC egress to `iface`. Returns the XDP mode used.
-    pub fn attach(&mut self, iface: &str, mode: XdpAttachMode) -> Result<XdpMode> {
+    /// What happened to the pinned maps at load.
+    pub fn pin_report(&self) -> &PinReport {
+        &self.pins
+    }
+
+    /// Leave the programs attached and the maps pinned when this value is dropped (for
+    /// upgrades: the next agent picks both up and replaces the programs atomically).
+    pub fn keep_on_exit(&mut self, keep: bool) {
+        self.keep = keep;
+    }
+
+    /// Attach XDP (ingress), TC ingress and TC egress to `iface`. With a pin directory the
+    /// links are pinned under `<pin_dir>/links/`, and links pinned by an earlier run are
+    /// taken over: the new programs replace the old ones atomically.
+    pub fn attach(&mut self, iface: &str, mode: XdpAttachMode) -> Result<Attached> {
         let ifindex = nix::net::if_::if_nametoindex(iface)
             .map_err(|e| Error::Kernel(format!("interface {iface}: {e}")))?;
-        let xdp: &mut Xdp = prog(&mut self.ebpf, m::PROG_XDP)?;
-        let tries: &[XdpMode] = match mode {
-            XdpAttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
-            XdpAttachMode::Native => &[XdpMode::Driver],
-            XdpAttachMode::Generic => &[XdpMode::Skb],
-        };
-        let mut last = None;
-        let mut attached = None;
-        for &mode in tries {
-            match xdp.attach(iface, mode) {
-                Ok(id) => {
-                    attached = Some((id, mode));
-                    break;
-                }
-                Err(e) => last = Some(e),
+        let link_dir = self.pin_dir.as_ref().map(|d| d.join("links"));
+        if let Some(dir) = &link_dir {
+            fs::create_dir_all(dir).map_err(|e| kerr(dir.display(), e))?;
+        }
+        let pin = |kind: &str| link_dir.as_ref().map(|d| d.join(format!("{iface}-{kind}")));
+        let (xdp_pin, in_pin, out_pin) = (pin("xdp"), pin("tc-in"), pin("tc-out"));
+        let pinned = |p: &Option<PathBuf>| -> Result<Option<FdLink>> {
+            match p {
+                Some(p) if p.exists() => PinnedLink::from_pin(p)
+                    .map(|l| Some(FdLink::from(l)))
+                    .map_err(|e| kerr(p.display(), e)),
+                _ => Ok(None),
             }
+        };
+
+        let xdp: &mut Xdp = prog(&mut self.ebpf, m::PROG_XDP)?;
+        let (xdp_id, how) = match pinned(&xdp_pin)? {
+            Some(old) => {
+                let link = XdpLink::try_from(old)
+                    .map_err(|e| kerr(format!("pinned XDP link of {iface}"), e))?;
+                let id = xdp
+                    .attach_to_link(link)
+                    .map_err(|e| kerr(format!("replacing XDP on {iface}"), e))?;
+                (id, Attached::Replaced)
+            }
+            None => {
+                let tries: &[XdpMode] = match mode {
+                    XdpAttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
+                    XdpAttachMode::Native => &[XdpMode::Driver],
+                    XdpAttachMode::Generic => &[XdpMode::Skb],
+                };
+                let mut last = String::new();
+                let mut done = None;
+                for &m in tries {
+                    match xdp.attach(iface, m) {
+                        Ok(id) => {
+                            done = Some((id, Attached::New(m)));
+                            break;
+                        }
+                        Err(e) => last = format!("{m:?} mode: {e}"),
+                    }
+                }
+                done.ok_or_else(|| kerr(format!("attaching XDP to {iface}"), last))?
+            }
+        };
+        let xdp_link = FdLink::try_from(xdp.take_link(xdp_id).map_err(|e| kerr(iface, e))?)
+            .map_err(|e| kerr(format!("XDP link of {iface}"), e))?;
+
+        let mut tc = |name: &str, ty: TcAttachType, p: &Option<PathBuf>| -> Result<FdLink> {
+            let prog: &mut SchedClassifier = prog(&mut self.ebpf, name)?;
+            let id = match pinned(p)? {
+                Some(old) => {
+                    let link = SchedClassifierLink::try_from(old)
+                        .map_err(|e| kerr(format!("pinned {name} link of {iface}"), e))?;
+                    prog.attach_to_link(link)
+                        .map_err(|e| kerr(format!("replacing {name} on {iface}"), e))?
+                }
+                // TCX (Linux >= 6.6): no qdisc needed, and the link detaches with its fd.
+                None => prog
+                    .attach(iface, ty)
+                    .map_err(|e| kerr(format!("attaching {name} to {iface}"), e))?,
+            };
+            FdLink::try_from(prog.take_link(id).map_err(|e| kerr(iface, e))?)
+                .map_err(|e| kerr(format!("{name} link of {iface}"), e))
+        };
+        let in_link = tc(m::PROG_TC_INGRESS, TcAttachType::Ingress, &in_pin)?;
+        let out_link = tc(m::PROG_TC_EGRESS, TcAttachType::Egress, &out_pin)?;
+
+        let mut links = Vec::new();
+        for (link, path) in [(xdp_link, xdp_pin), (in_link, in_pin), (out_link, out_pin)] {
+            if let Some(path) = &path {
+                if !path.exists() {
+                    link.pin(path)
+                        .map_err(|e| kerr(format!("pinning {}", path.display()), e))?;
+                    // `pin` consumed the fd link; reopen it from the pin to hold it.
+                    let held = FdLink::from(
+                        PinnedLink::from_pin(path).map_err(|e| kerr(path.display(), e))?,
+                    );
+                    links.push((held, Some(path.clone())));
+                    continue;
+                }
+            }
+            links.push((link, path));
         }
-        let (xdp_id, xdp_mode) = attached.ok_or_else(|| {
-            kerr(
-                format!("attaching XDP to {iface}"),
-                last.map_or_else(String::new, |e| e.to_string()),
-            )
-        })?;
-        if let Err(e) = tc::qdisc_add_clsact(iface) {
-            // Already there (ours from a previous run, or another tool's): reuse it.
-            tracing::debug!(iface, error = %e, "clsact qdisc not added");
-        }
-        let tc_in: &mut SchedClassifier = prog(&mut self.ebpf, m::PROG_TC_INGRESS)?;
-        let tc_in = tc_in
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(|e| kerr(format!("attaching TC ingress to {iface}"), e))?;
-        let tc_out: &mut SchedClassifier = prog(&mut self.ebpf, m::PROG_TC_EGRESS)?;
-        let tc_out = tc_out
-            .attach(iface, TcAttachType::Egress)
-            .map_err(|e| kerr(format!("attaching TC egress to {iface}"), e))?;
         self.devices
             .insert(ifindex, ifindex, None, 0)
             .map_err(|e| kerr(format!("adding {iface} to {}", m::MAP_DEVICES), e))?;
         self.attached.push(Attachment {
             name: iface.to_string(),
-            xdp: xdp_id,
-            mode: xdp_mode,
-            tc_in,
-            tc_out,
+            mode: match how {
+                Attached::New(m) => Some(m),
+                Attached::Replaced => None,
+            },
+            links,
         });
-        Ok(xdp_mode)
+        Ok(how)
     }
 
-    /// Interfaces and XDP modes currently attached.
-    pub fn attachments(&self) -> Vec<(String, XdpMode)> {
+    /// Remove pinned links of interfaces no longer configured (an earlier run's).
+    pub fn prune_links(&mut self, keep: &[String]) -> Result<Vec<String>> {
+        let Some(dir) = self.pin_dir.as_ref().map(|d| d.join("links")) else {
+            return Ok(Vec::new());
+        };
+        let mut removed = Vec::new();
+        for entry in fs::read_dir(&dir)
+            .map_err(|e| kerr(dir.display(), e))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let iface = ["-xdp", "-tc-in", "-tc-out"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name.as_str());
+            if !keep.iter().any(|k| k == iface) {
+                fs::remove_file(entry.path()).map_err(|e| kerr(entry.path().display(), e))?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Interfaces and XDP modes currently attached (`None`: taken over from a pin).
+    pub fn attachments(&self) -> Vec<(String, Option<XdpMode>)> {
         self.attached
             .iter()
             .map(|a| (a.name.clone(), a.mode))
@@ -321,6 +515,24 @@ impl Datapath {
     /// The eBPF log reader (read it when its fd is readable); `None` after the first call.
     pub fn take_logger(&mut self) -> Option<EbpfLog> {
         self.logger.take()
+    }
+
+    /// What the maps hold now (after a restart: what the earlier run programmed).
+    pub fn snapshot(&self) -> Result<MapSnapshot> {
+        let mut snap = MapSnapshot::default();
+        for item in self.node_addrs.iter() {
+            snap.node_addrs
+                .push(item.map_err(|e| kerr(m::MAP_NODE_ADDRS, e))?.0);
+        }
+        for item in self.backends.iter() {
+            snap.backends
+                .push(item.map_err(|e| kerr(m::MAP_BACKENDS, e))?);
+        }
+        for item in self.services.iter() {
+            snap.services
+                .push(item.map_err(|e| kerr(m::MAP_SERVICES, e))?);
+        }
+        Ok(snap)
     }
 
     /// Counters summed over CPUs, by name.
@@ -343,6 +555,14 @@ impl Datapath {
 }
 
 impl Maps for Datapath {
+    fn read_slots(&mut self, offset: u32, len: u32) -> Option<Vec<u32>> {
+        let start = offset as usize;
+        self.maglev
+            .slots()
+            .get(start..start + len as usize)
+            .map(<[u32]>::to_vec)
+    }
+
     fn set_backend(&mut self, id: u32, be: &Backend) -> Result<()> {
         self.backends
             .insert(id, be, 0)
@@ -413,15 +633,17 @@ fn verifier_err(name: &str, e: aya::programs::ProgramError) -> Error {
 
 impl Drop for Datapath {
     fn drop(&mut self) {
+        if self.keep {
+            // The pins hold the links (programs stay attached) and the maps.
+            return;
+        }
         for a in self.attached.drain(..) {
-            if let Ok(p) = prog::<Xdp>(&mut self.ebpf, m::PROG_XDP) {
-                let _ = p.detach(a.xdp);
-            }
-            if let Ok(p) = prog::<SchedClassifier>(&mut self.ebpf, m::PROG_TC_INGRESS) {
-                let _ = p.detach(a.tc_in);
-            }
-            if let Ok(p) = prog::<SchedClassifier>(&mut self.ebpf, m::PROG_TC_EGRESS) {
-                let _ = p.detach(a.tc_out);
+            for (link, path) in a.links {
+                if let Some(path) = path {
+                    let _ = fs::remove_file(path);
+                }
+                // Dropping the last fd of an unpinned link detaches it.
+                drop(link);
             }
         }
         if let Some(dir) = &self.pin_dir {

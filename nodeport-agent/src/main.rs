@@ -11,6 +11,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, ValueEnum};
 use nodeport_agent::{
     datapath::{Datapath, EbpfLog, MapSizes, XdpAttachMode},
+    kube_source::{self, KubeStats, WatchOptions},
     manifests,
     model::{self, Inputs, Ipv4Cidr, Refusal, Settings},
     sync::Reconciler,
@@ -38,9 +39,13 @@ struct Args {
     /// Name of this node's Node object (matches EndpointSlice `nodeName`).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// Folder of Kubernetes YAML/JSON (Services, EndpointSlices, Nodes), re-read on change.
+    /// Folder of Kubernetes YAML/JSON (Services, EndpointSlices, Nodes), re-read on change
+    /// (dev VMs, tests). Without it, the Kubernetes API is watched.
     #[arg(long, value_name = "DIR")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// kubeconfig for the Kubernetes API (default: the in-cluster service account).
+    #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
     /// Directory on a BPF filesystem where the maps are pinned.
     #[arg(long, value_name = "DIR")]
     pin_path: PathBuf,
@@ -57,6 +62,10 @@ struct Args {
     /// outside the nodePort range and the kernel's ephemeral port range.
     #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
     snat_port_range: (u16, u16),
+    /// On exit, leave the programs attached and the maps pinned (for upgrades: the next
+    /// agent takes both over without dropping a connection).
+    #[arg(long)]
+    keep_datapath: bool,
     /// Log every translated packet from the datapath (aya-log). For debugging only.
     #[arg(long)]
     debug_datapath: bool,
@@ -148,6 +157,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let sizes = MapSizes::default();
     let mut dp = Datapath::load(sizes, Some(&args.pin_path)).context("loading the datapath")?;
+    dp.keep_on_exit(args.keep_datapath);
+    let pins = dp.pin_report().clone();
+    if !pins.reused.is_empty() {
+        info!(maps = ?pins.reused, "reusing pinned maps of an earlier run");
+    }
+    for (name, why) in &pins.replaced {
+        warn!(map = %name, "replacing pinned map: {why}; its entries are lost");
+    }
     let snat_addr = iface_addr(&args.interfaces[0])
         .map(model::addr_raw)
         .unwrap_or(0);
@@ -173,14 +190,41 @@ async fn run(args: Args) -> anyhow::Result<()> {
         nodeport_cidrs: args.nodeport_addresses.clone(),
         ..Settings::default()
     };
+    // Both sources publish complete snapshots, and only once they have seen everything
+    // (the folder read, or the first full list of all three kinds).
     let (tx, mut rx) = tokio::sync::watch::channel(manifests::Loaded::default());
-    tokio::spawn(manifests::watch(
-        args.manifests.clone(),
-        Duration::from_millis(500),
-        tx,
-    ));
+    let kube_stats = KubeStats::default();
+    match &args.manifests {
+        Some(dir) => {
+            info!(dir = %dir.display(), "reading objects from the manifests folder");
+            tokio::spawn(manifests::watch(
+                dir.clone(),
+                Duration::from_millis(500),
+                tx,
+            ));
+        }
+        None => {
+            let client = kube_source::client(args.kubeconfig.as_deref()).await?;
+            info!("watching Services, EndpointSlices and Nodes through the Kubernetes API");
+            let options = WatchOptions {
+                node_name: Some(args.node_name.clone()),
+                ..WatchOptions::default()
+            };
+            tokio::spawn(kube_source::watch(client, options, kube_stats.clone(), tx));
+        }
+    }
 
-    let mut reconciler = Reconciler::new(sizes.maglev_slots, sizes.backends);
+    // Adopt what an earlier run programmed (backend ids above all: conntrack entries refer
+    // to them). Nothing is deleted until the first complete desired state is applied.
+    let snapshot = dp.snapshot()?;
+    let mut reconciler = Reconciler::restore(sizes.maglev_slots, sizes.backends, &snapshot);
+    if !snapshot.services.is_empty() || !snapshot.backends.is_empty() {
+        info!(
+            frontends = snapshot.services.len(),
+            backends = snapshot.backends.len(),
+            "restored state from the pinned maps"
+        );
+    }
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut addr_tick = tokio::time::interval(Duration::from_secs(2));
@@ -192,7 +236,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             changed = rx.changed() => {
-                if changed.is_err() { bail!("the manifests watcher stopped"); }
+                if changed.is_err() { bail!("the object source stopped"); }
                 have_objects = true;
             }
             _ = addr_tick.tick() => {
@@ -234,6 +278,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     drop(dp);
-    info!("detached and unpinned");
+    if args.keep_datapath {
+        info!("exiting with the datapath left in place (--keep-datapath)");
+    } else {
+        info!("detached and unpinned");
+    }
     Ok(())
 }

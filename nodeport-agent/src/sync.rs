@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use nodeport_common::{Backend, FrontendKey, Service};
+use nodeport_common::{Backend, FrontendKey, Service, BACKEND_NONE};
 
 use crate::error::{Error, Result};
 use crate::maglev;
@@ -35,6 +35,24 @@ pub trait Maps {
     fn set_node_addr(&mut self, addr: u32) -> Result<()>;
     /// NP_NODEADDR: remove an address of this node.
     fn delete_node_addr(&mut self, addr: u32) -> Result<()>;
+    /// NP_MAGLEV: read slots `offset..offset + len`; `None` when they cannot be read (the
+    /// default). Only used after [`Reconciler::restore`]: a table found in the maps that is
+    /// exactly the one the desired state needs is then adopted instead of written again.
+    fn read_slots(&mut self, offset: u32, len: u32) -> Option<Vec<u32>> {
+        let _ = (offset, len);
+        None
+    }
+}
+
+/// What the pinned maps held when the agent started.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapSnapshot {
+    /// NP_NODEADDR keys.
+    pub node_addrs: Vec<u32>,
+    /// NP_BE: backend id and value.
+    pub backends: Vec<(u32, Backend)>,
+    /// NP_SVC: frontend and value.
+    pub services: Vec<(FrontendKey, Service)>,
 }
 
 /// A range of NP_MAGLEV slots.
@@ -77,6 +95,33 @@ impl RegionAllocator {
         Some(Region { offset, size })
     }
 
+    /// Marks `r` used, whatever part of it is free now (after a restore). `r` must lie
+    /// within `[0, total)`.
+    fn reserve(&mut self, r: Region) {
+        let (start, end) = (u64::from(r.offset), u64::from(r.offset) + u64::from(r.size));
+        let before = self
+            .free
+            .range(..r.offset)
+            .next_back()
+            .map(|(&o, &l)| (o, l));
+        let overlapping: Vec<(u32, u32)> = before
+            .into_iter()
+            .chain(self.free.range(r.offset..).map(|(&o, &l)| (o, l)))
+            .take_while(|&(o, _)| u64::from(o) < end)
+            .filter(|&(o, l)| u64::from(o) + u64::from(l) > start)
+            .collect();
+        for (o, l) in overlapping {
+            self.free.remove(&o);
+            let o_end = u64::from(o) + u64::from(l);
+            if u64::from(o) < start {
+                self.free.insert(o, (start - u64::from(o)) as u32);
+            }
+            if o_end > end {
+                self.free.insert(end as u32, (o_end - end) as u32);
+            }
+        }
+    }
+
     fn free(&mut self, r: Region) {
         let mut offset = r.offset;
         let mut size = r.size;
@@ -111,10 +156,14 @@ impl RegionAllocator {
 /// Ids `1..limit`, smallest free first, with one generation of quarantine.
 #[derive(Clone, Debug)]
 struct IdPool {
+    /// Every id from `next` on is free, except the reserved ones.
     next: u32,
     limit: u32,
     free: BTreeSet<u32>,
     quarantine: Vec<u32>,
+    /// Ids found in use by a restore: never handed out from `next`; they come back through
+    /// `free` once retired.
+    reserved: BTreeSet<u32>,
 }
 
 impl IdPool {
@@ -124,22 +173,40 @@ impl IdPool {
             limit,
             free: BTreeSet::new(),
             quarantine: Vec::new(),
+            reserved: BTreeSet::new(),
         }
+    }
+
+    fn in_range(&self, id: u32) -> bool {
+        id != 0 && id < self.limit
     }
 
     fn alloc(&mut self) -> Option<u32> {
         if let Some(id) = self.free.pop_first() {
             return Some(id);
         }
-        (self.next < self.limit).then(|| {
+        while self.next < self.limit {
+            let id = self.next;
             self.next += 1;
-            self.next - 1
-        })
+            if !self.reserved.contains(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Marks an id found in the maps as used (before any allocation).
+    fn reserve(&mut self, id: u32) {
+        if self.in_range(id) && id >= self.next {
+            self.reserved.insert(id);
+        }
     }
 
     /// Back to the pool at once: the id was never visible to the datapath.
     fn release(&mut self, id: u32) {
-        self.free.insert(id);
+        if self.in_range(id) {
+            self.free.insert(id);
+        }
     }
 
     /// Back to the pool at the next apply.
@@ -148,7 +215,12 @@ impl IdPool {
     }
 
     fn release_quarantine(&mut self) {
-        self.free.extend(self.quarantine.drain(..));
+        let limit = self.limit;
+        self.free.extend(
+            self.quarantine
+                .drain(..)
+                .filter(|&id| id != 0 && id < limit),
+        );
     }
 }
 
@@ -188,12 +260,29 @@ impl SvcState {
     fn table_keys(&self) -> &[BeKey] {
         self.table.as_ref().map_or(&[], |t| t.backends.as_slice())
     }
+}
 
-    fn references(&self, r: Region) -> bool {
-        self.frontends
-            .values()
-            .any(|v| v.table_size != 0 && v.table_off == r.offset)
-    }
+/// The table a frontend value points at (`None`: no table).
+fn value_region(v: &Service) -> Option<Region> {
+    (v.table_size != 0).then_some(Region {
+        offset: v.table_off,
+        size: v.table_size,
+    })
+}
+
+/// NP_MAGLEV slots that no service port owns but some frontend may still point at: tables
+/// found by [`Reconciler::restore`], or the table of a service port that is gone while a
+/// frontend could not be moved off it. Freed once no frontend points into it.
+#[derive(Clone, Debug)]
+struct Orphan {
+    /// Reserved in the allocator (clipped to NP_MAGLEV); `None` when wholly outside it.
+    block: Option<Region>,
+    /// The `(table_off, table_size)` values found pointing into the block (several only when
+    /// restored tables overlap).
+    members: Vec<Region>,
+    /// The backends its slots hold; `None`: unknown (found by a restore), which keeps every
+    /// restored backend while the block is alive.
+    backends: Option<Vec<BeKey>>,
 }
 
 /// A backend programmed in NP_BE.
@@ -201,6 +290,8 @@ impl SvcState {
 struct BeState {
     id: u32,
     value: Backend,
+    /// Found by a restore: a restored table of unknown contents may hold it.
+    restored: bool,
 }
 
 /// What one [`Reconciler::apply`] did: successful map operations and the errors.
@@ -257,9 +348,11 @@ impl fmt::Display for SyncReport {
 pub struct StateSummary {
     pub node_addrs: usize,
     pub services: usize,
+    /// Programmed frontends, restored ones not claimed yet included.
     pub frontends: usize,
+    /// Backends in NP_BE, restored duplicates included.
     pub backends: usize,
-    /// Tables in NP_MAGLEV, current and stale.
+    /// Tables in NP_MAGLEV, current and stale (restored ones included).
     pub tables: usize,
     pub slots_used: u32,
     pub slots_free: u32,
@@ -269,16 +362,8 @@ pub struct StateSummary {
 
 /// Programs [`Desired`] states into the maps, one difference at a time.
 ///
-/// Restoring after an agent restart (not implemented yet) needs, from the pinned maps:
-/// NP_NODEADDR (the address set); NP_BE (id -> backend: rebuild the (addr, port) -> id map
-/// and the id pool's `next` and free ids); NP_SVC (frontend -> value: group frontends by
-/// `svc_id`; each distinct `(table_off, table_size)` is an allocated region); and, for each
-/// region, its NP_MAGLEV slots (the distinct ids in it give the table's backend set, since
-/// every backend owns at least one slot when `table_size >= 100 * n`). What the maps do not
-/// hold is the [`ServicePortId`] of a `svc_id`: a restore takes the first desired state and
-/// matches each group of frontends to the desired service port that owns those frontends
-/// (keeping its `svc_id`, so conntrack entries stay valid); unmatched groups are kept as
-/// orphans that the first apply deletes. Regions not referenced by any frontend are free.
+/// After an agent restart, [`Reconciler::restore`] adopts what the pinned maps hold (see
+/// there), so that the established flows keep their backends.
 #[derive(Clone, Debug)]
 pub struct Reconciler {
     maglev_slots: u32,
@@ -290,6 +375,14 @@ pub struct Reconciler {
     /// Which service port each programmed frontend belongs to.
     fe_owner: BTreeMap<FrontendKey, ServicePortId>,
     node_addrs: BTreeSet<u32>,
+    /// Restored frontends no service port has claimed yet, with their programmed value.
+    orphans: BTreeMap<FrontendKey, Service>,
+    /// Tables no service port owns, by their first member.
+    orphan_tables: BTreeMap<Region, Orphan>,
+    /// Restored NP_BE ids whose (addr, port) another, lower id holds (or id 0).
+    stale_ids: BTreeMap<u32, Backend>,
+    /// Restored `svc_id`s no service port has taken over yet.
+    restored_svc_ids: BTreeSet<u32>,
 }
 
 impl Reconciler {
@@ -305,7 +398,101 @@ impl Reconciler {
             services: BTreeMap::new(),
             fe_owner: BTreeMap::new(),
             node_addrs: BTreeSet::new(),
+            orphans: BTreeMap::new(),
+            orphan_tables: BTreeMap::new(),
+            stale_ids: BTreeMap::new(),
+            restored_svc_ids: BTreeSet::new(),
         }
+    }
+
+    /// A reconciler that owns what `snap` describes, read from the pinned maps after an
+    /// agent restart (an empty snapshot gives [`Reconciler::new`]). It makes no map call;
+    /// nothing is deleted before the first [`Reconciler::apply`], which then brings the maps
+    /// to exactly the desired state:
+    ///
+    /// - every backend keeps its NP_BE id (conntrack entries check that NP_BE[id] still
+    ///   holds the address they were bound to); the ids are never handed out to another
+    ///   backend while they exist. Should two ids hold the same (addr, port), the lowest is
+    ///   kept and the other deleted once no restored table may hold it;
+    /// - every restored frontend is kept until a service port claims it (the first apply
+    ///   re-points it to the port's table, or leaves it alone when its value is already
+    ///   right) or the first apply deletes it, not being desired;
+    /// - a service port claiming restored frontends takes over their `svc_id`; the other
+    ///   restored `svc_id`s are not handed out while some frontend carries them;
+    /// - every region of NP_MAGLEV a restored frontend points at stays allocated until no
+    ///   frontend points into it (then it is freed with the usual quarantine). Restored
+    ///   tables are rewritten into fresh regions unless [`Maps::read_slots`] shows that a
+    ///   table already is the one the desired backends need: it is then adopted as is.
+    ///   Overlapping regions are reserved together; the parts outside NP_MAGLEV are ignored;
+    /// - backends of restored tables are kept while such a table may still be in use;
+    /// - node addresses: the first apply diffs against the restored set.
+    pub fn restore(maglev_slots: u32, max_backends: u32, snap: &MapSnapshot) -> Self {
+        let mut r = Self::new(maglev_slots, max_backends);
+        r.node_addrs = snap.node_addrs.iter().copied().collect();
+
+        let mut by_id: BTreeMap<u32, Backend> = BTreeMap::new();
+        for (id, be) in &snap.backends {
+            by_id.entry(*id).or_insert(*be);
+        }
+        for (id, value) in by_id {
+            r.be_ids.reserve(id);
+            if id == BACKEND_NONE || r.backends.contains_key(&be_key(&value)) {
+                r.stale_ids.insert(id, value);
+            } else {
+                r.backends.insert(
+                    be_key(&value),
+                    BeState {
+                        id,
+                        value,
+                        restored: true,
+                    },
+                );
+            }
+        }
+
+        for (fe, value) in &snap.services {
+            r.orphans.entry(*fe).or_insert(*value);
+        }
+        for v in r.orphans.values() {
+            r.svc_ids.reserve(v.svc_id);
+            if v.svc_id != 0 {
+                r.restored_svc_ids.insert(v.svc_id);
+            }
+        }
+
+        // Distinct tables, grouped into blocks of overlapping ones (sorted by offset).
+        let tables: BTreeSet<Region> = r.orphans.values().filter_map(value_region).collect();
+        let mut blocks: Vec<(u64, u64, Vec<Region>)> = Vec::new();
+        for t in tables {
+            let (start, end) = (u64::from(t.offset), u64::from(t.offset) + u64::from(t.size));
+            match blocks.last_mut() {
+                Some(last) if start < last.1 => {
+                    last.1 = last.1.max(end);
+                    last.2.push(t);
+                }
+                _ => blocks.push((start, end, vec![t])),
+            }
+        }
+        let total = u64::from(maglev_slots);
+        for (start, end, members) in blocks {
+            let (start, end) = (start.min(total), end.min(total));
+            let block = (start < end).then(|| Region {
+                offset: start as u32,
+                size: (end - start) as u32,
+            });
+            if let Some(b) = block {
+                r.regions.reserve(b);
+            }
+            r.orphan_tables.insert(
+                members[0],
+                Orphan {
+                    block,
+                    members,
+                    backends: None,
+                },
+            );
+        }
+        r
     }
 
     /// Brings the maps from the last applied state to `desired`, touching only the
@@ -412,7 +599,14 @@ impl Reconciler {
                     };
                     match maps.set_backend(id, value) {
                         Ok(()) => {
-                            self.backends.insert(key, BeState { id, value: *value });
+                            self.backends.insert(
+                                key,
+                                BeState {
+                                    id,
+                                    value: *value,
+                                    restored: false,
+                                },
+                            );
                             report.backends_set += 1;
                         }
                         Err(e) => {
@@ -451,30 +645,54 @@ impl Reconciler {
         let existing = self.services.get(id);
         let need_table = existing.is_none_or(|s| s.table_keys() != keys.as_slice());
 
-        // Step 1: write the new table aside.
+        // Step 1: write the new table aside (or adopt a restored one that is right).
         let new_table: Option<Option<Table>> = if !need_table {
             None
         } else if keys.is_empty() {
             Some(None)
         } else {
             let size = maglev::table_size(keys.len());
-            let region = self.regions.alloc(size).ok_or(Error::MaglevFull {
-                service: id.to_string(),
-                size,
-                total: self.maglev_slots,
-            })?;
-            let names: Vec<String> = keys.iter().map(|k| be_name(*k)).collect();
-            let name_refs: Vec<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
-            let slots: Vec<u32> = maglev::build(&name_refs, size)
-                .into_iter()
-                .map(|i| ids[i as usize])
-                .collect();
-            if let Err(e) = maps.write_slots(region.offset, &slots) {
-                self.regions.free(region); // never referenced
-                return Err(e);
+            let build = |keys: &[BeKey]| -> Vec<u32> {
+                let names: Vec<String> = keys.iter().map(|k| be_name(*k)).collect();
+                let name_refs: Vec<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
+                maglev::build(&name_refs, size)
+                    .into_iter()
+                    .map(|i| ids[i as usize])
+                    .collect()
+            };
+            let candidates = if existing.is_none() {
+                self.adoptable_tables(ds, size)
+            } else {
+                Vec::new()
+            };
+            let mut slots = None;
+            let mut adopted = None;
+            for r in candidates {
+                let want = slots.get_or_insert_with(|| build(&keys));
+                if maps.read_slots(r.offset, r.size).as_ref() == Some(want) {
+                    self.orphan_tables.remove(&r);
+                    adopted = Some(r);
+                    break;
+                }
             }
-            report.tables_written += 1;
-            report.slots_written += u64::from(size);
+            let region = match adopted {
+                Some(r) => r,
+                None => {
+                    let region = self.regions.alloc(size).ok_or(Error::MaglevFull {
+                        service: id.to_string(),
+                        size,
+                        total: self.maglev_slots,
+                    })?;
+                    let slots = slots.unwrap_or_else(|| build(&keys));
+                    if let Err(e) = maps.write_slots(region.offset, &slots) {
+                        self.regions.free(region); // never referenced
+                        return Err(e);
+                    }
+                    report.tables_written += 1;
+                    report.slots_written += u64::from(size);
+                    region
+                }
+            };
             Some(Some(Table {
                 region,
                 backends: keys,
@@ -484,9 +702,24 @@ impl Reconciler {
         let mut st = match self.services.remove(id) {
             Some(st) => st,
             None => {
-                let Some(svc_id) = self.svc_ids.alloc() else {
+                // Restored frontends of this port: keep their svc_id (the first one free).
+                let restored_id = ds
+                    .frontends
+                    .iter()
+                    .filter_map(|fe| self.orphans.get(fe))
+                    .map(|v| v.svc_id)
+                    .filter(|s| self.restored_svc_ids.contains(s))
+                    .min();
+                let svc_id = match restored_id {
+                    Some(s) => {
+                        self.restored_svc_ids.remove(&s);
+                        Some(s)
+                    }
+                    None => self.svc_ids.alloc(),
+                };
+                let Some(svc_id) = svc_id else {
                     if let Some(Some(t)) = new_table {
-                        self.regions.free(t.region);
+                        self.release_table(t);
                     }
                     return Err(Error::ServiceIdsExhausted {
                         service: id.to_string(),
@@ -503,6 +736,15 @@ impl Reconciler {
         if let Some(t) = new_table {
             if let Some(old) = std::mem::replace(&mut st.table, t) {
                 st.stale.push(old);
+            }
+        }
+        // Claim the restored frontends this port wants, with the value they hold.
+        if !self.orphans.is_empty() {
+            for fe in &ds.frontends {
+                if let Some(v) = self.orphans.remove(fe) {
+                    st.frontends.insert(*fe, v);
+                    self.fe_owner.insert(*fe, id.clone());
+                }
             }
         }
 
@@ -548,6 +790,50 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Restored tables of `size` slots that restored frontends of `ds` point at and that
+    /// could be adopted whole (one table, wholly inside NP_MAGLEV).
+    fn adoptable_tables(&self, ds: &crate::model::DesiredService, size: u32) -> Vec<Region> {
+        if self.orphan_tables.is_empty() {
+            return Vec::new();
+        }
+        let found: BTreeSet<Region> = ds
+            .frontends
+            .iter()
+            .filter_map(|fe| self.orphans.get(fe).and_then(value_region))
+            .filter(|r| r.size == size)
+            .collect();
+        found
+            .into_iter()
+            .filter(|r| {
+                self.orphan_tables
+                    .get(r)
+                    .is_some_and(|o| o.block == Some(*r) && o.members == [*r])
+            })
+            .collect()
+    }
+
+    /// A table no frontend was pointed at: written aside (free it now) or adopted (back to
+    /// the orphans, where it came from).
+    fn release_table(&mut self, t: Table) {
+        match self
+            .orphans
+            .values()
+            .any(|v| value_region(v) == Some(t.region))
+        {
+            true => {
+                self.orphan_tables.insert(
+                    t.region,
+                    Orphan {
+                        block: Some(t.region),
+                        members: vec![t.region],
+                        backends: Some(t.backends),
+                    },
+                );
+            }
+            false => self.regions.free(t.region),
+        }
+    }
+
     /// Deletes frontends that are no longer desired, forgets services that are gone, and
     /// frees the tables nothing points at any more.
     fn delete_frontends(
@@ -556,6 +842,8 @@ impl Reconciler {
         maps: &mut impl Maps,
         report: &mut SyncReport,
     ) {
+        // Tables of service ports that are gone, freed below unless still pointed at.
+        let mut dropped: Vec<Table> = Vec::new();
         let ids: Vec<ServicePortId> = self.services.keys().cloned().collect();
         for id in ids {
             let Some(mut st) = self.services.remove(&id) else {
@@ -584,25 +872,105 @@ impl Reconciler {
                     }),
                 }
             }
-            // Tables no frontend points at any more.
+            if want.is_none() && st.frontends.is_empty() {
+                dropped.extend(st.table.take());
+                dropped.append(&mut st.stale);
+                self.svc_ids.retire(st.svc_id);
+            } else {
+                self.services.insert(id, st);
+            }
+        }
+        self.delete_orphans(desired, maps, report);
+
+        // What frontends still point at.
+        let mut live: BTreeSet<Region> = BTreeSet::new();
+        let mut held_svc_ids: BTreeSet<u32> = BTreeSet::new();
+        for v in self
+            .services
+            .values()
+            .flat_map(|s| s.frontends.values())
+            .chain(self.orphans.values())
+        {
+            live.extend(value_region(v));
+            held_svc_ids.insert(v.svc_id);
+        }
+
+        // Tables no frontend points at any more.
+        for st in self.services.values_mut() {
             let (keep, free): (Vec<Table>, Vec<Table>) = std::mem::take(&mut st.stale)
                 .into_iter()
-                .partition(|t| st.references(t.region));
+                .partition(|t| live.contains(&t.region));
             st.stale = keep;
             self.regions
                 .quarantine
                 .extend(free.into_iter().map(|t| t.region));
-
-            if want.is_none() && st.frontends.is_empty() {
-                if let Some(t) = st.table.take() {
-                    self.regions.quarantine.push(t.region);
-                }
-                self.regions
-                    .quarantine
-                    .extend(st.stale.drain(..).map(|t| t.region));
-                self.svc_ids.retire(st.svc_id);
+        }
+        for t in dropped {
+            if live.contains(&t.region) {
+                self.orphan_tables.insert(
+                    t.region,
+                    Orphan {
+                        block: Some(t.region),
+                        members: vec![t.region],
+                        backends: Some(t.backends),
+                    },
+                );
             } else {
-                self.services.insert(id, st);
+                self.regions.quarantine.push(t.region);
+            }
+        }
+        let unused: Vec<Region> = self
+            .orphan_tables
+            .iter()
+            .filter(|(_, o)| !o.members.iter().any(|m| live.contains(m)))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in unused {
+            if let Some(block) = self.orphan_tables.remove(&k).and_then(|o| o.block) {
+                self.regions.quarantine.push(block);
+            }
+        }
+
+        // Restored svc_ids nothing carries any more.
+        let released: Vec<u32> = self
+            .restored_svc_ids
+            .iter()
+            .filter(|s| !held_svc_ids.contains(s))
+            .copied()
+            .collect();
+        for s in released {
+            self.restored_svc_ids.remove(&s);
+            self.svc_ids.retire(s);
+        }
+    }
+
+    /// Deletes the restored frontends no desired service port wants. Those a service port
+    /// wants but could not claim (its sync failed) stay as they are.
+    fn delete_orphans(&mut self, desired: &Desired, maps: &mut impl Maps, report: &mut SyncReport) {
+        if self.orphans.is_empty() {
+            return;
+        }
+        let wanted: BTreeSet<&FrontendKey> = desired
+            .services
+            .values()
+            .flat_map(|d| &d.frontends)
+            .collect();
+        let gone: Vec<FrontendKey> = self
+            .orphans
+            .keys()
+            .filter(|fe| !wanted.contains(fe))
+            .copied()
+            .collect();
+        for fe in gone {
+            match maps.delete_service(&fe) {
+                Ok(()) => {
+                    self.orphans.remove(&fe);
+                    report.services_deleted += 1;
+                }
+                Err(e) => report.errors.push(Error::Frontend {
+                    frontend: describe_frontend(&fe),
+                    source: Box::new(e),
+                }),
             }
         }
     }
@@ -620,11 +988,22 @@ impl Reconciler {
                 referenced.extend(t.backends.iter().copied());
             }
         }
+        // A restored table of unknown contents may hold any restored backend.
+        let mut unknown = false;
+        for o in self.orphan_tables.values() {
+            match &o.backends {
+                Some(b) => referenced.extend(b.iter().copied()),
+                None => unknown = true,
+            }
+        }
         let unused: Vec<BeKey> = self
             .backends
-            .keys()
-            .filter(|k| !referenced.contains(k))
-            .copied()
+            .iter()
+            .filter(|(k, st)| {
+                let kept = referenced.contains(k) || (unknown && st.restored);
+                !kept
+            })
+            .map(|(k, _)| *k)
             .collect();
         for key in unused {
             let Some(st) = self.backends.get(&key).copied() else {
@@ -637,6 +1016,21 @@ impl Reconciler {
                     report.backends_deleted += 1;
                 }
                 Err(e) => report.errors.push(e),
+            }
+        }
+        if unknown {
+            return;
+        }
+        for (id, value) in std::mem::take(&mut self.stale_ids) {
+            match maps.delete_backend(id) {
+                Ok(()) => {
+                    self.be_ids.retire(id);
+                    report.backends_deleted += 1;
+                }
+                Err(e) => {
+                    self.stale_ids.insert(id, value);
+                    report.errors.push(e);
+                }
             }
         }
     }
@@ -663,13 +1057,24 @@ impl Reconciler {
             .values()
             .flat_map(|s| s.table.iter().chain(&s.stale))
             .collect();
+        let orphan_slots: u32 = self
+            .orphan_tables
+            .values()
+            .filter_map(|o| o.block)
+            .map(|b| b.size)
+            .sum();
         StateSummary {
             node_addrs: self.node_addrs.len(),
             services: self.services.len(),
-            frontends: self.services.values().map(|s| s.frontends.len()).sum(),
-            backends: self.backends.len(),
-            tables: tables.len(),
-            slots_used: tables.iter().map(|t| t.region.size).sum(),
+            frontends: self
+                .services
+                .values()
+                .map(|s| s.frontends.len())
+                .sum::<usize>()
+                + self.orphans.len(),
+            backends: self.backends.len() + self.stale_ids.len(),
+            tables: tables.len() + self.orphan_tables.len(),
+            slots_used: tables.iter().map(|t| t.region.size).sum::<u32>() + orphan_slots,
             slots_free: self.regions.free_slots(),
             slots_quarantined: self.regions.quarantined_slots(),
         }
@@ -725,6 +1130,8 @@ mod tests {
         broken: BTreeSet<FrontendKey>,
         /// Every `(offset, len)` ever passed to `write_slots`.
         written: BTreeSet<(u32, u32)>,
+        /// Whether `read_slots` answers.
+        readable: bool,
     }
 
     impl FakeMaps {
@@ -738,14 +1145,29 @@ mod tests {
                 max_services: usize::MAX,
                 broken: BTreeSet::new(),
                 written: BTreeSet::new(),
+                readable: false,
             }
         }
 
-        fn live_regions(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        /// Slot ranges frontends point at, clipped to the array.
+        fn live_regions(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+            let len = self.slots.len();
             self.services
                 .values()
                 .filter(|v| v.table_size != 0)
-                .map(|v| (v.table_off, v.table_size))
+                .map(move |v| {
+                    let off = v.table_off as usize;
+                    (off.min(len), (off + v.table_size as usize).min(len))
+                })
+        }
+
+        /// What a restarted agent reads from the pinned maps.
+        fn snapshot(&self) -> MapSnapshot {
+            MapSnapshot {
+                node_addrs: self.node_addrs.iter().copied().collect(),
+                backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+                services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            }
         }
 
         /// The backends a frontend's table resolves to, through NP_BE.
@@ -781,16 +1203,18 @@ mod tests {
     impl Maps for FakeMaps {
         fn set_backend(&mut self, id: u32, be: &Backend) -> Result<()> {
             assert_ne!(id, BACKEND_NONE);
+            if let Some(old) = self.backends.get(&id) {
+                assert_eq!(be_key(old), be_key(be), "backend id {id} re-pointed");
+            }
             self.calls.push(Call::SetBackend(id));
             self.backends.insert(id, *be);
             Ok(())
         }
 
         fn delete_backend(&mut self, id: u32) -> Result<()> {
-            for (off, size) in self.live_regions() {
-                let r = off as usize..(off + size) as usize;
+            for (start, end) in self.live_regions() {
                 assert!(
-                    !self.slots[r].contains(&id),
+                    !self.slots[start..end].contains(&id),
                     "backend {id} deleted while a live table holds it"
                 );
             }
@@ -804,11 +1228,10 @@ mod tests {
 
         fn write_slots(&mut self, offset: u32, ids: &[u32]) -> Result<()> {
             let end = offset + ids.len() as u32;
-            for (off, size) in self.live_regions() {
+            for (start, stop) in self.live_regions() {
                 assert!(
-                    end <= off || offset >= off + size,
-                    "table [{offset}, {end}) overwrites the live table [{off}, {})",
-                    off + size
+                    end as usize <= start || offset as usize >= stop,
+                    "table [{offset}, {end}) overwrites the live table [{start}, {stop})"
                 );
             }
             for id in ids {
@@ -858,6 +1281,13 @@ mod tests {
             self.calls.push(Call::DelAddr(addr));
             self.node_addrs.remove(&addr);
             Ok(())
+        }
+
+        fn read_slots(&mut self, offset: u32, len: u32) -> Option<Vec<u32>> {
+            let r = offset as usize..offset as usize + len as usize;
+            self.readable
+                .then(|| self.slots.get(r).map(<[u32]>::to_vec))
+                .flatten()
         }
     }
 
@@ -996,6 +1426,9 @@ mod tests {
         assert_eq!(rep.services_set, 3);
         assert_eq!(rep.node_addrs_set, 1);
         assert_eq!(rep.calls(), m.calls.len());
+        // One table per service, sized by the ladder: 3 backends -> 509, 2 -> 251.
+        let used = maglev::table_size(3) + maglev::table_size(2);
+        assert_eq!(used, 509 + 251);
         assert_eq!(
             r.state_summary(),
             StateSummary {
@@ -1004,8 +1437,8 @@ mod tests {
                 frontends: 3,
                 backends: 4,
                 tables: 2,
-                slots_used: 307 + 211,
-                slots_free: SLOTS - 307 - 211,
+                slots_used: used,
+                slots_free: SLOTS - used,
                 slots_quarantined: 0,
             }
         );
@@ -1054,7 +1487,9 @@ mod tests {
         phases_in_order(&calls);
         assert_eq!(calls.len(), 4, "backend, table, two flips: {calls:?}");
         assert!(matches!(calls[0], Call::SetBackend(5)));
-        assert!(matches!(calls[1], Call::Slots(_, 401)));
+        // 3 -> 4 backends stays on the 509 rung: a new table of the same size.
+        assert_eq!(maglev::table_size(4), maglev::table_size(3));
+        assert!(matches!(calls[1], Call::Slots(_, 509)), "{calls:?}");
         assert!(calls[2..]
             .iter()
             .all(|c| matches!(c, Call::SetSvc(fe, _) if *fe != np(30002))));
@@ -1075,6 +1510,10 @@ mod tests {
             calls.len(),
             4,
             "table, two flips, backend delete: {calls:?}"
+        );
+        assert!(
+            matches!(calls[0], Call::Slots(_, 509)),
+            "same rung: {calls:?}"
         );
         assert_eq!(calls[3], Call::DelBackend(1));
         assert_eq!(m.services[&np(30002)], b_value, "b untouched");
@@ -1150,8 +1589,10 @@ mod tests {
 
     #[test]
     fn regions_are_reused_after_quarantine_and_allocator_full_is_per_service() {
-        // Room for exactly three tables of one backend (101 slots each).
-        let total = 303;
+        // Room for exactly three tables of one backend (127 slots each).
+        let one = maglev::table_size(1);
+        assert_eq!(one, 127);
+        let total = 3 * one;
         let mut d = state(vec![
             ("a", dsvc(&[np(30001)], &[be(1, 80)])),
             ("b", dsvc(&[np(30002)], &[be(2, 80)])),
@@ -1163,14 +1604,14 @@ mod tests {
             r.table(&sid("a")),
             Some(Region {
                 offset: 0,
-                size: 101
+                size: one
             })
         );
         assert_eq!(
             r.table(&sid("b")),
             Some(Region {
-                offset: 101,
-                size: 101
+                offset: one,
+                size: one
             })
         );
 
@@ -1182,14 +1623,17 @@ mod tests {
         assert_eq!(
             r.table(&sid("a")),
             Some(Region {
-                offset: 202,
-                size: 101
+                offset: 2 * one,
+                size: one
             })
         );
         assert_eq!(rep.errors.len(), 1, "{:?}", rep.errors);
         let msg = rep.errors[0].to_string();
         assert!(msg.starts_with("default/b/TCP: "), "{msg}");
-        assert!(msg.contains("no free region of 101 Maglev slots"), "{msg}");
+        assert!(
+            msg.contains(&format!("no free region of {one} Maglev slots")),
+            "{msg}"
+        );
         assert_eq!(
             m.resolve(&np(30002)),
             BTreeSet::from([be_key(&be(2, 80))]),
@@ -1208,7 +1652,7 @@ mod tests {
             r.table(&sid("b")),
             Some(Region {
                 offset: 0,
-                size: 101
+                size: one
             })
         );
         verify(&d, &m);
@@ -1484,5 +1928,365 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(table(&m1), table(&m2));
+    }
+
+    // ---- Restore after an agent restart ----
+
+    /// NP_BE as (addr, port) -> id.
+    fn ids_by_key(m: &FakeMaps) -> BTreeMap<BeKey, u32> {
+        m.backends.iter().map(|(id, b)| (be_key(b), *id)).collect()
+    }
+
+    /// What each frontend does, independent of ids and regions.
+    fn content(m: &FakeMaps) -> BTreeMap<FrontendKey, (BTreeSet<BeKey>, u32, u16, u32)> {
+        m.services
+            .iter()
+            .map(|(fe, v)| {
+                let keys = if v.table_size == 0 {
+                    BTreeSet::new()
+                } else {
+                    m.resolve(fe)
+                };
+                (*fe, (keys, v.table_size, v.flags, v.affinity_timeout_s))
+            })
+            .collect()
+    }
+
+    fn deletions(calls: &[Call]) -> Vec<Call> {
+        calls
+            .iter()
+            .filter(|c| matches!(c, Call::DelAddr(_) | Call::DelBackend(_) | Call::DelSvc(_)))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn restore_from_an_empty_snapshot_is_new() {
+        let restored = Reconciler::restore(SLOTS, 1024, &MapSnapshot::default());
+        let new = Reconciler::new(SLOTS, 1024);
+        assert_eq!(format!("{restored:?}"), format!("{new:?}"));
+        let d = two_services();
+        let (mut m1, mut m2) = (FakeMaps::new(SLOTS), FakeMaps::new(SLOTS));
+        let (mut r1, mut r2) = (restored, new);
+        r1.apply(&d, &mut m1);
+        r2.apply(&d, &mut m2);
+        assert_eq!(m1.calls, m2.calls);
+        assert_eq!(r1.state_summary(), r2.state_summary());
+    }
+
+    #[test]
+    fn restart_with_the_same_state_keeps_ids_and_deletes_nothing() {
+        let d = two_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut old = Reconciler::new(SLOTS, 1024);
+        old.apply(&d, &mut m);
+        m.take_calls();
+        let backends = m.backends.clone();
+        let services = m.services.clone();
+        let used = old.state_summary().slots_used;
+
+        let mut r = Reconciler::restore(SLOTS, 1024, &m.snapshot());
+        assert!(m.calls.is_empty(), "restore touches no map");
+        assert_eq!(
+            r.state_summary(),
+            StateSummary {
+                node_addrs: 1,
+                services: 0,
+                frontends: 3,
+                backends: 4,
+                tables: 2,
+                slots_used: used,
+                slots_free: SLOTS - used,
+                slots_quarantined: 0,
+            }
+        );
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        verify(&d, &m);
+        let calls = m.take_calls();
+        phases_in_order(&calls);
+        assert_eq!(deletions(&calls), [], "nothing deleted");
+        assert!(!calls.iter().any(|c| matches!(c, Call::SetBackend(_))));
+        assert_eq!(m.backends, backends, "same ids, same values");
+        // Tables are rewritten aside (the maps cannot be read back) and frontends flipped,
+        // keeping their svc_id.
+        assert_eq!(rep.tables_written, 2);
+        assert_eq!(rep.services_set, 3);
+        for (fe, v) in &m.services {
+            assert_eq!(v.svc_id, services[fe].svc_id);
+        }
+        assert_eq!(r.svc_id(&sid("a")), old.svc_id(&sid("a")));
+        assert_eq!(r.svc_id(&sid("b")), old.svc_id(&sid("b")));
+        // The restored regions are freed after the flip.
+        assert_eq!(r.state_summary().slots_quarantined, used);
+        assert_eq!(r.state_summary().tables, 2);
+
+        let rep = r.apply(&d, &mut m);
+        assert_eq!(rep.calls(), 0);
+        assert!(m.calls.is_empty(), "{:?}", m.calls);
+        assert_eq!(r.state_summary().slots_free, SLOTS - used);
+    }
+
+    #[test]
+    fn restart_adopts_tables_that_are_already_right() {
+        let mut d = two_services();
+        let mut m = FakeMaps::new(SLOTS);
+        m.readable = true;
+        let mut old = Reconciler::new(SLOTS, 1024);
+        old.apply(&d, &mut m);
+        m.take_calls();
+        let services = m.services.clone();
+
+        let mut r = Reconciler::restore(SLOTS, 1024, &m.snapshot());
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        assert_eq!(m.calls, [], "nothing to do");
+        assert_eq!(m.services, services);
+        assert_eq!(r.table(&sid("a")), old.table(&sid("a")));
+        assert_eq!(r.state_summary(), old.state_summary());
+
+        // And it goes on as usual.
+        d.services
+            .get_mut(&sid("a"))
+            .unwrap()
+            .backends
+            .insert(be(5, 80));
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty());
+        verify(&d, &m);
+        let calls = m.take_calls();
+        assert_eq!(calls.len(), 4, "backend, table, two flips: {calls:?}");
+        assert_eq!(r.apply(&d, &mut m).calls(), 0);
+    }
+
+    #[test]
+    fn restart_with_changes_reaches_the_desired_state() {
+        for readable in [false, true] {
+            let d1 = two_services();
+            let mut m = FakeMaps::new(SLOTS);
+            m.readable = readable;
+            let mut old = Reconciler::new(SLOTS, 1024);
+            old.apply(&d1, &mut m);
+            m.take_calls();
+            let before = ids_by_key(&m);
+
+            // a loses 10.0.0.1 and a frontend, gains 10.0.0.5; b goes; c comes with one of
+            // b's backends and a new one; a node address changes.
+            let mut d2 = state(vec![
+                ("a", dsvc(&[np(30001)], &[be(2, 80), be(3, 80), be(5, 80)])),
+                ("c", dsvc(&[np(30003)], &[be(4, 8080), be(6, 80)])),
+            ]);
+            d2.node_addrs = [Ipv4Addr::new(192, 168, 0, 2)].into();
+
+            let mut r = Reconciler::restore(SLOTS, 1024, &m.snapshot());
+            let rep = r.apply(&d2, &mut m);
+            assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+            verify(&d2, &m);
+            let calls = m.take_calls();
+            phases_in_order(&calls);
+
+            let after = ids_by_key(&m);
+            for (key, id) in &after {
+                match before.get(key) {
+                    Some(old_id) => assert_eq!(id, old_id, "{}: id kept", be_name(*key)),
+                    None => assert!(
+                        !before.values().any(|i| i == id),
+                        "{}: new backend reuses id {id}",
+                        be_name(*key)
+                    ),
+                }
+            }
+            assert!(
+                !calls.iter().any(|c| matches!(c, Call::SetBackend(id)
+                    if before.values().any(|i| i == id))),
+                "kept backends are not rewritten: {calls:?}"
+            );
+            let be1 = before[&be_key(&be(1, 80))];
+            let expected = [
+                Call::DelAddr(addr_raw(Ipv4Addr::new(192, 168, 0, 1))),
+                Call::DelSvc(np(30002)),
+                Call::DelSvc(ext([192, 0, 2, 1], 53)),
+                Call::DelBackend(be1),
+            ];
+            let mut got = deletions(&calls);
+            got.sort_by_key(|c| format!("{c:?}"));
+            let mut expected = expected.to_vec();
+            expected.sort_by_key(|c| format!("{c:?}"));
+            assert_eq!(got, expected, "only what is not desired is deleted");
+            assert_eq!(r.svc_id(&sid("a")), old.svc_id(&sid("a")));
+            assert_ne!(
+                r.svc_id(&sid("c")),
+                old.svc_id(&sid("b")),
+                "b's id in quarantine"
+            );
+
+            // Same content as a reconciler that never restarted would program.
+            let mut fresh_m = FakeMaps::new(SLOTS);
+            let mut fresh = Reconciler::new(SLOTS, 1024);
+            fresh.apply(&d2, &mut fresh_m);
+            assert_eq!(content(&m), content(&fresh_m));
+
+            let rep = r.apply(&d2, &mut m);
+            assert_eq!(rep.calls(), 0, "readable {readable}");
+            assert!(m.calls.is_empty(), "{:?}", m.calls);
+            fresh.apply(&d2, &mut fresh_m);
+            assert_eq!(r.state_summary(), fresh.state_summary());
+        }
+    }
+
+    #[test]
+    fn restore_keeps_the_lowest_of_duplicate_ids_and_ids_beyond_the_pool() {
+        let d1 = state(vec![("a", dsvc(&[np(30001)], &[be(1, 80), be(2, 80)]))]);
+        let mut m = FakeMaps::new(SLOTS);
+        let mut old = Reconciler::new(SLOTS, 1024);
+        old.apply(&d1, &mut m);
+        // Entries that should not be there: a duplicate of 10.0.0.1:80, id 0, and ids beyond
+        // this run's pool (an earlier run had a larger one).
+        m.backends.insert(7, be(1, 80));
+        m.backends.insert(BACKEND_NONE, be(9, 80));
+        m.backends.insert(1500, be(8, 80));
+        m.backends.insert(2000, be(9, 80));
+        m.take_calls();
+
+        let mut r = Reconciler::restore(SLOTS, 1024, &m.snapshot());
+        assert_eq!(r.backend_id(be(1, 80).addr, be(1, 80).port), Some(1));
+        assert_eq!(r.backend_id(be(8, 80).addr, be(8, 80).port), Some(1500));
+        assert_eq!(r.backend_id(be(9, 80).addr, be(9, 80).port), Some(2000));
+        let d2 = state(vec![(
+            "a",
+            dsvc(&[np(30001)], &[be(1, 80), be(2, 80), be(8, 80), be(10, 80)]),
+        )]);
+        let rep = r.apply(&d2, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        verify(&d2, &m);
+        let calls = m.take_calls();
+        assert_eq!(r.backend_id(be(8, 80).addr, be(8, 80).port), Some(1500));
+        assert_eq!(r.backend_id(be(10, 80).addr, be(10, 80).port), Some(3));
+        let mut deleted: Vec<u32> = calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::DelBackend(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        deleted.sort();
+        assert_eq!(deleted, [0, 7, 2000]);
+        assert_eq!(
+            m.backends.keys().copied().collect::<Vec<_>>(),
+            [1, 2, 3, 1500]
+        );
+        assert_eq!(r.apply(&d2, &mut m).calls(), 0);
+        // Freed ids come back (after quarantine), those beyond the pool never.
+        let d3 = state(vec![("a", dsvc(&[np(30001)], &[be(11, 80)]))]);
+        r.apply(&d3, &mut m);
+        r.apply(&d3, &mut m);
+        let d4 = state(vec![(
+            "a",
+            dsvc(&[np(30001)], &[be(11, 80), be(12, 80), be(13, 80)]),
+        )]);
+        r.apply(&d4, &mut m);
+        verify(&d4, &m);
+        assert!(m.backends.keys().all(|&id| id < 1024), "{:?}", m.backends);
+    }
+
+    #[test]
+    fn restore_survives_odd_regions() {
+        let mut m = FakeMaps::new(SLOTS);
+        m.backends.insert(1, be(1, 80));
+        let val = |off: u32, svc_id: u32| Service {
+            table_off: off,
+            table_size: 127,
+            svc_id,
+            ..Service::default()
+        };
+        // Two overlapping tables, one that runs past the end, one wholly outside.
+        m.services.insert(np(31001), val(0, 1));
+        m.services.insert(np(31002), val(64, 2));
+        m.services.insert(np(31003), val(SLOTS - 10, 3));
+        m.services.insert(np(31004), val(u32::MAX - 5, 4));
+        m.services.insert(np(31005), val(0, 1));
+        let mut r = Reconciler::restore(SLOTS, 1024, &m.snapshot());
+        let s = r.state_summary();
+        assert_eq!(
+            (s.tables, s.slots_used),
+            (3, 191 + 10),
+            "overlapping ones as one"
+        );
+        assert_eq!(s.slots_free, SLOTS - 191 - 10);
+
+        let d = state(vec![(
+            "a",
+            dsvc(&[np(31001), np(31005)], &[be(1, 80), be(2, 80)]),
+        )]);
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        verify(&d, &m);
+        let size = maglev::table_size(2);
+        assert_eq!(r.table(&sid("a")), Some(Region { offset: 191, size }));
+        assert_eq!(r.svc_id(&sid("a")), Some(1));
+        assert_eq!(m.backends[&1], be(1, 80), "id kept");
+        let s = r.state_summary();
+        assert_eq!((s.tables, s.frontends), (1, 2));
+        assert_eq!(s.slots_quarantined, 191 + 10);
+        m.take_calls();
+        assert_eq!(r.apply(&d, &mut m).calls(), 0);
+        assert_eq!(r.state_summary().slots_free, SLOTS - size);
+        // Restored svc ids come back once nothing carries them.
+        let mut d2 = d.clone();
+        d2.services.insert(sid("n"), dsvc(&[np(30009)], &[]));
+        r.apply(&d2, &mut m);
+        assert_eq!(r.svc_id(&sid("n")), Some(2));
+    }
+
+    #[test]
+    fn failed_flip_after_restore_keeps_the_restored_table_and_its_backends() {
+        let d1 = state(vec![("a", dsvc(&[np(30001), np(30003)], &[be(1, 80)]))]);
+        let mut m = FakeMaps::new(SLOTS);
+        Reconciler::new(SLOTS, 1024).apply(&d1, &mut m);
+        let mut r = Reconciler::restore(SLOTS, 1024, &m.snapshot());
+        let d2 = state(vec![("a", dsvc(&[np(30001), np(30003)], &[be(2, 80)]))]);
+        m.broken.insert(np(30003));
+        let rep = r.apply(&d2, &mut m);
+        assert_eq!(rep.errors.len(), 1, "{:?}", rep.errors);
+        assert_eq!(m.resolve(&np(30003)), BTreeSet::from([be_key(&be(1, 80))]));
+        assert_eq!(m.resolve(&np(30001)), BTreeSet::from([be_key(&be(2, 80))]));
+        m.broken.clear();
+        let rep = r.apply(&d2, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        verify(&d2, &m);
+        m.take_calls();
+        assert_eq!(r.apply(&d2, &mut m).calls(), 0);
+    }
+
+    #[test]
+    fn restart_without_room_for_new_tables_converges() {
+        // Room for three tables of one backend: two restored, one free.
+        let one = maglev::table_size(1);
+        let total = 3 * one;
+        let d = state(vec![
+            ("a", dsvc(&[np(30001)], &[be(1, 80)])),
+            ("b", dsvc(&[np(30002)], &[be(2, 80)])),
+        ]);
+        let mut m = FakeMaps::new(total);
+        let mut old = Reconciler::new(total, 1024);
+        old.apply(&d, &mut m);
+        let backends = m.backends.clone();
+        m.take_calls();
+
+        let mut r = Reconciler::restore(total, 1024, &m.snapshot());
+        let rep = r.apply(&d, &mut m);
+        // a moves to the free region; b finds none and keeps serving its restored table.
+        assert_eq!(rep.errors.len(), 1, "{:?}", rep.errors);
+        assert!(rep.errors[0].to_string().starts_with("default/b/TCP: "));
+        assert_eq!(deletions(&m.take_calls()), []);
+        assert_eq!(m.resolve(&np(30002)), BTreeSet::from([be_key(&be(2, 80))]));
+        // Next apply: a's restored region is free again.
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        verify(&d, &m);
+        assert_eq!(deletions(&m.take_calls()), []);
+        assert_eq!(m.backends, backends);
+        assert_eq!(r.svc_id(&sid("b")), old.svc_id(&sid("b")));
+        assert_eq!(r.apply(&d, &mut m).calls(), 0);
     }
 }

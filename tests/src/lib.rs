@@ -6,6 +6,7 @@
 //! nothing in the root namespace's interfaces, names `np-<run id>-...`, bounded loops, and
 //! every guard cleans up in `Drop` (also while unwinding from a panic).
 
+pub mod apiserver;
 pub mod client;
 pub mod cluster;
 pub mod echo;

@@ -109,6 +109,9 @@ pub struct Testbed {
     manifest_dir: TempDir,
     manifests: Manifests,
     echo: PathBuf,
+    /// Agent binary and extra arguments, to restart an agent the same way.
+    agent_bin: Option<PathBuf>,
+    agent_args: Vec<String>,
     cluster: Cluster,
 }
 
@@ -142,6 +145,8 @@ impl Testbed {
             manifest_dir,
             manifests,
             echo: opts.echo,
+            agent_bin: opts.agent.clone(),
+            agent_args: opts.agent_args.clone(),
             cluster,
         };
         if let Some(agent) = &opts.agent {
@@ -155,7 +160,44 @@ impl Testbed {
 
     fn start_agent(&mut self, agent: &Path, node: &str, extra: &[String]) {
         let pin = PinPath::new(&format!("np-{}-{node}", self.cluster.run_id()));
-        let log = self.cluster.log_dir().join(format!("agent-{node}.log"));
+        self.spawn_agent(agent, node, extra, pin);
+    }
+
+    /// SIGKILL the agent of `node`: no cleanup runs, its pins (maps, links) stay.
+    pub fn kill_agent(&mut self, node: &str) {
+        let a = self
+            .agents
+            .iter_mut()
+            .find(|a| a.node == node)
+            .unwrap_or_else(|| panic!("no agent on {node}"));
+        a.child.kill();
+    }
+
+    /// Start the agent of `node` again, on the same pin path, after `kill_agent`.
+    pub fn restart_agent(&mut self, node: &str) {
+        let i = self
+            .agents
+            .iter()
+            .position(|a| a.node == node)
+            .unwrap_or_else(|| panic!("no agent on {node}"));
+        let Agent { child, pin, .. } = self.agents.remove(i);
+        drop(child);
+        let agent = self
+            .agent_bin
+            .clone()
+            .expect("testbed started without an agent");
+        let extra = self.agent_args.clone();
+        self.spawn_agent(&agent, node, &extra, pin);
+    }
+
+    fn spawn_agent(&mut self, agent: &Path, node: &str, extra: &[String], pin: PinPath) {
+        // A restarted agent logs to a new file, so the earlier run's log stays readable.
+        let mut log = self.cluster.log_dir().join(format!("agent-{node}.log"));
+        let mut n = 1;
+        while log.exists() {
+            n += 1;
+            log = self.cluster.log_dir().join(format!("agent-{node}-{n}.log"));
+        }
         let agent = agent.to_str().expect("utf-8 agent path");
         let dir = self
             .manifest_dir
