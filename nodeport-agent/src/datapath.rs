@@ -12,7 +12,7 @@ use std::{
 };
 
 use aya::{
-    maps::{DevMapHash, HashMap, Map, MapData, PerCpuArray},
+    maps::{DevMapHash, HashMap, IterableMap, Map, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachType},
@@ -22,7 +22,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use nodeport_common::{
-    maps as m, stats::STAT_COUNT, Backend, Config, FrontendKey, NodeAddr, Service, Stat,
+    maps as m, stats::STAT_COUNT, Backend, Config, CtEntry, FlowKey, FrontendKey, NodeAddr,
+    Service, Stat,
 };
 
 use crate::{
@@ -537,15 +538,7 @@ impl Datapath {
 
     /// Counters summed over CPUs, by name.
     pub fn stats(&self) -> Result<BTreeMap<&'static str, u64>> {
-        let mut out = BTreeMap::new();
-        for (i, stat) in Stat::ALL.iter().enumerate().take(STAT_COUNT as usize) {
-            let per_cpu = self
-                .stats
-                .get(&(i as u32), 0)
-                .map_err(|e| kerr(m::MAP_STATS, e))?;
-            out.insert(stat.name(), per_cpu.iter().sum());
-        }
-        Ok(out)
+        Ok(sum_counters(&self.stats)?.into_iter().collect())
     }
 
     /// The loaded object, for tests that drive programs directly (BPF_PROG_TEST_RUN).
@@ -614,6 +607,57 @@ impl Maps for Datapath {
         self.node_addrs
             .remove(&addr)
             .map_err(|e| kerr(format!("{} remove", m::MAP_NODE_ADDRS), e))
+    }
+}
+
+fn sum_counters(stats: &PerCpuArray<MapData, u64>) -> Result<Vec<(&'static str, u64)>> {
+    let mut out = Vec::new();
+    for (i, stat) in Stat::ALL.iter().enumerate().take(STAT_COUNT as usize) {
+        let per_cpu = stats
+            .get(&(i as u32), 0)
+            .map_err(|e| kerr(m::MAP_STATS, e))?;
+        out.push((stat.name(), per_cpu.iter().sum()));
+    }
+    Ok(out)
+}
+
+/// Read-only handles on the maps pinned by a running (or kept) datapath: what metrics
+/// scrapes and `inspect` read, without the agent's own handles and without an agent.
+pub struct MapReader {
+    stats: PerCpuArray<MapData, u64>,
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+}
+
+fn open_pinned(dir: &Path, name: &str) -> Result<MapData> {
+    MapData::from_pin(dir.join(name)).map_err(|e| kerr(format!("{}/{name}", dir.display()), e))
+}
+
+impl MapReader {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let stats = PerCpuArray::try_from(Map::PerCpuArray(open_pinned(pin_dir, m::MAP_STATS)?))
+            .map_err(|e| kerr(m::MAP_STATS, e))?;
+        let conntrack = HashMap::try_from(Map::LruHashMap(open_pinned(pin_dir, m::MAP_CONNTRACK)?))
+            .map_err(|e| kerr(m::MAP_CONNTRACK, e))?;
+        Ok(Self { stats, conntrack })
+    }
+
+    /// Datapath counters summed over CPUs, in `Stat` order.
+    pub fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        sum_counters(&self.stats)
+    }
+
+    /// (entries, capacity) of the conntrack map. Counting walks the keys.
+    pub fn conntrack_occupancy(&self) -> Result<(u64, u32)> {
+        let capacity = self
+            .conntrack
+            .map()
+            .info()
+            .map_err(|e| kerr(m::MAP_CONNTRACK, e))?
+            .max_entries();
+        Ok((
+            self.conntrack.keys().filter(|k| k.is_ok()).count() as u64,
+            capacity,
+        ))
     }
 }
 

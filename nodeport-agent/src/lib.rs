@@ -4,5 +4,7 @@ pub mod error;
 pub mod kube_source;
 pub mod maglev;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
+pub mod serve;
 pub mod sync;

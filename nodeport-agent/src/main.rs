@@ -9,11 +9,15 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, ValueEnum};
+use std::sync::Arc;
+
 use nodeport_agent::{
     datapath::{Datapath, EbpfLog, MapSizes, XdpAttachMode},
     kube_source::{self, KubeStats, WatchOptions},
     manifests,
+    metrics::Metrics,
     model::{self, Inputs, Ipv4Cidr, Refusal, Settings},
+    serve::{self, Health, Shared},
     sync::Reconciler,
 };
 use nodeport_common::{Config, CFG_F_DEBUG};
@@ -69,6 +73,12 @@ struct Args {
     /// Log every translated packet from the datapath (aya-log). For debugging only.
     #[arg(long)]
     debug_datapath: bool,
+    /// Address of /healthz and /readyz (kube-proxy's healthz port).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    health_addr: std::net::SocketAddr,
+    /// Address of /metrics, Prometheus text format (kube-proxy's metrics port).
+    #[arg(long, default_value = "0.0.0.0:10249")]
+    metrics_addr: std::net::SocketAddr,
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -93,6 +103,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -156,6 +167,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bail!("--snat-port-range {lo}-{hi} overlaps the nodePort range");
     }
     let sizes = MapSizes::default();
+    let health = Arc::new(Health::default());
+    let metrics = Arc::new(Metrics::new());
+    let kube_stats = KubeStats::default();
+    health.tick();
+    serve::start(
+        args.health_addr,
+        args.metrics_addr,
+        Arc::new(Shared {
+            health: health.clone(),
+            metrics: metrics.clone(),
+            kube: kube_stats.clone(),
+            pin_path: args.pin_path.clone(),
+        }),
+    )
+    .await?;
     let mut dp = Datapath::load(sizes, Some(&args.pin_path)).context("loading the datapath")?;
     dp.keep_on_exit(args.keep_datapath);
     let pins = dp.pin_report().clone();
@@ -179,11 +205,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         spawn_ebpf_log(logger)?;
     }
     for iface in &args.interfaces {
-        let mode = dp
+        let how = dp
             .attach(iface, args.xdp_mode)
             .with_context(|| format!("attaching to {iface}"))?;
-        info!(interface = %iface, xdp_mode = ?mode, "attached");
+        info!(interface = %iface, attached = ?how, "attached");
     }
+    for stale in dp.prune_links(&args.interfaces)? {
+        info!(link = %stale, "removed pinned link of an interface no longer configured");
+    }
+    health.set_attached();
 
     let settings = Settings {
         nodeport_range: args.nodeport_range.0..=args.nodeport_range.1,
@@ -193,7 +223,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Both sources publish complete snapshots, and only once they have seen everything
     // (the folder read, or the first full list of all three kinds).
     let (tx, mut rx) = tokio::sync::watch::channel(manifests::Loaded::default());
-    let kube_stats = KubeStats::default();
     match &args.manifests {
         Some(dir) => {
             info!(dir = %dir.display(), "reading objects from the manifests folder");
@@ -240,9 +269,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 have_objects = true;
             }
             _ = addr_tick.tick() => {
+                health.tick();
                 if interface_addrs() == last_addrs { continue; }
             }
         }
+        health.tick();
         if !have_objects {
             continue;
         }
@@ -270,6 +301,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         for e in &report.errors {
             error!("sync: {e}");
         }
+        let summary = reconciler.state_summary();
+        metrics.set_refused(last_refusals.len());
+        metrics.record_sync(
+            started.elapsed(),
+            report.errors.len(),
+            desired.services.len(),
+            summary.backends,
+        );
+        health.set_synced();
+        metrics.set_ready(health.ready());
         info!(
             services = desired.services.len(),
             node_addrs = desired.node_addrs.len(),

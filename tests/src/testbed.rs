@@ -5,7 +5,8 @@
 //! Agent contract (the only way the harness talks to the agent, so it never links it):
 //! `AGENT --interface lan0 --node-name NODE --manifests DIR --pin-path /sys/fs/bpf/np-<id>-NODE`
 //! run inside the node's network namespace with `nsenter --net` (mount namespace shared,
-//! so the agent sees /sys/fs/bpf).
+//! so the agent sees /sys/fs/bpf). [`Testbed::start_kube_agents`] passes
+//! `--kubeconfig PATH` instead of `--manifests DIR`.
 
 use std::{
     net::SocketAddr,
@@ -83,6 +84,15 @@ impl TestbedOptions {
     }
 }
 
+/// Where the agents read their objects from.
+#[derive(Clone, Debug)]
+enum AgentSource {
+    /// `--manifests DIR`: the testbed's manifests folder (the default).
+    Manifests,
+    /// `--kubeconfig PATH`: a Kubernetes API server (see [`Testbed::start_kube_agents`]).
+    Kubeconfig(PathBuf),
+}
+
 /// One running agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -112,6 +122,7 @@ pub struct Testbed {
     /// Agent binary and extra arguments, to restart an agent the same way.
     agent_bin: Option<PathBuf>,
     agent_args: Vec<String>,
+    source: AgentSource,
     cluster: Cluster,
 }
 
@@ -147,6 +158,7 @@ impl Testbed {
             echo: opts.echo,
             agent_bin: opts.agent.clone(),
             agent_args: opts.agent_args.clone(),
+            source: AgentSource::Manifests,
             cluster,
         };
         if let Some(agent) = &opts.agent {
@@ -156,6 +168,34 @@ impl Testbed {
             }
         }
         tb
+    }
+
+    /// Starts an agent on every node that watches the Kubernetes API server of `kubeconfig`
+    /// (`--kubeconfig PATH` instead of `--manifests DIR`), with the extra arguments of the
+    /// options. For a testbed started without an agent (the server usually needs the
+    /// cluster to exist first, e.g. to listen on the lan). [`Testbed::restart_agent`] starts
+    /// them again the same way. Does not wait for the service.
+    pub fn start_kube_agents(&mut self, agent: PathBuf, kubeconfig: PathBuf) {
+        assert!(self.agents.is_empty(), "agents are running already");
+        assert!(
+            agent.is_file(),
+            "agent binary {} not found: build it (cargo build --release -p nodeport-agent) \
+             or point NODEPORT_AGENT at it",
+            agent.display()
+        );
+        ensure_bpffs();
+        self.agent_bin = Some(agent.clone());
+        self.source = AgentSource::Kubeconfig(kubeconfig);
+        let nodes: Vec<String> = self
+            .cluster
+            .nodes()
+            .iter()
+            .map(|n| n.name.clone())
+            .collect();
+        let extra = self.agent_args.clone();
+        for node in nodes {
+            self.start_agent(&agent, &node, &extra);
+        }
     }
 
     fn start_agent(&mut self, agent: &Path, node: &str, extra: &[String]) {
@@ -199,12 +239,11 @@ impl Testbed {
             log = self.cluster.log_dir().join(format!("agent-{node}-{n}.log"));
         }
         let agent = agent.to_str().expect("utf-8 agent path");
-        let dir = self
-            .manifest_dir
-            .path()
-            .to_str()
-            .expect("utf-8 temp path")
-            .to_string();
+        let (source_flag, source_path) = match &self.source {
+            AgentSource::Manifests => ("--manifests", self.manifest_dir.path()),
+            AgentSource::Kubeconfig(path) => ("--kubeconfig", path.as_path()),
+        };
+        let source_path = source_path.to_str().expect("utf-8 path").to_string();
         let pin_s = pin.path().to_str().expect("utf-8 pin path").to_string();
         let mut argv: Vec<&str> = vec![
             agent,
@@ -212,8 +251,8 @@ impl Testbed {
             "lan0",
             "--node-name",
             node,
-            "--manifests",
-            &dir,
+            source_flag,
+            &source_path,
             "--pin-path",
             &pin_s,
         ];

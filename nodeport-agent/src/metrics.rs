@@ -1,0 +1,229 @@
+//! Prometheus metrics of the agent (text exposition on `--metrics-addr`): datapath packet
+//! counters summed over CPUs, conntrack occupancy against capacity, sync counts, errors and
+//! latency, watch restarts and errors, refused objects. Datapath values are read from the
+//! pinned maps at scrape time, so a scrape never waits for the sync loop.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    sync::{atomic::Ordering, Mutex},
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::{datapath::MapReader, kube_source::KubeStats};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabel {
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    packets: Family<VerdictLabel, Counter>,
+    events: Family<EventLabel, Counter>,
+    conntrack_entries: Gauge,
+    conntrack_capacity: Gauge,
+    syncs: Counter,
+    sync_errors: Counter,
+    sync_duration: Histogram,
+    refused: Gauge,
+    services: Gauge,
+    backends: Gauge,
+    ready: Gauge,
+    watch_restarts: Family<KindLabel, Counter>,
+    watch_errors: Family<KindLabel, Counter>,
+    /// Last values read from monotonic sources, to turn them into counter increments.
+    last: Mutex<StdHashMap<String, u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("nodeport");
+        let packets = Family::<VerdictLabel, Counter>::default();
+        registry.register(
+            "datapath_packets",
+            "Packets by datapath verdict or drop reason, summed over CPUs",
+            packets.clone(),
+        );
+        let events = Family::<EventLabel, Counter>::default();
+        registry.register(
+            "datapath_events",
+            "Datapath events (new flows, replies, ...)",
+            events.clone(),
+        );
+        let conntrack_entries = Gauge::default();
+        registry.register(
+            "conntrack_entries",
+            "Entries in the conntrack map",
+            conntrack_entries.clone(),
+        );
+        let conntrack_capacity = Gauge::default();
+        registry.register(
+            "conntrack_capacity",
+            "Capacity of the conntrack map",
+            conntrack_capacity.clone(),
+        );
+        let syncs = Counter::default();
+        registry.register(
+            "syncs",
+            "Reconciliations of the maps with the desired state",
+            syncs.clone(),
+        );
+        let sync_errors = Counter::default();
+        registry.register(
+            "sync_errors",
+            "Map operations that failed during reconciliation",
+            sync_errors.clone(),
+        );
+        let sync_duration =
+            Histogram::new([0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        registry.register(
+            "sync_duration_seconds",
+            "Time from a new set of objects to the maps updated",
+            sync_duration.clone(),
+        );
+        let refused = Gauge::default();
+        registry.register(
+            "refused_objects",
+            "Objects or ports refused as invalid, currently",
+            refused.clone(),
+        );
+        let services = Gauge::default();
+        registry.register("services", "Service ports programmed", services.clone());
+        let backends = Gauge::default();
+        registry.register("backends", "Distinct backends programmed", backends.clone());
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 once the datapath is attached and the first sync is done",
+            ready.clone(),
+        );
+        let watch_restarts = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "watch_restarts",
+            "Kubernetes watch restarts (re-lists) by kind",
+            watch_restarts.clone(),
+        );
+        let watch_errors = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "watch_errors",
+            "Kubernetes watch errors by kind",
+            watch_errors.clone(),
+        );
+        Self {
+            registry,
+            packets,
+            events,
+            conntrack_entries,
+            conntrack_capacity,
+            syncs,
+            sync_errors,
+            sync_duration,
+            refused,
+            services,
+            backends,
+            ready,
+            watch_restarts,
+            watch_errors,
+            last: Mutex::new(StdHashMap::new()),
+        }
+    }
+
+    /// Record one reconciliation.
+    pub fn record_sync(&self, elapsed: Duration, errors: usize, services: usize, backends: usize) {
+        self.syncs.inc();
+        self.sync_errors.inc_by(errors as u64);
+        self.sync_duration.observe(elapsed.as_secs_f64());
+        self.services.set(services as i64);
+        self.backends.set(backends as i64);
+    }
+
+    pub fn set_refused(&self, n: usize) {
+        self.refused.set(n as i64);
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// Add the growth of a monotonic source since the last scrape to `counter`.
+    fn advance(&self, key: String, now: u64, counter: &Counter) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let prev = last.insert(key, now).unwrap_or(0);
+        counter.inc_by(now.saturating_sub(prev));
+    }
+
+    /// Render the exposition text, refreshing datapath and watch values first.
+    pub fn render(&self, maps: Option<&MapReader>, kube: &KubeStats) -> String {
+        if let Some(maps) = maps {
+            if let Ok(stats) = maps.counters() {
+                for (name, value) in stats {
+                    let key = format!("stat/{name}");
+                    match name.strip_prefix("event_") {
+                        Some(event) => {
+                            let c = self.events.get_or_create(&EventLabel {
+                                event: event.into(),
+                            });
+                            self.advance(key, value, &c);
+                        }
+                        None => {
+                            let c = self.packets.get_or_create(&VerdictLabel {
+                                verdict: name.into(),
+                            });
+                            self.advance(key, value, &c);
+                        }
+                    }
+                }
+            }
+            if let Ok((entries, capacity)) = maps.conntrack_occupancy() {
+                self.conntrack_entries.set(entries as i64);
+                self.conntrack_capacity.set(capacity as i64);
+            }
+        }
+        for kind in crate::kube_source::Kind::ALL {
+            let stats = kube.kind(kind);
+            let label = KindLabel {
+                kind: kind.to_string(),
+            };
+            let restarts = self.watch_restarts.get_or_create(&label);
+            self.advance(
+                format!("restarts/{kind}"),
+                stats.restarts.load(Ordering::Relaxed),
+                &restarts,
+            );
+            let errors = self.watch_errors.get_or_create(&label);
+            self.advance(
+                format!("errors/{kind}"),
+                stats.errors.load(Ordering::Relaxed),
+                &errors,
+            );
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

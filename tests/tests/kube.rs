@@ -1,0 +1,769 @@
+//! The agent in Kubernetes API mode (`--kubeconfig`) against the test API server
+//! (tests::apiserver), while the server cuts watches, fails requests, forgets its event history
+//! and goes away. Every step is checked twice: end to end (new and kept-alive TCP connections
+//! from the client namespace) and in the pinned maps of each agent (NP_SVC frontends, NP_BE
+//! backend addresses).
+//!
+//! The agents run in the node namespaces, so the server runs in the lan namespace: the lan
+//! bridge gets 198.18.0.1, the server listens there (its listening socket is created by a
+//! thread that entered the lan namespace) and the agents reach it over the lan, as they would
+//! reach a control plane. Needs root; each test builds its own cluster and server.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use k8s_openapi::api::{core::v1, discovery::v1::EndpointSlice};
+use nodeport_common::{maps as m, Backend, FrontendKey, Service as SvcValue};
+use serde::de::DeserializeOwned;
+use tests::{
+    apiserver::{ApiServer, ApiServerConfig},
+    client::{self, EchoReply, KeepAliveConn},
+    manifests::{Manifests, Service},
+    netns::{list_np_namespaces, require_root, run_in, TempDir},
+    testbed::{default_agent_path, poll_until, Testbed, TestbedOptions},
+};
+
+/// The API server's address on the lan (the bridge's own address in the lan namespace).
+const API_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const FIRST_PORT: u16 = 30080;
+const SECOND_PORT: u16 = 30081;
+const TCP: u8 = 6;
+/// Bound on waiting for the agents to serve or to pick up a change.
+const WAIT: Duration = Duration::from_secs(25);
+/// New connections per node where a step wants every backend reached.
+const CONNS: usize = 45;
+/// Period of the server's watch bookmarks (the real server: about a minute).
+const BOOKMARKS: Duration = Duration::from_millis(200);
+/// Marker of one watcher error in the agent's log (`warn`, once per error).
+const WATCH_ERROR: &str = "Kubernetes watch error";
+
+fn echo_bin() -> PathBuf {
+    let p = std::env::var_os("NP_ECHO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_np-echo")));
+    assert!(p.is_file(), "echo server {} not found", p.display());
+    p
+}
+
+fn parse<K: DeserializeOwned>(yaml: &str) -> K {
+    serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("cannot parse {e}:\n{yaml}"))
+}
+
+/// The typed objects of `m`: its Service and one EndpointSlice per node.
+fn service_objects(m: &Manifests) -> (v1::Service, Vec<EndpointSlice>) {
+    let slices = m
+        .nodes
+        .iter()
+        .map(|n| parse(&m.endpoint_slice_yaml(&n.name)))
+        .collect();
+    (parse(&m.service.to_yaml()), slices)
+}
+
+/// `sample-nodeport` as a second Service: `second`, nodePort 30081, its own slices.
+fn second_service(m: &Manifests) -> Manifests {
+    let mut m = m.clone();
+    m.service = Service {
+        name: "second".into(),
+        app: "second-app".into(),
+        ..m.service
+    };
+    m.service.ports[0].node_port = SECOND_PORT;
+    m
+}
+
+fn hash_map<K: aya::Pod, V: aya::Pod>(pin: &Path, name: &str) -> HashMap<MapData, K, V> {
+    let data = MapData::from_pin(pin.join(name)).unwrap_or_else(|e| panic!("open {name}: {e}"));
+    HashMap::try_from(Map::HashMap(data)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The nodePort frontends (address 0) in NP_SVC under `pin`: (port, IP protocol).
+fn frontends(pin: &Path) -> BTreeSet<(u16, u8)> {
+    let svc: HashMap<MapData, FrontendKey, SvcValue> = hash_map(pin, m::MAP_SERVICES);
+    svc.keys()
+        .map(|k| k.expect("NP_SVC key"))
+        .filter(|k| k.addr == 0)
+        .map(|k| (u16::from_be_bytes(k.port.to_ne_bytes()), k.proto))
+        .collect()
+}
+
+/// NP_BE under `pin`: backend id -> (address, port).
+fn backends(pin: &Path) -> BTreeMap<u32, (Ipv4Addr, u16)> {
+    let be: HashMap<MapData, u32, Backend> = hash_map(pin, m::MAP_BACKENDS);
+    be.iter()
+        .map(|kv| kv.expect("NP_BE entry"))
+        .map(|(id, b)| {
+            (
+                id,
+                (
+                    Ipv4Addr::from(b.addr.to_ne_bytes()),
+                    u16::from_be_bytes(b.port.to_ne_bytes()),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn backend_addrs(pin: &Path) -> BTreeSet<Ipv4Addr> {
+    backends(pin).into_values().map(|(a, _)| a).collect()
+}
+
+fn tally(rs: &[EchoReply]) -> BTreeMap<String, usize> {
+    let mut t = BTreeMap::new();
+    for r in rs {
+        *t.entry(r.from.clone()).or_insert(0) += 1;
+    }
+    t
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// A cluster whose agents watch a test API server on the lan.
+struct KubeBed {
+    // Field order is drop order: the server (the agents only see errors), then the testbed
+    // (agents, pins, cluster with the lan namespace the server listened in), then the folder
+    // of the kubeconfig.
+    api: ApiServer,
+    tb: Testbed,
+    _dir: TempDir,
+    started: Instant,
+}
+
+impl KubeBed {
+    /// Cluster, server (seeded with the Nodes, `sample-nodeport` and its slices), agents.
+    /// Does not wait for the service.
+    fn start() -> KubeBed {
+        let started = Instant::now();
+        let opts = TestbedOptions {
+            // TCP only: wait_for_service checks exactly what the Service has.
+            service: Service::sample_nodeport(),
+            ..TestbedOptions::standard(echo_bin())
+        };
+        let mut tb = Testbed::start(opts);
+        let lan = tb.cluster().lan();
+        lan.ip(&format!(
+            "addr add {API_IP}/{} dev br0",
+            tb.cluster().spec().lan_prefix
+        ));
+        let api = run_in(lan, || {
+            ApiServer::start_with(ApiServerConfig {
+                listen: SocketAddr::from((API_IP, 0)),
+                bookmark_interval: BOOKMARKS,
+                ..ApiServerConfig::default()
+            })
+        })
+        .expect("starting the API server in the lan namespace");
+        // The listening socket belongs to the lan namespace (where the thread that created it
+        // was), not to the root namespace the test runs in, and the nodes reach it.
+        let port = api.addr().port();
+        let listening = |out: std::process::Output| {
+            String::from_utf8_lossy(&out.stdout).contains(&format!("{API_IP}:{port}"))
+        };
+        let sport = format!("sport = :{port}");
+        assert!(
+            listening(lan.exec(&["ss", "-Hltn", &sport])),
+            "API server not listening in the lan namespace"
+        );
+        let root = std::process::Command::new("ss")
+            .args(["-Hltn", &sport])
+            .output()
+            .expect("ss");
+        assert!(
+            !listening(root),
+            "API server listening in the root namespace"
+        );
+        for node in tb.cluster().nodes() {
+            let ok = run_in(node.ns(), || {
+                TcpStream::connect_timeout(&api.addr(), Duration::from_secs(2)).is_ok()
+            });
+            assert!(
+                ok,
+                "{} cannot reach the API server at {}",
+                node.name,
+                api.addr()
+            );
+        }
+
+        let dir = TempDir::new(tb.cluster().run_id(), "kube");
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig)
+            .expect("writing the kubeconfig");
+        let m = tb.manifests().clone();
+        for n in &m.nodes {
+            let node: v1::Node = parse(&n.to_yaml());
+            api.create(&node).expect("create Node");
+        }
+        let (svc, slices) = service_objects(&m);
+        api.create(&svc).expect("create Service");
+        for s in &slices {
+            api.create(s).expect("create EndpointSlice");
+        }
+        tb.start_kube_agents(default_agent_path(), kubeconfig);
+        KubeBed {
+            api,
+            tb,
+            _dir: dir,
+            started,
+        }
+    }
+
+    fn client(&self) -> &tests::netns::Netns {
+        self.tb.cluster().client()
+    }
+
+    fn addr(&self, node: &str, port: u16) -> SocketAddr {
+        SocketAddr::from((self.tb.cluster().node_ip(node), port))
+    }
+
+    fn pod_ip(&self, pod: &str) -> Ipv4Addr {
+        self.tb.cluster().pod(pod).ip
+    }
+
+    fn pin(&self, node: &str) -> PathBuf {
+        self.tb
+            .agents()
+            .iter()
+            .find(|a| a.node == node)
+            .unwrap_or_else(|| panic!("no agent on {node}"))
+            .pin_path()
+            .to_path_buf()
+    }
+
+    /// The agents' logs and the server's last requests, for failure messages.
+    fn diag(&self) -> String {
+        let reqs = self.api.requests();
+        let tail: String = reqs[reqs.len().saturating_sub(25)..]
+            .iter()
+            .map(|r| {
+                format!(
+                    "  {} {} -> {}{}\n",
+                    r.method,
+                    r.uri,
+                    r.status,
+                    if r.watch { " (watch)" } else { "" }
+                )
+            })
+            .collect();
+        format!(
+            "{}----- API server: last {} of {} requests -----\n{tail}",
+            self.tb.agent_logs(),
+            reqs.len().min(25),
+            reqs.len()
+        )
+    }
+
+    /// Panics with the diagnostics when an agent has exited.
+    fn check_agents(&mut self) {
+        if let Err(e) = self.tb.check_agents() {
+            panic!("{e}\n{}", self.diag());
+        }
+    }
+
+    /// `n` GETs on fresh connections through `node`'s `port`; Err names the first failure.
+    fn get_many(&self, node: &str, port: u16, n: usize) -> Result<Vec<EchoReply>, String> {
+        let addr = self.addr(node, port);
+        client::http_get_many(self.client(), addr, n)
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.map_err(|e| format!("request {i}/{n} via {node} ({addr}): {e}")))
+            .collect()
+    }
+
+    /// `n` GETs through each node that must all succeed; the backends reached per node.
+    fn reached(
+        &self,
+        port: u16,
+        n: usize,
+        what: &str,
+    ) -> BTreeMap<String, BTreeMap<String, usize>> {
+        ["node1", "node2"]
+            .into_iter()
+            .map(|node| {
+                let rs = self
+                    .get_many(node, port, n)
+                    .unwrap_or_else(|e| panic!("{what}: {e}\n{}", self.diag()));
+                (node.to_string(), tally(&rs))
+            })
+            .collect()
+    }
+
+    /// Whether a fresh connection to `node`'s `port` gets an answer (1 s timeout).
+    fn answers(&self, node: &str, port: u16) -> bool {
+        let addr = self.addr(node, port);
+        run_in(self.client(), || {
+            client::http_get_here(addr, Duration::from_secs(1)).is_ok()
+        })
+    }
+
+    fn watch_errors(&self, node: &str) -> usize {
+        self.tb.agent_log(node).matches(WATCH_ERROR).count()
+    }
+
+    /// The stored slice of `service` on `node`, changed by `f`, written back.
+    fn edit_slice(&self, service: &str, node: &str, f: impl FnOnce(&mut EndpointSlice)) {
+        let name = format!("{service}-{node}");
+        let mut s: EndpointSlice = self
+            .api
+            .get(Some("default"), &name)
+            .unwrap_or_else(|| panic!("no EndpointSlice {name}"));
+        f(&mut s);
+        self.api
+            .update(&s)
+            .unwrap_or_else(|e| panic!("update {name}: {e}"));
+    }
+
+    /// Removes the endpoint with address `ip` from `service`'s slice of `node`.
+    fn remove_endpoint(&self, service: &str, node: &str, ip: Ipv4Addr) {
+        self.edit_slice(service, node, |s| {
+            let before = s.endpoints.len();
+            s.endpoints.retain(|e| e.addresses != [ip.to_string()]);
+            assert_eq!(s.endpoints.len() + 1, before, "{ip} not in the slice");
+        });
+    }
+
+    /// Puts pod `pod`'s endpoint back into `service`'s slice of its node (from the manifests).
+    fn restore_endpoint(&self, service: &str, pod: &str) {
+        let m = self.tb.manifests();
+        let node = self.tb.cluster().pod_node(pod).to_string();
+        let full: EndpointSlice = parse(&m.endpoint_slice_yaml(&node));
+        let ep = full
+            .endpoints
+            .into_iter()
+            .find(|e| e.addresses == [self.pod_ip(pod).to_string()])
+            .unwrap_or_else(|| panic!("{pod} not in the manifests"));
+        self.edit_slice(service, &node, |s| s.endpoints.push(ep));
+    }
+
+    /// Connections kept open through each node, none on `avoid`: (node, connection, first
+    /// reply).
+    fn keep_alive_conns(&self, avoid: &str) -> Vec<(String, KeepAliveConn, EchoReply)> {
+        let mut out = Vec::new();
+        for node in ["node1", "node2"] {
+            let addr = self.addr(node, FIRST_PORT);
+            let mut found = None;
+            for _ in 0..30 {
+                let mut c = KeepAliveConn::connect(self.client(), addr)
+                    .unwrap_or_else(|e| panic!("connect via {node}: {e}\n{}", self.diag()));
+                let r = c
+                    .request()
+                    .unwrap_or_else(|e| panic!("first request via {node}: {e}\n{}", self.diag()));
+                if r.from != avoid {
+                    found = Some((c, r));
+                    break;
+                }
+            }
+            let (c, r) = found.unwrap_or_else(|| panic!("every connection via {node} on {avoid}"));
+            out.push((node.to_string(), c, r));
+        }
+        out
+    }
+
+    /// Every kept connection still answers, from the same backend and client address.
+    fn check_kept(&self, conns: &mut [(String, KeepAliveConn, EchoReply)], when: &str) {
+        for (node, c, first) in conns.iter_mut() {
+            let r = c.request().unwrap_or_else(|e| {
+                panic!(
+                    "{when}: kept connection via {node} broke: {e}\n{}",
+                    self.diag()
+                )
+            });
+            assert_eq!(
+                &r,
+                first,
+                "{when}: kept connection via {node} changed backend or address\n{}",
+                self.diag()
+            );
+        }
+    }
+
+    /// Drops everything and checks that no namespace of the run is left.
+    fn finish(self, test: &str) {
+        let prefix = format!("np-{}-", self.tb.cluster().run_id());
+        let took = self.started.elapsed();
+        drop(self);
+        let left: Vec<_> = list_np_namespaces()
+            .into_iter()
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        assert!(left.is_empty(), "namespaces left behind: {left:?}");
+        eprintln!("{test}: {took:.1?}");
+    }
+}
+
+/// Every step against both nodes: service up, a new Service after cut watches, an endpoint
+/// removed through failing requests, a Service deleted behind a compacted history (410, the
+/// agent re-lists), and a server outage.
+#[test]
+fn agents_follow_the_api_server_through_faults() {
+    if !require_root() {
+        return;
+    }
+    let mut kb = KubeBed::start();
+    kb.tb
+        .wait_for_service(WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", kb.diag()));
+    let every = names(&["pa1", "pa2", "pb1"]);
+    let pa2 = kb.pod_ip("pa2");
+    let all_ips: BTreeSet<Ipv4Addr> = ["pa1", "pa2", "pb1"]
+        .into_iter()
+        .map(|p| kb.pod_ip(p))
+        .collect();
+
+    // 1. Both nodes answer on 30080, every backend is reached, the maps hold the service.
+    for (node, t) in kb.reached(FIRST_PORT, CONNS, "step 1") {
+        let seen: BTreeSet<String> = t.keys().cloned().collect();
+        assert_eq!(
+            seen,
+            every,
+            "step 1: backends via {node}: {t:?}\n{}",
+            kb.diag()
+        );
+    }
+    for node in ["node1", "node2"] {
+        let pin = kb.pin(node);
+        assert_eq!(
+            frontends(&pin),
+            BTreeSet::from([(FIRST_PORT, TCP)]),
+            "step 1: NP_SVC of {node}"
+        );
+        let be = backends(&pin);
+        assert_eq!(
+            be.values().map(|(a, _)| *a).collect::<BTreeSet<_>>(),
+            all_ips,
+            "step 1: NP_BE of {node}: {be:?}"
+        );
+        assert!(be.values().all(|(_, p)| *p == 80), "step 1: ports {be:?}");
+    }
+    // Kept through every later step: none on pa2, which step 3 removes.
+    let mut kept = kb.keep_alive_conns("pa2");
+
+    // 2. Watches cut, then a second Service: the re-established watches bring it.
+    kb.api.cut_watches();
+    let second = second_service(kb.tb.manifests());
+    let (svc2, slices2) = service_objects(&second);
+    kb.api.create(&svc2).expect("create second");
+    for s in &slices2 {
+        kb.api.create(s).expect("create second's slice");
+    }
+    let up = poll_until(WAIT, Duration::from_millis(200), || {
+        ["node1", "node2"].iter().all(|n| {
+            frontends(&kb.pin(n)).contains(&(SECOND_PORT, TCP)) && kb.answers(n, SECOND_PORT)
+        })
+    });
+    assert!(up, "step 2: 30081 never served\n{}", kb.diag());
+    for (node, t) in kb.reached(SECOND_PORT, CONNS, "step 2") {
+        let seen: BTreeSet<String> = t.keys().cloned().collect();
+        assert_eq!(seen, every, "step 2: 30081 backends via {node}: {t:?}");
+    }
+    for node in ["node1", "node2"] {
+        assert!(
+            kb.watch_errors(node) >= 1,
+            "step 2: agent on {node} did not see its watches cut\n{}",
+            kb.diag()
+        );
+    }
+    kb.check_kept(&mut kept, "step 2");
+    kb.check_agents();
+
+    // 3. The next 5 requests fail (500), the watches are cut so that the agents must make
+    // requests, and pa2 leaves sample-nodeport's slice of node1.
+    kb.api.fail_next(5);
+    kb.api.cut_watches();
+    kb.remove_endpoint("sample-nodeport", "node1", pa2);
+    let mut last = String::new();
+    let gone = poll_until(WAIT, Duration::from_millis(200), || {
+        let maps: Vec<_> = ["node1", "node2"]
+            .iter()
+            .filter(|n| backend_addrs(&kb.pin(n)).contains(&pa2))
+            .collect();
+        if !maps.is_empty() {
+            last = format!("NP_BE of {maps:?} holds pa2");
+            return false;
+        }
+        // A stale table picks pa2 for a new connection with odds 1/3 each (3 backends in
+        // both services): 30 misses in a row by chance have odds (2/3)^30, about 5e-6.
+        let rs: Vec<_> = (0..30)
+            .map(|i| {
+                let node = ["node1", "node2"][i % 2];
+                client::http_get(kb.client(), kb.addr(node, FIRST_PORT))
+            })
+            .collect();
+        let t: BTreeMap<String, usize> = tally(&rs.iter().flatten().cloned().collect::<Vec<_>>());
+        last = format!(
+            "replies {t:?}, errors {}",
+            rs.iter().filter(|r| r.is_err()).count()
+        );
+        rs.iter().all(|r| r.as_ref().is_ok_and(|r| r.from != "pa2"))
+    });
+    assert!(
+        gone,
+        "step 3: pa2 still served or mapped ({last})\n{}",
+        kb.diag()
+    );
+    assert_eq!(
+        kb.api.pending_failures(),
+        0,
+        "step 3: the injected failures were not all hit"
+    );
+    let failed = kb.api.requests().iter().filter(|r| r.status == 500).count();
+    assert_eq!(
+        failed,
+        5,
+        "step 3: {failed} requests got 500\n{}",
+        kb.diag()
+    );
+    for (node, t) in kb.reached(FIRST_PORT, CONNS, "step 3") {
+        let seen: BTreeSet<String> = t.keys().cloned().collect();
+        assert_eq!(
+            seen,
+            names(&["pa1", "pb1"]),
+            "step 3: backends via {node} after pa2's removal: {t:?}"
+        );
+    }
+    for (node, t) in kb.reached(SECOND_PORT, 15, "step 3 (second)") {
+        assert!(
+            t.contains_key("pa2"),
+            "step 3: `second` (own slices, pa2 kept) does not reach pa2 via {node}: {t:?}"
+        );
+    }
+    kb.check_kept(&mut kept, "step 3");
+    kb.check_agents();
+
+    // 4. The history is compacted behind the agents: their re-watches get 410 Expired and
+    // they must re-list, and `second` was deleted in between. The delay makes every re-watch
+    // reach the server after the compaction.
+    let relists_before: Vec<usize> = ["node1", "node2"]
+        .iter()
+        .map(|n| kb.tb.agent_log(n).matches("re-listing").count())
+        .collect();
+    kb.api.set_delay(Duration::from_millis(500));
+    kb.api.cut_watches();
+    kb.api
+        .delete_named::<v1::Service>(Some("default"), "second")
+        .expect("delete second");
+    for s in &slices2 {
+        kb.api.delete(s).expect("delete second's slice");
+    }
+    kb.api.compact();
+    kb.api.set_delay(Duration::ZERO);
+    let mut last = String::new();
+    let removed = poll_until(WAIT, Duration::from_millis(200), || {
+        kb.check_kept(&mut kept, "step 4");
+        for node in ["node1", "node2"] {
+            if let Err(e) = kb.get_many(node, FIRST_PORT, 2) {
+                panic!("step 4: 30080 broke meanwhile: {e}\n{}", kb.diag());
+            }
+        }
+        let still: Vec<_> = ["node1", "node2"]
+            .into_iter()
+            .filter(|n| {
+                frontends(&kb.pin(n)).contains(&(SECOND_PORT, TCP)) || kb.answers(n, SECOND_PORT)
+            })
+            .collect();
+        last = format!("30081 still mapped or answering via {still:?}");
+        still.is_empty()
+    });
+    assert!(removed, "step 4: {last}\n{}", kb.diag());
+    for (i, node) in ["node1", "node2"].into_iter().enumerate() {
+        assert_eq!(
+            frontends(&kb.pin(node)),
+            BTreeSet::from([(FIRST_PORT, TCP)]),
+            "step 4: NP_SVC of {node}"
+        );
+        let n = kb.tb.agent_log(node).matches("re-listing").count();
+        assert!(
+            n > relists_before[i],
+            "step 4: agent on {node} did not re-list after the 410\n{}",
+            kb.diag()
+        );
+    }
+    kb.check_kept(&mut kept, "step 4");
+
+    // 5. The server goes away for a while: the agents see errors and back off, the datapath
+    // keeps serving; a change made once it is back is picked up.
+    let errors_before: Vec<usize> = ["node1", "node2"]
+        .iter()
+        .map(|n| kb.watch_errors(n))
+        .collect();
+    kb.api.stop();
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        kb.check_kept(&mut kept, "step 5, server stopped");
+        for node in ["node1", "node2"] {
+            if let Err(e) = kb.get_many(node, FIRST_PORT, 2) {
+                panic!(
+                    "step 5: 30080 broke while the server is down: {e}\n{}",
+                    kb.diag()
+                );
+            }
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    kb.check_agents();
+    for (i, node) in ["node1", "node2"].into_iter().enumerate() {
+        assert!(
+            kb.watch_errors(node) > errors_before[i],
+            "step 5: agent on {node} saw no error while the server was down\n{}",
+            kb.diag()
+        );
+    }
+    // The listening socket is made again: in the lan namespace too.
+    run_in(kb.tb.cluster().lan(), || kb.api.restart()).expect("restart the API server");
+    kb.restore_endpoint("sample-nodeport", "pa2");
+    let mut last = String::new();
+    let back = poll_until(WAIT, Duration::from_millis(200), || {
+        kb.check_kept(&mut kept, "step 5, server back");
+        let maps: Vec<_> = ["node1", "node2"]
+            .into_iter()
+            .filter(|n| !backend_addrs(&kb.pin(n)).contains(&pa2))
+            .collect();
+        if !maps.is_empty() {
+            last = format!("NP_BE of {maps:?} lacks pa2");
+            return false;
+        }
+        let rs = kb.get_many("node1", FIRST_PORT, 10).unwrap_or_default();
+        let rs2 = kb.get_many("node2", FIRST_PORT, 10).unwrap_or_default();
+        last = format!(
+            "replies via node1 {:?}, via node2 {:?}",
+            tally(&rs),
+            tally(&rs2)
+        );
+        rs.iter().any(|r| r.from == "pa2") && rs2.iter().any(|r| r.from == "pa2")
+    });
+    assert!(
+        back,
+        "step 5: pa2 not back after the restart ({last})\n{}",
+        kb.diag()
+    );
+    for (node, t) in kb.reached(FIRST_PORT, CONNS, "step 5") {
+        let seen: BTreeSet<String> = t.keys().cloned().collect();
+        assert_eq!(seen, every, "step 5: backends via {node}: {t:?}");
+    }
+    kb.check_kept(&mut kept, "the end");
+    kb.check_agents();
+    drop(kept);
+    kb.finish("agents_follow_the_api_server_through_faults");
+}
+
+/// An agent restarted on the pinned state of an earlier run while the API server refuses
+/// every request keeps that state whole (the datapath serves, the maps are not wiped), and
+/// applies the cluster's state once it can list.
+#[test]
+fn restarted_agent_deletes_nothing_before_its_first_list() {
+    if !require_root() {
+        return;
+    }
+    let mut kb = KubeBed::start();
+    kb.tb
+        .wait_for_service(WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", kb.diag()));
+    let pa2 = kb.pod_ip("pa2");
+    let pin = kb.pin("node1");
+    let svc_before = frontends(&pin);
+    let be_before = backends(&pin);
+    assert!(
+        svc_before.contains(&(FIRST_PORT, TCP)) && be_before.values().any(|(a, _)| *a == pa2),
+        "NP_SVC {svc_before:?}, NP_BE {be_before:?}\n{}",
+        kb.diag()
+    );
+
+    kb.tb.kill_agent("node1");
+    // While no agent runs on node1, pa2 leaves the cluster: the restarted agent may apply
+    // that only once it has listed everything.
+    kb.remove_endpoint("sample-nodeport", "node1", pa2);
+    // Every request fails from now on (node2's agent keeps its open watches).
+    kb.api.fail_next(1_000_000);
+    kb.tb.restart_agent("node1");
+    let failing = poll_until(WAIT, Duration::from_millis(100), || {
+        let log = kb.tb.agent_log("node1");
+        log.contains("restored state from the pinned maps") && log.contains(WATCH_ERROR)
+    });
+    kb.check_agents();
+    assert!(
+        failing,
+        "restarted agent never started listing\n{}",
+        kb.diag()
+    );
+
+    // The window: the agent runs, cannot list, and must leave everything in place.
+    let window = Instant::now();
+    let mut samples = 0;
+    while window.elapsed() < Duration::from_secs(3) {
+        let rs = kb
+            .get_many("node1", FIRST_PORT, 5)
+            .unwrap_or_else(|e| panic!("while the agent cannot list: {e}\n{}", kb.diag()));
+        assert_eq!(rs.len(), 5);
+        assert_eq!(
+            frontends(&pin),
+            svc_before,
+            "NP_SVC changed before the first list\n{}",
+            kb.diag()
+        );
+        assert_eq!(
+            backends(&pin),
+            be_before,
+            "NP_BE changed before the first list\n{}",
+            kb.diag()
+        );
+        samples += 1;
+        thread::sleep(Duration::from_millis(200));
+    }
+    let log = kb.tb.agent_log("node1");
+    assert!(
+        !log.contains("synced") && !log.contains("first complete snapshot"),
+        "the agent synced although every request failed\n{}",
+        kb.diag()
+    );
+    assert!(kb.api.pending_failures() > 0);
+    assert!(samples >= 5, "{samples} samples in the window");
+
+    // The server answers again: the agent lists, syncs and drops pa2.
+    kb.api.fail_next(0);
+    let synced = poll_until(WAIT, Duration::from_millis(100), || {
+        kb.tb.agent_log("node1").contains("synced")
+    });
+    assert!(
+        synced,
+        "the agent never synced once the server answered\n{}",
+        kb.diag()
+    );
+    let mut last = String::new();
+    let applied = poll_until(WAIT, Duration::from_millis(200), || {
+        let addrs = backend_addrs(&pin);
+        let rs = kb.get_many("node1", FIRST_PORT, 30);
+        last = format!(
+            "NP_BE {addrs:?}, replies {:?}",
+            rs.as_ref().map(|r| tally(r))
+        );
+        !addrs.contains(&pa2) && rs.is_ok_and(|rs| rs.iter().all(|r| r.from != "pa2"))
+    });
+    assert!(
+        applied,
+        "pa2's removal not applied after the sync ({last})\n{}",
+        kb.diag()
+    );
+    assert_eq!(frontends(&pin), svc_before, "NP_SVC after the sync");
+    // Backend ids of the earlier run are kept for the backends that stay.
+    let be_after = backends(&pin);
+    for (id, b) in &be_after {
+        assert_eq!(
+            be_before.get(id),
+            Some(b),
+            "backend id {id} changed: {be_after:?}"
+        );
+    }
+    let log = kb.tb.agent_log("node1");
+    assert!(
+        log.contains("reusing pinned maps"),
+        "maps not reused:\n{log}"
+    );
+    kb.check_agents();
+    kb.finish("restarted_agent_deletes_nothing_before_its_first_list");
+}

@@ -1,0 +1,105 @@
+//! Observability end to end: the agent's /readyz and /healthz answer inside the node, and
+//! /metrics moves with real traffic sent through the nodePort.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::PathBuf,
+    time::Duration,
+};
+
+use tests::{
+    client,
+    netns::{require_root, run_in},
+    testbed::{default_agent_path, Testbed, TestbedOptions},
+};
+
+fn echo_bin() -> PathBuf {
+    std::env::var_os("NP_ECHO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_np-echo")))
+}
+
+/// GET `path` from 127.0.0.1:`port` inside `node`'s namespace: (status code, body).
+fn get(tb: &Testbed, node: &str, port: u16, path: &str) -> (u16, String) {
+    run_in(tb.cluster().node(node).ns(), || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the agent");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read response");
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
+    })
+}
+
+/// The value of the sample `name` (labels included, exactly as exposed).
+fn sample(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0, |v| v as u64)
+}
+
+#[test]
+fn health_readiness_and_metrics_follow_traffic() {
+    if !require_root() {
+        return;
+    }
+    let mut tb =
+        Testbed::start(TestbedOptions::standard(echo_bin()).with_agent(default_agent_path()));
+    tb.wait_for_service(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let (code, body) = get(&tb, "node1", 10256, "/readyz");
+    assert_eq!(code, 200, "readyz after the first sync: {body}");
+    let (code, body) = get(&tb, "node1", 10256, "/healthz");
+    assert_eq!(code, 200, "healthz: {body}");
+    assert!(body.contains("lastUpdated"), "healthz body: {body}");
+
+    let new_flows = "nodeport_datapath_events_total{event=\"new_flow\"}";
+    let (_, before) = get(&tb, "node1", 10249, "/metrics");
+    let n = 25;
+    let replies = client::http_get_many(tb.cluster().client(), tb.nodeport_addr("node1"), n);
+    assert!(
+        replies.iter().all(|r| r.is_ok()),
+        "requests failed: {replies:?}"
+    );
+    let (code, after) = get(&tb, "node1", 10249, "/metrics");
+    assert_eq!(code, 200);
+    let grew = sample(&after, new_flows) - sample(&before, new_flows);
+    assert!(
+        grew >= n as u64,
+        "{n} connections but new_flow grew by {grew}\n{after}"
+    );
+    assert!(
+        sample(&after, "nodeport_conntrack_entries") >= n as u64,
+        "conntrack gauge:\n{after}"
+    );
+    assert_eq!(sample(&after, "nodeport_conntrack_capacity"), 262_144);
+    assert_eq!(sample(&after, "nodeport_ready"), 1);
+    assert!(sample(&after, "nodeport_syncs_total") >= 1);
+    assert_eq!(
+        sample(&after, "nodeport_services"),
+        1,
+        "one service port (sample-nodeport TCP)"
+    );
+}
