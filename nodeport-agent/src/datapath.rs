@@ -610,6 +610,18 @@ impl Maps for Datapath {
     }
 }
 
+/// CLOCK_MONOTONIC_COARSE in ns: the clock of conntrack timestamps
+/// (`bpf_ktime_get_coarse_ns`).
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn sum_counters(stats: &PerCpuArray<MapData, u64>) -> Result<Vec<(&'static str, u64)>> {
     let mut out = Vec::new();
     for (i, stat) in Stat::ALL.iter().enumerate().take(STAT_COUNT as usize) {
@@ -624,6 +636,7 @@ fn sum_counters(stats: &PerCpuArray<MapData, u64>) -> Result<Vec<(&'static str, 
 /// Read-only handles on the maps pinned by a running (or kept) datapath: what metrics
 /// scrapes and `inspect` read, without the agent's own handles and without an agent.
 pub struct MapReader {
+    dir: PathBuf,
     stats: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
 }
@@ -638,7 +651,55 @@ impl MapReader {
             .map_err(|e| kerr(m::MAP_STATS, e))?;
         let conntrack = HashMap::try_from(Map::LruHashMap(open_pinned(pin_dir, m::MAP_CONNTRACK)?))
             .map_err(|e| kerr(m::MAP_CONNTRACK, e))?;
-        Ok(Self { stats, conntrack })
+        Ok(Self {
+            dir: pin_dir.to_path_buf(),
+            stats,
+            conntrack,
+        })
+    }
+
+    /// Every frontend and its service entry (NP_SVC).
+    pub fn services(&self) -> Result<Vec<(FrontendKey, Service)>> {
+        let map: HashMap<MapData, FrontendKey, Service> =
+            HashMap::try_from(Map::HashMap(open_pinned(&self.dir, m::MAP_SERVICES)?))
+                .map_err(|e| kerr(m::MAP_SERVICES, e))?;
+        map.iter()
+            .map(|kv| kv.map_err(|e| kerr(m::MAP_SERVICES, e)))
+            .collect()
+    }
+
+    /// Every backend by id (NP_BE).
+    pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
+        let map: HashMap<MapData, u32, Backend> =
+            HashMap::try_from(Map::HashMap(open_pinned(&self.dir, m::MAP_BACKENDS)?))
+                .map_err(|e| kerr(m::MAP_BACKENDS, e))?;
+        map.iter()
+            .map(|kv| kv.map_err(|e| kerr(m::MAP_BACKENDS, e)))
+            .collect()
+    }
+
+    /// The backend ids of `len` Maglev slots from `offset` (NP_MAGLEV, two per element).
+    pub fn slots(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
+        let map: aya::maps::Array<MapData, m::MaglevEntry> =
+            aya::maps::Array::try_from(Map::Array(open_pinned(&self.dir, m::MAP_MAGLEV)?))
+                .map_err(|e| kerr(m::MAP_MAGLEV, e))?;
+        let per = m::MAGLEV_SLOTS_PER_ENTRY;
+        let mut out = Vec::with_capacity(len as usize);
+        for slot in offset..offset.saturating_add(len) {
+            let pair = map
+                .get(&(slot / per), 0)
+                .map_err(|e| kerr(m::MAP_MAGLEV, e))?;
+            out.push(pair[(slot % per) as usize]);
+        }
+        Ok(out)
+    }
+
+    /// Every conntrack entry (NP_CT).
+    pub fn conntrack(&self) -> Result<Vec<(FlowKey, CtEntry)>> {
+        self.conntrack
+            .iter()
+            .map(|kv| kv.map_err(|e| kerr(m::MAP_CONNTRACK, e)))
+            .collect()
     }
 
     /// Datapath counters summed over CPUs, in `Stat` order.

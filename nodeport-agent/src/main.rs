@@ -12,7 +12,8 @@ use clap::{Parser, ValueEnum};
 use std::sync::Arc;
 
 use nodeport_agent::{
-    datapath::{Datapath, EbpfLog, MapSizes, XdpAttachMode},
+    datapath::{monotonic_coarse_ns, Datapath, EbpfLog, MapReader, MapSizes, XdpAttachMode},
+    inspect,
     kube_source::{self, KubeStats, WatchOptions},
     manifests,
     metrics::Metrics,
@@ -33,7 +34,93 @@ enum LogFormat {
     Json,
 }
 
+/// Show what the pinned maps of a node hold; works with no agent running.
+#[derive(Parser, Debug)]
+#[command(name = "nodeport-agent inspect", version)]
+struct InspectArgs {
+    /// The agent's --pin-path.
+    #[arg(long, default_value = "/sys/fs/bpf/nodeport")]
+    pin_path: PathBuf,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    what: Option<What>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum What {
+    /// Frontends with their backends and Maglev table sizes (the default).
+    Services,
+    /// Conntrack entries.
+    Conntrack {
+        /// Only flows to this frontend port (nodePort or LoadBalancer port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only flows of this service id (as `inspect services` shows).
+        #[arg(long)]
+        svc_id: Option<u32>,
+        /// Only flows from this client address.
+        #[arg(long)]
+        client: Option<Ipv4Addr>,
+    },
+    /// Datapath counters, summed over CPUs.
+    Counters,
+}
+
+/// Print what the pinned maps hold.
+fn inspect(a: InspectArgs) -> anyhow::Result<()> {
+    let maps = MapReader::open(&a.pin_path).with_context(|| {
+        format!(
+            "no datapath pinned at {} (is --pin-path right?)",
+            a.pin_path.display()
+        )
+    })?;
+    let out = match a.what.unwrap_or(What::Services) {
+        What::Services => {
+            let views = inspect::frontends(&maps.services()?, &maps.backends()?, |off, len| {
+                maps.slots(off, len).unwrap_or_default()
+            });
+            if a.json {
+                serde_json::to_string_pretty(&views)?
+            } else {
+                inspect::frontends_table(&views)
+            }
+        }
+        What::Conntrack {
+            port,
+            svc_id,
+            client,
+        } => {
+            let filter = inspect::FlowFilter {
+                port,
+                svc_id,
+                client,
+            };
+            let views = inspect::flows(&maps.conntrack()?, &filter, monotonic_coarse_ns());
+            if a.json {
+                serde_json::to_string_pretty(&views)?
+            } else {
+                inspect::flows_table(&views)
+            }
+        }
+        What::Counters => {
+            let counters = maps.counters()?;
+            if a.json {
+                let map: std::collections::BTreeMap<_, _> = counters.into_iter().collect();
+                serde_json::to_string_pretty(&map)?
+            } else {
+                inspect::counters_table(&counters)
+            }
+        }
+    };
+    println!("{}", out.trim_end());
+    Ok(())
+}
+
 /// eBPF/XDP load balancer for Kubernetes NodePort and LoadBalancer services.
+///
+/// Runs the agent. `nodeport-agent inspect --help`: read what the pinned maps hold.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -152,6 +239,14 @@ fn spawn_ebpf_log(logger: EbpfLog) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // `inspect` is dispatched first so that the agent's required flags stay required.
+    let mut argv = std::env::args_os();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "inspect") {
+        let prog = argv.next().unwrap_or_default();
+        return inspect(InspectArgs::parse_from(
+            std::iter::once(prog).chain(argv.skip(1)),
+        ));
+    }
     let args = Args::parse();
     init_logging(args.log_format);
     if let Err(e) = run(args).await {

@@ -5,6 +5,7 @@ use std::{
     io::{Read, Write},
     net::TcpStream,
     path::PathBuf,
+    process::Command,
     time::Duration,
 };
 
@@ -99,4 +100,71 @@ fn health_readiness_and_metrics_follow_traffic() {
     assert!(sample(&after, "nodeport_syncs_total") >= 1);
     // sample-nodeport serves TCP and UDP on nodePort 30080: two service ports.
     assert_eq!(sample(&after, "nodeport_services"), 2);
+
+    // `inspect` reads the same maps with its own handles.
+    let pin = tb
+        .agents()
+        .iter()
+        .find(|a| a.node == "node1")
+        .expect("agent")
+        .pin_path()
+        .to_path_buf();
+    let inspect = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(default_agent_path())
+            .arg("inspect")
+            .arg("--pin-path")
+            .arg(&pin)
+            .arg("--json")
+            .args(args)
+            .output()
+            .expect("run inspect");
+        assert!(
+            out.status.success(),
+            "inspect {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("inspect prints JSON")
+    };
+    let services = inspect(&["services"]);
+    let tcp = services
+        .as_array()
+        .and_then(|a| a.iter().find(|f| f["frontend"] == "*:30080/TCP"))
+        .unwrap_or_else(|| panic!("no *:30080/TCP frontend in {services}"));
+    let mut backends: Vec<String> = tcp["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| b["address"].as_str().unwrap_or_default().to_string())
+        .collect();
+    backends.sort();
+    assert_eq!(
+        backends,
+        ["198.19.1.10:80", "198.19.1.11:80", "198.19.2.10:80"]
+    );
+    let slots: u64 = tcp["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["slots"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        slots,
+        tcp["table_size"].as_u64().unwrap(),
+        "every slot owned by a backend"
+    );
+    let flows = inspect(&["conntrack", "--client", "198.18.0.10", "--port", "30080"]);
+    let flows = flows.as_array().expect("flows");
+    assert!(
+        flows.len() >= n,
+        "{} flows from the client after {n} connections",
+        flows.len()
+    );
+    assert!(flows
+        .iter()
+        .all(|f| f["client"].as_str().unwrap().starts_with("198.18.0.10:")));
+    let counters = inspect(&["counters"]);
+    assert!(
+        counters["event_new_flow"].as_u64().unwrap() >= n as u64,
+        "{counters}"
+    );
 }

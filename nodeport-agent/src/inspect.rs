@@ -1,0 +1,358 @@
+//! `nodeport-agent inspect`: what the pinned maps hold, for people (tables) and scripts
+//! (`--json`), with no agent running. The views are built from plain map contents by pure
+//! functions; `datapath::MapReader` does the reading.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+
+use nodeport_common::{
+    Backend, CtEntry, FlowKey, FrontendKey, Service, BE_F_LOCAL, CT_F_CLOSING, CT_F_SNAT,
+    CT_F_SYN_ONLY, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_LOCAL,
+};
+use serde::Serialize;
+
+fn ip(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+fn proto(p: u8) -> String {
+    match p {
+        PROTO_TCP => "TCP".into(),
+        PROTO_UDP => "UDP".into(),
+        other => other.to_string(),
+    }
+}
+
+fn endpoint(addr: u32, port: u16) -> String {
+    format!("{}:{}", ip(addr), u16::from_be(port))
+}
+
+/// A frontend as `inspect` shows it: `*:30080/TCP` for a nodePort on every node address.
+pub fn frontend_name(fe: &FrontendKey) -> String {
+    let addr = if fe.addr == 0 {
+        "*".to_string()
+    } else {
+        ip(fe.addr).to_string()
+    };
+    format!("{addr}:{}/{}", u16::from_be(fe.port), proto(fe.proto))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendView {
+    pub id: u32,
+    pub address: String,
+    pub local: bool,
+    /// Maglev slots this backend owns in the service's table.
+    pub slots: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FrontendView {
+    pub frontend: String,
+    pub svc_id: u32,
+    pub policy: &'static str,
+    pub affinity: bool,
+    pub table_size: u32,
+    pub backends: Vec<BackendView>,
+}
+
+/// Frontends with their backends; `slots(offset, len)` reads a service's table.
+pub fn frontends(
+    services: &[(FrontendKey, Service)],
+    backends: &[(u32, Backend)],
+    mut slots: impl FnMut(u32, u32) -> Vec<u32>,
+) -> Vec<FrontendView> {
+    let by_id: BTreeMap<u32, &Backend> = backends.iter().map(|(id, b)| (*id, b)).collect();
+    let mut tables: BTreeMap<(u32, u32), BTreeMap<u32, u32>> = BTreeMap::new();
+    let mut out: Vec<FrontendView> = services
+        .iter()
+        .map(|(fe, svc)| {
+            let counts = tables
+                .entry((svc.table_off, svc.table_size))
+                .or_insert_with(|| {
+                    let mut c = BTreeMap::new();
+                    for id in slots(svc.table_off, svc.table_size) {
+                        *c.entry(id).or_insert(0) += 1;
+                    }
+                    c
+                });
+            let backends = counts
+                .iter()
+                .map(|(id, n)| match by_id.get(id) {
+                    Some(b) => BackendView {
+                        id: *id,
+                        address: endpoint(b.addr, b.port),
+                        local: b.flags & BE_F_LOCAL != 0,
+                        slots: *n,
+                    },
+                    None => BackendView {
+                        id: *id,
+                        address: "(missing)".into(),
+                        local: false,
+                        slots: *n,
+                    },
+                })
+                .collect();
+            FrontendView {
+                frontend: frontend_name(fe),
+                svc_id: svc.svc_id,
+                policy: if svc.flags & SVC_F_LOCAL != 0 {
+                    "Local"
+                } else {
+                    "Cluster"
+                },
+                affinity: svc.flags & SVC_F_AFFINITY != 0,
+                table_size: svc.table_size,
+                backends,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.frontend.cmp(&b.frontend));
+    out
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FlowView {
+    pub protocol: String,
+    pub client: String,
+    pub frontend: String,
+    pub backend: String,
+    /// Source address towards the backend (the client's, or this node's when SNATed).
+    pub via: String,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    pub state: &'static str,
+    /// Seconds since the flow's last packet.
+    pub idle_s: u64,
+}
+
+/// Which conntrack entries to show.
+#[derive(Clone, Debug, Default)]
+pub struct FlowFilter {
+    /// Frontend port (nodePort or LB port).
+    pub port: Option<u16>,
+    pub svc_id: Option<u32>,
+    pub client: Option<Ipv4Addr>,
+}
+
+/// Conntrack entries matching `filter`; `now_ns` is CLOCK_MONOTONIC_COARSE.
+pub fn flows(entries: &[(FlowKey, CtEntry)], filter: &FlowFilter, now_ns: u64) -> Vec<FlowView> {
+    let mut out: Vec<FlowView> = entries
+        .iter()
+        .filter(|(k, v)| {
+            filter.port.is_none_or(|p| u16::from_be(k.dport) == p)
+                && filter.svc_id.is_none_or(|s| v.svc_id == s)
+                && filter.client.is_none_or(|c| ip(k.saddr) == c)
+        })
+        .map(|(k, v)| FlowView {
+            protocol: proto(k.proto),
+            client: endpoint(k.saddr, k.sport),
+            frontend: endpoint(k.daddr, k.dport),
+            backend: endpoint(v.backend_addr, v.backend_port),
+            via: endpoint(v.nat_addr, v.nat_port),
+            backend_id: v.backend_id,
+            svc_id: v.svc_id,
+            state: if v.flags & CT_F_CLOSING != 0 {
+                "closing"
+            } else if v.flags & CT_F_SYN_ONLY != 0 {
+                "syn"
+            } else if v.flags & CT_F_SNAT != 0 {
+                "snat"
+            } else {
+                "direct"
+            },
+            idle_s: now_ns.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
+    out
+}
+
+/// The frontends table.
+pub fn frontends_table(views: &[FrontendView]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<24} {:>6} {:<8} {:>6}  BACKENDS (id address slots)",
+        "FRONTEND", "SVC", "POLICY", "SLOTS"
+    );
+    for v in views {
+        let bes: Vec<String> = v
+            .backends
+            .iter()
+            .map(|b| {
+                format!(
+                    "#{} {}{} {}",
+                    b.id,
+                    b.address,
+                    if b.local { " (local)" } else { "" },
+                    b.slots
+                )
+            })
+            .collect();
+        let policy = if v.affinity {
+            format!("{}+aff", v.policy)
+        } else {
+            v.policy.to_string()
+        };
+        let bes = if bes.is_empty() {
+            "(none: traffic dropped)".to_string()
+        } else {
+            bes.join(", ")
+        };
+        let _ = writeln!(
+            s,
+            "{:<24} {:>6} {:<8} {:>6}  {}",
+            v.frontend, v.svc_id, policy, v.table_size, bes
+        );
+    }
+    s
+}
+
+/// The conntrack table.
+pub fn flows_table(views: &[FlowView]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<5} {:<22} {:<22} {:<22} {:<22} {:<8} {:>6}",
+        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "VIA", "STATE", "IDLE"
+    );
+    for v in views {
+        let _ = writeln!(
+            s,
+            "{:<5} {:<22} {:<22} {:<22} {:<22} {:<8} {:>5}s",
+            v.protocol, v.client, v.frontend, v.backend, v.via, v.state, v.idle_s
+        );
+    }
+    s
+}
+
+/// The counters table.
+pub fn counters_table(counters: &[(&str, u64)]) -> String {
+    let mut s = String::new();
+    for (name, v) in counters {
+        let _ = writeln!(s, "{name:<24} {v}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+
+    #[test]
+    fn frontends_show_backends_and_their_slots() {
+        let fe = FrontendKey {
+            addr: 0,
+            port: 30080u16.to_be(),
+            proto: PROTO_TCP,
+            pad: 0,
+        };
+        let svc = Service {
+            table_off: 10,
+            table_size: 5,
+            svc_id: 7,
+            ..Default::default()
+        };
+        let bes = vec![
+            (
+                1,
+                Backend {
+                    addr: raw([198, 19, 1, 10]),
+                    port: 80u16.to_be(),
+                    flags: BE_F_LOCAL,
+                    pad: 0,
+                },
+            ),
+            (
+                2,
+                Backend {
+                    addr: raw([198, 19, 2, 10]),
+                    port: 80u16.to_be(),
+                    flags: 0,
+                    pad: 0,
+                },
+            ),
+        ];
+        let views = frontends(&[(fe, svc)], &bes, |off, len| {
+            assert_eq!((off, len), (10, 5));
+            vec![1, 2, 1, 1, 2]
+        });
+        assert_eq!(views.len(), 1);
+        assert_eq!(views[0].frontend, "*:30080/TCP");
+        assert_eq!(
+            views[0].backends[0],
+            BackendView {
+                id: 1,
+                address: "198.19.1.10:80".into(),
+                local: true,
+                slots: 3
+            }
+        );
+        assert_eq!(views[0].backends[1].slots, 2);
+        assert!(frontends_table(&views).contains("#2 198.19.2.10:80 2"));
+    }
+
+    #[test]
+    fn flows_filter_by_port_service_and_client() {
+        let key = |c: [u8; 4], port: u16| FlowKey {
+            saddr: raw(c),
+            daddr: raw([198, 18, 0, 11]),
+            sport: 40000u16.to_be(),
+            dport: port.to_be(),
+            proto: PROTO_TCP,
+            pad: [0; 3],
+        };
+        let ct = |svc: u32| CtEntry {
+            svc_id: svc,
+            flags: CT_F_SNAT,
+            last_seen_ns: 1_000_000_000,
+            ..Default::default()
+        };
+        let entries = vec![
+            (key([198, 18, 0, 10], 30080), ct(1)),
+            (key([198, 18, 0, 20], 30081), ct(2)),
+        ];
+        assert_eq!(
+            flows(&entries, &FlowFilter::default(), 5_000_000_000).len(),
+            2
+        );
+        let by_port = flows(
+            &entries,
+            &FlowFilter {
+                port: Some(30081),
+                ..Default::default()
+            },
+            0,
+        );
+        assert_eq!(by_port.len(), 1);
+        assert_eq!(by_port[0].client, "198.18.0.20:40000");
+        let by_client = flows(
+            &entries,
+            &FlowFilter {
+                client: Some(Ipv4Addr::new(198, 18, 0, 10)),
+                ..Default::default()
+            },
+            3_000_000_000,
+        );
+        assert_eq!(
+            (by_client.len(), by_client[0].idle_s, by_client[0].state),
+            (1, 2, "snat")
+        );
+        assert_eq!(
+            flows(
+                &entries,
+                &FlowFilter {
+                    svc_id: Some(2),
+                    ..Default::default()
+                },
+                0
+            )
+            .len(),
+            1
+        );
+    }
+}
