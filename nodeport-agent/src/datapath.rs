@@ -222,6 +222,10 @@ pub struct PinReport {
     pub created: Vec<String>,
 }
 
+const BPF_MAP_TYPE_DEVMAP: u32 = 14;
+const BPF_MAP_TYPE_DEVMAP_HASH: u32 = 25;
+const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+
 /// The layouts this build's object declares for its `NP_` maps, with `sizes` applied.
 pub fn expected_layouts(sizes: &MapSizes) -> Result<Vec<(String, Layout)>> {
     let obj =
@@ -238,12 +242,18 @@ pub fn expected_layouts(sizes: &MapSizes) -> Result<Vec<(String, Layout)>> {
                 m::MAP_CONNTRACK | m::MAP_REVNAT => sizes.conntrack,
                 _ => map.max_entries(),
             };
+            let mut flags = map.map_flags();
+            if matches!(map.map_type(), BPF_MAP_TYPE_DEVMAP | BPF_MAP_TYPE_DEVMAP_HASH) {
+                // The kernel forces this flag on device maps (kernel/bpf/devmap.c,
+                // dev_map_init_map), so a pinned devmap always reports it.
+                flags |= BPF_F_RDONLY_PROG;
+            }
             let layout = Layout {
                 map_type: map.map_type(),
                 key_size: map.key_size(),
                 value_size: map.value_size(),
                 max_entries,
-                flags: map.map_flags(),
+                flags,
             };
             (name.clone(), layout)
         })
