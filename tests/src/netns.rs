@@ -692,6 +692,11 @@ mod tests {
             );
             let mut child = ns.spawn(&["sleep", "30"], None);
             assert!(child.try_wait().is_none());
+            // nsenter enters the namespace just after it starts: wait for it (bounded).
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while ns.pids().is_empty() && std::time::Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
             assert_eq!(ns.pids(), vec![child.pid() as i32]);
         }
         assert!(

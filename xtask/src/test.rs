@@ -87,7 +87,7 @@ fn all_steps() -> Vec<Step<'static>> {
             }
             let bin = build::profile_dir(true);
             util::run_inherit(
-                cargo(&["test", "--release", "--workspace"])
+                cargo(&["test", "--release", "--workspace", "--no-fail-fast"])
                     .env("NODEPORT_AGENT", bin.join("nodeport-agent"))
                     .env("NP_ECHO", bin.join("np-echo")),
             )
