@@ -38,6 +38,32 @@ pub static EBPF_OBJECT: &[u8] =
 /// Reader of the datapath's aya-log ring buffer, forwarding records to the `log` facade.
 pub type EbpfLog = aya_log::EbpfLogger<&'static dyn log::Log>;
 
+/// Which program variants to load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Variant {
+    /// The production programs: they verify with CAP_BPF and CAP_NET_ADMIN.
+    #[default]
+    Plain,
+    /// XDP and TC ingress able to log every packet (aya-log) when the debug switch is on;
+    /// the verifier needs CAP_PERFMON for them.
+    Debug,
+}
+
+impl Variant {
+    fn xdp(self) -> &'static str {
+        match self {
+            Variant::Plain => m::PROG_XDP,
+            Variant::Debug => m::PROG_XDP_DEBUG,
+        }
+    }
+    fn tc_ingress(self) -> &'static str {
+        match self {
+            Variant::Plain => m::PROG_TC_INGRESS,
+            Variant::Debug => m::PROG_TC_INGRESS_DEBUG,
+        }
+    }
+}
+
 /// Map capacities chosen at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
@@ -148,6 +174,7 @@ impl Drop for MaglevMmap {
 /// The loaded datapath.
 pub struct Datapath {
     ebpf: Ebpf,
+    variant: Variant,
     pin_dir: Option<PathBuf>,
     keep: bool,
     pins: PinReport,
@@ -243,7 +270,10 @@ pub fn expected_layouts(sizes: &MapSizes) -> Result<Vec<(String, Layout)>> {
                 _ => map.max_entries(),
             };
             let mut flags = map.map_flags();
-            if matches!(map.map_type(), BPF_MAP_TYPE_DEVMAP | BPF_MAP_TYPE_DEVMAP_HASH) {
+            if matches!(
+                map.map_type(),
+                BPF_MAP_TYPE_DEVMAP | BPF_MAP_TYPE_DEVMAP_HASH
+            ) {
                 // The kernel forces this flag on device maps (kernel/bpf/devmap.c,
                 // dev_map_init_map), so a pinned devmap always reports it.
                 flags |= BPF_F_RDONLY_PROG;
@@ -284,6 +314,11 @@ impl Datapath {
     /// there, and a map already pinned by an earlier run is reused when its layout matches
     /// (so conntrack and the service tables survive a restart) or replaced when not.
     pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Self> {
+        Self::load_variant(sizes, pin_dir, Variant::Plain)
+    }
+
+    /// [`Datapath::load`] with a choice of program variant.
+    pub fn load_variant(sizes: MapSizes, pin_dir: Option<&Path>, variant: Variant) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
             return Err(Error::Kernel(
                 "this binary was built with AYA_BUILD_SKIP and carries no eBPF object".into(),
@@ -326,9 +361,9 @@ impl Datapath {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| kerr("loading the eBPF object", e))?;
-        let xdp: &mut Xdp = prog(&mut ebpf, m::PROG_XDP)?;
-        xdp.load().map_err(|e| verifier_err(m::PROG_XDP, e))?;
-        for name in [m::PROG_TC_INGRESS, m::PROG_TC_EGRESS] {
+        let xdp: &mut Xdp = prog(&mut ebpf, variant.xdp())?;
+        xdp.load().map_err(|e| verifier_err(variant.xdp(), e))?;
+        for name in [variant.tc_ingress(), m::PROG_TC_EGRESS] {
             let p: &mut SchedClassifier = prog(&mut ebpf, name)?;
             p.load().map_err(|e| verifier_err(name, e))?;
         }
@@ -356,6 +391,7 @@ impl Datapath {
         let maglev = MaglevMmap::new(maglev, slots)?;
         Ok(Self {
             ebpf,
+            variant,
             pin_dir: pin_dir.map(Path::to_path_buf),
             keep: false,
             pins: report,
@@ -403,7 +439,8 @@ impl Datapath {
             }
         };
 
-        let xdp: &mut Xdp = prog(&mut self.ebpf, m::PROG_XDP)?;
+        let variant = self.variant;
+        let xdp: &mut Xdp = prog(&mut self.ebpf, variant.xdp())?;
         let (xdp_id, how) = match pinned(&xdp_pin)? {
             Some(old) => {
                 let link = XdpLink::try_from(old)
@@ -453,7 +490,7 @@ impl Datapath {
             FdLink::try_from(prog.take_link(id).map_err(|e| kerr(iface, e))?)
                 .map_err(|e| kerr(format!("{name} link of {iface}"), e))
         };
-        let in_link = tc(m::PROG_TC_INGRESS, TcAttachType::Ingress, &in_pin)?;
+        let in_link = tc(variant.tc_ingress(), TcAttachType::Ingress, &in_pin)?;
         let out_link = tc(m::PROG_TC_EGRESS, TcAttachType::Egress, &out_pin)?;
 
         let mut links = Vec::new();

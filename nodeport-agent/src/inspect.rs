@@ -298,13 +298,14 @@ mod tests {
 
     #[test]
     fn flows_filter_by_port_service_and_client() {
-        let key = |c: [u8; 4], port: u16| FlowKey {
-            saddr: raw(c),
-            daddr: raw([198, 18, 0, 11]),
-            sport: 40000u16.to_be(),
-            dport: port.to_be(),
-            proto: PROTO_TCP,
-            pad: [0; 3],
+        let key = |c: [u8; 4], port: u16| {
+            FlowKey::new(
+                raw(c),
+                raw([198, 18, 0, 11]),
+                40000u16.to_be(),
+                port.to_be(),
+                PROTO_TCP,
+            )
         };
         let ct = |svc: u32| CtEntry {
             svc_id: svc,

@@ -12,7 +12,9 @@ use clap::{Parser, ValueEnum};
 use std::sync::Arc;
 
 use nodeport_agent::{
-    datapath::{monotonic_coarse_ns, Datapath, EbpfLog, MapReader, MapSizes, XdpAttachMode},
+    datapath::{
+        monotonic_coarse_ns, Datapath, EbpfLog, MapReader, MapSizes, Variant, XdpAttachMode,
+    },
     inspect,
     kube_source::{self, KubeStats, WatchOptions},
     manifests,
@@ -157,7 +159,8 @@ struct Args {
     /// agent takes both over without dropping a connection).
     #[arg(long)]
     keep_datapath: bool,
-    /// Log every translated packet from the datapath (aya-log). For debugging only.
+    /// Log every translated packet from the datapath (aya-log). Loads the debug variants
+    /// of the programs, which need CAP_PERFMON besides CAP_BPF and CAP_NET_ADMIN.
     #[arg(long)]
     debug_datapath: bool,
     /// Address of /healthz and /readyz (kube-proxy's healthz port).
@@ -277,7 +280,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }),
     )
     .await?;
-    let mut dp = Datapath::load(sizes, Some(&args.pin_path)).context("loading the datapath")?;
+    // The debug variants need CAP_PERFMON (aya-log); the plain ones do not.
+    let variant = if args.debug_datapath {
+        Variant::Debug
+    } else {
+        Variant::Plain
+    };
+    let mut dp = Datapath::load_variant(sizes, Some(&args.pin_path), variant)
+        .context("loading the datapath")?;
     dp.keep_on_exit(args.keep_datapath);
     let pins = dp.pin_report().clone();
     if !pins.reused.is_empty() {

@@ -20,6 +20,10 @@ pub const MAP_DEVICES: &str = "NP_DEV_V1";
 pub const PROG_XDP: &str = "np_xdp";
 pub const PROG_TC_INGRESS: &str = "np_tc_in";
 pub const PROG_TC_EGRESS: &str = "np_tc_out";
+/// Variants of `np_xdp` and `np_tc_in` that log per packet (aya-log) when the runtime
+/// debug switch is on; they need CAP_PERFMON to pass the verifier.
+pub const PROG_XDP_DEBUG: &str = "np_xdp_debug";
+pub const PROG_TC_INGRESS_DEBUG: &str = "np_tc_in_debug";
 
 /// Default capacities. The Maglev array holds every service's table back to back: 10,000
 /// services of 10 backends (1,021 slots each) plus one of 5,000 backends (524,287) plus
@@ -104,7 +108,25 @@ pub struct FlowKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub pad: [u8; 3],
+    /// Padding as scalars: a `[u8; 3]` made LLVM zero keys with a `memset` loop, which the
+    /// verifier refuses without CAP_PERFMON.
+    pub pad: u8,
+    pub pad2: u16,
+}
+
+impl FlowKey {
+    #[inline(always)]
+    pub const fn new(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        Self {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            pad: 0,
+            pad2: 0,
+        }
+    }
 }
 
 /// Conntrack flag: a FIN or RST was seen; the entry expires after the closing timeout.

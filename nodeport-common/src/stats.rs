@@ -25,6 +25,8 @@ stats! {
     PassFragment = "pass_fragment",
     /// Truncated or inconsistent headers: passed untouched, the stack validates.
     PassMalformed = "pass_malformed",
+    /// IPv4 header with options: XDP passes it untouched, TC ingress translates it.
+    PassIpOptions = "pass_ip_options",
     /// IPv4 but neither TCP nor UDP.
     PassOtherProto = "pass_other_proto",
     /// TCP/UDP that matches no frontend and no translated reply.

@@ -2,7 +2,10 @@
 //! the receiving interface, XDP_REDIRECT into another interface of ours, and otherwise the
 //! stack (TC then finishes with `bpf_redirect_neigh`, which resolves neighbours).
 
-use core::{mem::size_of, ptr::null_mut};
+use core::{
+    mem::{size_of, MaybeUninit},
+    ptr::null_mut,
+};
 
 use aya_ebpf::{
     bindings::{
@@ -25,19 +28,40 @@ use crate::{
 
 const AF_INET: u8 = 2;
 
+/// Fill FIB lookup parameters in place, as sixteen volatile 32-bit stores. Plain struct
+/// initialisation let LLVM merge the zero fields into a `memset` call (a byte loop the
+/// verifier refuses without CAP_PERFMON), and the helper must not read uninitialised
+/// bytes. Layout: include/uapi/linux/bpf.h, struct bpf_fib_lookup (64 bytes).
 #[inline(always)]
-fn params(f: &Flow, nat: &Nat, ifindex: u32) -> FibParams {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid value (plain integers and unions).
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = f.proto;
-    p.sport = nat.sport;
-    p.dport = nat.dport;
-    p.__bindgen_anon_1.tot_len = f.tot_len;
-    p.ifindex = ifindex;
-    p.__bindgen_anon_3.ipv4_src = nat.saddr;
-    p.__bindgen_anon_4.ipv4_dst = nat.daddr;
-    p
+fn fill_params(p: *mut FibParams, f: &Flow, nat: &Nat, ifindex: u32) {
+    let w = p.cast::<u32>();
+    let [s0, s1] = nat.sport.to_ne_bytes();
+    let [d0, d1] = nat.dport.to_ne_bytes();
+    let [t0, t1] = f.tot_len.to_ne_bytes();
+    let words: [u32; 16] = [
+        u32::from_ne_bytes([AF_INET, f.proto, s0, s1]), // family, l4_protocol, sport
+        u32::from_ne_bytes([d0, d1, t0, t1]),           // dport, tot_len
+        ifindex,
+        0,         // tos / flowinfo / rt_metric
+        nat.saddr, // ipv4_src (first word of the ipv6_src union)
+        0,
+        0,
+        0,
+        nat.daddr, // ipv4_dst
+        0,
+        0,
+        0,
+        0, // vlan / tbid
+        0, // smac, dmac (filled by the helper)
+        0,
+        0,
+    ];
+    let mut i = 0;
+    while i < 16 {
+        // SAFETY: `p` points to a 64-byte bpf_fib_lookup on our stack; `i` < 16.
+        unsafe { w.add(i).write_volatile(words[i]) };
+        i += 1;
+    }
 }
 
 #[inline(always)]
@@ -56,26 +80,45 @@ pub fn xdp_forward(ctx: &XdpContext, b: &Bounds, f: &Flow, nat: &Nat) -> (u32, S
         return (xdp_action::XDP_PASS, Stat::FibPass);
     }
     let ingress = ctx.ingress_ifindex() as u32;
-    let mut p = params(f, nat, ingress);
+    let mut p = MaybeUninit::<FibParams>::uninit();
+    fill_params(p.as_mut_ptr(), f, nat, ingress);
     // SAFETY: ctx and params are valid for the helper; size is the struct's.
-    let rc =
-        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) as u32 };
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            p.as_mut_ptr(),
+            size_of::<FibParams>() as i32,
+            0,
+        ) as u32
+    };
+    // SAFETY: every byte was written by fill_params (and then by the helper).
+    let p = unsafe { p.assume_init_ref() };
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         let out = p.ifindex;
         let same = out == ingress;
         if !same && DEVICES.get(out).is_none() {
             return (xdp_action::XDP_PASS, Stat::FibPass);
         }
-        let (Some(dst), Some(src)) = (b.ptr::<[u8; 6]>(0), b.ptr::<[u8; 6]>(6)) else {
+        // The Ethernet addresses as 32- and 16-bit words: a 6-byte array copy became a
+        // memcpy call, whose pointer arithmetic needs CAP_PERFMON.
+        let (Some(d_hi), Some(d_lo), Some(s_hi), Some(s_lo)) = (
+            b.ptr::<u32>(0),
+            b.ptr::<u16>(4),
+            b.ptr::<u16>(6),
+            b.ptr::<u32>(8),
+        ) else {
             return (xdp_action::XDP_PASS, Stat::PassMalformed);
         };
         if !rewrite_xdp(b, f, nat, true) {
             return (xdp_action::XDP_PASS, Stat::PassMalformed);
         }
+        let (d, sm) = (p.dmac, p.smac);
         // SAFETY: bounds-checked Ethernet address pointers.
         unsafe {
-            dst.write_unaligned(p.dmac);
-            src.write_unaligned(p.smac);
+            d_hi.write_unaligned(u32::from_ne_bytes([d[0], d[1], d[2], d[3]]));
+            d_lo.write_unaligned(u16::from_ne_bytes([d[4], d[5]]));
+            s_hi.write_unaligned(u16::from_ne_bytes([sm[0], sm[1]]));
+            s_lo.write_unaligned(u32::from_ne_bytes([sm[2], sm[3], sm[4], sm[5]]));
         }
         if same {
             return (xdp_action::XDP_TX, Stat::Tx);
@@ -100,10 +143,19 @@ pub fn tc_forward(ctx: &TcContext, f: &Flow, nat: &Nat) -> (i32, Stat) {
     }
     // SAFETY: reading the ingress ifindex of the skb context.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let mut p = params(f, nat, ingress);
-    // SAFETY: ctx and params are valid for the helper.
-    let rc =
-        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) as u32 };
+    let mut p = MaybeUninit::<FibParams>::uninit();
+    fill_params(p.as_mut_ptr(), f, nat, ingress);
+    // SAFETY: ctx and params are valid for the helper; size is the struct's.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            p.as_mut_ptr(),
+            size_of::<FibParams>() as i32,
+            0,
+        ) as u32
+    };
+    // SAFETY: every byte was written by fill_params (and then by the helper).
+    let p = unsafe { p.assume_init_ref() };
     if unreachable(rc) {
         return (TC_ACT_SHOT, Stat::DropFib);
     }

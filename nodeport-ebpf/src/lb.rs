@@ -117,14 +117,7 @@ fn touch(ct: *mut CtEntry, tcp_flags: u8, forward: bool, now: u64) {
 
 #[inline(always)]
 fn client_key(f: &Flow) -> FlowKey {
-    FlowKey {
-        saddr: f.saddr,
-        daddr: f.daddr,
-        sport: f.sport,
-        dport: f.dport,
-        proto: f.proto,
-        pad: [0; 3],
-    }
+    FlowKey::new(f.saddr, f.daddr, f.sport, f.dport, f.proto)
 }
 
 /// Decide for a packet that may be addressed to a frontend. `None`: no frontend matched.
@@ -208,14 +201,7 @@ fn new_flow(
         pad: 0,
     };
     if local {
-        let rkey = FlowKey {
-            saddr: be.addr,
-            daddr: f.saddr,
-            sport: be.port,
-            dport: f.sport,
-            proto: f.proto,
-            pad: [0; 3],
-        };
+        let rkey = FlowKey::new(be.addr, f.saddr, be.port, f.sport, f.proto);
         if REVNAT.insert(&rkey, &rev, 0).is_err() {
             return Decision::Drop(Stat::DropMapFull);
         }
@@ -263,14 +249,7 @@ fn alloc_snat_port(
     }
     let range = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
     let start = hash.rotate_left(16) % range;
-    let mut rkey = FlowKey {
-        saddr: be.addr,
-        daddr: snat_addr,
-        sport: be.port,
-        dport: 0,
-        proto: f.proto,
-        pad: [0; 3],
-    };
+    let mut rkey = FlowKey::new(be.addr, snat_addr, be.port, 0, f.proto);
     for i in 0..SNAT_PROBES {
         let port = (cfg.snat_port_min as u32 + (start + i) % range) as u16;
         rkey.dport = port.to_be();
@@ -281,14 +260,13 @@ fn alloc_snat_port(
         let Some(held) = (unsafe { REVNAT.get(&rkey) }).copied() else {
             continue;
         };
-        let owner = FlowKey {
-            saddr: held.client_addr,
-            daddr: held.fe_addr,
-            sport: held.client_port,
-            dport: held.fe_port,
-            proto: f.proto,
-            pad: [0; 3],
-        };
+        let owner = FlowKey::new(
+            held.client_addr,
+            held.fe_addr,
+            held.client_port,
+            held.fe_port,
+            f.proto,
+        );
         // SAFETY: plain data.
         let live = match unsafe { CONNTRACK.get(&owner) } {
             Some(ct) => {
@@ -313,14 +291,13 @@ pub fn reply(f: &Flow) -> Option<Decision> {
     let key = client_key(f);
     // SAFETY: plain data.
     let rev = (unsafe { REVNAT.get(&key) }).copied()?;
-    let owner = FlowKey {
-        saddr: rev.client_addr,
-        daddr: rev.fe_addr,
-        sport: rev.client_port,
-        dport: rev.fe_port,
-        proto: f.proto,
-        pad: [0; 3],
-    };
+    let owner = FlowKey::new(
+        rev.client_addr,
+        rev.fe_addr,
+        rev.client_port,
+        rev.fe_port,
+        f.proto,
+    );
     if let Some(ct) = CONNTRACK.get_ptr_mut(&owner) {
         touch(ct, f.tcp_flags, false, now_ns());
     }

@@ -7,25 +7,39 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use nodeport_common::{csum, PROTO_UDP};
+use nodeport_common::{csum, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     lb::Nat,
-    packet::{Bounds, Flow, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL_PROTO, L4_DPORT, L4_SPORT},
+    packet::{
+        Bounds, Flow, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL_PROTO, L3, L4, L4_DPORT, L4_SPORT,
+        TCP_CHECK, UDP_CHECK,
+    },
 };
 
 /// Rewrite addresses and ports in place. `dec_ttl` when this node routes the packet.
-/// Returns false only if the headers are no longer in bounds (cannot happen after `parse`).
+/// XDP only translates option-less IPv4 (`packet::L3`, `packet::L4`), so every offset is
+/// a constant: one instantiation per checksum position. Returns false only if the headers
+/// are not in bounds (cannot happen after `parse`).
 #[inline(always)]
 pub fn rewrite_xdp(b: &Bounds, f: &Flow, nat: &Nat, dec_ttl: bool) -> bool {
+    if f.proto == PROTO_TCP {
+        rewrite_at::<{ L4 + TCP_CHECK }>(b, f, nat, dec_ttl)
+    } else {
+        rewrite_at::<{ L4 + UDP_CHECK }>(b, f, nat, dec_ttl)
+    }
+}
+
+#[inline(always)]
+fn rewrite_at<const L4_CHECK: usize>(b: &Bounds, f: &Flow, nat: &Nat, dec_ttl: bool) -> bool {
     let (Some(ipc), Some(sa), Some(da), Some(sp), Some(dp), Some(l4c), Some(tp)) = (
-        b.ptr::<u16>(f.l3 + IP_CHECK),
-        b.ptr::<u32>(f.l3 + IP_SADDR),
-        b.ptr::<u32>(f.l3 + IP_DADDR),
-        b.ptr::<u16>(f.l4 + L4_SPORT),
-        b.ptr::<u16>(f.l4 + L4_DPORT),
-        b.ptr::<u16>(f.l4_check_off()),
-        b.ptr::<u16>(f.l3 + IP_TTL_PROTO),
+        b.ptr::<u16>(L3 + IP_CHECK),
+        b.ptr::<u32>(L3 + IP_SADDR),
+        b.ptr::<u32>(L3 + IP_DADDR),
+        b.ptr::<u16>(L4 + L4_SPORT),
+        b.ptr::<u16>(L4 + L4_DPORT),
+        b.ptr::<u16>(L4_CHECK),
+        b.ptr::<u16>(L3 + IP_TTL_PROTO),
     ) else {
         return false;
     };

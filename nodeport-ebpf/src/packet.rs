@@ -29,8 +29,24 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// Packet memory of one program invocation: `[start, end)` is directly readable; `len` is
-/// the whole packet's length (larger in TC when the skb is non-linear).
+/// Offsets of the IPv4 and L4 headers when the IPv4 header has no options: the only shape
+/// XDP translates. Unprivileged-Spectre rules (no CAP_PERFMON) allow packet pointer
+/// arithmetic only with immediate constants (kernel/bpf/verifier.c: sanitize_ptr_alu,
+/// retrieve_ptr_limit), so XDP touches packet memory at these literal offsets only.
+pub const L3: usize = ETH_HLEN;
+pub const L4: usize = ETH_HLEN + IPV4_MIN_HLEN;
+
+/// Read access to a packet: direct (XDP, constant offsets) or through `bpf_skb_load_bytes`
+/// (TC, any offset, no pointer arithmetic).
+pub trait PacketBytes {
+    /// The value of type `T` at `off`, if it lies inside the packet.
+    fn load<T: Copy>(&self, off: usize) -> Option<T>;
+    /// Length of the whole packet.
+    fn len(&self) -> usize;
+}
+
+/// Packet memory of one XDP invocation: `[start, end)`, and the frame length from
+/// `bpf_xdp_get_buff_len` (subtracting packet pointers needs CAP_PERFMON).
 #[derive(Clone, Copy)]
 pub struct Bounds {
     pub start: usize,
@@ -39,7 +55,8 @@ pub struct Bounds {
 }
 
 impl Bounds {
-    /// A pointer to a `T` at `off`, if the whole `T` lies inside the packet.
+    /// A pointer to a `T` at `off`, if the whole `T` lies inside the packet. Callers pass
+    /// constant offsets (see [`L3`]).
     #[inline(always)]
     pub fn ptr<T>(&self, off: usize) -> Option<*mut T> {
         let p = self.start + off;
@@ -48,11 +65,31 @@ impl Bounds {
         }
         Some(p as *mut T)
     }
+}
 
+impl PacketBytes for Bounds {
     #[inline(always)]
-    pub fn read<T: Copy>(&self, off: usize) -> Option<T> {
+    fn load<T: Copy>(&self, off: usize) -> Option<T> {
         // SAFETY: `ptr` checked that the value lies inside packet memory.
         self.ptr::<T>(off).map(|p| unsafe { p.read_unaligned() })
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// A TC packet read through helpers.
+pub struct Skb<'a>(pub &'a aya_ebpf::programs::TcContext);
+
+impl PacketBytes for Skb<'_> {
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+        self.0.load::<T>(off).ok()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len() as usize
     }
 }
 
@@ -87,7 +124,9 @@ impl Flow {
     }
 }
 
-/// Parse Ethernet / IPv4 / TCP|UDP. Promises, in order:
+/// Parse Ethernet / IPv4 / TCP|UDP. `OPTIONS`: whether an IPv4 header with options is
+/// accepted (TC) or passed on as `PassIpOptions` (XDP, which then works at the constant
+/// offsets [`L3`] and [`L4`]). Promises, in order:
 /// - not Ethernet+IPv4 (ARP, IPv6, 802.1Q/802.1ad tagged): `PassNotIpv4`;
 /// - truncated headers, version != 4, IHL < 5, total length shorter than the headers or
 ///   longer than the frame: `PassMalformed`;
@@ -95,13 +134,13 @@ impl Flow {
 /// - neither TCP nor UDP: `PassOtherProto`.
 /// IP options are accepted: the L4 header is found through the IHL.
 #[inline(always)]
-pub fn parse(b: &Bounds) -> Result<Flow, Stat> {
-    let ethertype = u16::from_be(b.read::<u16>(12).ok_or(Stat::PassMalformed)?);
+pub fn parse<const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flow, Stat> {
+    let ethertype = u16::from_be(b.load::<u16>(12).ok_or(Stat::PassMalformed)?);
     if ethertype != ETH_P_IPV4 {
         return Err(Stat::PassNotIpv4);
     }
-    let l3 = ETH_HLEN;
-    let vihl: u8 = b.read(l3).ok_or(Stat::PassMalformed)?;
+    let l3 = L3;
+    let vihl: u8 = b.load(l3).ok_or(Stat::PassMalformed)?;
     if vihl >> 4 != 4 {
         return Err(Stat::PassMalformed);
     }
@@ -110,15 +149,15 @@ pub fn parse(b: &Bounds) -> Result<Flow, Stat> {
         return Err(Stat::PassMalformed);
     }
     // The fixed header must be there, and then the options the IHL announces.
-    let tot_len = u16::from_be(b.read::<u16>(l3 + 2).ok_or(Stat::PassMalformed)?);
-    let frag = u16::from_be(b.read::<u16>(l3 + 6).ok_or(Stat::PassMalformed)?);
-    let ttl_proto: [u8; 2] = b.read(l3 + IP_TTL_PROTO).ok_or(Stat::PassMalformed)?;
-    let saddr: u32 = b.read(l3 + IP_SADDR).ok_or(Stat::PassMalformed)?;
-    let daddr: u32 = b.read(l3 + IP_DADDR).ok_or(Stat::PassMalformed)?;
-    if b.ptr::<u8>(l3 + ihl - 1).is_none() {
+    let tot_len = u16::from_be(b.load::<u16>(l3 + 2).ok_or(Stat::PassMalformed)?);
+    let frag = u16::from_be(b.load::<u16>(l3 + 6).ok_or(Stat::PassMalformed)?);
+    let ttl_proto: [u8; 2] = b.load(l3 + IP_TTL_PROTO).ok_or(Stat::PassMalformed)?;
+    let saddr: u32 = b.load(l3 + IP_SADDR).ok_or(Stat::PassMalformed)?;
+    let daddr: u32 = b.load(l3 + IP_DADDR).ok_or(Stat::PassMalformed)?;
+    let frame_l3_len = b.len().saturating_sub(l3);
+    if ihl > frame_l3_len {
         return Err(Stat::PassMalformed);
     }
-    let frame_l3_len = b.len.saturating_sub(l3);
     if (tot_len as usize) < ihl || tot_len as usize > frame_l3_len {
         return Err(Stat::PassMalformed);
     }
@@ -126,18 +165,21 @@ pub fn parse(b: &Bounds) -> Result<Flow, Stat> {
         return Err(Stat::PassFragment);
     }
     let proto = ttl_proto[1];
-    let l4 = l3 + ihl;
+    if !OPTIONS && ihl != IPV4_MIN_HLEN {
+        return Err(Stat::PassIpOptions);
+    }
+    let l4 = if OPTIONS { l3 + ihl } else { L4 };
     let l4_len = tot_len as usize - ihl;
     let (sport, dport, tcp_flags) = match proto {
         PROTO_TCP => {
             if l4_len < TCP_HLEN {
                 return Err(Stat::PassMalformed);
             }
-            let ports: [u16; 2] = b.read(l4).ok_or(Stat::PassMalformed)?;
-            let doff: u8 = b.read(l4 + 12).ok_or(Stat::PassMalformed)?;
-            let flags: u8 = b.read(l4 + TCP_FLAGS).ok_or(Stat::PassMalformed)?;
+            let ports: [u16; 2] = b.load(l4).ok_or(Stat::PassMalformed)?;
+            let doff: u8 = b.load(l4 + 12).ok_or(Stat::PassMalformed)?;
+            let flags: u8 = b.load(l4 + TCP_FLAGS).ok_or(Stat::PassMalformed)?;
             // The checksum is rewritten in place: it must be inside the frame.
-            if b.ptr::<u16>(l4 + TCP_CHECK).is_none() || ((doff >> 4) as usize) * 4 < TCP_HLEN {
+            if b.load::<u16>(l4 + TCP_CHECK).is_none() || ((doff >> 4) as usize) * 4 < TCP_HLEN {
                 return Err(Stat::PassMalformed);
             }
             (ports[0], ports[1], flags)
@@ -146,7 +188,7 @@ pub fn parse(b: &Bounds) -> Result<Flow, Stat> {
             if l4_len < UDP_HLEN {
                 return Err(Stat::PassMalformed);
             }
-            let hdr: [u16; 4] = b.read(l4).ok_or(Stat::PassMalformed)?;
+            let hdr: [u16; 4] = b.load(l4).ok_or(Stat::PassMalformed)?;
             let udp_len = u16::from_be(hdr[2]) as usize;
             if udp_len < UDP_HLEN || udp_len > l4_len {
                 return Err(Stat::PassMalformed);

@@ -1,6 +1,13 @@
-//! The three programs. Each wraps a `try_` function returning (action, counter) and turns
-//! it into exactly one counted verdict.
+//! The programs. Each wraps a `try_` function returning (action, counter) and turns it
+//! into exactly one counted verdict.
+//!
+//! XDP and TC ingress exist twice: the plain programs, and `_debug` variants that can log
+//! every packet through aya-log when the runtime switch (`CFG_F_DEBUG`) is on. aya-log's
+//! argument encoding does stack pointer arithmetic that the verifier only accepts with
+//! CAP_PERFMON, so the agent loads the debug variants only for `--debug-datapath` and the
+//! plain ones verify with CAP_BPF and CAP_NET_ADMIN alone.
 
+use aya_ebpf::helpers::generated::bpf_xdp_get_buff_len;
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     macros::{classifier, xdp},
@@ -13,27 +20,36 @@ use crate::{
     fwd::{tc_forward, xdp_forward},
     lb::{config, forward, maybe_snat_reply, reply, Decision},
     nat::{rewrite_tc, rewrite_xdp},
-    packet::{parse, Bounds, Flow},
+    packet::{parse, Bounds, Flow, Skb},
     stats::count,
 };
 
 /// XDP on the node's interfaces.
 #[xdp]
 pub fn np_xdp(ctx: XdpContext) -> u32 {
-    let (action, stat) = try_xdp(&ctx);
+    let (action, stat) = try_xdp::<false>(&ctx);
+    count(stat);
+    action
+}
+
+/// `np_xdp` with per-packet logs behind the runtime debug switch.
+#[xdp]
+pub fn np_xdp_debug(ctx: XdpContext) -> u32 {
+    let (action, stat) = try_xdp::<true>(&ctx);
     count(stat);
     action
 }
 
 #[inline(always)]
-fn try_xdp(ctx: &XdpContext) -> (u32, Stat) {
-    let (start, end) = (ctx.data(), ctx.data_end());
+fn try_xdp<const DEBUG: bool>(ctx: &XdpContext) -> (u32, Stat) {
+    // SAFETY: helper on the program's own context.
+    let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as usize;
     let b = Bounds {
-        start,
-        end,
-        len: end - start,
+        start: ctx.data(),
+        end: ctx.data_end(),
+        len,
     };
-    let f = match parse(&b) {
+    let f = match parse::<false>(&b) {
         Ok(f) => f,
         Err(stat) => return (xdp_action::XDP_PASS, stat),
     };
@@ -57,7 +73,7 @@ fn try_xdp(ctx: &XdpContext) -> (u32, Stat) {
         }
         Decision::ToRemote(nat) | Decision::Reply(nat) => xdp_forward(ctx, &b, &f, &nat),
     };
-    if cfg.flags & CFG_F_DEBUG != 0 {
+    if DEBUG && cfg.flags & CFG_F_DEBUG != 0 {
         log_flow(ctx, &f, stat);
     }
     (action, stat)
@@ -77,25 +93,24 @@ fn log_flow<C: aya_ebpf::EbpfContext>(ctx: &C, f: &Flow, stat: Stat) {
     );
 }
 
-/// Pull the headers into the linear area so direct packet access sees them.
-#[inline(always)]
-fn tc_bounds(ctx: &TcContext) -> Bounds {
-    let want = 14 + 60 + 20;
-    let len = ctx.len();
-    let _ = ctx.pull_data(if len < want { len } else { want });
-    Bounds {
-        start: ctx.data(),
-        end: ctx.data_end(),
-        len: len as usize,
-    }
-}
-
 /// TC ingress: finishes translations XDP passed to the stack. Only its own actions are
 /// counted (XDP already counted the packet's pass reason).
 #[classifier]
 pub fn np_tc_in(ctx: TcContext) -> i32 {
-    let b = tc_bounds(&ctx);
-    let Ok(f) = parse(&b) else { return TC_ACT_OK };
+    tc_in::<false>(&ctx)
+}
+
+/// `np_tc_in` with per-packet logs behind the runtime debug switch.
+#[classifier]
+pub fn np_tc_in_debug(ctx: TcContext) -> i32 {
+    tc_in::<true>(&ctx)
+}
+
+#[inline(always)]
+fn tc_in<const DEBUG: bool>(ctx: &TcContext) -> i32 {
+    let Ok(f) = parse::<true>(&Skb(&ctx)) else {
+        return TC_ACT_OK;
+    };
     let cfg = config();
     let decision = match forward(&f, &cfg) {
         Some(d) => d,
@@ -117,8 +132,8 @@ pub fn np_tc_in(ctx: TcContext) -> i32 {
         Decision::ToRemote(nat) | Decision::Reply(nat) => tc_forward(&ctx, &f, &nat),
     };
     count(stat);
-    if cfg.flags & CFG_F_DEBUG != 0 {
-        log_flow(&ctx, &f, stat);
+    if DEBUG && cfg.flags & CFG_F_DEBUG != 0 {
+        log_flow(ctx, &f, stat);
     }
     action
 }
@@ -127,8 +142,9 @@ pub fn np_tc_in(ctx: TcContext) -> i32 {
 /// the frontend address and port the client talked to.
 #[classifier]
 pub fn np_tc_out(ctx: TcContext) -> i32 {
-    let b = tc_bounds(&ctx);
-    let Ok(f) = parse(&b) else { return TC_ACT_OK };
+    let Ok(f) = parse::<true>(&Skb(&ctx)) else {
+        return TC_ACT_OK;
+    };
     let Some(Decision::Reply(nat)) = reply(&f) else {
         return TC_ACT_OK;
     };

@@ -40,12 +40,18 @@ use tests::{
     testbed::{default_agent_path, workspace_root},
 };
 
-/// Capabilities the agent may add. CAP_BPF and CAP_NET_ADMIN load and attach the programs;
-/// CAP_PERFMON is what the verifier needs today for the XDP program's variable-offset packet
-/// pointer arithmetic (without it: "pointer arithmetic with it prohibited for !root").
-const ALLOWED_CAPS: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
-/// Capabilities the agent must never get.
-const FORBIDDEN_CAPS: &[&str] = &["SYS_ADMIN", "ALL", "SYS_MODULE", "SYS_PTRACE", "NET_RAW"];
+/// Capabilities the agent may add: CAP_BPF and CAP_NET_ADMIN load and attach the programs
+/// (tests/tests/caps.rs proves they are enough).
+const ALLOWED_CAPS: &[&str] = &["BPF", "NET_ADMIN"];
+/// Capabilities the agent must never get (CAP_PERFMON only for --debug-datapath).
+const FORBIDDEN_CAPS: &[&str] = &[
+    "SYS_ADMIN",
+    "ALL",
+    "SYS_MODULE",
+    "SYS_PTRACE",
+    "NET_RAW",
+    "PERFMON",
+];
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

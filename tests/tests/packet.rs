@@ -12,7 +12,7 @@
 use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp};
 use etherparse::PacketBuilder;
 use nodeport_agent::{
-    datapath::{Datapath, MapSizes},
+    datapath::{Datapath, MapSizes, Variant},
     sync::Maps,
 };
 use nodeport_common::{
@@ -723,7 +723,9 @@ fn malformed_and_unusual_shapes() {
         true,
     );
 
-    // IP options are supported: the L4 header is found through the IHL, options kept.
+    // IP options: XDP translates option-less headers only (constant offsets, so the
+    // programs verify without CAP_PERFMON); it passes the packet untouched and TC ingress,
+    // which reads and writes through skb helpers, translates it with its options kept.
     let with_opts = with_ip_options(&syn, 2);
     let expected = with_ip_options(
         &tcp(
@@ -738,12 +740,21 @@ fn malformed_and_unusual_shapes() {
     );
     case!(
         env,
-        "ip options",
+        "ip options: xdp passes",
         "xdp",
-        with_opts,
+        with_opts.clone(),
         XDP_PASS,
+        with_opts.clone(),
+        "pass_ip_options"
+    );
+    case!(
+        env,
+        "ip options: tc ingress translates",
+        m::PROG_TC_INGRESS,
+        with_opts,
+        TC_ACT_OK,
         expected,
-        "local_deliver"
+        "tc_nat"
     );
 
     let mut shapes: Vec<(&str, Vec<u8>, &str)> = Vec::new();
@@ -803,9 +814,9 @@ fn every_program_passes_the_verifier() {
     if !require_root() {
         return;
     }
-    // The configurations that ship: default map sizes (what the agent uses) and the
-    // small sizes of tests. Runtime settings (debug logging) are map values, not a
-    // different program, so they need no separate load.
+    // The configurations that ship: default map sizes (what the agent uses) and the small
+    // sizes of tests, each with the plain programs and with the debug variants
+    // (`--debug-datapath`). Other runtime settings are map values, not programs.
     for sizes in [
         MapSizes::default(),
         MapSizes {
@@ -815,20 +826,31 @@ fn every_program_passes_the_verifier() {
             conntrack: 1024,
         },
     ] {
-        let mut dp = Datapath::load(sizes, None).expect("every program loads through the verifier");
-        for name in [m::PROG_XDP, m::PROG_TC_INGRESS, m::PROG_TC_EGRESS] {
-            let info = dp
-                .ebpf_mut()
-                .program(name)
-                .unwrap()
-                .info()
-                .expect("program info");
-            let xlated = info.size_translated().unwrap_or(0) / 8;
-            let verified = info.verified_instruction_count().unwrap_or(0);
-            eprintln!(
-                "{name}: {xlated} instructions, {verified} verified instructions ({sizes:?})"
-            );
-            assert!(xlated > 0, "{name} has no instructions");
+        for variant in [Variant::Plain, Variant::Debug] {
+            let mut dp = Datapath::load_variant(sizes, None, variant)
+                .expect("every program loads through the verifier");
+            let names = match variant {
+                Variant::Plain => [m::PROG_XDP, m::PROG_TC_INGRESS, m::PROG_TC_EGRESS],
+                Variant::Debug => [
+                    m::PROG_XDP_DEBUG,
+                    m::PROG_TC_INGRESS_DEBUG,
+                    m::PROG_TC_EGRESS,
+                ],
+            };
+            for name in names {
+                let info = dp
+                    .ebpf_mut()
+                    .program(name)
+                    .unwrap()
+                    .info()
+                    .expect("program info");
+                let xlated = info.size_translated().unwrap_or(0) / 8;
+                let verified = info.verified_instruction_count().unwrap_or(0);
+                eprintln!(
+                    "{name}: {xlated} instructions, {verified} verified instructions ({sizes:?})"
+                );
+                assert!(xlated > 0, "{name} has no instructions");
+            }
         }
     }
 }
