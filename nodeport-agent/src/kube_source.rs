@@ -344,7 +344,8 @@ impl<K: Resource<DynamicType = ()> + Clone + Send + 'static> Source<K> {
         self.writer.apply_watcher_event(&event);
         match event {
             Event::Init => {
-                if self.inits > 0 {
+                // A retry of a first list that never completed is not a re-list.
+                if self.inits > 0 && self.stats.lists.load(Ordering::Relaxed) > 0 {
                     self.stats.restarts.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(kind = %kind, "re-listing");
                 }

@@ -83,13 +83,13 @@ fn try_xdp<const DEBUG: bool>(ctx: &XdpContext) -> (u32, Stat) {
 fn log_flow<C: aya_ebpf::EbpfContext>(ctx: &C, f: &Flow, stat: Stat) {
     info!(
         ctx,
-        "np {}:{} -> {}:{} proto {} verdict {}",
+        "np {:i}:{} -> {:i}:{} proto {} {}",
         u32::from_be(f.saddr),
         u16::from_be(f.sport),
         u32::from_be(f.daddr),
         u16::from_be(f.dport),
         f.proto,
-        stat as u32
+        stat.name()
     );
 }
 

@@ -168,3 +168,35 @@ fn health_readiness_and_metrics_follow_traffic() {
         "{counters}"
     );
 }
+
+/// Per-packet datapath logs (aya-log) appear only with `--debug-datapath`, and name the
+/// flow and its verdict; without the switch the agent logs no packets.
+#[test]
+fn per_packet_logs_only_with_the_debug_switch() {
+    if !require_root() {
+        return;
+    }
+    let line = "np 198.18.0.10:";
+    for debug in [false, true] {
+        let mut opts = TestbedOptions::standard(echo_bin()).with_agent(default_agent_path());
+        if debug {
+            opts.agent_args.push("--debug-datapath".into());
+        }
+        let mut tb = Testbed::start(opts);
+        tb.wait_for_service(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let replies = client::http_get_many(tb.cluster().client(), tb.nodeport_addr("node1"), 5);
+        assert!(replies.iter().all(|r| r.is_ok()), "{replies:?}");
+        let logged =
+            tests::testbed::poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+                tb.agent_log("node1").contains(line)
+            });
+        let log = tb.agent_log("node1");
+        if debug {
+            assert!(logged, "no per-packet log with --debug-datapath:\n{log}");
+            assert!(log.contains("-> 198.18.0.11:30080 proto 6"), "{log}");
+        } else {
+            assert!(!logged, "per-packet logs without the debug switch:\n{log}");
+        }
+    }
+}

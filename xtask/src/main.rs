@@ -55,8 +55,12 @@ enum Command {
     /// Remove leftovers of earlier runs: all `np-*` network namespaces and `/sys/fs/bpf/np-*`
     /// pins. Stop running tests and demos first: their namespaces are removed too.
     Cleanup,
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Run the benchmarks (as root) and regenerate docs/benchmarks.md.
+    Bench {
+        /// Fewer iterations (about a minute).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -70,7 +74,7 @@ fn main() -> ExitCode {
         Command::Run { agent_args } => run::run(agent_args),
         Command::Test { unit } => test::run(unit),
         Command::Cleanup => cleanup::run(cleanup::Scope::Everything).map(|_| ExitCode::SUCCESS),
-        Command::Bench => bench::run().map(|_| ExitCode::SUCCESS),
+        Command::Bench { quick } => bench::run(quick).map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
