@@ -64,6 +64,28 @@ fn fill_params(p: *mut FibParams, f: &Flow, nat: &Nat, ifindex: u32) {
     }
 }
 
+/// `bpf_fib_lookup` towards the translated destination; the parameters stay in the
+/// caller's stack (`p`), and the helper's return code comes back.
+#[inline(always)]
+fn fib_lookup<C: EbpfContext>(
+    ctx: &C,
+    f: &Flow,
+    nat: &Nat,
+    ingress: u32,
+    p: &mut MaybeUninit<FibParams>,
+) -> u32 {
+    fill_params(p.as_mut_ptr(), f, nat, ingress);
+    // SAFETY: ctx and params are valid for the helper; size is the struct's.
+    unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr().cast(),
+            p.as_mut_ptr(),
+            size_of::<FibParams>() as i32,
+            0,
+        ) as u32
+    }
+}
+
 #[inline(always)]
 fn unreachable(rc: u32) -> bool {
     rc == BPF_FIB_LKUP_RET_BLACKHOLE
@@ -81,16 +103,7 @@ pub fn xdp_forward(ctx: &XdpContext, b: &Bounds, f: &Flow, nat: &Nat) -> (u32, S
     }
     let ingress = ctx.ingress_ifindex() as u32;
     let mut p = MaybeUninit::<FibParams>::uninit();
-    fill_params(p.as_mut_ptr(), f, nat, ingress);
-    // SAFETY: ctx and params are valid for the helper; size is the struct's.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            p.as_mut_ptr(),
-            size_of::<FibParams>() as i32,
-            0,
-        ) as u32
-    };
+    let rc = fib_lookup(ctx, f, nat, ingress, &mut p);
     // SAFETY: every byte was written by fill_params (and then by the helper).
     let p = unsafe { p.assume_init_ref() };
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
@@ -144,16 +157,7 @@ pub fn tc_forward(ctx: &TcContext, f: &Flow, nat: &Nat) -> (i32, Stat) {
     // SAFETY: reading the ingress ifindex of the skb context.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let mut p = MaybeUninit::<FibParams>::uninit();
-    fill_params(p.as_mut_ptr(), f, nat, ingress);
-    // SAFETY: ctx and params are valid for the helper; size is the struct's.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            p.as_mut_ptr(),
-            size_of::<FibParams>() as i32,
-            0,
-        ) as u32
-    };
+    let rc = fib_lookup(ctx, f, nat, ingress, &mut p);
     // SAFETY: every byte was written by fill_params (and then by the helper).
     let p = unsafe { p.assume_init_ref() };
     if unreachable(rc) {
