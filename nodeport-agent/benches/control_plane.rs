@@ -61,7 +61,14 @@ fn bench_inputs<'a>(
     addrs: &'a [Ipv4Addr],
     settings: &'a Settings,
 ) -> Inputs<'a> {
-    Inputs { services, slices, nodes: &[], node_name: "node1", interface_addrs: addrs, settings }
+    Inputs {
+        services,
+        slices,
+        nodes: &[],
+        node_name: "node1",
+        interface_addrs: addrs,
+        settings,
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -80,7 +87,11 @@ fn rss_kib() -> u64 {
 /// Memory the kernel charges for this process's BPF maps (`memlock` in fdinfo).
 fn bpf_map_bytes() -> u64 {
     let mut total = 0;
-    for e in fs::read_dir("/proc/self/fdinfo").into_iter().flatten().flatten() {
+    for e in fs::read_dir("/proc/self/fdinfo")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let info = fs::read_to_string(e.path()).unwrap_or_default();
         if info.contains("map_type:") {
             total += info
@@ -104,8 +115,13 @@ fn main() {
     let changes = if quick { 50 } else { 300 };
     let mut out = BTreeMap::new();
 
-    let settings = Settings { nodeport_range: 20_000..=40_000, ..Settings::default() };
-    let mut svcs: Vec<Service> = (0..services).map(|i| service(i, 20_000 + i as u16)).collect();
+    let settings = Settings {
+        nodeport_range: 20_000..=40_000,
+        ..Settings::default()
+    };
+    let mut svcs: Vec<Service> = (0..services)
+        .map(|i| service(i, 20_000 + i as u16))
+        .collect();
     svcs.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let mut slices: Vec<EndpointSlice> = (0..services).map(|i| slice(i, endpoints, 0)).collect();
     let addrs = [Ipv4Addr::new(198, 18, 0, 11)];
@@ -124,13 +140,21 @@ fn main() {
     let t1 = Instant::now();
     let report = rec.apply(desired, &mut dp);
     let t_apply = t1.elapsed();
-    assert!(report.errors.is_empty(), "cold start errors: {:?}", &report.errors[..report.errors.len().min(3)]);
+    assert!(
+        report.errors.is_empty(),
+        "cold start errors: {:?}",
+        &report.errors[..report.errors.len().min(3)]
+    );
     let cold = t0.elapsed();
     out.insert("cold_start_ms", ms(cold));
     out.insert("cold_start_model_ms", ms(t_model));
     out.insert("cold_start_apply_ms", ms(t_apply));
     out.insert("cold_start_slots_written", report.slots_written as f64);
-    assert_eq!(*model.current(), model::desired(&bench_inputs(&svcs, &slices, &addrs, &settings)).0, "incremental model = full recompute");
+    assert_eq!(
+        *model.current(),
+        model::desired(&bench_inputs(&svcs, &slices, &addrs, &settings)).0,
+        "incremental model = full recompute"
+    );
 
     // Endpoint change to map update: one slice changes, the model takes in the new snapshot
     // (all objects; only the changed one is computed again) and the difference is applied.
@@ -146,22 +170,40 @@ fn main() {
         lat.push(t.elapsed());
         lat_model.push(tm);
         lat_apply.push(t.elapsed() - tm);
-        assert!(r.errors.is_empty() && r.tables_written == 1, "one table per change: {r}");
+        assert!(
+            r.errors.is_empty() && r.tables_written == 1,
+            "one table per change: {r}"
+        );
     }
-    assert_eq!(*model.current(), model::desired(&bench_inputs(&svcs, &slices, &addrs, &settings)).0, "incremental model = full recompute");
+    assert_eq!(
+        *model.current(),
+        model::desired(&bench_inputs(&svcs, &slices, &addrs, &settings)).0,
+        "incremental model = full recompute"
+    );
     for v in [&mut lat, &mut lat_model, &mut lat_apply] {
         v.sort();
     }
     out.insert("endpoint_change_p50_ms", ms(percentile(&lat, 0.50)));
     out.insert("endpoint_change_p99_ms", ms(percentile(&lat, 0.99)));
-    out.insert("endpoint_change_model_p99_ms", ms(percentile(&lat_model, 0.99)));
-    out.insert("endpoint_change_apply_p99_ms", ms(percentile(&lat_apply, 0.99)));
+    out.insert(
+        "endpoint_change_model_p99_ms",
+        ms(percentile(&lat_model, 0.99)),
+    );
+    out.insert(
+        "endpoint_change_apply_p99_ms",
+        ms(percentile(&lat_apply, 0.99)),
+    );
 
     // The same without resourceVersions (the manifests source): every object is hashed.
     let mut by_content = Model::by_content();
-    let strip = |v: &mut [EndpointSlice]| v.iter_mut().for_each(|s| s.metadata.resource_version = None);
+    let strip = |v: &mut [EndpointSlice]| {
+        v.iter_mut()
+            .for_each(|s| s.metadata.resource_version = None)
+    };
     let mut svcs_nv = svcs.clone();
-    svcs_nv.iter_mut().for_each(|s| s.metadata.resource_version = None);
+    svcs_nv
+        .iter_mut()
+        .for_each(|s| s.metadata.resource_version = None);
     strip(&mut slices);
     by_content.update(&bench_inputs(&svcs_nv, &slices, &addrs, &settings));
     let mut lat_nv = Vec::with_capacity(changes / 5);
@@ -173,17 +215,28 @@ fn main() {
         let (desired, _) = by_content.update(&bench_inputs(&svcs_nv, &slices, &addrs, &settings));
         let r = rec.apply(desired, &mut dp);
         lat_nv.push(t.elapsed());
-        assert!(r.errors.is_empty() && r.tables_written == 1, "one table per change: {r}");
+        assert!(
+            r.errors.is_empty() && r.tables_written == 1,
+            "one table per change: {r}"
+        );
     }
     lat_nv.sort();
-    out.insert("endpoint_change_by_content_p99_ms", ms(percentile(&lat_nv, 0.99)));
+    out.insert(
+        "endpoint_change_by_content_p99_ms",
+        ms(percentile(&lat_nv, 0.99)),
+    );
     out.insert("agent_rss_mib", rss_kib() as f64 / 1024.0);
-    out.insert("agent_rss_growth_mib", rss_kib().saturating_sub(rss_before) as f64 / 1024.0);
+    out.insert(
+        "agent_rss_growth_mib",
+        rss_kib().saturating_sub(rss_before) as f64 / 1024.0,
+    );
     out.insert("bpf_map_mib", bpf_map_bytes() as f64 / (1024.0 * 1024.0));
 
     // Maglev: build time, imbalance (largest share / mean), disruption (1 of N removed).
     for n in [3usize, 10, 100, 1000, 5000] {
-        let names: Vec<String> = (0..n).map(|i| format!("198.19.{}.{}:8080", i / 250, i % 250)).collect();
+        let names: Vec<String> = (0..n)
+            .map(|i| format!("198.19.{}.{}:8080", i / 250, i % 250))
+            .collect();
         let refs: Vec<&[u8]> = names.iter().map(|s| s.as_bytes()).collect();
         let m = maglev::table_size(n);
         let t = Instant::now();
@@ -199,29 +252,67 @@ fn main() {
         let table2 = maglev::build(&fewer, maglev::table_size(n - 1));
         let moved = if table2.len() == table.len() {
             // Indices shift by one after removing backend 0; its own slots all move.
-            table.iter().zip(&table2).filter(|(a, b)| **a == 0 || **a != **b + 1).count() as f64 / m as f64
+            table
+                .iter()
+                .zip(&table2)
+                .filter(|(a, b)| **a == 0 || **a != **b + 1)
+                .count() as f64
+                / m as f64
         } else {
             f64::NAN
         };
-        out.insert(Box::leak(format!("maglev_n{n}_build_ms").into_boxed_str()), ms(build));
-        out.insert(Box::leak(format!("maglev_n{n}_imbalance").into_boxed_str()), imbalance);
-        out.insert(Box::leak(format!("maglev_n{n}_disruption_minus_1_over_n").into_boxed_str()), moved - 1.0 / n as f64);
+        out.insert(
+            Box::leak(format!("maglev_n{n}_build_ms").into_boxed_str()),
+            ms(build),
+        );
+        out.insert(
+            Box::leak(format!("maglev_n{n}_imbalance").into_boxed_str()),
+            imbalance,
+        );
+        out.insert(
+            Box::leak(format!("maglev_n{n}_disruption_minus_1_over_n").into_boxed_str()),
+            moved - 1.0 / n as f64,
+        );
     }
 
     let targets = [
-        ("cold_start_ms", 1000.0, "cold start of 10,000 services < 1 s"),
-        ("endpoint_change_p99_ms", 5.0, "endpoint change to map < 5 ms at p99"),
-        ("agent_rss_mib", 64.0, "agent RSS < 64 MiB at 10,000 services"),
-        ("bpf_map_mib", 64.0, "BPF map memory < 64 MiB at 10,000 services"),
+        (
+            "cold_start_ms",
+            1000.0,
+            "cold start of 10,000 services < 1 s",
+        ),
+        (
+            "endpoint_change_p99_ms",
+            5.0,
+            "endpoint change to map < 5 ms at p99",
+        ),
+        (
+            "agent_rss_mib",
+            64.0,
+            "agent RSS < 64 MiB at 10,000 services",
+        ),
+        (
+            "bpf_map_mib",
+            64.0,
+            "BPF map memory < 64 MiB at 10,000 services",
+        ),
     ];
-    println!("control plane, {services} services x {endpoints} endpoints{}", if quick { " (quick)" } else { "" });
+    println!(
+        "control plane, {services} services x {endpoints} endpoints{}",
+        if quick { " (quick)" } else { "" }
+    );
     for (k, v) in &out {
         println!("  {k:<40} {v:>12.3}");
     }
     println!("targets:");
     for (k, limit, what) in targets {
         let v = out[k];
-        println!("  {:<44} {:>10.3} {}", what, v, if v < limit { "met" } else { "MISSED" });
+        println!(
+            "  {:<44} {:>10.3} {}",
+            what,
+            v,
+            if v < limit { "met" } else { "MISSED" }
+        );
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     fs::create_dir_all(&dir).expect("target/bench");
