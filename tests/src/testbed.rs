@@ -213,6 +213,16 @@ impl Testbed {
         a.child.kill();
     }
 
+    /// SIGTERM the agent of `node` and wait for it to exit (its clean shutdown runs).
+    pub fn stop_agent(&mut self, node: &str) -> Option<std::process::ExitStatus> {
+        let a = self
+            .agents
+            .iter_mut()
+            .find(|a| a.node == node)
+            .unwrap_or_else(|| panic!("no agent on {node}"));
+        a.child.terminate(AGENT_STOP_GRACE)
+    }
+
     /// Start the agent of `node` again, on the same pin path, after `kill_agent`.
     pub fn restart_agent(&mut self, node: &str) {
         let i = self

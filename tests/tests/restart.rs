@@ -158,3 +158,83 @@ fn sigkill_and_restart_keeps_connections_and_map_entries() {
     );
     drop(conns);
 }
+
+/// Whether XDP is attached to `lan0` of `node` (as `ip link` reports it).
+fn xdp_attached(tb: &Testbed, node: &str) -> bool {
+    let out = tb
+        .cluster()
+        .node(node)
+        .ns()
+        .exec(&["ip", "link", "show", "dev", "lan0"]);
+    String::from_utf8_lossy(&out.stdout).contains("xdp")
+}
+
+#[test]
+fn sigterm_detaches_and_keep_datapath_hands_over() {
+    if !require_root() {
+        return;
+    }
+    // A plain SIGTERM: the agent detaches its programs and removes its pins.
+    let mut tb =
+        Testbed::start(TestbedOptions::standard(echo_bin()).with_agent(default_agent_path()));
+    tb.wait_for_service(AGENT_WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pin = tb
+        .agents()
+        .iter()
+        .find(|a| a.node == "node1")
+        .unwrap()
+        .pin_path()
+        .to_path_buf();
+    assert!(xdp_attached(&tb, "node1"));
+    let status = tb.stop_agent("node1").expect("agent exits on SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        tb.agent_logs()
+    );
+    assert!(
+        !xdp_attached(&tb, "node1"),
+        "XDP still attached after SIGTERM"
+    );
+    assert!(!pin.exists(), "pins left after SIGTERM: {}", pin.display());
+    assert!(tb.agent_log("node1").contains("detached and unpinned"));
+    drop(tb);
+
+    // With --keep-datapath: the datapath stays and keeps serving with no agent; the next
+    // agent takes the pinned links over and replaces the programs atomically.
+    let mut opts = TestbedOptions::standard(echo_bin()).with_agent(default_agent_path());
+    opts.agent_args.push("--keep-datapath".into());
+    let mut tb = Testbed::start(opts);
+    tb.wait_for_service(AGENT_WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = tb.nodeport_addr("node1");
+    let mut conn = KeepAliveConn::connect(tb.cluster().client(), addr).expect("connect");
+    let first = conn.request().expect("first request");
+    let status = tb.stop_agent("node1").expect("agent exits on SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        tb.agent_logs()
+    );
+    assert!(xdp_attached(&tb, "node1"), "--keep-datapath detached XDP");
+    assert_eq!(conn.request().expect("kept connection, no agent"), first);
+    assert!(
+        client::http_get(tb.cluster().client(), addr).is_ok(),
+        "new connection, no agent"
+    );
+    tb.restart_agent("node1");
+    let taken_over = poll_until(AGENT_WAIT, Duration::from_millis(100), || {
+        let log = tb.agent_log("node1");
+        log.contains("attached=Replaced") && log.contains("synced")
+    });
+    assert!(
+        taken_over,
+        "restarted agent did not take the links over:\n{}",
+        tb.agent_logs()
+    );
+    assert_eq!(
+        conn.request().expect("kept connection after the hand-over"),
+        first
+    );
+}
