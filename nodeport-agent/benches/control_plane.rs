@@ -113,6 +113,14 @@ fn main() {
     let services = 10_000usize;
     let endpoints = 10usize;
     let changes = if quick { 50 } else { 300 };
+    // `--changes N`: more endpoint changes (to profile them).
+    let args: Vec<String> = std::env::args().collect();
+    let changes = args
+        .iter()
+        .position(|a| a == "--changes")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(changes);
+    let content_changes = if quick { 10 } else { 60 };
     let mut out = BTreeMap::new();
 
     let settings = Settings {
@@ -133,12 +141,13 @@ fn main() {
     // they come from the API server.
     let mut model = Model::new();
     let t0 = Instant::now();
-    let (desired, refused) = model.update(&bench_inputs(&svcs, &slices, &addrs, &settings));
+    let (_, refused) = model.update(&bench_inputs(&svcs, &slices, &addrs, &settings));
     let t_model = t0.elapsed();
     assert_eq!(refused.len(), 0, "bench objects refused");
     let mut rec = Reconciler::new(sizes.maglev_slots, sizes.backends);
     let t1 = Instant::now();
-    let report = rec.apply(desired, &mut dp);
+    let changes0 = model.take_changes();
+    let report = rec.apply_changes(model.current(), &changes0, &mut dp);
     let t_apply = t1.elapsed();
     assert!(
         report.errors.is_empty(),
@@ -150,11 +159,6 @@ fn main() {
     out.insert("cold_start_model_ms", ms(t_model));
     out.insert("cold_start_apply_ms", ms(t_apply));
     out.insert("cold_start_slots_written", report.slots_written as f64);
-    assert_eq!(
-        *model.current(),
-        model::desired(&bench_inputs(&svcs, &slices, &addrs, &settings)).0,
-        "incremental model = full recompute"
-    );
 
     // Endpoint change to map update: one slice changes, the model takes in the new snapshot
     // (all objects; only the changed one is computed again) and the difference is applied.
@@ -164,9 +168,10 @@ fn main() {
         let i = (c * 7919) % services;
         slices[i] = slice(i, endpoints, c + 1);
         let t = Instant::now();
-        let (desired, _) = model.update(&bench_inputs(&svcs, &slices, &addrs, &settings));
+        model.update(&bench_inputs(&svcs, &slices, &addrs, &settings));
         let tm = t.elapsed();
-        let r = rec.apply(desired, &mut dp);
+        let changed = model.take_changes();
+        let r = rec.apply_changes(model.current(), &changed, &mut dp);
         lat.push(t.elapsed());
         lat_model.push(tm);
         lat_apply.push(t.elapsed() - tm);
@@ -175,11 +180,6 @@ fn main() {
             "one table per change: {r}"
         );
     }
-    assert_eq!(
-        *model.current(),
-        model::desired(&bench_inputs(&svcs, &slices, &addrs, &settings)).0,
-        "incremental model = full recompute"
-    );
     for v in [&mut lat, &mut lat_model, &mut lat_apply] {
         v.sort();
     }
@@ -194,6 +194,18 @@ fn main() {
         ms(percentile(&lat_apply, 0.99)),
     );
 
+    out.insert("agent_rss_mib", rss_kib() as f64 / 1024.0);
+    out.insert(
+        "agent_rss_growth_mib",
+        rss_kib().saturating_sub(rss_before) as f64 / 1024.0,
+    );
+    // (After measuring the memory: a full recompute allocates a second desired state.)
+    assert_eq!(
+        *model.current(),
+        model::desired(&bench_inputs(&svcs, &slices, &addrs, &settings)).0,
+        "incremental model = full recompute"
+    );
+
     // The same without resourceVersions (the manifests source): every object is hashed.
     let mut by_content = Model::by_content();
     let strip = |v: &mut [EndpointSlice]| {
@@ -206,14 +218,15 @@ fn main() {
         .for_each(|s| s.metadata.resource_version = None);
     strip(&mut slices);
     by_content.update(&bench_inputs(&svcs_nv, &slices, &addrs, &settings));
-    let mut lat_nv = Vec::with_capacity(changes / 5);
-    for c in 0..changes / 5 {
+    let mut lat_nv = Vec::with_capacity(content_changes);
+    for c in 0..content_changes {
         let i = (c * 7919 + 1) % services;
         slices[i] = slice(i, endpoints, changes + c + 1);
         strip(&mut slices[i..=i]);
         let t = Instant::now();
-        let (desired, _) = by_content.update(&bench_inputs(&svcs_nv, &slices, &addrs, &settings));
-        let r = rec.apply(desired, &mut dp);
+        by_content.update(&bench_inputs(&svcs_nv, &slices, &addrs, &settings));
+        let changed = by_content.take_changes();
+        let r = rec.apply_changes(by_content.current(), &changed, &mut dp);
         lat_nv.push(t.elapsed());
         assert!(
             r.errors.is_empty() && r.tables_written == 1,
@@ -224,11 +237,6 @@ fn main() {
     out.insert(
         "endpoint_change_by_content_p99_ms",
         ms(percentile(&lat_nv, 0.99)),
-    );
-    out.insert("agent_rss_mib", rss_kib() as f64 / 1024.0);
-    out.insert(
-        "agent_rss_growth_mib",
-        rss_kib().saturating_sub(rss_before) as f64 / 1024.0,
     );
     out.insert("bpf_map_mib", bpf_map_bytes() as f64 / (1024.0 * 1024.0));
 

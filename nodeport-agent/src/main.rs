@@ -365,6 +365,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut last_refusals: Vec<Refusal> = Vec::new();
     let mut last_addrs: Vec<Ipv4Addr> = Vec::new();
     let mut have_objects = false;
+    // Objects from the API server carry resourceVersions; manifest files may keep one
+    // across edits, so they are compared by content.
+    let mut desired_model = if args.manifests.is_some() {
+        model::Model::by_content()
+    } else {
+        model::Model::new()
+    };
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
@@ -386,7 +393,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let (objects, load_refusals) = &*loaded;
         last_addrs = interface_addrs();
         let started = Instant::now();
-        let (desired, mut refusals) = model::desired(&Inputs {
+        let (_, mut refusals) = desired_model.update(&Inputs {
             services: &objects.services,
             slices: &objects.slices,
             nodes: &objects.nodes,
@@ -402,7 +409,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             last_refusals = refusals;
         }
-        let report = reconciler.apply(&desired, &mut dp);
+        let changes = desired_model.take_changes();
+        let desired = desired_model.current();
+        let report = reconciler.apply_changes(desired, &changes, &mut dp);
         for e in &report.errors {
             error!("sync: {e}");
         }

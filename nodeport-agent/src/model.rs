@@ -4,7 +4,7 @@
 //! reason) and never affect other services. The rules follow kube-proxy; each is documented
 //! on [`desired`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use nodeport_common::{
     Backend, FrontendKey, BE_F_LOCAL, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_LOCAL,
@@ -234,6 +235,7 @@ pub fn addr_from_raw(raw: u32) -> Ipv4Addr {
 }
 
 /// An endpoint of an EndpointSlice, parsed once.
+#[derive(Clone, Debug)]
 struct ParsedEndpoint {
     addr: Ipv4Addr,
     ready: bool,
@@ -242,15 +244,17 @@ struct ParsedEndpoint {
     local: bool,
 }
 
-/// A slice port: (name, protocol, port). Name is "" when unset; `None` protocol means TCP.
-struct SlicePort<'a> {
-    name: &'a str,
-    protocol: &'a str,
+/// A slice port: (name, protocol, port). Name is "" when unset; protocol defaults to TCP.
+#[derive(Clone, Debug)]
+struct SlicePort {
+    name: String,
+    protocol: String,
     port: Option<i32>,
 }
 
-struct ParsedSlice<'a> {
-    ports: Vec<SlicePort<'a>>,
+#[derive(Clone, Debug, Default)]
+struct ParsedSlice {
+    ports: Vec<SlicePort>,
     endpoints: Vec<ParsedEndpoint>,
 }
 
@@ -259,6 +263,207 @@ fn object_name(kind: &str, ns: Option<&str>, name: Option<&str>) -> String {
     match ns {
         Some(ns) => format!("{kind} {ns}/{name}"),
         None => format!("{kind} {name}"),
+    }
+}
+
+/// The service an EndpointSlice belongs to, `(namespace, service name)`, with the slice
+/// parsed; `None` for slices that are skipped silently (no service label, not IPv4).
+/// Refusals of single endpoints go to `refusals`.
+fn parse_slice<'a>(
+    slice: &'a EndpointSlice,
+    node_name: &str,
+    refusals: &mut Vec<Refusal>,
+) -> Option<((&'a str, &'a str), ParsedSlice)> {
+    let meta = &slice.metadata;
+    let ns = meta.namespace.as_deref().unwrap_or("default");
+    let svc = meta.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    if slice.address_type != "IPv4" {
+        return None;
+    }
+    let obj = || object_name("EndpointSlice", Some(ns), meta.name.as_deref());
+    let ports = slice
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| SlicePort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            port: p.port,
+        })
+        .collect();
+    let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+    for ep in &slice.endpoints {
+        let Some(a) = ep.addresses.first() else {
+            refusals.push(Refusal::new(obj(), "endpoint without addresses"));
+            continue;
+        };
+        let Ok(addr) = a.parse::<Ipv4Addr>() else {
+            refusals.push(Refusal::new(
+                obj(),
+                format!("endpoint address {a:?} is not an IPv4 address"),
+            ));
+            continue;
+        };
+        let c = ep.conditions.as_ref();
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        endpoints.push(ParsedEndpoint {
+            addr,
+            ready,
+            serving: c.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+            local: ep.node_name.as_deref() == Some(node_name),
+        });
+    }
+    Some(((ns, svc.as_str()), ParsedSlice { ports, endpoints }))
+}
+
+/// Where a service stands in the "oldest claim wins" order (then input order).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Age {
+    no_timestamp: bool,
+    created: Option<Time>,
+    namespace: String,
+    name: String,
+}
+
+fn age(svc: &Service) -> Age {
+    let m = &svc.metadata;
+    let created = m.creation_timestamp.clone();
+    Age {
+        no_timestamp: created.is_none(),
+        created,
+        namespace: m.namespace.as_deref().unwrap_or("default").to_string(),
+        name: m.name.as_deref().unwrap_or_default().to_string(),
+    }
+}
+
+/// Everything about one Service that does not depend on other Services: its own
+/// refusals and, per port, what it claims and what it would program.
+#[derive(Clone, Debug, Default)]
+struct Plan {
+    /// `Service ns/name`.
+    obj: String,
+    /// Refusals of the service as a whole, in order (they come before its ports').
+    refusals: Vec<Refusal>,
+    ports: Vec<PortPlan>,
+}
+
+#[derive(Clone, Debug)]
+enum PortPlan {
+    /// Refused whatever other services do (the reason, port named).
+    Refused(String),
+    /// Served unless another port claims the same id or frontend first.
+    Claim(Box<Candidate>),
+}
+
+#[derive(Clone, Debug)]
+struct Candidate {
+    id: ServicePortId,
+    /// `spec.ports[i] "name"`, for refusals.
+    what: String,
+    then: AfterId,
+}
+
+/// What follows once the port's id is known to be free.
+#[derive(Clone, Debug)]
+enum AfterId {
+    /// Refused (nodePort problems): the reason, port named.
+    Refused(String),
+    /// No frontend: left out without refusal (a plain ClusterIP port).
+    NoFrontend,
+    Frontends {
+        frontends: BTreeSet<FrontendKey>,
+        /// The service port, or the refusal (port named) of a bad targetPort, which
+        /// claims nothing.
+        service: Result<DesiredService, String>,
+    },
+}
+
+impl Candidate {
+    /// The resources this port looks at: its id, then its frontends.
+    fn reads(&self) -> impl Iterator<Item = Resource> + '_ {
+        let frontends = match &self.then {
+            AfterId::Frontends { frontends, .. } => Some(frontends),
+            _ => None,
+        };
+        std::iter::once(Resource::Id(self.id.clone())).chain(
+            frontends
+                .into_iter()
+                .flatten()
+                .map(|fe| Resource::Frontend(*fe)),
+        )
+    }
+}
+
+/// What service ports compete for: their id and their frontends.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Resource {
+    Id(ServicePortId),
+    Frontend(FrontendKey),
+}
+
+/// The claims made by the ports accepted so far (older ports first).
+trait Claims {
+    fn id_taken(&self, id: &ServicePortId) -> bool;
+    fn owner(&self, fe: &FrontendKey) -> Option<&ServicePortId>;
+}
+
+/// What became of one port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    Refused(String),
+    Nothing,
+    Accepted,
+}
+
+/// The outcome of `port` given the claims of the ports before it.
+fn decide(port: &PortPlan, claims: &impl Claims) -> Outcome {
+    let c = match port {
+        PortPlan::Refused(r) => return Outcome::Refused(r.clone()),
+        PortPlan::Claim(c) => c,
+    };
+    if claims.id_taken(&c.id) {
+        return Outcome::Refused(format!(
+            "a port named {:?} with protocol {} appears twice ({})",
+            c.id.port, c.id.protocol, c.what
+        ));
+    }
+    match &c.then {
+        AfterId::Refused(r) => Outcome::Refused(r.clone()),
+        AfterId::NoFrontend => Outcome::Nothing,
+        AfterId::Frontends { frontends, service } => {
+            if let Some((fe, owner)) = frontends
+                .iter()
+                .find_map(|fe| claims.owner(fe).map(|o| (fe, o)))
+            {
+                return Outcome::Refused(format!(
+                    "{} is already used by {} ({})",
+                    describe_frontend(fe),
+                    owner,
+                    c.what
+                ));
+            }
+            match service {
+                Ok(_) => Outcome::Accepted,
+                Err(r) => Outcome::Refused(r.clone()),
+            }
+        }
+    }
+}
+
+/// The claims of [`desired`]: every accepted port so far.
+struct AllClaims<'a> {
+    services: &'a BTreeMap<ServicePortId, DesiredService>,
+    frontends: &'a BTreeMap<FrontendKey, ServicePortId>,
+}
+
+impl Claims for AllClaims<'_> {
+    fn id_taken(&self, id: &ServicePortId) -> bool {
+        self.services.contains_key(id)
+    }
+
+    fn owner(&self, fe: &FrontendKey) -> Option<&ServicePortId> {
+        self.frontends.get(fe)
     }
 }
 
@@ -320,90 +525,65 @@ pub fn desired(inputs: &Inputs) -> (Desired, Vec<Refusal>) {
     // EndpointSlices by (namespace, service name), parsed once.
     let mut slices: BTreeMap<(&str, &str), Vec<ParsedSlice>> = BTreeMap::new();
     for slice in inputs.slices {
-        let meta = &slice.metadata;
-        let ns = meta.namespace.as_deref().unwrap_or("default");
-        let Some(svc) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-            continue;
-        };
-        if slice.address_type != "IPv4" {
-            continue;
+        if let Some((key, parsed)) = parse_slice(slice, inputs.node_name, &mut refusals) {
+            slices.entry(key).or_default().push(parsed);
         }
-        let obj = || object_name("EndpointSlice", Some(ns), meta.name.as_deref());
-        let ports = slice
-            .ports
-            .iter()
-            .flatten()
-            .map(|p| SlicePort {
-                name: p.name.as_deref().unwrap_or(""),
-                protocol: p.protocol.as_deref().unwrap_or("TCP"),
-                port: p.port,
-            })
-            .collect();
-        let mut endpoints = Vec::new();
-        for ep in &slice.endpoints {
-            let Some(a) = ep.addresses.first() else {
-                refusals.push(Refusal::new(obj(), "endpoint without addresses"));
-                continue;
-            };
-            let Ok(addr) = a.parse::<Ipv4Addr>() else {
-                refusals.push(Refusal::new(
-                    obj(),
-                    format!("endpoint address {a:?} is not an IPv4 address"),
-                ));
-                continue;
-            };
-            let c = ep.conditions.as_ref();
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            endpoints.push(ParsedEndpoint {
-                addr,
-                ready,
-                serving: c.and_then(|c| c.serving).unwrap_or(ready),
-                terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-                local: ep.node_name.as_deref() == Some(inputs.node_name),
-            });
-        }
-        slices
-            .entry((ns, svc.as_str()))
-            .or_default()
-            .push(ParsedSlice { ports, endpoints });
     }
 
     // Oldest first, so that the oldest claim of a frontend wins.
     let mut services: Vec<&Service> = inputs.services.iter().collect();
-    services.sort_by_cached_key(|s| {
-        let m = &s.metadata;
-        let created = m.creation_timestamp.as_ref().map(|t| t.0);
-        (
-            created.is_none(),
-            created,
-            m.namespace.as_deref().unwrap_or("default"),
-            m.name.as_deref().unwrap_or_default(),
-        )
-    });
+    services.sort_by_cached_key(|s| age(s));
 
     let mut claims: BTreeMap<FrontendKey, ServicePortId> = BTreeMap::new();
-    let none = Vec::new();
     for svc in services {
         let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
-        let obj = object_name("Service", Some(ns), svc.metadata.name.as_deref());
-        let Some(name) = svc.metadata.name.as_deref() else {
-            refusals.push(Refusal::new(obj, "metadata.name is missing"));
-            continue;
+        let plan = match svc.metadata.name.as_deref() {
+            None => unnamed(ns),
+            Some(name) => {
+                let svc_slices: Vec<&ParsedSlice> =
+                    slices.get(&(ns, name)).into_iter().flatten().collect();
+                plan_service(svc, ns, name, &svc_slices, inputs.settings)
+            }
         };
-        let svc_slices = slices.get(&(ns, name)).unwrap_or(&none);
-        service(
-            svc,
-            ns,
-            name,
-            &obj,
-            svc_slices,
-            inputs.settings,
-            &mut claims,
-            &mut out.services,
-            &mut refusals,
-        );
+        refusals.extend(plan.refusals.iter().cloned());
+        for port in &plan.ports {
+            let outcome = decide(
+                port,
+                &AllClaims {
+                    services: &out.services,
+                    frontends: &claims,
+                },
+            );
+            match (outcome, port) {
+                (Outcome::Refused(r), _) => refusals.push(Refusal::new(&plan.obj, r)),
+                (Outcome::Nothing, _) => {}
+                (Outcome::Accepted, PortPlan::Claim(c)) => {
+                    if let AfterId::Frontends {
+                        frontends,
+                        service: Ok(ds),
+                    } = &c.then
+                    {
+                        for fe in frontends {
+                            claims.insert(*fe, c.id.clone());
+                        }
+                        out.services.insert(c.id.clone(), ds.clone());
+                    }
+                }
+                (Outcome::Accepted, PortPlan::Refused(_)) => unreachable!("refused port accepted"),
+            }
+        }
     }
     (out, refusals)
+}
+
+/// The plan of a Service without a name.
+fn unnamed(ns: &str) -> Plan {
+    let obj = object_name("Service", Some(ns), None);
+    Plan {
+        refusals: vec![Refusal::new(&obj, "metadata.name is missing")],
+        obj,
+        ports: Vec::new(),
+    }
 }
 
 fn node_addrs(inputs: &Inputs) -> BTreeSet<Ipv4Addr> {
@@ -426,39 +606,42 @@ fn node_addrs(inputs: &Inputs) -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; the pieces of `desired`'s state"
-)]
-fn service(
+/// What `svc` (named `ns/name`, with EndpointSlices `slices` in input order) wants, before
+/// other services are looked at.
+fn plan_service(
     svc: &Service,
     ns: &str,
     name: &str,
-    obj: &str,
-    slices: &[ParsedSlice],
+    slices: &[&ParsedSlice],
     settings: &Settings,
-    claims: &mut BTreeMap<FrontendKey, ServicePortId>,
-    out: &mut BTreeMap<ServicePortId, DesiredService>,
-    refusals: &mut Vec<Refusal>,
-) {
+) -> Plan {
+    let mut plan = Plan {
+        obj: object_name("Service", Some(ns), Some(name)),
+        ..Plan::default()
+    };
+    let obj = plan.obj.clone();
+    let refusals = &mut plan.refusals;
     let refuse =
-        |refusals: &mut Vec<Refusal>, reason: String| refusals.push(Refusal::new(obj, reason));
+        |refusals: &mut Vec<Refusal>, reason: String| refusals.push(Refusal::new(&obj, reason));
     let Some(spec) = svc.spec.as_ref() else {
-        return;
+        return plan;
     };
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
     let has_node_port = match type_ {
         "ClusterIP" => false,
         "NodePort" | "LoadBalancer" => true,
-        "ExternalName" => return,
-        other => return refuse(refusals, format!("unknown type {other:?}")),
+        "ExternalName" => return plan,
+        other => {
+            refuse(refusals, format!("unknown type {other:?}"));
+            return plan;
+        }
     };
     if spec.cluster_ip.as_deref() == Some("None") {
-        return; // headless: kube-proxy skips it too
+        return plan; // headless: kube-proxy skips it too
     }
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.len() > settings.max_ports_per_service {
-        return refuse(
+        refuse(
             refusals,
             format!(
                 "{} ports, more than the limit of {}",
@@ -466,16 +649,18 @@ fn service(
                 settings.max_ports_per_service
             ),
         );
+        return plan;
     }
     let n_endpoints: usize = slices.iter().map(|s| s.endpoints.len()).sum();
     if n_endpoints > settings.max_endpoints_per_service {
-        return refuse(
+        refuse(
             refusals,
             format!(
                 "{n_endpoints} endpoints, more than the limit of {}",
                 settings.max_endpoints_per_service
             ),
         );
+        return plan;
     }
 
     // Addresses that take `port` traffic.
@@ -539,22 +724,23 @@ fn service(
         } else {
             format!("spec.ports[{i}] {port_name:?}")
         };
-        let mut refuse_port =
-            |reason: String| refusals.push(Refusal::new(obj, format!("{reason} ({what})")));
+        let refused = |reason: String| PortPlan::Refused(format!("{reason} ({what})"));
         let protocol = match sp.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
             "SCTP" => {
-                refuse_port("protocol SCTP is not balanced by the datapath (SCTP packets pass to the kernel stack)".into());
+                plan.ports.push(refused("protocol SCTP is not balanced by the datapath (SCTP packets pass to the kernel stack)".into()));
                 continue;
             }
             other => {
-                refuse_port(format!("unknown protocol {other:?}"));
+                plan.ports
+                    .push(refused(format!("unknown protocol {other:?}")));
                 continue;
             }
         };
         let Some(port) = valid_port(sp.port) else {
-            refuse_port(format!("port {} is not in 1-65535", sp.port));
+            plan.ports
+                .push(refused(format!("port {} is not in 1-65535", sp.port)));
             continue;
         };
         let id = ServicePortId {
@@ -563,96 +749,117 @@ fn service(
             port: port_name.to_string(),
             protocol,
         };
-        if out.contains_key(&id) {
-            refuse_port(format!(
-                "a port named {port_name:?} with protocol {protocol} appears twice"
-            ));
-            continue;
-        }
-        let proto = protocol.number();
-
-        let mut frontends = BTreeSet::new();
-        if has_node_port {
-            match sp.node_port {
-                None | Some(0)
-                    if type_ == "LoadBalancer"
-                        && spec.allocate_load_balancer_node_ports == Some(false) => {}
-                None | Some(0) => {
-                    refuse_port("nodePort not allocated (set spec.ports[].nodePort; manifests have no allocator)".into());
-                    continue;
-                }
-                Some(np) => {
-                    let range = &settings.nodeport_range;
-                    let Some(np16) = valid_port(np).filter(|p| range.contains(p)) else {
-                        refuse_port(format!(
-                            "nodePort {np} is outside the range {}-{}",
-                            range.start(),
-                            range.end()
-                        ));
-                        continue;
-                    };
-                    frontends.insert(FrontendKey {
-                        addr: 0,
-                        port: np16.to_be(),
-                        proto,
-                        pad: 0,
-                    });
-                }
-            }
-        }
-        for ip in &ips {
-            frontends.insert(FrontendKey {
-                addr: addr_raw(*ip),
-                port: port.to_be(),
-                proto,
-                pad: 0,
-            });
-        }
-        if frontends.is_empty() {
-            continue;
-        }
-        if let Some((fe, owner)) = frontends
-            .iter()
-            .find_map(|fe| claims.get(fe).map(|o| (fe, o)))
-        {
-            refuse_port(format!(
-                "{} is already used by {}",
-                describe_frontend(fe),
-                owner
-            ));
-            continue;
-        }
-
-        let target = match &sp.target_port {
-            None => Target::Number(port),
-            Some(IntOrString::Int(t)) => match valid_port(*t) {
-                Some(t) => Target::Number(t),
-                None => {
-                    refuse_port(format!("targetPort {t} is not in 1-65535"));
-                    continue;
-                }
-            },
-            Some(IntOrString::String(s)) => match s.parse::<u16>() {
-                Ok(t) if t != 0 => Target::Number(t),
-                _ if s.is_empty() => Target::Number(port),
-                _ => Target::Name(s),
+        let then = match port_after_id(
+            sp,
+            port,
+            protocol,
+            type_,
+            has_node_port,
+            spec.allocate_load_balancer_node_ports,
+            &ips,
+            settings,
+            slices,
+            local,
+            &what,
+        ) {
+            Err(r) => AfterId::Refused(r),
+            Ok((frontends, _)) if frontends.is_empty() => AfterId::NoFrontend,
+            Ok((frontends, backends)) => AfterId::Frontends {
+                service: backends.map(|backends| DesiredService {
+                    frontends: frontends.clone(),
+                    flags,
+                    affinity_timeout_s,
+                    backends,
+                }),
+                frontends,
             },
         };
-        let backends = backends(slices, port_name, protocol, &target, local);
-
-        for fe in &frontends {
-            claims.insert(*fe, id.clone());
-        }
-        out.insert(
-            id,
-            DesiredService {
-                frontends,
-                flags,
-                affinity_timeout_s,
-                backends,
-            },
-        );
+        plan.ports
+            .push(PortPlan::Claim(Box::new(Candidate { id, what, then })));
     }
+    plan
+}
+
+/// The frontends of one port (nodePort refusals as `Err`), and its backends (a bad
+/// targetPort as `Err`); reasons name the port (`what`).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the pieces of the service a port depends on"
+)]
+#[expect(
+    clippy::type_complexity,
+    reason = "a private helper; the two levels of refusal are the point"
+)]
+fn port_after_id(
+    sp: &k8s_openapi::api::core::v1::ServicePort,
+    port: u16,
+    protocol: Protocol,
+    type_: &str,
+    has_node_port: bool,
+    allocate_lb_node_ports: Option<bool>,
+    ips: &BTreeSet<Ipv4Addr>,
+    settings: &Settings,
+    slices: &[&ParsedSlice],
+    local: bool,
+    what: &str,
+) -> Result<(BTreeSet<FrontendKey>, Result<BTreeSet<Backend>, String>), String> {
+    let port_name = sp.name.as_deref().unwrap_or("");
+    let proto = protocol.number();
+    let mut frontends = BTreeSet::new();
+    if has_node_port {
+        match sp.node_port {
+            None | Some(0) if type_ == "LoadBalancer" && allocate_lb_node_ports == Some(false) => {}
+            None | Some(0) => {
+                return Err(format!("nodePort not allocated (set spec.ports[].nodePort; manifests have no allocator) ({what})"));
+            }
+            Some(np) => {
+                let range = &settings.nodeport_range;
+                let Some(np16) = valid_port(np).filter(|p| range.contains(p)) else {
+                    return Err(format!(
+                        "nodePort {np} is outside the range {}-{} ({what})",
+                        range.start(),
+                        range.end()
+                    ));
+                };
+                frontends.insert(FrontendKey {
+                    addr: 0,
+                    port: np16.to_be(),
+                    proto,
+                    pad: 0,
+                });
+            }
+        }
+    }
+    for ip in ips {
+        frontends.insert(FrontendKey {
+            addr: addr_raw(*ip),
+            port: port.to_be(),
+            proto,
+            pad: 0,
+        });
+    }
+    if frontends.is_empty() {
+        return Ok((frontends, Ok(BTreeSet::new())));
+    }
+    let target = match &sp.target_port {
+        None => Target::Number(port),
+        Some(IntOrString::Int(t)) => match valid_port(*t) {
+            Some(t) => Target::Number(t),
+            None => {
+                return Ok((
+                    frontends,
+                    Err(format!("targetPort {t} is not in 1-65535 ({what})")),
+                ))
+            }
+        },
+        Some(IntOrString::String(s)) => match s.parse::<u16>() {
+            Ok(t) if t != 0 => Target::Number(t),
+            _ if s.is_empty() => Target::Number(port),
+            _ => Target::Name(s),
+        },
+    };
+    let backends = backends(slices, port_name, protocol, &target, local);
+    Ok((frontends, Ok(backends)))
 }
 
 fn valid_port(p: i32) -> Option<u16> {
@@ -680,7 +887,7 @@ enum Target<'a> {
 }
 
 fn backends(
-    slices: &[ParsedSlice],
+    slices: &[&ParsedSlice],
     port_name: &str,
     protocol: Protocol,
     target: &Target,
@@ -729,6 +936,677 @@ fn backends(
         }
     }
     out
+}
+
+/// How [`Model`] tells that an object is the same as in the previous call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Fingerprint {
+    /// `metadata.uid` and `metadata.resourceVersion` (the API server changes the latter on
+    /// every write).
+    Version(Option<String>, String),
+    /// A hash of the whole object.
+    Content(u64),
+}
+
+/// One object of the previous call, in input order.
+#[derive(Clone, Debug)]
+struct Slot {
+    namespace: Option<String>,
+    name: Option<String>,
+    fingerprint: Fingerprint,
+    /// Its record in [`Model`].
+    handle: u64,
+}
+
+/// A 64-bit hash of the JSON form of `obj`.
+fn content_hash<O: serde::Serialize>(obj: &O) -> u64 {
+    use std::hash::Hasher;
+    struct Sink(std::collections::hash_map::DefaultHasher);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.write(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut sink = Sink(std::collections::hash_map::DefaultHasher::new());
+    // Serializing Kubernetes objects to JSON does not fail.
+    let _ = serde_json::to_writer(&mut sink, obj);
+    sink.0.finish()
+}
+
+fn fingerprint<O: serde::Serialize>(meta: &ObjectMeta, obj: &O, versions: bool) -> Fingerprint {
+    match &meta.resource_version {
+        Some(rv) if versions => Fingerprint::Version(meta.uid.clone(), rv.clone()),
+        _ => Fingerprint::Content(content_hash(obj)),
+    }
+}
+
+fn unchanged<O: serde::Serialize>(slot: &Slot, meta: &ObjectMeta, obj: &O, versions: bool) -> bool {
+    match (&meta.resource_version, &slot.fingerprint) {
+        (Some(rv), Fingerprint::Version(uid, old_rv)) if versions => {
+            rv == old_rv && *uid == meta.uid
+        }
+        (Some(_), _) if versions => false,
+        (_, Fingerprint::Content(h)) => *h == content_hash(obj),
+        (_, Fingerprint::Version(..)) => false,
+    }
+}
+
+/// What changed between the objects of the previous call (`slots`) and `objs`.
+#[derive(Debug, Default)]
+struct ObjectDiff {
+    /// Records of objects that are gone or changed.
+    gone: Vec<u64>,
+    /// Positions of new or changed objects; their slot's handle is for the caller to set.
+    fresh: Vec<usize>,
+    /// Whether unchanged objects moved (their records' positions must be updated).
+    moved: bool,
+}
+
+/// Lines `slots` up with `objs` by namespace and name (in order for duplicates), cheaply
+/// when the objects come in the same order as last time, and leaves `slots` describing
+/// `objs`.
+fn diff_objects<O: serde::Serialize>(
+    slots: &mut Vec<Slot>,
+    objs: &[O],
+    meta: impl Fn(&O) -> &ObjectMeta,
+    versions: bool,
+) -> ObjectDiff {
+    let mut d = ObjectDiff::default();
+    let mut aligned = 0;
+    for (slot, obj) in slots.iter_mut().zip(objs) {
+        let m = meta(obj);
+        // The same uid and resourceVersion: the same object (a uid names one object, whose
+        // namespace and name never change).
+        if let (true, Fingerprint::Version(Some(uid), rv), Some(m_uid), Some(m_rv)) =
+            (versions, &slot.fingerprint, &m.uid, &m.resource_version)
+        {
+            if rv == m_rv && uid == m_uid {
+                aligned += 1;
+                continue;
+            }
+        }
+        if slot.namespace != m.namespace || slot.name != m.name {
+            break;
+        }
+        if !unchanged(slot, m, obj, versions) {
+            d.gone.push(slot.handle);
+            slot.fingerprint = fingerprint(m, obj, versions);
+            d.fresh.push(aligned);
+        }
+        aligned += 1;
+    }
+    if aligned == slots.len() && aligned == objs.len() {
+        return d;
+    }
+
+    // Something was added, removed or reordered: match the rest by name.
+    d.moved = true;
+    let mut old: Vec<Option<Slot>> = slots.split_off(aligned).into_iter().map(Some).collect();
+    let mut by_name: std::collections::HashMap<(Option<String>, Option<String>), VecDeque<usize>> =
+        std::collections::HashMap::new();
+    for (i, s) in old.iter().enumerate() {
+        let s = s.as_ref().expect("not taken yet");
+        by_name
+            .entry((s.namespace.clone(), s.name.clone()))
+            .or_default()
+            .push_back(i);
+    }
+    for (pos, obj) in objs.iter().enumerate().skip(aligned) {
+        let m = meta(obj);
+        let found = by_name
+            .get_mut(&(m.namespace.clone(), m.name.clone()))
+            .and_then(VecDeque::pop_front)
+            .and_then(|i| old[i].take());
+        match found {
+            Some(slot) if unchanged(&slot, m, obj, versions) => slots.push(slot),
+            other => {
+                if let Some(slot) = other {
+                    d.gone.push(slot.handle);
+                }
+                slots.push(Slot {
+                    namespace: m.namespace.clone(),
+                    name: m.name.clone(),
+                    fingerprint: fingerprint(m, obj, versions),
+                    handle: 0,
+                });
+                d.fresh.push(pos);
+            }
+        }
+    }
+    d.gone.extend(old.into_iter().flatten().map(|s| s.handle));
+    d
+}
+
+/// An EndpointSlice as [`Model`] keeps it.
+#[derive(Clone, Debug)]
+struct SliceRecord {
+    /// Position in the input.
+    pos: usize,
+    /// `(namespace, service name)`; `None` for slices skipped silently.
+    service: Option<(String, String)>,
+    parsed: ParsedSlice,
+    refusals: Vec<Refusal>,
+}
+
+/// A Service as [`Model`] keeps it.
+#[derive(Clone, Debug)]
+struct ServiceRecord {
+    /// Position in the input.
+    pos: usize,
+    /// `(namespace, name)`; `None` without a name.
+    name: Option<(String, String)>,
+    age: Age,
+    plan: Plan,
+    /// Per port of the plan.
+    outcomes: Vec<Outcome>,
+}
+
+/// A port of a service record: (handle, index in its plan).
+type PortRef = (u64, usize);
+
+/// Who reads which [`Resource`].
+#[derive(Clone, Debug, Default)]
+struct Contest {
+    readers: HashMap<Resource, Vec<PortRef>>,
+    /// Resources read by two ports or more.
+    contested: HashSet<Resource>,
+    /// Ports that shared a resource with a port removed since [`Model::decide`] last
+    /// looked (some may be gone since).
+    touched: Vec<PortRef>,
+}
+
+impl Contest {
+    fn add(&mut self, res: &Resource, port: PortRef) {
+        match self.readers.get_mut(res) {
+            Some(v) => {
+                v.push(port);
+                // (Its readers now meet in `contested`.)
+                if v.len() == 2 {
+                    self.contested.insert(res.clone());
+                }
+            }
+            None => {
+                self.readers.insert(res.clone(), vec![port]);
+            }
+        }
+    }
+
+    fn remove(&mut self, res: &Resource, port: PortRef) {
+        if let Some(v) = self.readers.get_mut(res) {
+            v.retain(|p| *p != port);
+            self.touched.extend_from_slice(v);
+            if v.len() < 2 {
+                self.contested.remove(res);
+            }
+            if v.is_empty() {
+                self.readers.remove(res);
+            }
+        }
+    }
+}
+
+/// The claims of the ports [`Model`] re-decides, older first.
+#[derive(Default)]
+struct SomeClaims<'a> {
+    ids: HashSet<&'a ServicePortId>,
+    frontends: HashMap<FrontendKey, &'a ServicePortId>,
+}
+
+impl Claims for SomeClaims<'_> {
+    fn id_taken(&self, id: &ServicePortId) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn owner(&self, fe: &FrontendKey) -> Option<&ServicePortId> {
+        self.frontends.get(fe).copied()
+    }
+}
+
+/// [`desired`], kept up to date from one call to the next: only the Services whose object
+/// or EndpointSlices changed are computed again, and only the ports competing for an id or
+/// a frontend with them are decided again. [`Model::update`] returns what [`desired`] returns
+/// for the same inputs (refusals sorted).
+///
+/// An object is unchanged when it has the same namespace, name and `uid` and
+/// `resourceVersion` as in the previous call (objects read from the API server), or, without
+/// a `resourceVersion` (or with [`Model::by_content`]), the same content. Objects are
+/// matched cheaply when they come in the same order as in the previous call (the sources
+/// sort them by namespace and name). A change of settings or node name starts over.
+#[derive(Clone, Debug)]
+pub struct Model {
+    /// Whether `resourceVersion`s identify content.
+    versions: bool,
+    /// The settings and node name of the kept state.
+    config: Option<(Settings, String)>,
+    next_handle: u64,
+    slice_slots: Vec<Slot>,
+    slices: HashMap<u64, SliceRecord>,
+    /// Slices by service `(namespace, name)`.
+    slices_of: HashMap<(String, String), Vec<u64>>,
+    service_slots: Vec<Slot>,
+    services: HashMap<u64, ServiceRecord>,
+    /// Services by `(namespace, name)` (several only when the input repeats one).
+    services_named: HashMap<(String, String), Vec<u64>>,
+    contest: Contest,
+    /// Records (slices and services) with refusals.
+    refused: BTreeSet<u64>,
+    desired: Desired,
+    /// Service ports of `desired` added, removed or replaced since the last
+    /// [`Model::take_changes`].
+    changed: BTreeSet<ServicePortId>,
+    /// This model, for [`Changes`].
+    id: u64,
+    /// How many times [`Model::take_changes`] was called.
+    generation: u64,
+}
+
+/// The service ports whose [`DesiredService`] changed (was added, removed or replaced)
+/// between two calls of [`Model::take_changes`]; lets
+/// [`Reconciler::apply_changes`](crate::sync::Reconciler::apply_changes) skip comparing the
+/// others.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// The model, and the generations the changes lead from and to.
+    pub model: u64,
+    pub from: u64,
+    pub to: u64,
+    pub services: BTreeSet<ServicePortId>,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Model {
+    /// A model that trusts `resourceVersion`s (objects from the API server).
+    pub fn new() -> Self {
+        Self {
+            versions: true,
+            ..Self::by_content()
+        }
+    }
+
+    /// A model that compares objects by content only, for objects whose
+    /// `resourceVersion` may stay the same across edits (manifest files).
+    pub fn by_content() -> Self {
+        static MODELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Self::blank(
+            false,
+            MODELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    fn blank(versions: bool, id: u64) -> Self {
+        Self {
+            versions,
+            config: None,
+            next_handle: 0,
+            slice_slots: Vec::new(),
+            slices: HashMap::new(),
+            slices_of: HashMap::new(),
+            service_slots: Vec::new(),
+            services: HashMap::new(),
+            services_named: HashMap::new(),
+            contest: Contest::default(),
+            refused: BTreeSet::new(),
+            desired: Desired::default(),
+            changed: BTreeSet::new(),
+            id,
+            generation: 0,
+        }
+    }
+
+    /// The service ports changed since the previous call (all of them at the first call).
+    pub fn take_changes(&mut self) -> Changes {
+        self.generation += 1;
+        Changes {
+            model: self.id,
+            from: self.generation - 1,
+            to: self.generation,
+            services: std::mem::take(&mut self.changed),
+        }
+    }
+
+    /// The desired state of the last [`Model::update`].
+    pub fn current(&self) -> &Desired {
+        &self.desired
+    }
+
+    fn handle(&mut self) -> u64 {
+        self.next_handle += 1;
+        self.next_handle
+    }
+
+    /// Brings the state up to `inputs`; returns the desired state and the refusals (sorted)
+    /// that [`desired`] returns for them.
+    pub fn update(&mut self, inputs: &Inputs) -> (&Desired, Vec<Refusal>) {
+        let same = self
+            .config
+            .as_ref()
+            .is_some_and(|(s, n)| s == inputs.settings && n == inputs.node_name);
+        if !same {
+            let mut changed = std::mem::take(&mut self.changed);
+            changed.extend(std::mem::take(&mut self.desired.services).into_keys());
+            *self = Self {
+                config: Some((inputs.settings.clone(), inputs.node_name.to_string())),
+                next_handle: self.next_handle,
+                changed,
+                generation: self.generation,
+                ..Self::blank(self.versions, self.id)
+            };
+        }
+        self.desired.node_addrs = node_addrs(inputs);
+        let replan = self.update_objects(inputs);
+        self.decide(inputs, replan);
+
+        let mut refusals = Vec::new();
+        for h in &self.refused {
+            if let Some(s) = self.slices.get(h) {
+                refusals.extend(s.refusals.iter().cloned());
+            } else if let Some(r) = self.services.get(h) {
+                refusals.extend(r.plan.refusals.iter().cloned());
+                for o in &r.outcomes {
+                    if let Outcome::Refused(reason) = o {
+                        refusals.push(Refusal::new(&r.plan.obj, reason.clone()));
+                    }
+                }
+            }
+        }
+        refusals.sort();
+        (&self.desired, refusals)
+    }
+
+    /// Takes in the objects that changed; returns the services to plan again (their ports
+    /// already withdrawn).
+    fn update_objects(&mut self, inputs: &Inputs) -> BTreeSet<u64> {
+        // EndpointSlices: the services whose slices changed.
+        let mut names: BTreeSet<(String, String)> = BTreeSet::new();
+        let d = diff_objects(
+            &mut self.slice_slots,
+            inputs.slices,
+            |s| &s.metadata,
+            self.versions,
+        );
+        for h in d.gone {
+            let Some(rec) = self.slices.remove(&h) else {
+                continue;
+            };
+            self.refused.remove(&h);
+            if let Some(k) = rec.service {
+                if let Some(v) = self.slices_of.get_mut(&k) {
+                    v.retain(|x| *x != h);
+                    if v.is_empty() {
+                        self.slices_of.remove(&k);
+                    }
+                }
+                names.insert(k);
+            }
+        }
+        for pos in d.fresh {
+            let h = self.handle();
+            self.slice_slots[pos].handle = h;
+            let mut refusals = Vec::new();
+            let parsed = parse_slice(&inputs.slices[pos], inputs.node_name, &mut refusals);
+            let (service, parsed) = match parsed {
+                Some(((ns, svc), p)) => (Some((ns.to_string(), svc.to_string())), p),
+                None => (None, ParsedSlice::default()),
+            };
+            if let Some(k) = &service {
+                self.slices_of.entry(k.clone()).or_default().push(h);
+                names.insert(k.clone());
+            }
+            if !refusals.is_empty() {
+                self.refused.insert(h);
+            }
+            self.slices.insert(
+                h,
+                SliceRecord {
+                    pos,
+                    service,
+                    parsed,
+                    refusals,
+                },
+            );
+        }
+        if d.moved {
+            for (pos, s) in self.slice_slots.iter().enumerate() {
+                if let Some(r) = self.slices.get_mut(&s.handle) {
+                    r.pos = pos;
+                }
+            }
+        }
+
+        // Services.
+        let mut replan = BTreeSet::new();
+        let d = diff_objects(
+            &mut self.service_slots,
+            inputs.services,
+            |s| &s.metadata,
+            self.versions,
+        );
+        for h in d.gone {
+            let Some(rec) = self.services.remove(&h) else {
+                continue;
+            };
+            self.refused.remove(&h);
+            withdraw(
+                h,
+                &rec,
+                &mut self.contest,
+                &mut self.desired,
+                &mut self.changed,
+            );
+            if let Some(k) = &rec.name {
+                if let Some(v) = self.services_named.get_mut(k) {
+                    v.retain(|x| *x != h);
+                    if v.is_empty() {
+                        self.services_named.remove(k);
+                    }
+                }
+            }
+        }
+        for pos in d.fresh {
+            let h = self.handle();
+            self.service_slots[pos].handle = h;
+            let m = &inputs.services[pos].metadata;
+            let ns = m.namespace.as_deref().unwrap_or("default");
+            let name = m.name.as_ref().map(|n| (ns.to_string(), n.clone()));
+            if let Some(k) = &name {
+                self.services_named.entry(k.clone()).or_default().push(h);
+            }
+            self.services.insert(
+                h,
+                ServiceRecord {
+                    pos,
+                    name,
+                    age: age(&inputs.services[pos]),
+                    plan: Plan::default(),
+                    outcomes: Vec::new(),
+                },
+            );
+            replan.insert(h);
+        }
+        if d.moved {
+            for (pos, s) in self.service_slots.iter().enumerate() {
+                if let Some(r) = self.services.get_mut(&s.handle) {
+                    r.pos = pos;
+                }
+            }
+        }
+        // Unchanged services whose slices changed.
+        for k in &names {
+            for h in self.services_named.get(k).into_iter().flatten() {
+                if !replan.contains(h) {
+                    if let Some(rec) = self.services.get_mut(h) {
+                        withdraw(
+                            *h,
+                            rec,
+                            &mut self.contest,
+                            &mut self.desired,
+                            &mut self.changed,
+                        );
+                        rec.outcomes.clear();
+                        replan.insert(*h);
+                    }
+                }
+            }
+        }
+        replan
+    }
+
+    /// Plans the services `replan` and decides again every port whose outcome may have
+    /// changed.
+    fn decide(&mut self, inputs: &Inputs, replan: BTreeSet<u64>) {
+        let mut eval: Vec<PortRef> = Vec::new();
+        for &h in &replan {
+            let Some(rec) = self.services.get(&h) else {
+                continue;
+            };
+            let svc = &inputs.services[rec.pos];
+            let plan = match &rec.name {
+                None => unnamed(svc.metadata.namespace.as_deref().unwrap_or("default")),
+                Some(key) => {
+                    let mut slices: Vec<&SliceRecord> = self
+                        .slices_of
+                        .get(key)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|s| self.slices.get(s))
+                        .collect();
+                    slices.sort_by_key(|s| s.pos);
+                    let parsed: Vec<&ParsedSlice> = slices.iter().map(|s| &s.parsed).collect();
+                    plan_service(svc, &key.0, &key.1, &parsed, inputs.settings)
+                }
+            };
+            for (i, port) in plan.ports.iter().enumerate() {
+                eval.push((h, i));
+                if let PortPlan::Claim(c) = port {
+                    for res in c.reads() {
+                        self.contest.add(&res, (h, i));
+                    }
+                }
+            }
+            let rec = self
+                .services
+                .get_mut(&h)
+                .expect("record of a replanned service");
+            rec.outcomes = vec![Outcome::Nothing; plan.ports.len()];
+            rec.plan = plan;
+        }
+
+        // Ports that may be decided differently: those just planned, the other readers of
+        // what they (or withdrawn ports) read, and every port in a contest (a change may
+        // travel along a chain of them).
+        eval.extend(
+            std::mem::take(&mut self.contest.touched)
+                .into_iter()
+                .filter(|(h, i)| {
+                    self.services
+                        .get(h)
+                        .is_some_and(|r| *i < r.plan.ports.len())
+                }),
+        );
+        for res in &self.contest.contested {
+            eval.extend(self.contest.readers.get(res).into_iter().flatten());
+        }
+        let mut keyed: Vec<((&Age, usize, usize), PortRef)> = eval
+            .into_iter()
+            .map(|p| {
+                let r = &self.services[&p.0];
+                ((&r.age, r.pos, p.1), p)
+            })
+            .collect();
+        keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        keyed.dedup_by(|a, b| a.1 == b.1);
+        let eval: Vec<PortRef> = keyed.into_iter().map(|(_, p)| p).collect();
+
+        let mut claims = SomeClaims::default();
+        let mut decided: Vec<(PortRef, Outcome)> = Vec::with_capacity(eval.len());
+        for p in eval {
+            let port = &self.services[&p.0].plan.ports[p.1];
+            let outcome = decide(port, &claims);
+            if let (Outcome::Accepted, PortPlan::Claim(c)) = (&outcome, port) {
+                claims.ids.insert(&c.id);
+                if let AfterId::Frontends { frontends, .. } = &c.then {
+                    for fe in frontends {
+                        claims.frontends.insert(*fe, &c.id);
+                    }
+                }
+            }
+            decided.push((p, outcome));
+        }
+
+        // Withdraw what is no longer accepted before adding what now is (ports may trade
+        // an id).
+        for ((h, i), outcome) in &decided {
+            let rec = &self.services[h];
+            if rec.outcomes[*i] == Outcome::Accepted && *outcome != Outcome::Accepted {
+                if let PortPlan::Claim(c) = &rec.plan.ports[*i] {
+                    self.desired.services.remove(&c.id);
+                    self.changed.insert(c.id.clone());
+                }
+            }
+        }
+        let mut records: BTreeSet<u64> = replan;
+        for ((h, i), outcome) in decided {
+            let rec = self.services.get_mut(&h).expect("record of a decided port");
+            if outcome == Outcome::Accepted && rec.outcomes[i] != Outcome::Accepted {
+                if let PortPlan::Claim(c) = &rec.plan.ports[i] {
+                    if let AfterId::Frontends {
+                        service: Ok(ds), ..
+                    } = &c.then
+                    {
+                        self.desired.services.insert(c.id.clone(), ds.clone());
+                        self.changed.insert(c.id.clone());
+                    }
+                }
+            }
+            rec.outcomes[i] = outcome;
+            records.insert(h);
+        }
+        for h in records {
+            let Some(rec) = self.services.get(&h) else {
+                continue;
+            };
+            let refused = !rec.plan.refusals.is_empty()
+                || rec
+                    .outcomes
+                    .iter()
+                    .any(|o| matches!(o, Outcome::Refused(_)));
+            if refused {
+                self.refused.insert(h);
+            } else {
+                self.refused.remove(&h);
+            }
+        }
+    }
+}
+
+/// Takes the ports of service record `h` out of the contest, and out of `desired` where
+/// they were accepted.
+fn withdraw(
+    h: u64,
+    rec: &ServiceRecord,
+    contest: &mut Contest,
+    desired: &mut Desired,
+    changed: &mut BTreeSet<ServicePortId>,
+) {
+    for (i, port) in rec.plan.ports.iter().enumerate() {
+        let PortPlan::Claim(c) = port else { continue };
+        for res in c.reads() {
+            contest.remove(&res, (h, i));
+        }
+        if rec.outcomes.get(i) == Some(&Outcome::Accepted) {
+            desired.services.remove(&c.id);
+            changed.insert(c.id.clone());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1528,5 +2406,261 @@ spec:
         let (d, r) = run(&[s], &[]);
         assert_eq!(d.services.len(), 1);
         assert!(r[0].reason.contains("appears twice"), "{}", r[0]);
+    }
+
+    /// A tiny deterministic generator for the property tests.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+
+        fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+            from[self.below(from.len() as u64) as usize]
+        }
+    }
+
+    /// A random Service `ns/name` over small pools of nodePorts, addresses and port names, so
+    /// that ports collide, repeat and get refused in every way.
+    fn random_service(rng: &mut Rng, ns: &str, name: &str, rv: Option<u64>) -> Service {
+        let mut meta = serde_json::json!({"name": name, "namespace": ns});
+        if let Some(rv) = rv {
+            meta["resourceVersion"] = rv.to_string().into();
+            meta["uid"] = format!("uid-{ns}-{name}").into();
+        }
+        if rng.below(4) != 0 {
+            meta["creationTimestamp"] = format!("2024-01-0{}T00:00:00Z", 1 + rng.below(3)).into();
+        }
+        let type_ = rng.pick(&[
+            "NodePort",
+            "NodePort",
+            "LoadBalancer",
+            "ClusterIP",
+            "ExternalName",
+            "Weird",
+        ]);
+        let ports: Vec<serde_json::Value> = (0..1 + rng.below(3))
+            .map(|_| {
+                let port = if rng.below(8) == 0 {
+                    0
+                } else {
+                    80 + rng.below(2)
+                };
+                let mut p = serde_json::json!({
+                    "name": rng.pick(&["", "a", "b", "a"]),
+                    "port": port,
+                    "protocol": rng.pick(&["TCP", "TCP", "UDP", "SCTP"]),
+                });
+                if rng.below(6) != 0 {
+                    p["nodePort"] =
+                        [30000, 30001, 30002, 30003, 0, 8000][rng.below(6) as usize].into();
+                }
+                match rng.below(5) {
+                    0 => p["targetPort"] = rng.pick(&["http", "other", "", "8080"]).into(),
+                    1 => p["targetPort"] = [8080, 0, 70000][rng.below(3) as usize].into(),
+                    _ => {}
+                }
+                p
+            })
+            .collect();
+        let mut spec = serde_json::json!({"type": type_, "ports": ports});
+        if rng.below(3) == 0 {
+            spec["externalIPs"] = (0..1 + rng.below(2))
+                .map(|_| rng.pick(&["192.0.2.1", "192.0.2.2", "bogus", "2001:db8::1"]))
+                .collect::<Vec<_>>()
+                .into();
+        }
+        if rng.below(4) == 0 {
+            spec["externalTrafficPolicy"] = "Local".into();
+        }
+        if rng.below(4) == 0 {
+            spec["sessionAffinity"] = "ClientIP".into();
+        }
+        if type_ == "LoadBalancer" && rng.below(2) == 0 {
+            spec["allocateLoadBalancerNodePorts"] = false.into();
+        }
+        if rng.below(10) == 0 {
+            spec["clusterIP"] = "None".into();
+        }
+        let mut svc = serde_json::json!({"metadata": meta, "spec": spec});
+        if type_ == "LoadBalancer" {
+            svc["status"] = serde_json::json!(
+                {"loadBalancer": {"ingress": [{"ip": rng.pick(&["192.0.2.1", "192.0.2.3"])}]}});
+        }
+        serde_json::from_value(svc).expect("random Service")
+    }
+
+    /// A random EndpointSlice `ns/name` of service `svc`.
+    fn random_slice(
+        rng: &mut Rng,
+        ns: &str,
+        name: &str,
+        svc: &str,
+        rv: Option<u64>,
+    ) -> EndpointSlice {
+        let mut meta = serde_json::json!({"name": name, "namespace": ns,
+            "labels": {LABEL_SERVICE_NAME: svc}});
+        if let Some(rv) = rv {
+            meta["resourceVersion"] = rv.to_string().into();
+        }
+        let endpoints: Vec<serde_json::Value> = (0..rng.below(4))
+            .map(|_| {
+                let addr = rng.pick(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "bad"]);
+                let mut e = serde_json::json!({"addresses": [addr],
+                    "nodeName": rng.pick(&["node-a", "node-b"])});
+                if rng.below(3) == 0 {
+                    e["conditions"] = serde_json::json!({"ready": rng.below(2) == 0,
+                        "serving": rng.below(2) == 0, "terminating": rng.below(2) == 0});
+                }
+                e
+            })
+            .collect();
+        let ports: Vec<serde_json::Value> = (0..rng.below(3))
+            .map(|_| {
+                serde_json::json!({"name": rng.pick(&["", "a", "http"]),
+                "port": 8080 + 1010 * rng.below(2),
+                "protocol": rng.pick(&["TCP", "UDP"])})
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({"metadata": meta,
+            "addressType": rng.pick(&["IPv4", "IPv4", "IPv4", "IPv6"]),
+            "ports": ports, "endpoints": endpoints}))
+        .expect("random EndpointSlice")
+    }
+
+    fn sorted_by_name<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(v: &mut [T]) {
+        v.sort_by(|a, b| {
+            let (a, b) = (a.metadata(), b.metadata());
+            (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
+        });
+    }
+
+    #[test]
+    fn model_matches_desired_on_random_changes() {
+        let nodes = [node(
+            "
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: 10.1.0.5}]}
+",
+        )];
+        for seed in 1..=60u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            // Versions trusted (objects carry them, bumped on change), or content only.
+            let versions = seed % 2 == 0;
+            let mut model = if versions {
+                Model::new()
+            } else {
+                Model::by_content()
+            };
+            let mut rv = 0u64;
+            let mut next_rv = |rng: &mut Rng| {
+                rv += 1;
+                (versions || rng.below(4) == 0).then_some(rv)
+            };
+            let names = ["s0", "s1", "s2", "s3", "s4", "s5"];
+            let nss = ["default", "other"];
+            let mut services: Vec<Service> = Vec::new();
+            let mut slices: Vec<EndpointSlice> = Vec::new();
+            let mut settings = Settings::default();
+            let mut node_name = "node-a";
+            let mut prev = Desired::default();
+            for step in 0..80u64 {
+                for _ in 0..1 + rng.below(3) {
+                    let ns = rng.pick(&nss);
+                    let name = rng.pick(&names);
+                    let found = |v: &[Service]| {
+                        v.iter().position(|s| {
+                            s.metadata.name.as_deref() == Some(name)
+                                && s.metadata.namespace.as_deref() == Some(ns)
+                        })
+                    };
+                    match rng.below(8) {
+                        // A new or changed Service.
+                        0 | 1 => {
+                            let r = next_rv(&mut rng);
+                            let s = random_service(&mut rng, ns, name, r);
+                            match found(&services) {
+                                Some(i) => services[i] = s,
+                                None => services.push(s),
+                            }
+                        }
+                        // A Service goes.
+                        2 => {
+                            if let Some(i) = found(&services) {
+                                services.remove(i);
+                            }
+                        }
+                        // The same Service twice (a manifest folder may hold that).
+                        3 if rng.below(4) == 0 => {
+                            let r = next_rv(&mut rng);
+                            services.push(random_service(&mut rng, ns, name, r));
+                        }
+                        // A slice is new, changed or gone.
+                        _ => {
+                            let slice_name = format!("{name}-{}", rng.below(2));
+                            let at = slices.iter().position(|s| {
+                                s.metadata.name.as_deref() == Some(&slice_name)
+                                    && s.metadata.namespace.as_deref() == Some(ns)
+                            });
+                            let r = next_rv(&mut rng);
+                            let sl = random_slice(&mut rng, ns, &slice_name, name, r);
+                            match (at, rng.below(5)) {
+                                (Some(i), 0) => {
+                                    slices.remove(i);
+                                }
+                                (Some(i), _) => slices[i] = sl,
+                                (None, _) => slices.push(sl),
+                            }
+                        }
+                    }
+                }
+                // Mostly in the sources' order; sometimes not at all.
+                if rng.below(5) == 0 {
+                    let n = services.len();
+                    if n > 1 {
+                        services.swap(0, rng.below(n as u64) as usize);
+                    }
+                } else {
+                    sorted_by_name(&mut services);
+                    sorted_by_name(&mut slices);
+                }
+                if rng.below(30) == 0 {
+                    settings.nodeport_range = 30000..=30000 + rng.below(3) as u16;
+                }
+                if rng.below(30) == 0 {
+                    node_name = rng.pick(&["node-a", "node-b"]);
+                }
+                let ifaces = ["192.168.7.1".parse().unwrap()];
+                let inputs = Inputs {
+                    services: &services,
+                    slices: &slices,
+                    nodes: &nodes,
+                    node_name,
+                    interface_addrs: &ifaces,
+                    settings: &settings,
+                };
+                let (want, mut want_refusals) = desired(&inputs);
+                want_refusals.sort();
+                let (got, got_refusals) = model.update(&inputs);
+                assert_eq!(*got, want, "seed {seed} step {step}");
+                assert_eq!(got_refusals, want_refusals, "seed {seed} step {step}");
+                // The changes name every service port that differs from the last state.
+                let changes = model.take_changes();
+                assert_eq!((changes.from, changes.to), (step, step + 1));
+                for id in prev.services.keys().chain(want.services.keys()) {
+                    if prev.services.get(id) != want.services.get(id) {
+                        assert!(
+                            changes.services.contains(id),
+                            "seed {seed} step {step}: {id}"
+                        );
+                    }
+                }
+                prev = want;
+            }
+        }
     }
 }

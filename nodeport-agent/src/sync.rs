@@ -15,7 +15,9 @@ use nodeport_common::{Backend, FrontendKey, Service, BACKEND_NONE};
 
 use crate::error::{Error, Result};
 use crate::maglev;
-use crate::model::{addr_from_raw, addr_raw, describe_frontend, Desired, ServicePortId};
+use crate::model::{
+    addr_from_raw, addr_raw, describe_frontend, Changes, Desired, DesiredService, ServicePortId,
+};
 
 /// Writes to the datapath maps. Every method is one map operation (or, for
 /// [`Maps::write_slots`], one range of the NP_MAGLEV array); none of them may leave a map
@@ -262,6 +264,30 @@ impl SvcState {
     }
 }
 
+/// The NP_MAGLEV slots of a table of `size` over `keys` (sorted), whose NP_BE ids are `ids`.
+fn build_table(keys: &[BeKey], ids: &[u32], size: u32) -> Vec<u32> {
+    let names: Vec<String> = keys.iter().map(|k| be_name(*k)).collect();
+    let name_refs: Vec<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
+    maglev::build(&name_refs, size)
+        .into_iter()
+        .map(|i| ids[i as usize])
+        .collect()
+}
+
+/// The NP_SVC value of every frontend of a service port programmed as `st`, wanting `ds`.
+fn service_value(st: &SvcState, ds: &DesiredService) -> Service {
+    let region = st.table.as_ref().map(|t| t.region);
+    Service {
+        table_off: region.map_or(0, |r| r.offset),
+        table_size: region.map_or(0, |r| r.size),
+        svc_id: st.svc_id,
+        flags: ds.flags,
+        pad: 0,
+        affinity_timeout_s: ds.affinity_timeout_s,
+        pad2: 0,
+    }
+}
+
 /// The table a frontend value points at (`None`: no table).
 fn value_region(v: &Service) -> Option<Region> {
     (v.table_size != 0).then_some(Region {
@@ -383,6 +409,72 @@ pub struct Reconciler {
     stale_ids: BTreeMap<u32, Backend>,
     /// Restored `svc_id`s no service port has taken over yet.
     restored_svc_ids: BTreeSet<u32>,
+    /// The service ports of the last desired state (what `refs` counts).
+    last: BTreeMap<ServicePortId, DesiredService>,
+    /// Per backend: its uses by `last` and by tables.
+    refs: BTreeMap<BeKey, BeRefs>,
+    /// Wanted backends whose programmed value may be wrong (a write failed).
+    be_retry: BTreeSet<BeKey>,
+    /// Backends that may be referenced by nothing any more (to delete).
+    be_check: BTreeSet<BeKey>,
+    /// Service ports whose programmed state may differ from their desired one (a failure,
+    /// a stale table, a frontend taken over by another port), or that are gone but still
+    /// programmed: visited by every apply.
+    unsettled: BTreeSet<ServicePortId>,
+    /// Service ports that lost a frontend to another one during the current apply.
+    taken: Vec<ServicePortId>,
+    /// The next apply must visit everything (after a restore, until the restored leftovers
+    /// are gone).
+    full: bool,
+    /// The model and generation of the last [`Reconciler::apply_changes`].
+    hinted: Option<(u64, u64)>,
+    /// Tests: visit everything on every apply.
+    #[cfg(test)]
+    always_full: bool,
+}
+
+/// How one backend is used: by the desired service ports (with the flags they give it) and
+/// by the tables programmed in NP_MAGLEV.
+#[derive(Clone, Copy, Debug, Default)]
+struct BeRefs {
+    /// Entries in the desired services' backend sets.
+    users: u32,
+    /// Per `BE_F_*` bit, how many of those entries set it.
+    bits: [u32; 8],
+    /// Tables holding it: current and stale ones of service ports, orphans of known contents.
+    tables: u32,
+}
+
+impl BeRefs {
+    /// The flags of the programmed value: every bit some user sets.
+    fn flags(&self) -> u8 {
+        (0..8)
+            .filter(|&b| self.bits[b] != 0)
+            .fold(0, |f, b| f | (1 << b))
+    }
+
+    fn unused(&self) -> bool {
+        self.users == 0 && self.tables == 0
+    }
+}
+
+/// Whether a table built from `table` is the one `backends` need (one key per (addr, port),
+/// sorted, as [`Reconciler::sync_service`] builds it).
+fn same_keys(table: &[BeKey], backends: &BTreeSet<Backend>) -> bool {
+    let mut want = backends.iter().map(be_key);
+    let mut prev = None;
+    let mut i = 0;
+    for k in want.by_ref() {
+        if prev == Some(k) {
+            continue;
+        }
+        prev = Some(k);
+        if table.get(i) != Some(&k) {
+            return false;
+        }
+        i += 1;
+    }
+    i == table.len()
 }
 
 impl Reconciler {
@@ -402,6 +494,16 @@ impl Reconciler {
             orphan_tables: BTreeMap::new(),
             stale_ids: BTreeMap::new(),
             restored_svc_ids: BTreeSet::new(),
+            last: BTreeMap::new(),
+            refs: BTreeMap::new(),
+            be_retry: BTreeSet::new(),
+            be_check: BTreeSet::new(),
+            unsettled: BTreeSet::new(),
+            taken: Vec::new(),
+            full: false,
+            hinted: None,
+            #[cfg(test)]
+            always_full: false,
         }
     }
 
@@ -429,6 +531,8 @@ impl Reconciler {
     pub fn restore(maglev_slots: u32, max_backends: u32, snap: &MapSnapshot) -> Self {
         let mut r = Self::new(maglev_slots, max_backends);
         r.node_addrs = snap.node_addrs.iter().copied().collect();
+        // What the maps hold is not indexed yet: the first apply visits everything.
+        r.full = !snap.backends.is_empty() || !snap.services.is_empty();
 
         let mut by_id: BTreeMap<u32, Backend> = BTreeMap::new();
         for (id, be) in &snap.backends {
@@ -510,25 +614,388 @@ impl Reconciler {
     /// A failure is confined to its service port (or backend, or address): it is reported
     /// in [`SyncReport::errors`], the previous state of that part stays in force, and the
     /// next apply retries it.
+    ///
+    /// The cost is proportional to what changed: service ports whose [`DesiredService`]
+    /// equals the one of the previous apply, and whose programming then succeeded, are
+    /// skipped after one comparison each (the map calls are exactly those of a full pass).
+    /// The first apply after a [`Reconciler::restore`] visits everything, and so do the
+    /// following ones while restored leftovers (frontends, tables, ids) remain.
     pub fn apply(&mut self, desired: &Desired, maps: &mut impl Maps) -> SyncReport {
+        self.hinted = None;
+        self.apply_inner(desired, None, maps)
+    }
+
+    /// [`Reconciler::apply`] of the desired state of a [`Model`](crate::model::Model), with
+    /// the [`Changes`] it reported since the state of the previous call: the service ports
+    /// it does not list are not even compared. Changes that do not follow on from those of
+    /// the previous call (another model, a generation skipped, a plain
+    /// [`Reconciler::apply`] in between) are ignored: everything is compared then.
+    pub fn apply_changes(
+        &mut self,
+        desired: &Desired,
+        changes: &Changes,
+        maps: &mut impl Maps,
+    ) -> SyncReport {
+        let follows = self.hinted == Some((changes.model, changes.from));
+        self.hinted = Some((changes.model, changes.to));
+        self.apply_inner(desired, follows.then_some(&changes.services), maps)
+    }
+
+    fn apply_inner(
+        &mut self,
+        desired: &Desired,
+        hint: Option<&BTreeSet<ServicePortId>>,
+        maps: &mut impl Maps,
+    ) -> SyncReport {
         self.regions.release_quarantine();
         self.be_ids.release_quarantine();
         self.svc_ids.release_quarantine();
         let mut report = SyncReport::default();
 
         self.sync_node_addrs(desired, maps, &mut report);
-        let wanted_backends = self.sync_backends(desired, maps, &mut report);
-        for (id, ds) in &desired.services {
-            if let Err(e) = self.sync_service(id, ds, maps, &mut report) {
-                report.errors.push(Error::Service {
-                    service: id.to_string(),
-                    source: Box::new(e),
-                });
+        if self.needs_full_pass() {
+            let wanted_backends = self.sync_backends(desired, maps, &mut report);
+            for (id, ds) in &desired.services {
+                if let Err(e) = self.sync_service(id, ds, maps, &mut report) {
+                    report.errors.push(Error::Service {
+                        service: id.to_string(),
+                        source: Box::new(e),
+                    });
+                }
+            }
+            self.delete_frontends(desired, maps, &mut report);
+            self.delete_backends(&wanted_backends, maps, &mut report);
+            self.reindex(desired);
+        } else {
+            self.apply_incremental(desired, hint, maps, &mut report);
+        }
+        report
+    }
+
+    /// Whether the next apply must visit every service port and backend: restored state
+    /// that the incremental pass does not track is left.
+    fn needs_full_pass(&self) -> bool {
+        #[cfg(test)]
+        if self.always_full {
+            return true;
+        }
+        self.full
+            || !self.orphans.is_empty()
+            || !self.orphan_tables.is_empty()
+            || !self.stale_ids.is_empty()
+            || !self.restored_svc_ids.is_empty()
+    }
+
+    /// Rebuilds what [`Reconciler::apply_changes`] relies on after a full pass.
+    fn reindex(&mut self, desired: &Desired) {
+        self.taken.clear();
+        self.last = desired.services.clone();
+        self.refs.clear();
+        for ds in desired.services.values() {
+            for b in &ds.backends {
+                let r = self.refs.entry(be_key(b)).or_default();
+                r.users += 1;
+                for bit in 0..8 {
+                    r.bits[bit] += u32::from(b.flags >> bit & 1);
+                }
             }
         }
-        self.delete_frontends(desired, maps, &mut report);
-        self.delete_backends(&wanted_backends, maps, &mut report);
-        report
+        let mut held: Vec<BeKey> = Vec::new();
+        for st in self.services.values() {
+            for t in st.table.iter().chain(&st.stale) {
+                held.extend_from_slice(&t.backends);
+            }
+        }
+        for o in self.orphan_tables.values() {
+            held.extend(o.backends.iter().flatten().copied());
+        }
+        for k in held {
+            self.refs.entry(k).or_default().tables += 1;
+        }
+        self.be_retry = self
+            .refs
+            .iter()
+            .filter(|(k, r)| {
+                r.users > 0
+                    && self.backends.get(k).map(|b| b.value)
+                        != Some(Backend {
+                            addr: k.0,
+                            port: k.1,
+                            flags: r.flags(),
+                            pad: 0,
+                        })
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        self.be_check = self
+            .backends
+            .keys()
+            .filter(|k| self.refs.get(k).is_none_or(BeRefs::unused))
+            .copied()
+            .collect();
+        self.refs.retain(|_, r| !r.unused());
+        let ids: BTreeSet<&ServicePortId> = desired
+            .services
+            .keys()
+            .chain(self.services.keys())
+            .collect();
+        self.unsettled = ids
+            .into_iter()
+            .filter(|id| !self.settled(id, desired))
+            .cloned()
+            .collect();
+        // Restored frontends may point at another port's table (one that was adopted): the
+        // per-port bookkeeping of `apply_changes` holds only when every frontend points at a
+        // table of its own port.
+        self.full = self.services.values().any(|st| {
+            st.frontends
+                .values()
+                .filter_map(value_region)
+                .any(|r| !st.table.iter().chain(&st.stale).any(|t| t.region == r))
+        });
+    }
+
+    /// Whether service port `id` is programmed exactly as `desired` wants (or is gone from
+    /// both), so that a pass over it would make no map call.
+    fn settled(&self, id: &ServicePortId, desired: &Desired) -> bool {
+        let (ds, st) = match (desired.services.get(id), self.services.get(id)) {
+            (None, None) => return true,
+            (Some(ds), Some(st)) => (ds, st),
+            _ => return false,
+        };
+        if !st.stale.is_empty() || !same_keys(st.table_keys(), &ds.backends) {
+            return false;
+        }
+        let value = service_value(st, ds);
+        st.frontends.len() == ds.frontends.len()
+            && ds
+                .frontends
+                .iter()
+                .all(|fe| st.frontends.get(fe) == Some(&value))
+    }
+
+    /// Counts a table's hold on its backends.
+    fn hold(&mut self, keys: &[BeKey]) {
+        for k in keys {
+            self.refs.entry(*k).or_default().tables += 1;
+        }
+    }
+
+    /// Releases a table's hold on its backends; those no longer used are checked for
+    /// deletion at the end of the apply.
+    fn unhold(&mut self, keys: &[BeKey]) {
+        for k in keys {
+            if let Some(r) = self.refs.get_mut(k) {
+                r.tables = r.tables.saturating_sub(1);
+                if r.unused() {
+                    self.be_check.insert(*k);
+                }
+            }
+        }
+    }
+
+    /// A table no frontend points at any more: its region is reusable at the next apply.
+    fn quarantine_table(&mut self, t: Table) {
+        self.unhold(&t.backends);
+        self.regions.quarantine.push(t.region);
+    }
+
+    /// The incremental apply: the same map calls as the full pass, in the same order, found
+    /// by visiting only the service ports that changed or are not settled, and the backends
+    /// whose uses changed.
+    fn apply_incremental(
+        &mut self,
+        desired: &Desired,
+        hint: Option<&BTreeSet<ServicePortId>>,
+        maps: &mut impl Maps,
+        report: &mut SyncReport,
+    ) {
+        // 1. Service ports whose desired state differs from the last one: among those the
+        //    hint lists, or else by a merge of the two sorted maps.
+        let mut visit: BTreeSet<ServicePortId> = std::mem::take(&mut self.unsettled);
+        let mut changed: Vec<ServicePortId> = Vec::new();
+        if let Some(hint) = hint {
+            changed.extend(
+                hint.iter()
+                    .filter(|id| desired.services.get(*id) != self.last.get(*id))
+                    .cloned(),
+            );
+        } else {
+            let mut old = self.last.iter().peekable();
+            for (id, ds) in &desired.services {
+                loop {
+                    match old.peek() {
+                        Some((oid, ods)) => match (*oid).cmp(id) {
+                            std::cmp::Ordering::Less => {
+                                changed.push((*oid).clone());
+                                old.next();
+                            }
+                            std::cmp::Ordering::Equal => {
+                                if *ods != ds {
+                                    changed.push(id.clone());
+                                }
+                                old.next();
+                                break;
+                            }
+                            std::cmp::Ordering::Greater => {
+                                changed.push(id.clone());
+                                break;
+                            }
+                        },
+                        None => {
+                            changed.push(id.clone());
+                            break;
+                        }
+                    }
+                }
+            }
+            changed.extend(old.map(|(id, _)| id.clone()));
+        }
+
+        // 2. Backend uses of the changed ports; then new and changed backends.
+        let mut touched: BTreeSet<BeKey> = std::mem::take(&mut self.be_retry);
+        let empty = BTreeSet::new();
+        for id in changed {
+            let new = desired.services.get(&id);
+            let old = self.last.get(&id);
+            let new_be = new.map_or(&empty, |d| &d.backends);
+            let old_be = old.map_or(&empty, |d| &d.backends);
+            for b in old_be.difference(new_be) {
+                let k = be_key(b);
+                if let Some(r) = self.refs.get_mut(&k) {
+                    r.users -= 1;
+                    for bit in 0..8 {
+                        r.bits[bit] -= u32::from(b.flags >> bit & 1);
+                    }
+                    touched.insert(k);
+                    if r.unused() {
+                        self.be_check.insert(k);
+                    }
+                }
+            }
+            for b in new_be.difference(old_be) {
+                let r = self.refs.entry(be_key(b)).or_default();
+                r.users += 1;
+                for bit in 0..8 {
+                    r.bits[bit] += u32::from(b.flags >> bit & 1);
+                }
+                touched.insert(be_key(b));
+            }
+            match new {
+                Some(ds) => {
+                    self.last.insert(id.clone(), ds.clone());
+                }
+                None => {
+                    self.last.remove(&id);
+                }
+            }
+            visit.insert(id);
+        }
+        for key in touched {
+            let Some(r) = self.refs.get(&key) else {
+                continue;
+            };
+            if r.users == 0 {
+                continue;
+            }
+            let value = Backend {
+                addr: key.0,
+                port: key.1,
+                flags: r.flags(),
+                pad: 0,
+            };
+            if !self.set_backend(key, &value, maps, report) {
+                self.be_retry.insert(key);
+            }
+        }
+
+        // 3. The visited service ports, in order. A port that loses a frontend to another
+        //    one is visited too (later in this apply if it comes later, as the full pass).
+        let mut cursor: Option<ServicePortId> = None;
+        loop {
+            let next = match &cursor {
+                None => visit.first(),
+                Some(c) => visit
+                    .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+                    .next(),
+            };
+            let Some(id) = next.cloned() else { break };
+            if let Some(ds) = desired.services.get(&id) {
+                if let Err(e) = self.sync_service(&id, ds, maps, report) {
+                    report.errors.push(Error::Service {
+                        service: id.to_string(),
+                        source: Box::new(e),
+                    });
+                }
+            }
+            for prev in std::mem::take(&mut self.taken) {
+                visit.insert(prev);
+            }
+            cursor = Some(id);
+        }
+
+        // 4. Frontends no longer desired, service ports that are gone, tables nothing points
+        //    at any more (a frontend only ever points at a table of its own port here).
+        for id in &visit {
+            let Some(mut st) = self.services.remove(id) else {
+                continue;
+            };
+            let want = desired.services.get(id).map(|d| &d.frontends);
+            self.delete_gone_frontends(id, &mut st, want, maps, report);
+            if want.is_none() && st.frontends.is_empty() {
+                for t in st.table.take().into_iter().chain(st.stale.drain(..)) {
+                    self.quarantine_table(t);
+                }
+                self.svc_ids.retire(st.svc_id);
+                continue;
+            }
+            if !st.stale.is_empty() {
+                let (keep, free): (Vec<Table>, Vec<Table>) =
+                    std::mem::take(&mut st.stale).into_iter().partition(|t| {
+                        st.frontends
+                            .values()
+                            .any(|v| value_region(v) == Some(t.region))
+                    });
+                st.stale = keep;
+                for t in free {
+                    self.quarantine_table(t);
+                }
+            }
+            self.services.insert(id.clone(), st);
+        }
+
+        // 5. Backends nothing uses any more.
+        for key in std::mem::take(&mut self.be_check) {
+            if !self.refs.get(&key).is_none_or(BeRefs::unused) {
+                continue;
+            }
+            if let Some(st) = self.backends.get(&key).copied() {
+                match maps.delete_backend(st.id) {
+                    Ok(()) => {
+                        self.backends.remove(&key);
+                        self.be_ids.retire(st.id);
+                        report.backends_deleted += 1;
+                    }
+                    Err(e) => {
+                        report.errors.push(e);
+                        self.be_check.insert(key);
+                        continue;
+                    }
+                }
+            }
+            self.refs.remove(&key);
+        }
+
+        // 6. What the next apply must visit again.
+        for id in visit {
+            if !self.settled(&id, desired) {
+                self.unsettled.insert(id);
+            }
+        }
+        debug_assert!(
+            self.last == desired.services,
+            "the changes given to apply_changes missed some"
+        );
     }
 
     fn sync_node_addrs(
@@ -580,50 +1047,67 @@ impl Reconciler {
             }
         }
         for (&key, value) in &want {
-            match self.backends.get_mut(&key) {
-                Some(st) if st.value == *value => {}
-                Some(st) => match maps.set_backend(st.id, value) {
+            self.set_backend(key, value, maps, report);
+        }
+        want.into_keys().collect()
+    }
+
+    /// Programs backend `key` with `value` unless it already holds it; false on failure.
+    fn set_backend(
+        &mut self,
+        key: BeKey,
+        value: &Backend,
+        maps: &mut impl Maps,
+        report: &mut SyncReport,
+    ) -> bool {
+        match self.backends.get_mut(&key) {
+            Some(st) if st.value == *value => true,
+            Some(st) => match maps.set_backend(st.id, value) {
+                Ok(()) => {
+                    st.value = *value;
+                    report.backends_set += 1;
+                    true
+                }
+                Err(e) => {
+                    report.errors.push(e);
+                    false
+                }
+            },
+            None => {
+                let Some(id) = self.be_ids.alloc() else {
+                    report.errors.push(Error::BackendIdsExhausted {
+                        backend: be_name(key),
+                        max: self.be_ids.limit.saturating_sub(1),
+                    });
+                    return false;
+                };
+                match maps.set_backend(id, value) {
                     Ok(()) => {
-                        st.value = *value;
+                        self.backends.insert(
+                            key,
+                            BeState {
+                                id,
+                                value: *value,
+                                restored: false,
+                            },
+                        );
                         report.backends_set += 1;
+                        true
                     }
-                    Err(e) => report.errors.push(e),
-                },
-                None => {
-                    let Some(id) = self.be_ids.alloc() else {
-                        report.errors.push(Error::BackendIdsExhausted {
-                            backend: be_name(key),
-                            max: self.be_ids.limit.saturating_sub(1),
-                        });
-                        continue;
-                    };
-                    match maps.set_backend(id, value) {
-                        Ok(()) => {
-                            self.backends.insert(
-                                key,
-                                BeState {
-                                    id,
-                                    value: *value,
-                                    restored: false,
-                                },
-                            );
-                            report.backends_set += 1;
-                        }
-                        Err(e) => {
-                            self.be_ids.release(id);
-                            report.errors.push(e);
-                        }
+                    Err(e) => {
+                        self.be_ids.release(id);
+                        report.errors.push(e);
+                        false
                     }
                 }
             }
         }
-        want.into_keys().collect()
     }
 
     fn sync_service(
         &mut self,
         id: &ServicePortId,
-        ds: &crate::model::DesiredService,
+        ds: &DesiredService,
         maps: &mut impl Maps,
         report: &mut SyncReport,
     ) -> Result<()> {
@@ -652,14 +1136,7 @@ impl Reconciler {
             Some(None)
         } else {
             let size = maglev::table_size(keys.len());
-            let build = |keys: &[BeKey]| -> Vec<u32> {
-                let names: Vec<String> = keys.iter().map(|k| be_name(*k)).collect();
-                let name_refs: Vec<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
-                maglev::build(&name_refs, size)
-                    .into_iter()
-                    .map(|i| ids[i as usize])
-                    .collect()
-            };
+            let build = |keys: &[BeKey]| build_table(keys, &ids, size);
             let candidates = if existing.is_none() {
                 self.adoptable_tables(ds, size)
             } else {
@@ -693,6 +1170,7 @@ impl Reconciler {
                     region
                 }
             };
+            self.hold(&keys);
             Some(Some(Table {
                 region,
                 backends: keys,
@@ -749,16 +1227,7 @@ impl Reconciler {
         }
 
         // Step 2: flip the frontends whose value changed.
-        let region = st.table.as_ref().map(|t| t.region);
-        let value = Service {
-            table_off: region.map_or(0, |r| r.offset),
-            table_size: region.map_or(0, |r| r.size),
-            svc_id: st.svc_id,
-            flags: ds.flags,
-            pad: 0,
-            affinity_timeout_s: ds.affinity_timeout_s,
-            pad2: 0,
-        };
+        let value = service_value(&st, ds);
         for fe in &ds.frontends {
             if st.frontends.get(fe) == Some(&value) {
                 continue;
@@ -774,6 +1243,7 @@ impl Reconciler {
                             if let Some(p) = self.services.get_mut(&prev) {
                                 p.frontends.remove(fe);
                             }
+                            self.taken.push(prev);
                         }
                     }
                 }
@@ -792,7 +1262,7 @@ impl Reconciler {
 
     /// Restored tables of `size` slots that restored frontends of `ds` point at and that
     /// could be adopted whole (one table, wholly inside NP_MAGLEV).
-    fn adoptable_tables(&self, ds: &crate::model::DesiredService, size: u32) -> Vec<Region> {
+    fn adoptable_tables(&self, ds: &DesiredService, size: u32) -> Vec<Region> {
         if self.orphan_tables.is_empty() {
             return Vec::new();
         }
@@ -830,7 +1300,10 @@ impl Reconciler {
                     },
                 );
             }
-            false => self.regions.free(t.region),
+            false => {
+                self.unhold(&t.backends);
+                self.regions.free(t.region);
+            }
         }
     }
 
@@ -850,28 +1323,7 @@ impl Reconciler {
                 continue;
             };
             let want = desired.services.get(&id).map(|d| &d.frontends);
-            let gone: Vec<FrontendKey> = st
-                .frontends
-                .keys()
-                .filter(|fe| want.is_none_or(|w| !w.contains(fe)))
-                .copied()
-                .collect();
-            for fe in gone {
-                match maps.delete_service(&fe) {
-                    Ok(()) => {
-                        st.frontends.remove(&fe);
-                        self.fe_owner.remove(&fe);
-                        report.services_deleted += 1;
-                    }
-                    Err(e) => report.errors.push(Error::Service {
-                        service: id.to_string(),
-                        source: Box::new(Error::Frontend {
-                            frontend: describe_frontend(&fe),
-                            source: Box::new(e),
-                        }),
-                    }),
-                }
-            }
+            self.delete_gone_frontends(&id, &mut st, want, maps, report);
             if want.is_none() && st.frontends.is_empty() {
                 dropped.extend(st.table.take());
                 dropped.append(&mut st.stale);
@@ -941,6 +1393,40 @@ impl Reconciler {
         for s in released {
             self.restored_svc_ids.remove(&s);
             self.svc_ids.retire(s);
+        }
+    }
+
+    /// Deletes the frontends of `st` that `want` (the port's desired frontends, `None` when
+    /// the port is gone) does not list.
+    fn delete_gone_frontends(
+        &mut self,
+        id: &ServicePortId,
+        st: &mut SvcState,
+        want: Option<&BTreeSet<FrontendKey>>,
+        maps: &mut impl Maps,
+        report: &mut SyncReport,
+    ) {
+        let gone: Vec<FrontendKey> = st
+            .frontends
+            .keys()
+            .filter(|fe| want.is_none_or(|w| !w.contains(fe)))
+            .copied()
+            .collect();
+        for fe in gone {
+            match maps.delete_service(&fe) {
+                Ok(()) => {
+                    st.frontends.remove(&fe);
+                    self.fe_owner.remove(&fe);
+                    report.services_deleted += 1;
+                }
+                Err(e) => report.errors.push(Error::Service {
+                    service: id.to_string(),
+                    source: Box::new(Error::Frontend {
+                        frontend: describe_frontend(&fe),
+                        source: Box::new(e),
+                    }),
+                }),
+            }
         }
     }
 
@@ -1052,11 +1538,11 @@ impl Reconciler {
 
     /// Counts of the programmed state.
     pub fn state_summary(&self) -> StateSummary {
-        let tables: Vec<&Table> = self
-            .services
-            .values()
-            .flat_map(|s| s.table.iter().chain(&s.stale))
-            .collect();
+        let tables = || {
+            self.services
+                .values()
+                .flat_map(|s| s.table.iter().chain(&s.stale))
+        };
         let orphan_slots: u32 = self
             .orphan_tables
             .values()
@@ -1073,8 +1559,8 @@ impl Reconciler {
                 .sum::<usize>()
                 + self.orphans.len(),
             backends: self.backends.len() + self.stale_ids.len(),
-            tables: tables.len() + self.orphan_tables.len(),
-            slots_used: tables.iter().map(|t| t.region.size).sum::<u32>() + orphan_slots,
+            tables: tables().count() + self.orphan_tables.len(),
+            slots_used: tables().map(|t| t.region.size).sum::<u32>() + orphan_slots,
             slots_free: self.regions.free_slots(),
             slots_quarantined: self.regions.quarantined_slots(),
         }
@@ -1132,6 +1618,9 @@ mod tests {
         written: BTreeSet<(u32, u32)>,
         /// Whether `read_slots` answers.
         readable: bool,
+        /// Per mille of backend, table and frontend calls that fail (pseudo-random, seeded).
+        fail_rate: u64,
+        rng: u64,
     }
 
     impl FakeMaps {
@@ -1146,7 +1635,18 @@ mod tests {
                 broken: BTreeSet::new(),
                 written: BTreeSet::new(),
                 readable: false,
+                fail_rate: 0,
+                rng: 0x9E37_79B9_7F4A_7C15,
             }
+        }
+
+        /// Whether the current call is an injected failure.
+        fn fails(&mut self) -> bool {
+            if self.fail_rate == 0 {
+                return false;
+            }
+            self.rng = xorshift(self.rng);
+            self.rng % 1000 < self.fail_rate
         }
 
         /// Slot ranges frontends point at, clipped to the array.
@@ -1206,6 +1706,9 @@ mod tests {
             if let Some(old) = self.backends.get(&id) {
                 assert_eq!(be_key(old), be_key(be), "backend id {id} re-pointed");
             }
+            if self.fails() {
+                return Err(map_err("set_backend"));
+            }
             self.calls.push(Call::SetBackend(id));
             self.backends.insert(id, *be);
             Ok(())
@@ -1217,6 +1720,9 @@ mod tests {
                     !self.slots[start..end].contains(&id),
                     "backend {id} deleted while a live table holds it"
                 );
+            }
+            if self.fails() {
+                return Err(map_err("delete_backend"));
             }
             self.calls.push(Call::DelBackend(id));
             assert!(
@@ -1240,6 +1746,9 @@ mod tests {
                     "slot written with unknown backend {id}"
                 );
             }
+            if self.fails() {
+                return Err(map_err("write_slots"));
+            }
             self.calls.push(Call::Slots(offset, ids.len() as u32));
             self.written.insert((offset, ids.len() as u32));
             self.slots[offset as usize..end as usize].copy_from_slice(ids);
@@ -1257,12 +1766,18 @@ mod tests {
                 let written = self.written.contains(&(val.table_off, val.table_size));
                 assert!(written, "flip to a table that was never written: {val:?}");
             }
+            if self.fails() {
+                return Err(map_err("set_service"));
+            }
             self.calls.push(Call::SetSvc(*key, *val));
             self.services.insert(*key, *val);
             Ok(())
         }
 
         fn delete_service(&mut self, key: &FrontendKey) -> Result<()> {
+            if self.fails() {
+                return Err(map_err("delete_service"));
+            }
             self.calls.push(Call::DelSvc(*key));
             assert!(
                 self.services.remove(key).is_some(),
@@ -1289,6 +1804,13 @@ mod tests {
                 .then(|| self.slots.get(r).map(<[u32]>::to_vec))
                 .flatten()
         }
+    }
+
+    fn xorshift(mut x: u64) -> u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
     }
 
     fn sid(name: &str) -> ServicePortId {
@@ -2288,5 +2810,151 @@ mod tests {
         assert_eq!(m.backends, backends);
         assert_eq!(r.svc_id(&sid("b")), old.svc_id(&sid("b")));
         assert_eq!(r.apply(&d, &mut m).calls(), 0);
+    }
+
+    /// A random desired state over small pools of names, frontends and backends, so that
+    /// services share backends, frontends move (or are wanted twice), and maps fill up.
+    fn random_state(rng: &mut u64, prev: &Desired) -> Desired {
+        let mut next = |n: u64| {
+            *rng = xorshift(*rng);
+            *rng % n
+        };
+        let mut d = prev.clone();
+        for _ in 0..=next(3) {
+            let name = format!("s{}", next(12));
+            if next(5) == 0 {
+                d.services.remove(&sid(&name));
+                continue;
+            }
+            let frontends: Vec<FrontendKey> = (0..=next(2))
+                .map(|_| match next(3) {
+                    0 => ext([192, 0, 2, next(3) as u8], 53),
+                    _ => np(30000 + next(16) as u16),
+                })
+                .collect();
+            let backends: Vec<Backend> = (0..next(6))
+                .map(|_| Backend {
+                    flags: if next(4) == 0 { BE_F_LOCAL } else { 0 },
+                    ..be(1 + next(10) as u8, 80)
+                })
+                .collect();
+            let mut ds = dsvc(&frontends, &backends);
+            if next(4) == 0 {
+                ds.flags = SVC_F_AFFINITY;
+                ds.affinity_timeout_s = 1 + next(3) as u32;
+            }
+            d.services.insert(sid(&name), ds);
+        }
+        if next(10) == 0 {
+            d.node_addrs = [Ipv4Addr::new(192, 168, 0, 1 + next(2) as u8)].into();
+        }
+        d
+    }
+
+    #[test]
+    fn incremental_apply_matches_the_full_pass() {
+        // Tight NP_MAGLEV, NP_BE and NP_SVC, and injected failures: the incremental pass must
+        // make exactly the calls of the full pass, and end in the same state.
+        for seed in 1..=40u64 {
+            let slots = 4 * maglev::table_size(3);
+            let mut rng = seed.wrapping_mul(0x2545_F491_4F6C_DD1D);
+            let (mut mf, mut mi) = (FakeMaps::new(slots), FakeMaps::new(slots));
+            let mut mh = FakeMaps::new(slots);
+            for m in [&mut mf, &mut mi, &mut mh] {
+                m.fail_rate = 40;
+                m.rng = seed;
+                m.max_services = 12;
+            }
+            let mut full = Reconciler::new(slots, 9);
+            full.always_full = true;
+            let mut inc = Reconciler::new(slots, 9);
+            // Given the changes (and a few more), as by a model.
+            let mut hinted = Reconciler::new(slots, 9);
+            let mut d = Desired::default();
+            for step in 0..60u64 {
+                let prev = d.clone();
+                d = random_state(&mut rng, &d);
+                let mut changes = Changes {
+                    model: 7,
+                    from: step,
+                    to: step + 1,
+                    services: prev
+                        .services
+                        .keys()
+                        .chain(d.services.keys())
+                        .filter(|id| prev.services.get(*id) != d.services.get(*id))
+                        .cloned()
+                        .collect(),
+                };
+                changes.services.insert(sid(&format!("s{}", step % 13)));
+                if step == 30 {
+                    // Restart: both adopt what their maps hold.
+                    full = Reconciler::restore(slots, 9, &mf.snapshot());
+                    full.always_full = true;
+                    inc = Reconciler::restore(slots, 9, &mi.snapshot());
+                    hinted = Reconciler::restore(slots, 9, &mh.snapshot());
+                    mf.readable = true;
+                    mi.readable = true;
+                    mh.readable = true;
+                }
+                let rf = full.apply(&d, &mut mf);
+                let ri = inc.apply(&d, &mut mi);
+                let rh = hinted.apply_changes(&d, &changes, &mut mh);
+                assert_eq!(mh.take_calls(), mi.calls, "seed {seed} step {step}: hinted");
+                assert_eq!(
+                    rh.to_string(),
+                    ri.to_string(),
+                    "seed {seed} step {step}: hinted"
+                );
+                assert_eq!(mh.services, mi.services, "seed {seed} step {step}: hinted");
+                let ctx = format!("seed {seed} step {step}");
+                assert_eq!(mf.take_calls(), mi.take_calls(), "{ctx}");
+                assert_eq!(rf.to_string(), ri.to_string(), "{ctx}");
+                let errs =
+                    |r: &SyncReport| r.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>();
+                assert_eq!(errs(&rf), errs(&ri), "{ctx}");
+                assert_eq!(full.state_summary(), inc.state_summary(), "{ctx}");
+                assert_eq!(mf.services, mi.services, "{ctx}");
+                assert_eq!(mf.backends, mi.backends, "{ctx}");
+            }
+            // Without failures both converge to exactly the desired state.
+            for m in [&mut mf, &mut mi] {
+                m.fail_rate = 0;
+                m.max_services = usize::MAX;
+            }
+            // (Room for every table and backend, each frontend wanted once, one flag value
+            // per backend.)
+            d.services = d.services.into_iter().take(3).collect();
+            for ds in d.services.values_mut() {
+                ds.backends = ds.backends.iter().take(2).copied().collect();
+            }
+            let mut seen = BTreeSet::new();
+            for ds in d.services.values_mut() {
+                ds.frontends.retain(|fe| seen.insert(*fe));
+                ds.backends = ds
+                    .backends
+                    .iter()
+                    .map(|b| Backend {
+                        flags: u8::from(addr_from_raw(b.addr).octets()[3].is_multiple_of(3)),
+                        ..*b
+                    })
+                    .collect();
+            }
+            d.services.retain(|_, ds| !ds.frontends.is_empty());
+            // First everything goes (NP_MAGLEV may be too fragmented otherwise).
+            let empty = Desired {
+                node_addrs: d.node_addrs.clone(),
+                services: BTreeMap::new(),
+            };
+            for d in [&empty, &empty, &d, &d, &d] {
+                full.apply(d, &mut mf);
+                inc.apply(d, &mut mi);
+                assert_eq!(mf.take_calls(), mi.take_calls(), "seed {seed}: converging");
+            }
+            let rep = inc.apply(&d, &mut mi);
+            assert_eq!(rep.calls(), 0, "seed {seed}: {rep}");
+            assert!(rep.errors.is_empty(), "seed {seed}: {:?}", rep.errors);
+            verify(&d, &mi);
+        }
     }
 }
