@@ -22,7 +22,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use nodeport_common::{
-    maps as m, stats::STAT_COUNT, Backend, Config, CtEntry, FlowKey, FrontendKey, NodeAddr,
+    maps as m, stats::STAT_COUNT, Backend, Config, CtEntry, FlowKey, FrontendKey, NodeAddr, RevNat,
     Service, Stat,
 };
 
@@ -680,6 +680,11 @@ fn sum_counters(stats: &PerCpuArray<MapData, u64>) -> Result<Vec<(&'static str, 
     Ok(out)
 }
 
+fn occupancy<V: aya::Pod>(map: &HashMap<MapData, FlowKey, V>, name: &str) -> Result<(u64, u32)> {
+    let capacity = map.map().info().map_err(|e| kerr(name, e))?.max_entries();
+    Ok((map.keys().filter(|k| k.is_ok()).count() as u64, capacity))
+}
+
 /// Read-only handles on the maps pinned by a running (or kept) datapath: what metrics
 /// scrapes and `inspect` read, without the agent's own handles and without an agent.
 pub struct MapReader {
@@ -756,16 +761,15 @@ impl MapReader {
 
     /// (entries, capacity) of the conntrack map. Counting walks the keys.
     pub fn conntrack_occupancy(&self) -> Result<(u64, u32)> {
-        let capacity = self
-            .conntrack
-            .map()
-            .info()
-            .map_err(|e| kerr(m::MAP_CONNTRACK, e))?
-            .max_entries();
-        Ok((
-            self.conntrack.keys().filter(|k| k.is_ok()).count() as u64,
-            capacity,
-        ))
+        occupancy(&self.conntrack, m::MAP_CONNTRACK)
+    }
+
+    /// (entries, capacity) of the reverse-NAT map (one entry per translated flow).
+    pub fn revnat_occupancy(&self) -> Result<(u64, u32)> {
+        let map: HashMap<MapData, FlowKey, RevNat> =
+            HashMap::try_from(Map::LruHashMap(open_pinned(&self.dir, m::MAP_REVNAT)?))
+                .map_err(|e| kerr(m::MAP_REVNAT, e))?;
+        occupancy(&map, m::MAP_REVNAT)
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Metrics {
     events: Family<EventLabel, Counter>,
     conntrack_entries: Gauge,
     conntrack_capacity: Gauge,
+    revnat_entries: Gauge,
+    revnat_capacity: Gauge,
     syncs: Counter,
     sync_errors: Counter,
     sync_duration: Histogram,
@@ -84,6 +86,18 @@ impl Metrics {
             "conntrack_capacity",
             "Capacity of the conntrack map",
             conntrack_capacity.clone(),
+        );
+        let revnat_entries = Gauge::default();
+        registry.register(
+            "revnat_entries",
+            "Entries in the reverse-NAT map (translated flows)",
+            revnat_entries.clone(),
+        );
+        let revnat_capacity = Gauge::default();
+        registry.register(
+            "revnat_capacity",
+            "Capacity of the reverse-NAT map",
+            revnat_capacity.clone(),
         );
         let syncs = Counter::default();
         registry.register(
@@ -138,6 +152,8 @@ impl Metrics {
             events,
             conntrack_entries,
             conntrack_capacity,
+            revnat_entries,
+            revnat_capacity,
             syncs,
             sync_errors,
             sync_duration,
@@ -200,6 +216,10 @@ impl Metrics {
             if let Ok((entries, capacity)) = maps.conntrack_occupancy() {
                 self.conntrack_entries.set(entries as i64);
                 self.conntrack_capacity.set(capacity as i64);
+            }
+            if let Ok((entries, capacity)) = maps.revnat_occupancy() {
+                self.revnat_entries.set(entries as i64);
+                self.revnat_capacity.set(capacity as i64);
             }
         }
         for kind in crate::kube_source::Kind::ALL {

@@ -96,6 +96,12 @@ fn health_readiness_and_metrics_follow_traffic() {
         "conntrack gauge:\n{after}"
     );
     assert_eq!(sample(&after, "nodeport_conntrack_capacity"), 262_144);
+    // One reverse-NAT entry per translated flow, local or source-NATed.
+    assert!(
+        sample(&after, "nodeport_revnat_entries") >= n as u64,
+        "revnat gauge:\n{after}"
+    );
+    assert_eq!(sample(&after, "nodeport_revnat_capacity"), 262_144);
     assert_eq!(sample(&after, "nodeport_ready"), 1);
     assert!(sample(&after, "nodeport_syncs_total") >= 1);
     // sample-nodeport serves TCP and UDP on nodePort 30080: two service ports.
