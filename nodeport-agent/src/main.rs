@@ -372,6 +372,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         model::Model::new()
     };
+    let health_checks = serve::HealthChecks::new(health.clone());
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
@@ -425,6 +426,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
         health.set_synced();
         metrics.set_ready(health.ready());
+        health_checks.update(&desired.health_checks);
         info!(
             services = desired.services.len(),
             node_addrs = desired.node_addrs.len(),

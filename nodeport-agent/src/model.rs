@@ -222,6 +222,17 @@ pub struct Desired {
     /// Addresses of this node that take nodePort traffic.
     pub node_addrs: BTreeSet<Ipv4Addr>,
     pub services: BTreeMap<ServicePortId, DesiredService>,
+    /// kube-proxy-style health check servers, by `spec.healthCheckNodePort`.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// What the health check server of one `externalTrafficPolicy: Local` service reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints of the service on this node (distinct addresses).
+    pub local_endpoints: usize,
 }
 
 /// Raw network-order form of an address, as in map keys.
@@ -346,6 +357,36 @@ struct Plan {
     /// Refusals of the service as a whole, in order (they come before its ports').
     refusals: Vec<Refusal>,
     ports: Vec<PortPlan>,
+    /// `spec.healthCheckNodePort` (valid, in range) and what its server reports; served
+    /// unless an older service claims the same port.
+    health_check: Option<(u16, HealthCheck)>,
+}
+
+/// The health checks of `plans` (oldest first): the first claim of a port wins; later
+/// claims are refused.
+fn health_checks<'a>(
+    plans: impl IntoIterator<Item = &'a Plan>,
+    refusals: &mut Vec<Refusal>,
+) -> BTreeMap<u16, HealthCheck> {
+    let mut out: BTreeMap<u16, HealthCheck> = BTreeMap::new();
+    for plan in plans {
+        let Some((port, hc)) = &plan.health_check else {
+            continue;
+        };
+        match out.get(port) {
+            Some(owner) => refusals.push(Refusal::new(
+                &plan.obj,
+                format!(
+                    "healthCheckNodePort {port} is already used by Service {}/{}",
+                    owner.namespace, owner.name
+                ),
+            )),
+            None => {
+                out.insert(*port, hc.clone());
+            }
+        }
+    }
+    out
 }
 
 #[derive(Clone, Debug)]
@@ -501,6 +542,11 @@ impl Claims for AllClaims<'_> {
 ///   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800, clamped to 1-86400).
 /// - `externalTrafficPolicy: Local` sets `SVC_F_LOCAL` and keeps only endpoints whose
 ///   `nodeName` is this node.
+/// - A `NodePort` or `LoadBalancer` service with `externalTrafficPolicy: Local` and a
+///   non-zero `spec.healthCheckNodePort` gets a [`HealthCheck`] on that port, counting the
+///   distinct addresses of its ready endpoints on this node (whatever the outcome of its
+///   ports). A port outside `settings.nodeport_range` refuses the health check only; a port
+///   claimed by an older service too refuses the younger one's health check.
 ///
 /// Backends of a service port:
 /// - EndpointSlices with label `kubernetes.io/service-name: <name>` in the service's
@@ -520,7 +566,9 @@ pub fn desired(inputs: &Inputs) -> (Desired, Vec<Refusal>) {
     let mut out = Desired {
         node_addrs: node_addrs(inputs),
         services: BTreeMap::new(),
+        health_checks: BTreeMap::new(),
     };
+    let mut plans = Vec::new();
 
     // EndpointSlices by (namespace, service name), parsed once.
     let mut slices: BTreeMap<(&str, &str), Vec<ParsedSlice>> = BTreeMap::new();
@@ -572,7 +620,11 @@ pub fn desired(inputs: &Inputs) -> (Desired, Vec<Refusal>) {
                 (Outcome::Accepted, PortPlan::Refused(_)) => unreachable!("refused port accepted"),
             }
         }
+        if plan.health_check.is_some() {
+            plans.push(plan);
+        }
     }
+    out.health_checks = health_checks(&plans, &mut refusals);
     (out, refusals)
 }
 
@@ -583,6 +635,7 @@ fn unnamed(ns: &str) -> Plan {
         refusals: vec![Refusal::new(&obj, "metadata.name is missing")],
         obj,
         ports: Vec::new(),
+        health_check: None,
     }
 }
 
@@ -663,6 +716,43 @@ fn plan_service(
         return plan;
     }
 
+    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    // kube-proxy's health check server; the API server sets the port only for Local
+    // LoadBalancer services, but a NodePort service that has one is served too.
+    match spec.health_check_node_port {
+        Some(hc) if has_node_port && local && hc != 0 => {
+            let range = &settings.nodeport_range;
+            match valid_port(hc).filter(|p| range.contains(p)) {
+                Some(port) => {
+                    let local_endpoints = slices
+                        .iter()
+                        .flat_map(|s| &s.endpoints)
+                        .filter(|e| e.local && e.ready)
+                        .map(|e| e.addr)
+                        .collect::<BTreeSet<_>>()
+                        .len();
+                    plan.health_check = Some((
+                        port,
+                        HealthCheck {
+                            namespace: ns.to_string(),
+                            name: name.to_string(),
+                            local_endpoints,
+                        },
+                    ));
+                }
+                None => refuse(
+                    refusals,
+                    format!(
+                        "healthCheckNodePort {hc} is outside the range {}-{} (the service is served without a health check)",
+                        range.start(),
+                        range.end()
+                    ),
+                ),
+            }
+        }
+        _ => {}
+    }
+
     // Addresses that take `port` traffic.
     let mut ips = BTreeSet::new();
     let mut add_ip =
@@ -695,7 +785,6 @@ fn plan_service(
         }
     }
 
-    let local = spec.external_traffic_policy.as_deref() == Some("Local");
     let affinity = spec.session_affinity.as_deref() == Some("ClientIP");
     let mut flags = 0;
     if local {
@@ -1194,6 +1283,8 @@ pub struct Model {
     contest: Contest,
     /// Records (slices and services) with refusals.
     refused: BTreeSet<u64>,
+    /// Service records whose plan has a health check.
+    health_checked: BTreeSet<u64>,
     desired: Desired,
     /// Service ports of `desired` added, removed or replaced since the last
     /// [`Model::take_changes`].
@@ -1255,6 +1346,7 @@ impl Model {
             services_named: HashMap::new(),
             contest: Contest::default(),
             refused: BTreeSet::new(),
+            health_checked: BTreeSet::new(),
             desired: Desired::default(),
             changed: BTreeSet::new(),
             id,
@@ -1306,6 +1398,15 @@ impl Model {
         self.decide(inputs, replan);
 
         let mut refusals = Vec::new();
+        // Health checks: the claims of every service that has one, oldest first.
+        let mut claimants: Vec<&ServiceRecord> = self
+            .health_checked
+            .iter()
+            .filter_map(|h| self.services.get(h))
+            .collect();
+        claimants.sort_by(|a, b| (&a.age, a.pos).cmp(&(&b.age, b.pos)));
+        self.desired.health_checks =
+            health_checks(claimants.into_iter().map(|r| &r.plan), &mut refusals);
         for h in &self.refused {
             if let Some(s) = self.slices.get(h) {
                 refusals.extend(s.refusals.iter().cloned());
@@ -1395,6 +1496,7 @@ impl Model {
                 continue;
             };
             self.refused.remove(&h);
+            self.health_checked.remove(&h);
             withdraw(
                 h,
                 &rec,
@@ -1497,6 +1599,11 @@ impl Model {
                 .get_mut(&h)
                 .expect("record of a replanned service");
             rec.outcomes = vec![Outcome::Nothing; plan.ports.len()];
+            if plan.health_check.is_some() {
+                self.health_checked.insert(h);
+            } else {
+                self.health_checked.remove(&h);
+            }
             rec.plan = plan;
         }
 
@@ -2408,6 +2515,149 @@ spec:
         assert!(r[0].reason.contains("appears twice"), "{}", r[0]);
     }
 
+    const LOCAL_LB: &str = "
+metadata: {name: lb, namespace: default, creationTimestamp: '2024-01-01T00:00:00Z'}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30100
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+";
+
+    const LOCAL_LB_SLICE: &str = "
+metadata: {name: lb-1, namespace: default, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.0.1], nodeName: node-a}
+- {addresses: [10.0.0.2], nodeName: node-a}
+- {addresses: [10.0.0.3], nodeName: node-a, conditions: {ready: false}}
+- {addresses: [10.0.0.4], nodeName: node-b}
+";
+
+    fn hc(ns: &str, name: &str, local_endpoints: usize) -> HealthCheck {
+        HealthCheck {
+            namespace: ns.into(),
+            name: name.into(),
+            local_endpoints,
+        }
+    }
+
+    #[test]
+    fn health_check_counts_local_ready_endpoints() {
+        let (d, r) = run(&[svc(LOCAL_LB)], &[slice(LOCAL_LB_SLICE)]);
+        assert!(r.is_empty(), "{r:?}");
+        assert_eq!(
+            d.health_checks,
+            BTreeMap::from([(30100, hc("default", "lb", 2))])
+        );
+        // No endpoints yet: served, with 0.
+        let (d, _) = run(&[svc(LOCAL_LB)], &[]);
+        assert_eq!(d.health_checks[&30100], hc("default", "lb", 0));
+        // A NodePort service with the field is served too.
+        let np_local = LOCAL_LB.replace("LoadBalancer", "NodePort");
+        let (d, _) = run(&[svc(&np_local)], &[]);
+        assert_eq!(d.health_checks.len(), 1);
+        // Without the Local policy, or as a ClusterIP service, there is none.
+        let cluster = LOCAL_LB.replace("Local", "Cluster");
+        let (d, r) = run(&[svc(&cluster)], &[]);
+        assert!(d.health_checks.is_empty() && r.is_empty());
+        let cip = "
+metadata: {name: c}
+spec:
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30100
+  ports: [{port: 80}]
+";
+        let (d, r) = run(&[svc(cip)], &[]);
+        assert!(d.health_checks.is_empty() && r.is_empty());
+    }
+
+    #[test]
+    fn health_check_port_refusals() {
+        // Outside the nodePort range: refused, the service itself is served.
+        let bad = LOCAL_LB.replace("30100", "40000");
+        let (d, r) = run(&[svc(&bad)], &[]);
+        assert!(d.health_checks.is_empty());
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].object, "Service default/lb");
+        assert!(
+            r[0].reason.contains("healthCheckNodePort 40000"),
+            "{}",
+            r[0]
+        );
+        // Claimed twice: the older service keeps it, whatever the input order.
+        let younger = LOCAL_LB
+            .replace("name: lb,", "name: lb2,")
+            .replace("2024-01-01", "2024-01-02")
+            .replace("30080", "30081");
+        for services in [
+            [svc(&younger), svc(LOCAL_LB)],
+            [svc(LOCAL_LB), svc(&younger)],
+        ] {
+            let (d, r) = run(&services, &[slice(LOCAL_LB_SLICE)]);
+            assert_eq!(
+                d.health_checks,
+                BTreeMap::from([(30100, hc("default", "lb", 2))])
+            );
+            assert_eq!(d.services.len(), 2);
+            assert_eq!(r.len(), 1);
+            assert_eq!(r[0].object, "Service default/lb2");
+            assert!(r[0].reason.contains("already used by Service default/lb"));
+        }
+    }
+
+    #[test]
+    fn model_tracks_health_checks() {
+        let settings = Settings::default();
+        let mut model = Model::by_content();
+        let younger = LOCAL_LB
+            .replace("name: lb,", "name: lb2,")
+            .replace("2024-01-01", "2024-01-02")
+            .replace("30080", "30081");
+        let mut services = vec![svc(&younger), svc(LOCAL_LB)];
+        let mut slices = vec![slice(LOCAL_LB_SLICE)];
+        for step in 0..4 {
+            match step {
+                1 => {
+                    slices[0].endpoints.truncate(1);
+                }
+                2 => {
+                    services.remove(1);
+                }
+                3 => {
+                    services.clear();
+                }
+                _ => {}
+            }
+            let inputs = Inputs {
+                services: &services,
+                slices: &slices,
+                nodes: &[],
+                node_name: "node-a",
+                interface_addrs: &[],
+                settings: &settings,
+            };
+            let (want, mut want_r) = desired(&inputs);
+            want_r.sort();
+            let (got, got_r) = model.update(&inputs);
+            assert_eq!(*got, want, "step {step}");
+            assert_eq!(got_r, want_r, "step {step}");
+            let expect = match step {
+                0 => Some(hc("default", "lb", 2)),
+                1 => Some(hc("default", "lb", 1)),
+                2 => Some(hc("default", "lb2", 0)),
+                _ => None,
+            };
+            assert_eq!(
+                got.health_checks.get(&30100),
+                expect.as_ref(),
+                "step {step}"
+            );
+        }
+    }
+
     /// A tiny deterministic generator for the property tests.
     struct Rng(u64);
 
@@ -2485,6 +2735,10 @@ spec:
         }
         if rng.below(10) == 0 {
             spec["clusterIP"] = "None".into();
+        }
+        if rng.below(3) == 0 {
+            spec["healthCheckNodePort"] =
+                [30000, 30001, 30002, 40000, 0][rng.below(5) as usize].into();
         }
         let mut svc = serde_json::json!({"metadata": meta, "spec": spec});
         if type_ == "LoadBalancer" {

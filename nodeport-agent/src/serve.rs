@@ -1,19 +1,21 @@
 //! The agent's HTTP endpoints: `/healthz` and `/readyz` on `--health-addr` (kube-proxy's
-//! port 10256), `/metrics` on `--metrics-addr` (kube-proxy's 10249).
+//! port 10256), `/metrics` on `--metrics-addr` (kube-proxy's 10249), and kube-proxy's
+//! per-service health check servers on each `spec.healthCheckNodePort` ([`HealthChecks`]).
 
 use std::{
-    net::SocketAddr,
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
 
-use crate::{datapath::MapReader, kube_source::KubeStats, metrics::Metrics};
+use crate::{datapath::MapReader, kube_source::KubeStats, metrics::Metrics, model::HealthCheck};
 
 /// The sync loop is considered stuck when it has not run for this long.
 const STALE_AFTER: Duration = Duration::from_secs(30);
@@ -132,5 +134,230 @@ pub async fn start(
     } else {
         serve(health_addr, health.with_state(shared.clone())).await?;
         serve(metrics_addr, metrics_routes.with_state(shared)).await
+    }
+}
+
+/// What one health check server reports; the sync loop updates it in place.
+struct CheckState {
+    health: Arc<Health>,
+    check: Mutex<HealthCheck>,
+}
+
+/// A running health check server.
+struct Running {
+    state: Arc<CheckState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// kube-proxy's body, field order included.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CheckBody<'a> {
+    service: CheckService<'a>,
+    local_endpoints: usize,
+    service_proxy_healthy: bool,
+}
+
+#[derive(serde::Serialize)]
+struct CheckService<'a> {
+    namespace: &'a str,
+    name: &'a str,
+}
+
+/// The response of a health check server (any path): `200` when the service has a ready
+/// endpoint on this node and the datapath is attached and synced, `503` otherwise.
+fn check_response(state: &CheckState) -> (StatusCode, Vec<u8>) {
+    let check = state.check.lock().unwrap_or_else(|e| e.into_inner());
+    let healthy = state.health.ready();
+    let body = CheckBody {
+        service: CheckService {
+            namespace: &check.namespace,
+            name: &check.name,
+        },
+        local_endpoints: check.local_endpoints,
+        service_proxy_healthy: healthy,
+    };
+    let code = if healthy && check.local_endpoints > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, serde_json::to_vec(&body).unwrap_or_default())
+}
+
+async fn check(State(s): State<Arc<CheckState>>) -> impl IntoResponse {
+    let (code, body) = check_response(&s);
+    (
+        code,
+        [
+            ("content-type", "application/json"),
+            ("x-content-type-options", "nosniff"),
+        ],
+        body,
+    )
+}
+
+/// The health check servers of `externalTrafficPolicy: Local` services, one listener on
+/// `0.0.0.0:<healthCheckNodePort>` each, like kube-proxy.
+#[derive(Clone)]
+pub struct HealthChecks {
+    health: Arc<Health>,
+    running: Arc<Mutex<BTreeMap<u16, Running>>>,
+}
+
+impl HealthChecks {
+    pub fn new(health: Arc<Health>) -> Self {
+        Self {
+            health,
+            running: Arc::default(),
+        }
+    }
+
+    /// Serves exactly `checks`: starts servers for new ports (and again for ports whose
+    /// server stopped, e.g. could not bind), updates the others, stops those no longer
+    /// wanted. Must be called within a tokio runtime.
+    pub fn update(&self, checks: &BTreeMap<u16, HealthCheck>) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        // (Dropping a server aborts its task, which closes its listener.)
+        running.retain(|port, r| checks.contains_key(port) && !r.task.is_finished());
+        for (&port, hc) in checks {
+            if let Some(r) = running.get(&port) {
+                let mut cur = r.state.check.lock().unwrap_or_else(|e| e.into_inner());
+                if *cur != *hc {
+                    *cur = hc.clone();
+                }
+                continue;
+            }
+            let state = Arc::new(CheckState {
+                health: self.health.clone(),
+                check: Mutex::new(hc.clone()),
+            });
+            let app = Router::new().fallback(check).with_state(state.clone());
+            let service = format!("{}/{}", hc.namespace, hc.name);
+            let task = tokio::spawn(async move {
+                let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+                let listener = match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(
+                            service,
+                            port,
+                            "health check server of Service {service}: listening on {addr}: {e}"
+                        );
+                        return;
+                    }
+                };
+                tracing::info!(service, port, "health check server listening on {addr}");
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(service, port, "health check server stopped: {e}");
+                }
+            });
+            running.insert(port, Running { state, task });
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(local_endpoints: usize, ready: bool) -> CheckState {
+        let health = Arc::new(Health::default());
+        if ready {
+            health.set_attached();
+            health.set_synced();
+        }
+        CheckState {
+            health,
+            check: Mutex::new(HealthCheck {
+                namespace: "ns".into(),
+                name: "web".into(),
+                local_endpoints,
+            }),
+        }
+    }
+
+    #[test]
+    fn check_responses() {
+        let (code, body) = check_response(&state(2, true));
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            r#"{"service":{"namespace":"ns","name":"web"},"localEndpoints":2,"serviceProxyHealthy":true}"#
+        );
+        let (code, body) = check_response(&state(0, true));
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(String::from_utf8(body)
+            .unwrap()
+            .contains(r#""localEndpoints":0,"serviceProxyHealthy":true"#));
+        let (code, body) = check_response(&state(3, false));
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(String::from_utf8(body)
+            .unwrap()
+            .ends_with(r#""localEndpoints":3,"serviceProxyHealthy":false}"#));
+    }
+
+    /// `GET /` on 127.0.0.1:`port`: the status code, or `None` when nothing listens.
+    async fn get(port: u16) -> Option<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .ok()?;
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.ok()?;
+        raw.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    async fn free_port() -> u16 {
+        let l = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        l.local_addr().unwrap().port()
+    }
+
+    /// Polls `get(port)` until it gives `want` (bounded).
+    async fn wait_for(port: u16, want: Option<u16>) {
+        for _ in 0..100 {
+            if get(port).await == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("port {port}: never {want:?}");
+    }
+
+    #[tokio::test]
+    async fn registry_starts_updates_and_stops_servers() {
+        let health = Arc::new(Health::default());
+        health.set_attached();
+        health.set_synced();
+        let reg = HealthChecks::new(health);
+        // A port taken by someone else fails alone.
+        let taken = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .await
+            .unwrap();
+        let busy = taken.local_addr().unwrap().port();
+        let port = free_port().await;
+        let check = |n| HealthCheck {
+            namespace: "ns".into(),
+            name: "web".into(),
+            local_endpoints: n,
+        };
+        reg.update(&BTreeMap::from([(port, check(1)), (busy, check(1))]));
+        wait_for(port, Some(200)).await;
+        reg.update(&BTreeMap::from([(port, check(0))]));
+        wait_for(port, Some(503)).await;
+        reg.update(&BTreeMap::new());
+        wait_for(port, None).await;
+        drop(taken);
     }
 }

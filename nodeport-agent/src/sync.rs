@@ -1862,6 +1862,7 @@ mod tests {
         Desired {
             node_addrs: [Ipv4Addr::new(192, 168, 0, 1)].into(),
             services: services.into_iter().map(|(n, s)| (sid(n), s)).collect(),
+            health_checks: BTreeMap::new(),
         }
     }
 
@@ -2945,6 +2946,7 @@ mod tests {
             let empty = Desired {
                 node_addrs: d.node_addrs.clone(),
                 services: BTreeMap::new(),
+                health_checks: BTreeMap::new(),
             };
             for d in [&empty, &empty, &d, &d, &d] {
                 full.apply(d, &mut mf);

@@ -42,6 +42,9 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// `spec.externalTrafficPolicy` when set (`Cluster` or `Local`).
     pub external_traffic_policy: Option<String>,
+    /// `spec.healthCheckNodePort` when set (the agent serves it for `Local` NodePort
+    /// services too).
+    pub health_check_node_port: Option<u16>,
 }
 
 /// The seeds' nodePort.
@@ -63,6 +66,7 @@ impl Service {
                 node_port: SAMPLE_NODE_PORT,
             }],
             external_traffic_policy: None,
+            health_check_node_port: None,
         }
     }
 
@@ -89,6 +93,9 @@ impl Service {
         );
         if let Some(p) = &self.external_traffic_policy {
             let _ = writeln!(y, "  externalTrafficPolicy: {p}");
+        }
+        if let Some(p) = self.health_check_node_port {
+            let _ = writeln!(y, "  healthCheckNodePort: {p}");
         }
         y.push_str("  ports:\n");
         for p in &self.ports {
