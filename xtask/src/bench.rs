@@ -74,12 +74,17 @@ fn machine() -> String {
 }
 
 fn render(figures: &[(String, String)], quick: bool) -> String {
-    let get = |k: &str| {
-        figures
+    let get = |k: &str| -> String {
+        match figures
             .iter()
             .find(|(n, _)| n == k)
             .map(|(_, v)| v.as_str())
-            .unwrap_or("n/a")
+        {
+            Some(v) => v
+                .parse::<f64>()
+                .map_or_else(|_| v.to_string(), |x| format!("{x:.3}")),
+            None => "n/a".to_string(),
+        }
     };
     let mut s = String::new();
     let _ = writeln!(s, "# Benchmarks\n");
@@ -115,6 +120,11 @@ fn render(figures: &[(String, String)], quick: bool) -> String {
             "endpoint_change_p99_ms",
             "endpoint change to map update, p99 (ms)",
             "< 5",
+        ),
+        (
+            "endpoint_change_by_content_p99_ms",
+            "the same from a manifests folder (objects compared by content), p99 (ms)",
+            "",
         ),
         ("agent_rss_mib", "process RSS at that scale (MiB)", "< 64"),
         ("bpf_map_mib", "BPF map memory, default sizes (MiB)", "< 64"),
