@@ -40,6 +40,12 @@ pub fn default_agent_path() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target/release/nodeport-agent"))
 }
 
+/// The echo server binary: `NP_ECHO` (set by `cargo xtask test`), else `built` (tests pass
+/// `env!("CARGO_BIN_EXE_np-echo")`, the one cargo built for them).
+pub fn echo_path(built: &str) -> PathBuf {
+    std::env::var_os("NP_ECHO").map_or_else(|| PathBuf::from(built), PathBuf::from)
+}
+
 /// Polls `f` every `every` until it returns true or `timeout` passes; returns the last result.
 pub fn poll_until(timeout: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -196,6 +202,16 @@ impl Testbed {
         for node in nodes {
             self.start_agent(&agent, &node, &extra);
         }
+    }
+
+    /// [`Testbed::start`], then wait (30 s at most) until the service answers through every
+    /// node; panics with the agents' logs otherwise.
+    pub fn serving(opts: TestbedOptions) -> Testbed {
+        let mut tb = Testbed::start(opts);
+        if let Err(e) = tb.wait_for_service(Duration::from_secs(30)) {
+            panic!("{e}");
+        }
+        tb
     }
 
     fn start_agent(&mut self, agent: &Path, node: &str, extra: &[String]) {

@@ -6,13 +6,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use tests::{
     client,
     netns::require_root,
-    testbed::{default_agent_path, poll_until, Testbed, TestbedOptions},
+    testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
 };
 
 fn echo_bin() -> PathBuf {
-    std::env::var_os("NP_ECHO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_np-echo")))
+    echo_path(env!("CARGO_BIN_EXE_np-echo"))
 }
 
 #[test]

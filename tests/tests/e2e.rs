@@ -17,7 +17,7 @@ use tests::{
     client::{self, EchoReply, KeepAliveConn},
     cluster::{Cluster, ClusterSpec, PodShape},
     netns::{list_np_namespaces, require_root, run_id},
-    testbed::{default_agent_path, poll_until, Testbed, TestbedOptions},
+    testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
 };
 
 /// New connections per node address where a test wants every backend reached.
@@ -26,15 +26,7 @@ const CONNS: usize = 60;
 const AGENT_WAIT: Duration = Duration::from_secs(30);
 
 fn echo_bin() -> PathBuf {
-    let p = std::env::var_os("NP_ECHO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_np-echo")));
-    assert!(
-        p.is_file(),
-        "echo server {} not found: set NP_ECHO or build np-echo",
-        p.display()
-    );
-    p
+    echo_path(env!("CARGO_BIN_EXE_np-echo"))
 }
 
 fn agent_bin() -> PathBuf {

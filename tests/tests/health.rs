@@ -12,15 +12,13 @@ use std::{
 use tests::{
     client::DEFAULT_TIMEOUT,
     netns::{require_root, run_in},
-    testbed::{default_agent_path, poll_until, Testbed, TestbedOptions},
+    testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
 };
 
 const HEALTH_PORT: u16 = 30256;
 
 fn echo_bin() -> PathBuf {
-    std::env::var_os("NP_ECHO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_np-echo")))
+    echo_path(env!("CARGO_BIN_EXE_np-echo"))
 }
 
 /// A health check answer: status code, content type and the parsed body.

@@ -26,7 +26,7 @@ use tests::{
     client::{self, EchoReply, KeepAliveConn},
     manifests::{Manifests, Service},
     netns::{list_np_namespaces, require_root, run_in, TempDir},
-    testbed::{default_agent_path, poll_until, Testbed, TestbedOptions},
+    testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
 };
 
 /// The API server's address on the lan (the bridge's own address in the lan namespace).
@@ -44,11 +44,7 @@ const BOOKMARKS: Duration = Duration::from_millis(200);
 const WATCH_ERROR: &str = "Kubernetes watch error";
 
 fn echo_bin() -> PathBuf {
-    let p = std::env::var_os("NP_ECHO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_np-echo")));
-    assert!(p.is_file(), "echo server {} not found", p.display());
-    p
+    echo_path(env!("CARGO_BIN_EXE_np-echo"))
 }
 
 fn parse<K: DeserializeOwned>(yaml: &str) -> K {

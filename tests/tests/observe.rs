@@ -12,13 +12,11 @@ use std::{
 use tests::{
     client,
     netns::{require_root, run_in},
-    testbed::{default_agent_path, Testbed, TestbedOptions},
+    testbed::{default_agent_path, echo_path, Testbed, TestbedOptions},
 };
 
 fn echo_bin() -> PathBuf {
-    std::env::var_os("NP_ECHO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_np-echo")))
+    echo_path(env!("CARGO_BIN_EXE_np-echo"))
 }
 
 /// GET `path` from 127.0.0.1:`port` inside `node`'s namespace: (status code, body).

@@ -15,15 +15,13 @@ use nodeport_common::{maps as m, Backend, CtEntry, FlowKey};
 use tests::{
     client::{self, EchoReply, KeepAliveConn},
     netns::require_root,
-    testbed::{default_agent_path, poll_until, Testbed, TestbedOptions},
+    testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
 };
 
 const AGENT_WAIT: Duration = Duration::from_secs(30);
 
 fn echo_bin() -> PathBuf {
-    std::env::var_os("NP_ECHO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_np-echo")))
+    echo_path(env!("CARGO_BIN_EXE_np-echo"))
 }
 
 fn hash_map<K: aya::Pod, V: aya::Pod>(pin: &Path, name: &str, lru: bool) -> HashMap<MapData, K, V> {
