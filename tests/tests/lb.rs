@@ -1,0 +1,109 @@
+//! LoadBalancer and external IPs end to end: `status.loadBalancer.ingress[].ip` and
+//! `spec.externalIPs` are frontends on the service `port`, balanced like nodePorts. The
+//! client reaches them through node1 (a /32 route, as an upstream router would send them).
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use tests::{
+    client,
+    manifests::write_atomic,
+    netns::require_root,
+    testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
+};
+
+fn echo_bin() -> PathBuf {
+    echo_path(env!("CARGO_BIN_EXE_np-echo"))
+}
+
+const LB_SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: lb-svc
+  namespace: default
+spec:
+  type: LoadBalancer
+  selector:
+    app: lb
+  externalIPs: [198.18.0.101]
+  ports:
+  - name: web
+    protocol: TCP
+    port: 8080
+    targetPort: 80
+    nodePort: 31080
+status:
+  loadBalancer:
+    ingress:
+    - ip: 198.18.0.100
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: lb-svc-1
+  namespace: default
+  labels:
+    kubernetes.io/service-name: lb-svc
+addressType: IPv4
+ports:
+- name: web
+  protocol: TCP
+  port: 80
+endpoints:
+- addresses: [198.19.1.10]
+  conditions: {ready: true}
+  nodeName: node1
+- addresses: [198.19.2.10]
+  conditions: {ready: true}
+  nodeName: node2
+";
+
+#[test]
+fn load_balancer_and_external_ips_are_frontends_on_the_service_port() {
+    if !require_root() {
+        return;
+    }
+    let tb =
+        Testbed::serving(TestbedOptions::standard(echo_bin()).with_agent(default_agent_path()));
+    write_atomic(tb.manifest_dir(), "50-lb-svc.yaml", LB_SERVICE).expect("write manifest");
+    for ip in ["198.18.0.100", "198.18.0.101"] {
+        tb.cluster()
+            .client()
+            .ip(&format!("route add {ip}/32 via 198.18.0.11"));
+    }
+    let client_ip = tb.cluster().client_ip().to_string();
+    for frontend in [
+        "198.18.0.100:8080",
+        "198.18.0.101:8080",
+        "198.18.0.12:31080",
+    ] {
+        let addr: SocketAddr = frontend.parse().unwrap();
+        let up = poll_until(Duration::from_secs(15), Duration::from_millis(200), || {
+            client::http_get(tb.cluster().client(), addr).is_ok()
+        });
+        assert!(up, "{frontend} never answered\n{}", tb.agent_logs());
+        // Both endpoints are reached; the one on node1 (where the traffic enters for the LB
+        // addresses) sees the client, the one on the other node sees node1's address.
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        for r in client::http_get_many(tb.cluster().client(), addr, 40) {
+            let r = r.unwrap_or_else(|e| panic!("{frontend}: {e}\n{}", tb.agent_logs()));
+            seen.insert(r.from, r.client_ip.to_string());
+        }
+        let entry = if frontend.starts_with("198.18.0.12") {
+            "198.18.0.12"
+        } else {
+            "198.18.0.11"
+        };
+        let (local, remote) = if entry == "198.18.0.11" {
+            ("pa1", "pb1")
+        } else {
+            ("pb1", "pa1")
+        };
+        assert_eq!(seen.get(local), Some(&client_ip), "{frontend}: {seen:?}");
+        assert_eq!(
+            seen.get(remote).map(String::as_str),
+            Some(entry),
+            "{frontend}: {seen:?}"
+        );
+    }
+}
