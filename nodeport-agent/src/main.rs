@@ -363,7 +363,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut addr_tick = tokio::time::interval(Duration::from_secs(2));
     let mut last_refusals: Vec<Refusal> = Vec::new();
-    let mut last_addrs: Vec<Ipv4Addr> = Vec::new();
+    let mut last_addrs: Vec<Ipv4Addr> = interface_addrs();
     let mut have_objects = false;
     // Objects from the API server carry resourceVersions; manifest files may keep one
     // across edits, so they are compared by content.
@@ -383,7 +383,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             _ = addr_tick.tick() => {
                 health.tick();
-                if interface_addrs() == last_addrs { continue; }
+                let addrs = interface_addrs();
+                if addrs == last_addrs { continue; }
+                last_addrs = addrs;
             }
         }
         health.tick();
@@ -392,7 +394,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let loaded = rx.borrow_and_update().clone();
         let (objects, load_refusals) = &*loaded;
-        last_addrs = interface_addrs();
         let started = Instant::now();
         let (_, mut refusals) = desired_model.update(&Inputs {
             services: &objects.services,
@@ -416,13 +417,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         for e in &report.errors {
             error!("sync: {e}");
         }
-        let summary = reconciler.state_summary();
         metrics.set_refused(last_refusals.len());
         metrics.record_sync(
             started.elapsed(),
             report.errors.len(),
             desired.services.len(),
-            summary.backends,
+            reconciler.backend_count(),
         );
         health.set_synced();
         metrics.set_ready(health.ready());

@@ -1537,6 +1537,11 @@ impl Reconciler {
     }
 
     /// Counts of the programmed state.
+    /// Backends held in NP_BE (what `state_summary().backends` counts), in O(1).
+    pub fn backend_count(&self) -> usize {
+        self.backends.len() + self.stale_ids.len()
+    }
+
     pub fn state_summary(&self) -> StateSummary {
         let tables = || {
             self.services
@@ -1558,7 +1563,7 @@ impl Reconciler {
                 .map(|s| s.frontends.len())
                 .sum::<usize>()
                 + self.orphans.len(),
-            backends: self.backends.len() + self.stale_ids.len(),
+            backends: self.backend_count(),
             tables: tables().count() + self.orphan_tables.len(),
             slots_used: tables().map(|t| t.region.size).sum::<u32>() + orphan_slots,
             slots_free: self.regions.free_slots(),

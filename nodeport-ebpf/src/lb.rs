@@ -56,7 +56,8 @@ fn now_ns() -> u64 {
 
 /// Find the service of a frontend: an exact (address, port) frontend (LoadBalancer or
 /// external IP), else a nodePort when the destination is one of this node's addresses.
-/// Returns the service and whether the destination is a node address.
+/// Returns the service and whether it matched as a nodePort (the destination is then known
+/// to be a node address; for an exact match only a new remote flow needs to ask).
 #[inline(always)]
 fn lookup_service(f: &Flow) -> Option<(Service, bool)> {
     let mut key = FrontendKey {
@@ -67,8 +68,7 @@ fn lookup_service(f: &Flow) -> Option<(Service, bool)> {
     };
     // SAFETY: values are plain data copied out immediately.
     if let Some(svc) = unsafe { SERVICES.get(&key) } {
-        let is_node = unsafe { NODE_ADDRS.get(&f.daddr) }.is_some();
-        return Some((*svc, is_node));
+        return Some((*svc, false));
     }
     unsafe { NODE_ADDRS.get(&f.daddr) }?;
     key.addr = 0;
@@ -123,7 +123,7 @@ fn client_key(f: &Flow) -> FlowKey {
 /// Decide for a packet that may be addressed to a frontend. `None`: no frontend matched.
 #[inline(always)]
 pub fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
-    let (svc, is_node_addr) = lookup_service(f)?;
+    let (svc, node_port) = lookup_service(f)?;
     let key = client_key(f);
     let now = now_ns();
 
@@ -152,7 +152,7 @@ pub fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
             count(Stat::Reselect);
         }
     }
-    Some(new_flow(f, cfg, &svc, is_node_addr, key, now))
+    Some(new_flow(f, cfg, &svc, node_port, key, now))
 }
 
 /// Bind a new flow to a backend from the service's Maglev table.
@@ -161,7 +161,7 @@ fn new_flow(
     f: &Flow,
     cfg: &Config,
     svc: &Service,
-    is_node_addr: bool,
+    node_port: bool,
     key: FlowKey,
     now: u64,
 ) -> Decision {
@@ -206,6 +206,10 @@ fn new_flow(
             return Decision::Drop(Stat::DropMapFull);
         }
     } else {
+        // SNAT to the address the client used when it is this node's (always for nodePorts;
+        // an external IP may be one too), else to the configured node address.
+        // SAFETY: plain data.
+        let is_node_addr = node_port || unsafe { NODE_ADDRS.get(&f.daddr) }.is_some();
         let snat_addr = if is_node_addr { f.daddr } else { cfg.snat_addr };
         let Some(port) = alloc_snat_port(f, cfg, &be, snat_addr, &rev, hash, now) else {
             return Decision::Drop(Stat::DropSnatExhausted);
