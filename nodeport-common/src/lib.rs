@@ -7,6 +7,7 @@
 //! host order. All types are `#[repr(C)]` with explicit padding and size assertions.
 #![no_std]
 
+pub mod bench;
 pub mod csum;
 pub mod hash;
 pub mod maps;
