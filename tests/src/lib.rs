@@ -12,5 +12,6 @@ pub mod cluster;
 pub mod echo;
 pub mod manifests;
 pub mod netns;
+pub mod pktbench;
 pub mod testbed;
 pub mod wire;

@@ -1,0 +1,419 @@
+//! Measurements: one configuration of the node (a [`Bed`]: topology, programs, agent or
+//! rules), one traffic kind, one bounded generator run, and the figures it gives. All
+//! three namespaces work in lock step on one CPU (the generator's thread is pinned; the
+//! veth NAPI work it triggers runs in softirq on the same CPU), so the CPU is busy for the
+//! whole run and `ns_per_packet` (elapsed time / delivered frames) is the CPU time per
+//! delivered packet of generator + node + sink (measuring.md).
+
+use std::{
+    fs,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use nodeport_agent::datapath::MapReader;
+use nodeport_common::bench::{
+    FwdConfig, GenConfig, CNT_GEN, CNT_SINK, FWD_F_REWRITE, PROG_FWD, PROG_SINK,
+};
+use serde::Serialize;
+
+use crate::{
+    netns::{ensure_bpffs, Child, PinPath, TempDir},
+    pktbench::{
+        kubeproxy,
+        progs::{BenchProgs, GenRun},
+        services::{self, ServiceSet},
+        topo::{self, Topology},
+    },
+    testbed::AGENT_STOP_GRACE,
+};
+
+/// What runs on the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Setup {
+    /// No node work: the node's veth drops on arrival (the generator's own rate).
+    GenOnly,
+    /// XDP redirect of untouched frames: the floor every configuration stands on.
+    Ceiling,
+    /// XDP forwarder rewriting MACs and redirecting: the machine's limit.
+    Bare,
+    /// The nodeport agent and its datapath (XDP DNAT + SNAT to remote backends).
+    Nodeport,
+    /// kube-proxy's iptables mode (iptables-legacy), kernel forwarding.
+    Iptables,
+    /// kube-proxy's nftables mode, kernel forwarding.
+    Nftables,
+}
+
+impl Setup {
+    pub fn label(self) -> &'static str {
+        match self {
+            Setup::GenOnly => "generator only",
+            Setup::Ceiling => "ceiling (untouched redirect)",
+            Setup::Bare => "bare XDP forwarder",
+            Setup::Nodeport => "nodeport",
+            Setup::Iptables => "kube-proxy iptables",
+            Setup::Nftables => "kube-proxy nftables",
+        }
+    }
+
+    /// Whether the service count changes what the node does.
+    pub fn uses_services(self) -> bool {
+        matches!(self, Setup::Nodeport | Setup::Iptables | Setup::Nftables)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Traffic {
+    /// Every frame a new flow.
+    NewFlows,
+    /// A fixed set of flows, cycled (see [`established_flows`]).
+    Established,
+}
+
+/// Frames of one kind: IPv4 or IPv6, TCP SYN or UDP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Kind {
+    pub ipv6: bool,
+    pub udp: bool,
+}
+
+impl Kind {
+    pub const V4_TCP: Kind = Kind {
+        ipv6: false,
+        udp: false,
+    };
+    pub const ALL: [Kind; 4] = [
+        Kind::V4_TCP,
+        Kind {
+            ipv6: false,
+            udp: true,
+        },
+        Kind {
+            ipv6: true,
+            udp: false,
+        },
+        Kind {
+            ipv6: true,
+            udp: true,
+        },
+    ];
+
+    pub fn label(self) -> String {
+        format!(
+            "{} {}",
+            if self.ipv6 { "IPv6" } else { "IPv4" },
+            if self.udp { "UDP" } else { "TCP SYN" }
+        )
+    }
+
+    /// Minimum Ethernet frame (60 bytes without FCS) or the headers, if longer.
+    pub fn frame_len(self) -> usize {
+        let l3 = if self.ipv6 { 40 } else { 20 };
+        let l4 = if self.udp { 8 } else { 20 };
+        (14 + l3 + l4).max(60)
+    }
+}
+
+/// How many flows established-flow traffic cycles: every service gets some.
+pub fn established_flows(services: usize) -> u32 {
+    services.max(4096) as u32
+}
+
+/// The generator's settings for `traffic` of `kind` towards `services` nodePorts.
+pub fn gen_config(kind: Kind, traffic: Traffic, services: usize) -> GenConfig {
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    if kind.ipv6 {
+        let s: std::net::Ipv6Addr = "fd00:b:1::".parse().expect("v6");
+        let d: std::net::Ipv6Addr = topo::NODE_ADDR6.parse().expect("v6");
+        src = s.octets();
+        dst = d.octets();
+    } else {
+        src[..4].copy_from_slice(&topo::SRC_BASE.octets());
+        dst[..4].copy_from_slice(&topo::NODE_ADDR.octets());
+    }
+    GenConfig {
+        src_mac: topo::GEN_MAC,
+        dst_mac: topo::NODE_GEN_MAC,
+        ipv6: kind.ipv6 as u8,
+        proto: if kind.udp { 17 } else { 6 },
+        frame_len: kind.frame_len() as u16,
+        src_addr: src,
+        dst_addr: dst,
+        src_count: topo::SRC_COUNT,
+        flows: match traffic {
+            Traffic::NewFlows => 0,
+            Traffic::Established => established_flows(services),
+        },
+        dst_port: services::NODE_PORT_BASE,
+        dst_ports: services as u16,
+    }
+}
+
+/// One result.
+#[derive(Clone, Debug, Serialize)]
+pub struct Measurement {
+    pub setup: Setup,
+    pub services: usize,
+    pub traffic: Traffic,
+    pub kind: Kind,
+    pub sent: u64,
+    pub delivered: u64,
+    pub seconds: f64,
+    /// Delivered at the sink, per second.
+    pub pps: f64,
+    /// CPU time (one CPU, lock step) per delivered packet.
+    pub ns_per_packet: f64,
+    /// Idle share of all CPUs just before the run (other work on the machine disturbs it).
+    pub idle_before: f64,
+}
+
+/// Run lengths.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Upper bound on frames per run, whatever the duration.
+    pub max_frames: u64,
+    pub cpu: usize,
+    /// Frames per second, 0 for unlimited.
+    pub rate: u64,
+}
+
+/// A configured node: dropping it stops the agent, removes pins and folders, then the
+/// namespaces (fields drop in order).
+pub struct Bed {
+    pub setup: Setup,
+    pub services: usize,
+    agent: Option<Child>,
+    _pin: Option<PinPath>,
+    _dir: Option<TempDir>,
+    progs: BenchProgs,
+    topo: Topology,
+}
+
+impl Bed {
+    /// Builds the topology under `run_id` and configures the node for `setup`.
+    pub fn new(run_id: &str, setup: Setup, set: ServiceSet, agent: &std::path::Path) -> Bed {
+        let topo = Topology::new(run_id);
+        let mut progs = BenchProgs::load();
+        progs.attach(PROG_SINK, &topo.sink, topo::SINK_IF);
+        let mut bed = Bed {
+            setup,
+            services: set.count,
+            agent: None,
+            _pin: None,
+            _dir: None,
+            progs,
+            topo,
+        };
+        match setup {
+            Setup::GenOnly => bed
+                .progs
+                .attach(PROG_SINK, &bed.topo.node, topo::NODE_GEN_IF),
+            Setup::Ceiling | Setup::Bare => {
+                bed.progs.set_fwd(&FwdConfig {
+                    ifindex: bed.topo.node_sink_ifindex,
+                    flags: if setup == Setup::Bare { FWD_F_REWRITE } else { 0 },
+                    src_mac: topo::NODE_SINK_MAC,
+                    dst_mac: topo::SINK_MAC,
+                });
+                bed.progs.attach(PROG_FWD, &bed.topo.node, topo::NODE_GEN_IF);
+            }
+            Setup::Nodeport => bed.start_agent(run_id, set, agent),
+            Setup::Iptables => {
+                conntrack_settings(&bed.topo);
+                kubeproxy::iptables_restore(
+                    &bed.topo.node,
+                    &kubeproxy::iptables_ruleset(&set),
+                    false,
+                );
+            }
+            Setup::Nftables => {
+                conntrack_settings(&bed.topo);
+                kubeproxy::nft_load(
+                    &bed.topo.node,
+                    &kubeproxy::nft_ruleset(&set, topo::NODE_ADDR),
+                    false,
+                );
+            }
+        }
+        bed
+    }
+
+    fn start_agent(&mut self, run_id: &str, set: ServiceSet, agent: &std::path::Path) {
+        ensure_bpffs();
+        let dir = TempDir::new(run_id, "bench-manifests");
+        set.write_manifests(&dir.path().join("m"))
+            .expect("writing manifests");
+        let pin = PinPath::new(&format!("np-{run_id}-bench"));
+        let log = dir.path().join("agent.log");
+        let (m, p) = (
+            dir.path().join("m").display().to_string(),
+            pin.path().display().to_string(),
+        );
+        let argv = [
+            agent.to_str().expect("utf-8 agent path"),
+            "--interface",
+            topo::NODE_GEN_IF,
+            "--interface",
+            topo::NODE_SINK_IF,
+            "--node-name",
+            services::NODE_NAME,
+            "--manifests",
+            &m,
+            "--pin-path",
+            &p,
+            "--nodeport-range",
+            services::AGENT_NODEPORT_RANGE,
+            "--snat-port-range",
+            services::AGENT_SNAT_RANGE,
+            "--health-addr",
+            "127.0.0.1:10256",
+            "--metrics-addr",
+            "127.0.0.1:10249",
+        ];
+        let mut child = self
+            .topo
+            .node
+            .spawn(&argv, Some(&log))
+            .with_term_grace(AGENT_STOP_GRACE);
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let programmed = MapReader::open(pin.path())
+                .and_then(|r| r.services())
+                .map_or(0, |s| s.len());
+            if programmed >= set.count {
+                break;
+            }
+            if let Some(st) = child.try_wait() {
+                panic!("the agent exited ({st}) before programming its services:\n{}", child.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent programmed {programmed} of {} services in 180 s:\n{}",
+                set.count,
+                child.log()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        self.agent = Some(child);
+        self._pin = Some(pin);
+        self._dir = Some(dir);
+    }
+
+    /// The nodeport datapath's counters (empty for other setups).
+    pub fn datapath_counters(&self) -> Vec<(&'static str, u64)> {
+        match &self._pin {
+            Some(pin) => MapReader::open(pin.path())
+                .and_then(|r| r.counters())
+                .unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    /// One run of `traffic`: a warm-up (which also opens the established flows), then
+    /// the measured run.
+    pub fn measure(&mut self, kind: Kind, traffic: Traffic, t: Timing) -> Measurement {
+        self.progs
+            .set_gen(&gen_config(kind, traffic, self.services));
+        let idle_before = wait_for_idle();
+        let gen = |progs: &mut BenchProgs, topo: &Topology, duration: Duration| {
+            progs.generate(
+                &topo.gen,
+                topo.gen_ifindex,
+                kind.frame_len(),
+                GenRun {
+                    cpu: t.cpu,
+                    duration,
+                    max_frames: t.max_frames,
+                    rate: t.rate,
+                },
+            )
+        };
+        gen(&mut self.progs, &self.topo, t.warmup);
+        // Let the last batches drain through the node before reading counters.
+        thread::sleep(Duration::from_millis(50));
+        let (g0, s0) = (self.progs.count(CNT_GEN), self.progs.count(CNT_SINK));
+        let run = gen(&mut self.progs, &self.topo, t.duration);
+        thread::sleep(Duration::from_millis(50));
+        let (g1, s1) = (self.progs.count(CNT_GEN), self.progs.count(CNT_SINK));
+        let seconds = run.elapsed.as_secs_f64();
+        let delivered = s1 - s0;
+        Measurement {
+            setup: self.setup,
+            services: self.services,
+            traffic,
+            kind,
+            sent: g1 - g0,
+            delivered,
+            seconds,
+            pps: delivered as f64 / seconds,
+            ns_per_packet: if delivered == 0 {
+                f64::NAN
+            } else {
+                seconds * 1e9 / delivered as f64
+            },
+            idle_before,
+        }
+    }
+}
+
+/// Conntrack settings of the netfilter configurations, in the node namespace: short
+/// timeouts for unanswered flows (the sink never replies), so new-flow runs do not fill
+/// the table, and no software checksum check (a NIC would have verified it; the XDP
+/// datapath does not check either).
+fn conntrack_settings(topo: &Topology) {
+    for (k, v) in [
+        ("net.netfilter.nf_conntrack_tcp_timeout_syn_sent", "1"),
+        ("net.netfilter.nf_conntrack_udp_timeout", "1"),
+        ("net.netfilter.nf_conntrack_checksum", "0"),
+    ] {
+        topo.node.sysctl(k, v);
+    }
+}
+
+/// The share of idle CPU time over `window`, from /proc/stat.
+fn idle_share(window: Duration) -> f64 {
+    fn read() -> (u64, u64) {
+        let s = fs::read_to_string("/proc/stat").unwrap_or_default();
+        let v: Vec<u64> = s
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        (idle, v.iter().sum())
+    }
+    let (i0, t0) = read();
+    thread::sleep(window);
+    let (i1, t1) = read();
+    if t1 == t0 {
+        return 1.0;
+    }
+    (i1 - i0) as f64 / (t1 - t0) as f64
+}
+
+/// Waits (10 s at most) until the machine is nearly idle, e.g. after a namespace with
+/// many conntrack entries went away (measuring.md); returns the last idle share.
+pub fn wait_for_idle() -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let idle = idle_share(Duration::from_millis(250));
+        if idle > 0.9 || Instant::now() >= deadline {
+            return idle;
+        }
+    }
+}
+
+/// The agent binary for the nodeport configuration.
+pub fn agent_path() -> PathBuf {
+    crate::testbed::default_agent_path()
+}
