@@ -172,7 +172,8 @@ fn l4_len(cfg: &GenConfig, l3_hlen: usize) -> u32 {
     }
 }
 
-/// Writes every header of frame `n`; false when the frame is too short.
+/// Writes every header of frame `n`; false when the frame is too short (it must hold a
+/// TCP header's worth after the IP header, also for UDP: one bounds check for both).
 #[inline(always)]
 fn write_frame(ctx: &XdpContext, cfg: &GenConfig, n: u64) -> bool {
     let (p, end) = (ctx.data(), ctx.data_end());

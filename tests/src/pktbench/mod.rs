@@ -4,6 +4,7 @@
 //! rules; plus the datapath's per-path costs through plain BPF_PROG_TEST_RUN. Driven by
 //! the `np-pktbench` binary, which `cargo xtask bench` runs.
 
+pub mod cpu;
 pub mod kubeproxy;
 pub mod matrix;
 pub mod micro;

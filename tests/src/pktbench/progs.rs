@@ -24,12 +24,17 @@ use nodeport_common::{
     maps as m,
 };
 
-use crate::netns::{run_in, Netns};
+use crate::{
+    netns::{run_in, Netns},
+    pktbench::cpu::BusyClock,
+};
 
-/// Frames per live-frames batch (the kernel's default and maximum is 64 ... 256).
+/// Frames per live-frames batch (the kernel's default).
 const LIVE_BATCH: u32 = 64;
-/// Frames per BPF_PROG_TEST_RUN call when the rate is unlimited (about a millisecond).
-const CHUNK: u32 = 4096;
+/// Frames of the first BPF_PROG_TEST_RUN call when the rate is unlimited.
+const FIRST_CHUNK: u64 = 65_536;
+/// How long later calls should take.
+const CALL_TARGET: Duration = Duration::from_millis(500);
 
 /// One generator run: bounded by `max_frames` and `duration`, whichever comes first.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +53,8 @@ pub struct GenRun {
 pub struct GenStats {
     pub frames: u64,
     pub elapsed: Duration,
+    /// Busy time of the generator's CPU meanwhile (all work in lock step lands there).
+    pub busy: Duration,
 }
 
 pub struct BenchProgs {
@@ -133,24 +140,34 @@ impl BenchProgs {
             // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue, egress.
             let md: [u32; 6] = [0, frame_len as u32, 0, ifindex, 0, 0];
             let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-            let chunk = if run.rate == 0 {
-                CHUNK
+            // Every call sets up and tears down a page pool, which takes ~25 ms here
+            // (mostly waiting, not computing): calls are sized to last about
+            // CALL_TARGET, from the rate the previous call reached.
+            let mut chunk: u64 = if run.rate == 0 {
+                FIRST_CHUNK
             } else {
-                (run.rate / 1000).clamp(1, CHUNK as u64) as u32
+                (run.rate / 20).max(1)
             };
+            let busy = BusyClock::start(run.cpu);
             let start = Instant::now();
             let mut frames = 0u64;
             while frames < run.max_frames && start.elapsed() < run.duration {
-                let n = chunk.min((run.max_frames - frames) as u32);
+                let n = chunk.min(run.max_frames - frames).min(u32::MAX as u64) as u32;
                 let mut opts = TestRunOptions::new();
                 opts.data_in = Some(&frame);
                 opts.ctx_in = Some(&ctx);
                 opts.repeat = n;
                 opts.attrs = TestRunAttrs::new().xdp_live_frames(LIVE_BATCH);
+                let t0 = Instant::now();
                 prog.test_run(opts)
                     .expect("BPF_PROG_TEST_RUN (live frames)");
                 frames += n as u64;
-                if run.rate != 0 {
+                if run.rate == 0 {
+                    let rate = n as f64 / t0.elapsed().as_secs_f64();
+                    let left = run.duration.saturating_sub(start.elapsed());
+                    chunk = (rate * left.min(CALL_TARGET).as_secs_f64()) as u64;
+                    chunk = chunk.max(FIRST_CHUNK);
+                } else {
                     let due = Duration::from_secs_f64(frames as f64 / run.rate as f64);
                     if let Some(wait) = due.checked_sub(start.elapsed()) {
                         thread::sleep(wait);
@@ -160,6 +177,7 @@ impl BenchProgs {
             GenStats {
                 frames,
                 elapsed: start.elapsed(),
+                busy: busy.stop(),
             }
         })
     }

@@ -6,7 +6,6 @@
 //! delivered packet of generator + node + sink (measuring.md).
 
 use std::{
-    fs,
     path::PathBuf,
     thread,
     time::{Duration, Instant},
@@ -21,6 +20,7 @@ use serde::Serialize;
 use crate::{
     netns::{ensure_bpffs, Child, PinPath, TempDir},
     pktbench::{
+        cpu::wait_for_idle,
         kubeproxy,
         progs::{BenchProgs, GenRun},
         services::{self, ServiceSet},
@@ -110,11 +110,11 @@ impl Kind {
         )
     }
 
-    /// Minimum Ethernet frame (60 bytes without FCS) or the headers, if longer.
+    /// Minimum Ethernet frame (60 bytes without FCS), or room for the IP header and 20
+    /// bytes (the generator's one bounds check), if longer.
     pub fn frame_len(self) -> usize {
         let l3 = if self.ipv6 { 40 } else { 20 };
-        let l4 = if self.udp { 8 } else { 20 };
-        (14 + l3 + l4).max(60)
+        (14 + l3 + 20).max(60)
     }
 }
 
@@ -163,10 +163,16 @@ pub struct Measurement {
     pub kind: Kind,
     pub sent: u64,
     pub delivered: u64,
+    /// Wall-clock length of the run.
     pub seconds: f64,
-    /// Delivered at the sink, per second.
+    /// Busy time of the shared CPU during the run.
+    pub cpu_seconds: f64,
+    /// Delivered at the sink per second of busy CPU: the rate one CPU sustains.
     pub pps: f64,
-    /// CPU time (one CPU, lock step) per delivered packet.
+    /// Delivered at the sink per wall-clock second (lower: each generator call also
+    /// waits ~25 ms for its page pool's teardown).
+    pub wall_pps: f64,
+    /// CPU time (one CPU, lock step: generator + node + sink) per delivered packet.
     pub ns_per_packet: f64,
     /// Idle share of all CPUs just before the run (other work on the machine disturbs it).
     pub idle_before: f64,
@@ -343,6 +349,7 @@ impl Bed {
         thread::sleep(Duration::from_millis(50));
         let (g1, s1) = (self.progs.count(CNT_GEN), self.progs.count(CNT_SINK));
         let seconds = run.elapsed.as_secs_f64();
+        let cpu_seconds = run.busy.as_secs_f64();
         let delivered = s1 - s0;
         Measurement {
             setup: self.setup,
@@ -352,11 +359,13 @@ impl Bed {
             sent: g1 - g0,
             delivered,
             seconds,
-            pps: delivered as f64 / seconds,
+            cpu_seconds,
+            pps: delivered as f64 / cpu_seconds,
+            wall_pps: delivered as f64 / seconds,
             ns_per_packet: if delivered == 0 {
                 f64::NAN
             } else {
-                seconds * 1e9 / delivered as f64
+                cpu_seconds * 1e9 / delivered as f64
             },
             idle_before,
         }
@@ -374,42 +383,6 @@ fn conntrack_settings(topo: &Topology) {
         ("net.netfilter.nf_conntrack_checksum", "0"),
     ] {
         topo.node.sysctl(k, v);
-    }
-}
-
-/// The share of idle CPU time over `window`, from /proc/stat.
-fn idle_share(window: Duration) -> f64 {
-    fn read() -> (u64, u64) {
-        let s = fs::read_to_string("/proc/stat").unwrap_or_default();
-        let v: Vec<u64> = s
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-        (idle, v.iter().sum())
-    }
-    let (i0, t0) = read();
-    thread::sleep(window);
-    let (i1, t1) = read();
-    if t1 == t0 {
-        return 1.0;
-    }
-    (i1 - i0) as f64 / (t1 - t0) as f64
-}
-
-/// Waits (10 s at most) until the machine is nearly idle, e.g. after a namespace with
-/// many conntrack entries went away (measuring.md); returns the last idle share.
-pub fn wait_for_idle() -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let idle = idle_share(Duration::from_millis(250));
-        if idle > 0.9 || Instant::now() >= deadline {
-            return idle;
-        }
     }
 }
 
