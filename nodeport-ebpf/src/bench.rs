@@ -54,17 +54,28 @@ fn bump(slot: u32) -> u64 {
     }
 }
 
-/// Raw (network-order) 32- and 16-bit words of a byte array in a map value.
+/// Raw (network-order) 32- and 16-bit values at byte offset `off` of a byte array in a
+/// map value.
 #[inline(always)]
-fn raw32(bytes: &[u8], word: usize) -> u32 {
-    // SAFETY: callers pass word indexes inside the array (constant, checked by the type).
-    unsafe { bytes.as_ptr().add(word * 4).cast::<u32>().read_unaligned() }
+fn raw32(bytes: &[u8], off: usize) -> u32 {
+    debug_assert!(off + 4 <= bytes.len());
+    // SAFETY: callers pass constant offsets that leave 4 bytes inside the array.
+    unsafe { bytes.as_ptr().add(off).cast::<u32>().read_unaligned() }
 }
 
 #[inline(always)]
-fn raw16(bytes: &[u8], half: usize) -> u16 {
-    // SAFETY: as for raw32.
-    unsafe { bytes.as_ptr().add(half * 2).cast::<u16>().read_unaligned() }
+fn raw16(bytes: &[u8], off: usize) -> u16 {
+    debug_assert!(off + 2 <= bytes.len());
+    // SAFETY: as for raw32, 2 bytes.
+    unsafe { bytes.as_ptr().add(off).cast::<u16>().read_unaligned() }
+}
+
+/// Writes a MAC address (6 bytes) at `off` as a 32- and a 16-bit store (a 6-byte copy
+/// would become a memcpy call).
+#[inline(always)]
+fn put_mac(base: usize, off: usize, mac: &[u8; 6]) {
+    put32(base, off, raw32(mac, 0));
+    put16(base, off + 4, raw16(mac, 4));
 }
 
 /// Stores at `base + off`; the caller checked that the frame holds the whole header.
@@ -132,10 +143,8 @@ fn flow_of(cfg: &GenConfig, n: u64) -> Flow {
 /// Ethernet header.
 #[inline(always)]
 fn write_eth(p: usize, cfg: &GenConfig, ethertype: u16) {
-    put32(p, 0, raw32(&cfg.dst_mac, 0));
-    put16(p, 4, raw16(&cfg.dst_mac, 2));
-    put16(p, 6, raw16(&cfg.src_mac, 0));
-    put32(p, 8, raw32(&cfg.src_mac, 1));
+    put_mac(p, 0, &cfg.dst_mac);
+    put_mac(p, 6, &cfg.src_mac);
     put16(p, 12, ethertype.to_be());
 }
 
@@ -196,7 +205,11 @@ fn write_frame(ctx: &XdpContext, cfg: &GenConfig, n: u64) -> bool {
         put16(p, ETH + 6, 0x4000u16.to_be()); // DF
         put16(p, ETH + 8, ((TTL << 8) | proto as u16).to_be());
         let ip_sum = 0x4500 + tot + id + 0x4000 + ((TTL as u32) << 8 | proto);
-        put16(p, ETH + 10, fold(ip_sum + halves(src) + halves(dst)).to_be());
+        put16(
+            p,
+            ETH + 10,
+            fold(ip_sum + halves(src) + halves(dst)).to_be(),
+        );
         put32(p, ETH + 12, src.to_be());
         put32(p, ETH + 16, dst.to_be());
         let pseudo = halves(src) + halves(dst) + proto + l4_len;
@@ -214,11 +227,11 @@ fn write_frame(ctx: &XdpContext, cfg: &GenConfig, n: u64) -> bool {
         let mut pseudo = proto + l4_len;
         let mut i = 0;
         while i < 4 {
-            let mut s = u32::from_be(raw32(&cfg.src_addr, i));
+            let mut s = u32::from_be(raw32(&cfg.src_addr, i * 4));
             if i == 3 {
                 s = s.wrapping_add(fl.src_idx);
             }
-            let d = u32::from_be(raw32(&cfg.dst_addr, i));
+            let d = u32::from_be(raw32(&cfg.dst_addr, i * 4));
             put32(p, ETH + 8 + i * 4, s.to_be());
             put32(p, ETH + 24 + i * 4, d.to_be());
             pseudo += halves(s) + halves(d);
@@ -256,10 +269,8 @@ pub fn bench_fwd(ctx: XdpContext) -> u32 {
         if p + ETH > ctx.data_end() {
             return xdp_action::XDP_DROP;
         }
-        put32(p, 0, raw32(&cfg.dst_mac, 0));
-        put16(p, 4, raw16(&cfg.dst_mac, 2));
-        put16(p, 6, raw16(&cfg.src_mac, 0));
-        put32(p, 8, raw32(&cfg.src_mac, 1));
+        put_mac(p, 0, &cfg.dst_mac);
+        put_mac(p, 6, &cfg.src_mac);
     }
     bump(CNT_FWD);
     // SAFETY: plain helper call; the kernel checks the ifindex.

@@ -4,10 +4,12 @@
 //! std, anyhow and clap, and never depends on another workspace crate.
 
 mod bench;
+mod benchdoc;
 mod build;
 mod cleanup;
 mod run;
 mod setup;
+mod svg;
 mod test;
 mod util;
 
@@ -57,7 +59,7 @@ enum Command {
     Cleanup,
     /// Run the benchmarks (as root) and regenerate docs/benchmarks.md.
     Bench {
-        /// Fewer iterations (about a minute).
+        /// Shorter runs, 1 and 1,000 services (a few minutes).
         #[arg(long)]
         quick: bool,
     },

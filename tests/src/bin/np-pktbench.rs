@@ -58,7 +58,11 @@ fn parse_setup(s: &str) -> Result<Setup, String> {
         "nodeport" => Setup::Nodeport,
         "iptables" => Setup::Iptables,
         "nftables" => Setup::Nftables,
-        _ => return Err(format!("unknown setup {s:?} (ceiling, bare, nodeport, iptables, nftables)")),
+        _ => {
+            return Err(format!(
+                "unknown setup {s:?} (ceiling, bare, nodeport, iptables, nftables)"
+            ))
+        }
     })
 }
 
@@ -74,7 +78,10 @@ fn main() -> Result<()> {
     }
     let agent = args.agent.unwrap_or_else(default_agent_path);
     if !agent.exists() {
-        bail!("no agent binary at {} (cargo build --release -p nodeport-agent)", agent.display());
+        bail!(
+            "no agent binary at {} (cargo build --release -p nodeport-agent)",
+            agent.display()
+        );
     }
     let mut plan = Plan::new(args.quick, agent);
     if !args.services.is_empty() {

@@ -9,8 +9,9 @@ use std::{
 /// Ticks of USER_HZ (10 ms) per second, as /proc/stat counts.
 const USER_HZ: f64 = 100.0;
 
-/// (busy, total) ticks of the line `cpu` (all CPUs) or `cpuN`.
-fn ticks(which: Option<usize>) -> (u64, u64) {
+/// Ticks of the line `cpu` (all CPUs) or `cpuN`: (busy, kernel, total). Kernel time is
+/// system + irq + softirq: where all of the benchmark's work runs.
+fn ticks(which: Option<usize>) -> (u64, u64, u64) {
     let name = which.map_or("cpu".to_string(), |n| format!("cpu{n}"));
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
     let v: Vec<u64> = stat
@@ -23,35 +24,37 @@ fn ticks(which: Option<usize>) -> (u64, u64) {
         .collect();
     // user nice system idle iowait irq softirq steal (guest time is inside user).
     let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
+    let f = |i: usize| v.get(i).copied().unwrap_or(0);
+    (total - f(3) - f(4), f(2) + f(5) + f(6), total)
 }
 
-/// Busy time of one CPU, from `start()` to `stop()`.
+/// Kernel time (system, irq, softirq) of one CPU, from `start()` to `stop()`. The
+/// benchmark's generator, node and sink all run in the kernel, so user time of other
+/// processes sharing the CPU (a compiler, say) stays out of the figure.
 pub struct BusyClock {
     cpu: usize,
-    busy0: u64,
+    kernel0: u64,
 }
 
 impl BusyClock {
     pub fn start(cpu: usize) -> BusyClock {
         BusyClock {
             cpu,
-            busy0: ticks(Some(cpu)).0,
+            kernel0: ticks(Some(cpu)).1,
         }
     }
 
     pub fn stop(&self) -> Duration {
-        let busy = ticks(Some(self.cpu)).0 - self.busy0;
-        Duration::from_secs_f64(busy as f64 / USER_HZ)
+        let kernel = ticks(Some(self.cpu)).1 - self.kernel0;
+        Duration::from_secs_f64(kernel as f64 / USER_HZ)
     }
 }
 
 /// Idle share of all CPUs over `window`.
 fn idle_share(window: Duration) -> f64 {
-    let (b0, t0) = ticks(None);
+    let (b0, _, t0) = ticks(None);
     thread::sleep(window);
-    let (b1, t1) = ticks(None);
+    let (b1, _, t1) = ticks(None);
     if t1 == t0 {
         return 1.0;
     }

@@ -34,7 +34,11 @@ fn hash16(s: &str) -> String {
     let digits = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let mut out = String::with_capacity(16);
     for k in 0..16 {
-        let v = if k < 12 { h >> (k * 5) } else { h.rotate_left(k as u32 * 7) };
+        let v = if k < 12 {
+            h >> (k * 5)
+        } else {
+            h.rotate_left(k as u32 * 7)
+        };
         out.push(digits[(v & 31) as usize] as char);
     }
     out
@@ -108,7 +112,9 @@ pub fn iptables_ruleset(set: &ServiceSet) -> String {
     s.push_str("COMMIT\n*nat\n");
     s.push_str(":KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
     s.push_str(&chains);
-    s.push_str("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
+    s.push_str(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
     s.push_str("-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
     s.push_str("-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n");
     s.push_str("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n");
@@ -134,28 +140,28 @@ pub fn nft_ruleset(set: &ServiceSet, node_addr: Ipv4Addr) -> String {
         let svc = format!("service-{h}-{name}");
         let ext = format!("external-{h}-{name}");
         let cip = cluster_ip(i);
-        service_ips.push(format!("{cip} . tcp . {SERVICE_PORT} : goto \"{svc}\""));
-        nodeports.push(format!("tcp . {} : goto \"{ext}\"", set.node_port(i)));
+        service_ips.push(format!("{cip} . tcp . {SERVICE_PORT} : goto {svc}"));
+        nodeports.push(format!("tcp . {} : goto {ext}", set.node_port(i)));
         let mut vmap = Vec::new();
         for e in 0..set.endpoints {
             let ep = set.endpoint(i, e);
             let eh = &hash16(&ep_id(set, i, e))[..8];
             let epc = format!("endpoint-{eh}-{name}__{ep}/{TARGET_PORT}");
-            vmap.push(format!("{e} : goto \"{epc}\""));
+            vmap.push(format!("{e} : goto {epc}"));
             let _ = writeln!(
                 chains,
-                "  chain \"{epc}\" {{\n    ip saddr {ep} jump mark-for-masquerade\n    meta l4proto tcp dnat to {ep}:{TARGET_PORT}\n  }}"
+                "  chain {epc} {{\n    ip saddr {ep} jump mark-for-masquerade\n    meta l4proto tcp dnat to {ep}:{TARGET_PORT}\n  }}"
             );
         }
         let _ = writeln!(
             chains,
-            "  chain \"{svc}\" {{\n    ip daddr {cip} tcp dport {SERVICE_PORT} ip saddr != {POD_CIDR} jump mark-for-masquerade\n    numgen random mod {} vmap {{ {} }}\n  }}",
+            "  chain {svc} {{\n    ip daddr {cip} tcp dport {SERVICE_PORT} ip saddr != {POD_CIDR} jump mark-for-masquerade\n    numgen random mod {} vmap {{ {} }}\n  }}",
             set.endpoints,
             vmap.join(", ")
         );
         let _ = writeln!(
             chains,
-            "  chain \"{ext}\" {{\n    jump mark-for-masquerade\n    goto \"{svc}\"\n  }}"
+            "  chain {ext} {{\n    jump mark-for-masquerade\n    goto {svc}\n  }}"
         );
     }
     let mut s = String::new();
@@ -164,17 +170,25 @@ pub fn nft_ruleset(set: &ServiceSet, node_addr: Ipv4Addr) -> String {
     let _ = writeln!(s, "    elements = {{ {node_addr} }}\n  }}");
     s.push_str("  map no-endpoint-services {\n    type ipv4_addr . inet_proto . inet_service : verdict\n  }\n");
     s.push_str("  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n");
-    let _ = writeln!(s, "    elements = {{ {} }}\n  }}", service_ips.join(",\n      "));
+    let _ = writeln!(
+        s,
+        "    elements = {{ {} }}\n  }}",
+        service_ips.join(",\n      ")
+    );
     s.push_str("  map service-nodeports {\n    type inet_proto . inet_service : verdict\n");
-    let _ = writeln!(s, "    elements = {{ {} }}\n  }}", nodeports.join(",\n      "));
+    let _ = writeln!(
+        s,
+        "    elements = {{ {} }}\n  }}",
+        nodeports.join(",\n      ")
+    );
     s.push_str("  chain mark-for-masquerade {\n    mark set mark or 0x4000\n  }\n");
     s.push_str("  chain masquerading {\n    mark and 0x4000 == 0 return\n    mark set mark xor 0x4000\n    masquerade fully-random\n  }\n");
     s.push_str("  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n    ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports\n  }\n");
     s.push_str("  chain service-endpoints-check {\n    ip daddr . meta l4proto . th dport vmap @no-endpoint-services\n  }\n");
     s.push_str("  chain filter-forward {\n    type filter hook forward priority -110; policy accept;\n    ct state new jump service-endpoints-check\n  }\n");
-    s.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
-    s.push_str("  chain nat-output {\n    type nat hook output priority dstnat; policy accept;\n    jump services\n  }\n");
-    s.push_str("  chain nat-postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    jump masquerading\n  }\n");
+    s.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority -100; policy accept;\n    jump services\n  }\n");
+    s.push_str("  chain nat-output {\n    type nat hook output priority -100; policy accept;\n    jump services\n  }\n");
+    s.push_str("  chain nat-postrouting {\n    type nat hook postrouting priority 100; policy accept;\n    jump masquerading\n  }\n");
     s.push_str(&chains);
     s.push_str("}\n");
     s
@@ -191,7 +205,11 @@ pub fn iptables_restore(ns: &Netns, rules: &str, test: bool) {
 
 /// Loads an `nft -f` input into `ns` (`check`: `nft -c`, only check it).
 pub fn nft_load(ns: &Netns, rules: &str, check: bool) {
-    let argv: &[&str] = if check { &["-c", "-f", "-"] } else { &["-f", "-"] };
+    let argv: &[&str] = if check {
+        &["-c", "-f", "-"]
+    } else {
+        &["-f", "-"]
+    };
     feed(ns.command("nft").args(argv), rules);
 }
 
@@ -235,7 +253,10 @@ mod tests {
         assert_eq!(count(&r, ":KUBE-SVC-"), 3);
         assert_eq!(count(&r, ":KUBE-EXT-"), 3);
         assert_eq!(count(&r, ":KUBE-SEP-"), 3 * set.endpoints);
-        assert_eq!(count(&r, "--mode random --probability"), 3 * (set.endpoints - 1));
+        assert_eq!(
+            count(&r, "--mode random --probability"),
+            3 * (set.endpoints - 1)
+        );
         assert_eq!(count(&r, "-j DNAT --to-destination"), 3 * set.endpoints);
         assert!(r.contains("--dport 20002 -j KUBE-EXT-"));
         assert!(r.contains("-j MASQUERADE --random-fully"));
@@ -249,7 +270,7 @@ mod tests {
         let r = nft_ruleset(&set, Ipv4Addr::new(198, 18, 0, 1));
         assert!(r.starts_with("table ip kube-proxy {"));
         assert!(r.contains("map service-nodeports {"));
-        assert!(r.contains("tcp . 20001 : goto \"external-"));
+        assert!(r.contains("tcp . 20001 : goto external-"));
         assert_eq!(count(&r, "numgen random mod 16 vmap"), 3);
         assert_eq!(count(&r, "dnat to 198.19."), 3 * set.endpoints);
         assert!(r.contains("masquerade fully-random"));

@@ -139,15 +139,6 @@ pub fn run(plan: &Plan) -> Report {
                 print_row(&m);
                 measurements.push(m);
             }
-            if setup == Setup::Nodeport {
-                let c = bed.datapath_counters();
-                let nonzero: Vec<String> = c
-                    .iter()
-                    .filter(|(_, v)| *v != 0)
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                println!("    datapath counters: {}", nonzero.join(" "));
-            }
         }
     }
     let micro = plan.micro.then(micro::run);
@@ -204,7 +195,10 @@ fn report(
             .find(|r| r.services == 1_000 && r.traffic == traffic)
             .and_then(|r| r.vs_iptables);
         targets.push(Target {
-            what: format!("nodeport / iptables pps at 1,000 services, {}", traffic_label(traffic)),
+            what: format!(
+                "nodeport / iptables pps at 1,000 services, {}",
+                traffic_label(traffic)
+            ),
             value: v,
             goal: ">= 5".into(),
             met: v.map(|v| v >= 5.0),
@@ -264,6 +258,10 @@ fn print_row(m: &Measurement) {
         m.delivered,
         m.idle_before * 100.0
     );
+    if !m.datapath.is_empty() {
+        let c: Vec<String> = m.datapath.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("      datapath counters during the run: {}", c.join(" "));
+    }
 }
 
 /// The summary printed at the end.

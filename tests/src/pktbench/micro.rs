@@ -97,7 +97,8 @@ impl Env {
             conntrack: 65_536,
         };
         let mut dp = Datapath::load(sizes, None).expect("load datapath");
-        dp.set_node_addr(u32::from_ne_bytes(NODE)).expect("node addr");
+        dp.set_node_addr(u32::from_ne_bytes(NODE))
+            .expect("node addr");
         // Backend 1 serves the reply path; all BACKENDS share new flows, so that SNAT
         // ports stay plentiful (one port per flow and backend).
         for id in 1..=BACKENDS {
@@ -251,7 +252,11 @@ pub fn run() -> MicroReport {
     env.snat_ports(1024, 65_535);
     env.point_service(8, BACKENDS);
     let other = tcp((CLIENT, 40_000), (NODE, 9_999), CLIENT_MAC, true);
-    paths.push(env.path("pass-through (not a service)", &vec![other; n], &[Stat::PassNoMatch]));
+    paths.push(env.path(
+        "pass-through (not a service)",
+        &vec![other; n],
+        &[Stat::PassNoMatch],
+    ));
     // New flows: a different client port (and address) for every run.
     let new: Vec<Vec<u8>> = (0..n)
         .map(|i| {
@@ -259,7 +264,11 @@ pub fn run() -> MicroReport {
             tcp((c, 1024 + i as u16), (NODE, NODE_PORT), CLIENT_MAC, true)
         })
         .collect();
-    paths.push(env.path("new flow (DNAT + SNAT, XDP_TX)", &new, &[Stat::NewFlow, Stat::Tx]));
+    paths.push(env.path(
+        "new flow (DNAT + SNAT, XDP_TX)",
+        &new,
+        &[Stat::NewFlow, Stat::Tx],
+    ));
     let est = tcp((CLIENT, 1024), (NODE, NODE_PORT), CLIENT_MAC, false);
     paths.push(env.path(
         "established flow (XDP_TX)",

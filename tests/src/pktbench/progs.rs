@@ -32,7 +32,7 @@ use crate::{
 /// Frames per live-frames batch (the kernel's default).
 const LIVE_BATCH: u32 = 64;
 /// Frames of the first BPF_PROG_TEST_RUN call when the rate is unlimited.
-const FIRST_CHUNK: u64 = 65_536;
+const FIRST_CHUNK: u64 = 8_192;
 /// How long later calls should take.
 const CALL_TARGET: Duration = Duration::from_millis(500);
 
@@ -53,7 +53,7 @@ pub struct GenRun {
 pub struct GenStats {
     pub frames: u64,
     pub elapsed: Duration,
-    /// Busy time of the generator's CPU meanwhile (all work in lock step lands there).
+    /// Kernel time of the generator's CPU meanwhile (all work in lock step lands there).
     pub busy: Duration,
 }
 
@@ -128,9 +128,29 @@ impl BenchProgs {
         a.get(&slot, 0).expect("read NPB_CNT").iter().sum()
     }
 
+    /// One plain (not live) run of the generator on a zeroed `frame_len`-byte frame:
+    /// its verdict and the frame it wrote (to check what it sends).
+    pub fn gen_frame(&mut self, frame_len: usize) -> (u32, Vec<u8>) {
+        let prog = self.xdp(PROG_GEN);
+        let frame = vec![0u8; frame_len];
+        let mut out = vec![0u8; frame_len + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&frame);
+        opts.data_out = Some(&mut out);
+        let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
     /// Runs the generator from `ns`, transmitting out of `ifindex` (XDP_TX in live-frames
     /// mode), with `frame_len`-byte frames, until `run` says stop.
-    pub fn generate(&mut self, ns: &Netns, ifindex: u32, frame_len: usize, run: GenRun) -> GenStats {
+    pub fn generate(
+        &mut self,
+        ns: &Netns,
+        ifindex: u32,
+        frame_len: usize,
+        run: GenRun,
+    ) -> GenStats {
         let prog = self.xdp(PROG_GEN);
         run_in(ns, move || {
             let mut cpus = CpuSet::new();

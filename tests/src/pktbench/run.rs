@@ -165,7 +165,7 @@ pub struct Measurement {
     pub delivered: u64,
     /// Wall-clock length of the run.
     pub seconds: f64,
-    /// Busy time of the shared CPU during the run.
+    /// Kernel time of the shared CPU during the run.
     pub cpu_seconds: f64,
     /// Delivered at the sink per second of busy CPU: the rate one CPU sustains.
     pub pps: f64,
@@ -176,6 +176,8 @@ pub struct Measurement {
     pub ns_per_packet: f64,
     /// Idle share of all CPUs just before the run (other work on the machine disturbs it).
     pub idle_before: f64,
+    /// nodeport only: the datapath's counters that moved during the measured run.
+    pub datapath: Vec<(String, u64)>,
 }
 
 /// Run lengths.
@@ -224,11 +226,16 @@ impl Bed {
             Setup::Ceiling | Setup::Bare => {
                 bed.progs.set_fwd(&FwdConfig {
                     ifindex: bed.topo.node_sink_ifindex,
-                    flags: if setup == Setup::Bare { FWD_F_REWRITE } else { 0 },
+                    flags: if setup == Setup::Bare {
+                        FWD_F_REWRITE
+                    } else {
+                        0
+                    },
                     src_mac: topo::NODE_SINK_MAC,
                     dst_mac: topo::SINK_MAC,
                 });
-                bed.progs.attach(PROG_FWD, &bed.topo.node, topo::NODE_GEN_IF);
+                bed.progs
+                    .attach(PROG_FWD, &bed.topo.node, topo::NODE_GEN_IF);
             }
             Setup::Nodeport => bed.start_agent(run_id, set, agent),
             Setup::Iptables => {
@@ -297,7 +304,10 @@ impl Bed {
                 break;
             }
             if let Some(st) = child.try_wait() {
-                panic!("the agent exited ({st}) before programming its services:\n{}", child.log());
+                panic!(
+                    "the agent exited ({st}) before programming its services:\n{}",
+                    child.log()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -320,6 +330,30 @@ impl Bed {
                 .unwrap_or_default(),
             None => Vec::new(),
         }
+    }
+
+    /// Sends exactly `frames` frames as fast as possible (no warm-up); returns (sent,
+    /// delivered at the sink). For smoke tests.
+    pub fn send(&mut self, kind: Kind, traffic: Traffic, frames: u64, cpu: usize) -> (u64, u64) {
+        self.progs
+            .set_gen(&gen_config(kind, traffic, self.services));
+        let (g0, s0) = (self.progs.count(CNT_GEN), self.progs.count(CNT_SINK));
+        self.progs.generate(
+            &self.topo.gen,
+            self.topo.gen_ifindex,
+            kind.frame_len(),
+            GenRun {
+                cpu,
+                duration: Duration::from_secs(10),
+                max_frames: frames,
+                rate: 0,
+            },
+        );
+        thread::sleep(Duration::from_millis(50));
+        (
+            self.progs.count(CNT_GEN) - g0,
+            self.progs.count(CNT_SINK) - s0,
+        )
     }
 
     /// One run of `traffic`: a warm-up (which also opens the established flows), then
@@ -345,9 +379,17 @@ impl Bed {
         // Let the last batches drain through the node before reading counters.
         thread::sleep(Duration::from_millis(50));
         let (g0, s0) = (self.progs.count(CNT_GEN), self.progs.count(CNT_SINK));
+        let dp0 = self.datapath_counters();
         let run = gen(&mut self.progs, &self.topo, t.duration);
         thread::sleep(Duration::from_millis(50));
         let (g1, s1) = (self.progs.count(CNT_GEN), self.progs.count(CNT_SINK));
+        let datapath = self
+            .datapath_counters()
+            .into_iter()
+            .zip(dp0)
+            .map(|((k, v1), (_, v0))| (k.to_string(), v1 - v0))
+            .filter(|(_, d)| *d != 0)
+            .collect();
         let seconds = run.elapsed.as_secs_f64();
         let cpu_seconds = run.busy.as_secs_f64();
         let delivered = s1 - s0;
@@ -368,6 +410,7 @@ impl Bed {
                 cpu_seconds * 1e9 / delivered as f64
             },
             idle_before,
+            datapath,
         }
     }
 }

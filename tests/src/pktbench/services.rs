@@ -128,8 +128,7 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".yaml"))
             .count();
         assert_eq!(n, 2 + 3 * 2);
-        let slice =
-            fs::read_to_string(dir.path().join("30-endpointslice-svc-2.yaml")).unwrap();
+        let slice = fs::read_to_string(dir.path().join("30-endpointslice-svc-2.yaml")).unwrap();
         assert!(slice.contains("198.19.0.33"), "{slice}");
         assert_eq!(set.node_port(2), 20_002);
     }

@@ -22,7 +22,7 @@ pub const GEN_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const NODE_SINK_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 1);
 pub const SINK_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 2);
-pub const GEN_ADDR6: &str = "fd00:b::2";
+/// Destination of the generator's IPv6 frames (no address is configured: IPv6 is off).
 pub const NODE_ADDR6: &str = "fd00:b::1";
 /// First of the generator's source addresses (a /20 of them).
 pub const SRC_BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 16, 0);
@@ -67,19 +67,20 @@ impl Topology {
             "link add {NODE_SINK_IF} type veth peer name {SINK_IF} netns {}",
             sink.name()
         ));
+        // No IPv6 on the links: router solicitations and MLD reports would be counted
+        // with the measured frames. (IPv6 frames of the generator are measured alone.)
         for (ns, ifname, m) in [
             (&gen, GEN_IF, GEN_MAC),
             (&node, NODE_GEN_IF, NODE_GEN_MAC),
             (&node, NODE_SINK_IF, NODE_SINK_MAC),
             (&sink, SINK_IF, SINK_MAC),
         ] {
+            ns.sysctl(&format!("net.ipv6.conf.{ifname}.disable_ipv6"), "1");
             ns.ip(&format!("link set {ifname} address {}", mac(m)));
             ns.ip(&format!("link set {ifname} up"));
         }
         gen.ip(&format!("addr add {GEN_ADDR}/24 dev {GEN_IF}"));
-        gen.ip(&format!("addr add {GEN_ADDR6}/64 dev {GEN_IF} nodad"));
         node.ip(&format!("addr add {NODE_ADDR}/24 dev {NODE_GEN_IF}"));
-        node.ip(&format!("addr add {NODE_ADDR6}/64 dev {NODE_GEN_IF} nodad"));
         node.ip(&format!("addr add {NODE_SINK_ADDR}/24 dev {NODE_SINK_IF}"));
         sink.ip(&format!("addr add {SINK_ADDR}/24 dev {SINK_IF}"));
         node.ip(&format!(
