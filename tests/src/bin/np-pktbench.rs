@@ -28,6 +28,9 @@ struct Args {
     /// Service counts (default: 1,1000 with --quick, else 1,1000,10000).
     #[arg(long, value_delimiter = ',')]
     services: Vec<usize>,
+    /// Endpoints per service.
+    #[arg(long, default_value_t = tests::pktbench::services::ENDPOINTS)]
+    endpoints: usize,
     /// Configurations to run (default: all).
     #[arg(long, value_delimiter = ',', value_parser = parse_setup)]
     setups: Vec<Setup>,
@@ -94,6 +97,7 @@ fn main() -> Result<()> {
         plan.timing.duration = Duration::from_secs_f64(s);
         plan.timing.warmup = Duration::from_secs_f64(s / 3.0);
     }
+    plan.endpoints = args.endpoints;
     plan.timing.rate = args.rate;
     plan.timing.cpu = args.cpu;
     plan.micro = !args.no_micro;

@@ -10,7 +10,7 @@ use crate::{
     pktbench::{
         micro,
         run::{Bed, Kind, Measurement, Setup, Timing, Traffic},
-        services::ServiceSet,
+        services::{self, ServiceSet},
     },
 };
 
@@ -20,6 +20,8 @@ pub struct Plan {
     pub quick: bool,
     pub service_counts: Vec<usize>,
     pub setups: Vec<Setup>,
+    /// Endpoints per service.
+    pub endpoints: usize,
     pub timing: Timing,
     pub agent: PathBuf,
     /// Also the datapath's per-path costs.
@@ -44,6 +46,7 @@ impl Plan {
                 Setup::Iptables,
                 Setup::Nftables,
             ],
+            endpoints: services::ENDPOINTS,
             timing: Timing {
                 warmup: Duration::from_secs_f64(secs / 3.0),
                 duration: Duration::from_secs_f64(secs),
@@ -92,6 +95,7 @@ pub struct Target {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub quick: bool,
+    pub endpoints: usize,
     pub warmup_s: f64,
     pub duration_s: f64,
     pub cpu: usize,
@@ -136,7 +140,8 @@ pub fn run(plan: &Plan) -> Report {
             &[1]
         };
         for &n in counts {
-            let mut bed = Bed::new(&run_id(), setup, ServiceSet::new(n), &plan.agent);
+            let set = ServiceSet::with_endpoints(n, plan.endpoints);
+            let mut bed = Bed::new(&run_id(), setup, set, &plan.agent);
             for traffic in [Traffic::Established, Traffic::NewFlows] {
                 let m = bed.measure(Kind::V4_TCP, traffic, t);
                 print_row(&m);
@@ -238,6 +243,7 @@ fn report(
     }
     Report {
         quick: plan.quick,
+        endpoints: plan.endpoints,
         warmup_s: plan.timing.warmup.as_secs_f64(),
         duration_s: plan.timing.duration.as_secs_f64(),
         cpu: plan.timing.cpu,

@@ -246,7 +246,11 @@ pub fn run() -> MicroReport {
         "the floor of a test run".into(),
     ));
     // Reply: open one flow on the single SNAT port, then its replies.
-    env.path("open the reply flow", std::slice::from_ref(&syn), &[Stat::NewFlow]);
+    env.path(
+        "open the reply flow",
+        std::slice::from_ref(&syn),
+        &[Stat::NewFlow],
+    );
     let reply = tcp((BACKEND, 80), (NODE, REPLY_SNAT_PORT), PEER_MAC, false);
     paths.push(env.path("reply", &vec![reply; n], &[Stat::Reply, Stat::Tx]));
     env.snat_ports(1024, 65_535);

@@ -17,9 +17,10 @@ pub const NODE_PORT_BASE: u16 = 20_000;
 pub const AGENT_NODEPORT_RANGE: &str = "20000-30999";
 pub const AGENT_SNAT_RANGE: &str = "1024-19999";
 pub const TARGET_PORT: u16 = 8080;
-/// Endpoints per service. New-flow traffic holds one SNAT port per flow and backend, so a
-/// service needs (conntrack entries / SNAT ports) backends or the node runs out of ports
-/// before its conntrack LRU recycles them: 16 x 18,976 > 262,144.
+/// Endpoints per service (np-pktbench --endpoints changes it). nodeport's new flows to
+/// remote backends each hold a SNAT port of (backend, node address) until their conntrack
+/// entry expires or is evicted: with 16 backends x 18,976 ports (AGENT_SNAT_RANGE) and
+/// 262,144 conntrack entries, a new-flow flood at one service fills 86% of the ports.
 pub const ENDPOINTS: usize = 16;
 /// The node's and the sink's names in the manifests.
 pub const NODE_NAME: &str = "node1";
@@ -33,14 +34,19 @@ pub struct ServiceSet {
 
 impl ServiceSet {
     pub fn new(count: usize) -> ServiceSet {
+        ServiceSet::with_endpoints(count, ENDPOINTS)
+    }
+
+    pub fn with_endpoints(count: usize, endpoints: usize) -> ServiceSet {
         assert!(
             (1..=11_000).contains(&count),
             "{count} services do not fit the nodePort range"
         );
-        ServiceSet {
-            count,
-            endpoints: ENDPOINTS,
-        }
+        assert!(
+            (1..=256).contains(&endpoints),
+            "{endpoints} endpoints per service"
+        );
+        ServiceSet { count, endpoints }
     }
 
     pub fn name(&self, i: usize) -> String {
