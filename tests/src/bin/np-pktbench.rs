@@ -11,7 +11,7 @@ use tests::{
     pktbench::{
         matrix::{self, Plan},
         micro,
-        run::Setup,
+        run::{self, Setup},
     },
     testbed::default_agent_path,
 };
@@ -75,6 +75,7 @@ fn main() -> Result<()> {
         bail!("np-pktbench needs root (namespaces, XDP, BPF_PROG_TEST_RUN)");
     }
     ensure_bpffs();
+    run::stop_on_signals();
     if args.micro_only {
         micro::run();
         return Ok(());

@@ -26,7 +26,7 @@ use nodeport_common::{
 
 use crate::{
     netns::{run_in, Netns},
-    pktbench::cpu::BusyClock,
+    pktbench::{cpu::BusyClock, run::stopped},
 };
 
 /// Frames per live-frames batch (the kernel's default).
@@ -171,7 +171,7 @@ impl BenchProgs {
             let busy = BusyClock::start(run.cpu);
             let start = Instant::now();
             let mut frames = 0u64;
-            while frames < run.max_frames && start.elapsed() < run.duration {
+            while frames < run.max_frames && start.elapsed() < run.duration && !stopped() {
                 let n = chunk.min(run.max_frames - frames).min(u32::MAX as u64) as u32;
                 let mut opts = TestRunOptions::new();
                 opts.data_in = Some(&frame);

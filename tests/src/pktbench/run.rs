@@ -7,6 +7,7 @@
 
 use std::{
     path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -260,6 +261,10 @@ impl Bed {
 
     fn start_agent(&mut self, run_id: &str, set: ServiceSet, agent: &std::path::Path) {
         ensure_bpffs();
+        self.topo.node.sysctl(
+            "net.ipv4.ip_local_port_range",
+            services::NODE_EPHEMERAL_RANGE,
+        );
         let dir = TempDir::new(run_id, "bench-manifests");
         set.write_manifests(&dir.path().join("m"))
             .expect("writing manifests");
@@ -303,6 +308,7 @@ impl Bed {
             if programmed >= set.count {
                 break;
             }
+            check_interrupt();
             if let Some(st) = child.try_wait() {
                 panic!(
                     "the agent exited ({st}) before programming its services:\n{}",
@@ -361,6 +367,7 @@ impl Bed {
     pub fn measure(&mut self, kind: Kind, traffic: Traffic, t: Timing) -> Measurement {
         self.progs
             .set_gen(&gen_config(kind, traffic, self.services));
+        check_interrupt();
         let idle_before = wait_for_idle();
         let gen = |progs: &mut BenchProgs, topo: &Topology, duration: Duration| {
             progs.generate(
@@ -381,6 +388,7 @@ impl Bed {
         let (g0, s0) = (self.progs.count(CNT_GEN), self.progs.count(CNT_SINK));
         let dp0 = self.datapath_counters();
         let run = gen(&mut self.progs, &self.topo, t.duration);
+        check_interrupt();
         thread::sleep(Duration::from_millis(50));
         let (g1, s1) = (self.progs.count(CNT_GEN), self.progs.count(CNT_SINK));
         let datapath = self
@@ -426,6 +434,33 @@ fn conntrack_settings(topo: &Topology) {
         ("net.netfilter.nf_conntrack_checksum", "0"),
     ] {
         topo.node.sysctl(k, v);
+    }
+}
+
+/// Set by SIGINT or SIGTERM (see [`stop_on_signals`]).
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// SIGINT and SIGTERM stop the generator and then unwind the benchmark (panic
+/// "interrupted"), so every guard removes its namespaces, pins and folders.
+pub fn stop_on_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Whether a stop was asked for.
+pub fn stopped() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+fn check_interrupt() {
+    if stopped() {
+        panic!("interrupted: cleaning up");
     }
 }
 
