@@ -411,7 +411,10 @@ fn packet(s: &mut String, svgs: &mut Vec<(String, String)>, v: &Value) {
         "- kube-proxy's rules are written by this harness after its iptables and nftables modes ",
         "(externalTrafficPolicy Cluster, one port, cluster IP rules included), not by kube-proxy ",
         "itself; conntrack in the node namespace has 1 s timeouts for unanswered TCP and UDP ",
-        "and no software checksum check (a NIC would have verified it).\n",
+        "in new-flow runs (the kernel's defaults in established runs) and no software checksum ",
+        "check (a NIC would have verified it).\n",
+        "- Every figure is one run; `cargo xtask bench` (without `--quick`) adds 10,000 ",
+        "services and longer runs.\n",
         "- The nodeport datapath is IPv4-only; the generator's IPv6 frames are measured alone.\n",
     ));
 }

@@ -240,7 +240,6 @@ impl Bed {
             }
             Setup::Nodeport => bed.start_agent(run_id, set, agent),
             Setup::Iptables => {
-                conntrack_settings(&bed.topo);
                 kubeproxy::iptables_restore(
                     &bed.topo.node,
                     &kubeproxy::iptables_ruleset(&set),
@@ -248,7 +247,6 @@ impl Bed {
                 );
             }
             Setup::Nftables => {
-                conntrack_settings(&bed.topo);
                 kubeproxy::nft_load(
                     &bed.topo.node,
                     &kubeproxy::nft_ruleset(&set, topo::NODE_ADDR),
@@ -367,6 +365,9 @@ impl Bed {
     pub fn measure(&mut self, kind: Kind, traffic: Traffic, t: Timing) -> Measurement {
         self.progs
             .set_gen(&gen_config(kind, traffic, self.services));
+        if matches!(self.setup, Setup::Iptables | Setup::Nftables) {
+            conntrack_settings(&self.topo, traffic);
+        }
         check_interrupt();
         let idle_before = wait_for_idle();
         let gen = |progs: &mut BenchProgs, topo: &Topology, duration: Duration| {
@@ -423,14 +424,20 @@ impl Bed {
     }
 }
 
-/// Conntrack settings of the netfilter configurations, in the node namespace: short
-/// timeouts for unanswered flows (the sink never replies), so new-flow runs do not fill
-/// the table, and no software checksum check (a NIC would have verified it; the XDP
-/// datapath does not check either).
-fn conntrack_settings(topo: &Topology) {
+/// Conntrack settings of the netfilter configurations, in the node namespace: no software
+/// checksum check (a NIC would have verified it; the XDP datapath does not check
+/// either), and timeouts for unanswered flows (the sink never replies) by traffic: 1 s for
+/// new-flow runs, so they do not fill the table, the kernel's defaults (120 s, 30 s) for
+/// established ones, so a slow configuration does not see its cycled flows expire and
+/// turn into new ones.
+fn conntrack_settings(topo: &Topology, traffic: Traffic) {
+    let (tcp, udp) = match traffic {
+        Traffic::NewFlows => ("1", "1"),
+        Traffic::Established => ("120", "30"),
+    };
     for (k, v) in [
-        ("net.netfilter.nf_conntrack_tcp_timeout_syn_sent", "1"),
-        ("net.netfilter.nf_conntrack_udp_timeout", "1"),
+        ("net.netfilter.nf_conntrack_tcp_timeout_syn_sent", tcp),
+        ("net.netfilter.nf_conntrack_udp_timeout", udp),
         ("net.netfilter.nf_conntrack_checksum", "0"),
     ] {
         topo.node.sysctl(k, v);
