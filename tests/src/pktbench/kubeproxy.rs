@@ -247,7 +247,7 @@ mod tests {
 
     #[test]
     fn iptables_ruleset_has_kube_proxy_chains() {
-        let set = ServiceSet::new(3);
+        let set = ServiceSet::with_endpoints(3, 4);
         let r = iptables_ruleset(&set);
         assert_eq!(count(&r, "-A KUBE-NODEPORTS "), 3);
         assert_eq!(count(&r, ":KUBE-SVC-"), 3);
@@ -260,18 +260,19 @@ mod tests {
         assert_eq!(count(&r, "-j DNAT --to-destination"), 3 * set.endpoints);
         assert!(r.contains("--dport 20002 -j KUBE-EXT-"));
         assert!(r.contains("-j MASQUERADE --random-fully"));
-        assert!(r.contains("--probability 0.06250000000"), "1/16 first");
+        assert!(r.contains("--probability 0.25000000000"), "1/4 first");
+        assert!(r.contains("--probability 0.50000000000"), "then 1/2");
         assert!(r.trim_end().ends_with("COMMIT"));
     }
 
     #[test]
     fn nft_ruleset_has_kube_proxy_maps_and_chains() {
-        let set = ServiceSet::new(3);
+        let set = ServiceSet::with_endpoints(3, 4);
         let r = nft_ruleset(&set, Ipv4Addr::new(198, 18, 0, 1));
         assert!(r.starts_with("table ip kube-proxy {"));
         assert!(r.contains("map service-nodeports {"));
         assert!(r.contains("tcp . 20001 : goto external-"));
-        assert_eq!(count(&r, "numgen random mod 16 vmap"), 3);
+        assert_eq!(count(&r, "numgen random mod 4 vmap"), 3);
         assert_eq!(count(&r, "dnat to 198.19."), 3 * set.endpoints);
         assert!(r.contains("masquerade fully-random"));
     }
