@@ -242,7 +242,8 @@ fn packet(s: &mut String, svgs: &mut Vec<(String, String)>, v: &Value) {
             label: if svc == "-" {
                 setup_label(setup).to_string()
             } else {
-                format!("{}, {svc} services", setup_label(setup))
+                let plural = if n == 1 { "" } else { "s" };
+                format!("{}, {svc} service{plural}", setup_label(setup))
             },
             values,
         });
