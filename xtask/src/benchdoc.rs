@@ -186,7 +186,7 @@ fn packet(s: &mut String, svgs: &mut Vec<(String, String)>, v: &Value) {
         "redirect), kube-proxy's iptables rules (iptables-legacy) or its nftables rules, both ",
         "with kernel forwarding. The sink counts and drops with XDP. Traffic is IPv4 TCP SYNs ",
         "spread over all N nodePorts from 4,096 source addresses: either every frame a new flow, ",
-        "or a fixed set of max(4096, N) flows cycled (established).\n\n",
+        "or a fixed set of 16,384 flows cycled (established), whatever N.\n\n",
         "Generator, node and sink run in lock step on one CPU (the generator's thread is pinned; ",
         "the veth NAPI work it triggers runs in softirq on the same CPU), which is steady here, ",
         "unlike spreading them over the VM's two vCPUs. The figures are therefore **per CPU**: ",

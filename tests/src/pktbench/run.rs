@@ -71,7 +71,7 @@ impl Setup {
 pub enum Traffic {
     /// Every frame a new flow.
     NewFlows,
-    /// A fixed set of flows, cycled (see [`established_flows`]).
+    /// A fixed set of flows, cycled (see [`ESTABLISHED_FLOWS`]).
     Established,
 }
 
@@ -119,10 +119,10 @@ impl Kind {
     }
 }
 
-/// How many flows established-flow traffic cycles: every service gets some.
-pub fn established_flows(services: usize) -> u32 {
-    services.max(4096) as u32
-}
+/// How many flows established-flow traffic cycles, whatever the service count (so that
+/// 1 and 10,000 services see the same traffic and every one of 10,000 services gets
+/// flows).
+pub const ESTABLISHED_FLOWS: u32 = 16_384;
 
 /// The generator's settings for `traffic` of `kind` towards `services` nodePorts.
 pub fn gen_config(kind: Kind, traffic: Traffic, services: usize) -> GenConfig {
@@ -148,7 +148,7 @@ pub fn gen_config(kind: Kind, traffic: Traffic, services: usize) -> GenConfig {
         src_count: topo::SRC_COUNT,
         flows: match traffic {
             Traffic::NewFlows => 0,
-            Traffic::Established => established_flows(services),
+            Traffic::Established => ESTABLISHED_FLOWS,
         },
         dst_port: services::NODE_PORT_BASE,
         dst_ports: services as u16,
