@@ -114,29 +114,20 @@ struct Flow {
     seq: u32,
 }
 
+/// 32-bit arithmetic (x86 divides 32-bit operands faster): flows repeat after 2^32
+/// frames, beyond the 264 million distinct flows a /20 of sources gives one port anyway.
 #[inline(always)]
 fn flow_of(cfg: &GenConfig, n: u64) -> Flow {
-    let f = if cfg.flows == 0 {
-        n
-    } else {
-        n % cfg.flows as u64
-    };
-    let ports = if cfg.dst_ports == 0 {
-        1
-    } else {
-        cfg.dst_ports as u64
-    };
-    let srcs = if cfg.src_count == 0 {
-        1
-    } else {
-        cfg.src_count as u64
-    };
+    let n = n as u32;
+    let f = if cfg.flows == 0 { n } else { n % cfg.flows };
+    let ports = (cfg.dst_ports as u32).max(1);
+    let srcs = cfg.src_count.max(1);
     let rest = f / ports;
     Flow {
         sport: 1024 + ((rest / srcs) % 64_512) as u16,
         dport: cfg.dst_port.wrapping_add((f % ports) as u16),
-        src_idx: (rest % srcs) as u32,
-        seq: n as u32,
+        src_idx: rest % srcs,
+        seq: n,
     }
 }
 

@@ -312,7 +312,7 @@ pub fn print_summary(r: &Report) {
             if h.ok {
                 "not the bottleneck"
             } else {
-                "BELOW 1.5x: THE GENERATOR MAY BE THE BOTTLENECK"
+                "BELOW 1.5x (lock step: costs add on one CPU, see the ceiling run)"
             }
         );
     }
