@@ -338,7 +338,7 @@ fn packet(s: &mut String, svgs: &mut Vec<(String, String)>, v: &Value) {
     ) {
         let _ = writeln!(
             s,
-            "\nGenerator headroom: {:.2} Mpps alone, {r:.2} x the fastest configuration measured ({:.2} Mpps): {}\n",
+            "\nGenerator headroom: {:.2} Mpps alone, {r:.3} x the fastest configuration measured ({:.2} Mpps): {}\n",
             g / 1e6,
             f / 1e6,
             if h["ok"].as_bool() == Some(true) {
@@ -468,7 +468,7 @@ mod tests {
         assert!(md.contains("**missed**"));
         assert!(md.contains("not measured: session affinity not in this build"));
         assert!(
-            md.contains("2.00 x the fastest configuration measured"),
+            md.contains("2.000 x the fastest configuration measured"),
             "{md}"
         );
         let names: Vec<&str> = svgs.iter().map(|(n, _)| n.as_str()).collect();

@@ -305,7 +305,7 @@ pub fn print_summary(r: &Report) {
     }
     if let Some(h) = &r.headroom {
         println!(
-            "\ngenerator: {:.2} Mpps alone, {:.2}x the fastest configuration ({:.2} Mpps): {}",
+            "\ngenerator: {:.2} Mpps alone, {:.3}x the fastest configuration ({:.2} Mpps): {}",
             h.generator_pps / 1e6,
             h.ratio,
             h.fastest_pps / 1e6,
