@@ -336,9 +336,12 @@ fn packet(s: &mut String, svgs: &mut Vec<(String, String)>, v: &Value) {
         num(&h["fastest_pps"]),
         num(&h["ratio"]),
     ) {
+        let ceiling = num(&h["ceiling_pps"]).map_or(String::new(), |c| {
+            format!(" and {:.3} x the ceiling run's {:.2} Mpps", g / c, c / 1e6)
+        });
         let _ = writeln!(
             s,
-            "\nGenerator headroom: {:.2} Mpps alone, {r:.3} x the fastest configuration measured ({:.2} Mpps): {}\n",
+            "\nGenerator headroom: {:.2} Mpps alone, {r:.3} x the fastest configuration measured ({:.2} Mpps){ceiling}: {}\n",
             g / 1e6,
             f / 1e6,
             if h["ok"].as_bool() == Some(true) {
@@ -447,7 +450,7 @@ mod tests {
             "ratios": [{"services": 1000, "traffic": "new_flows", "vs_bare": 0.5, "vs_iptables": 3.0, "vs_nftables": null}],
             "targets": [{"what": "x", "value": 0.5, "goal": ">= 0.9", "met": false}],
             "generator": [m("gen_only", 1, "new_flows", 20e6)],
-            "headroom": {"generator_pps": 20e6, "fastest_pps": 10e6, "ratio": 2.0, "ok": true},
+            "headroom": {"generator_pps": 20e6, "fastest_pps": 10e6, "ceiling_pps": 10e6, "ratio": 2.0, "ok": true},
             "micro": {"paths": [{"path": "reply", "runs": 5, "median_ns": 130.0, "mean_ns": 131.0,
                                  "proven": true, "counters": ["event_reply"], "note": ""},
                                 {"path": "session affinity", "runs": 0, "median_ns": null, "mean_ns": null,
