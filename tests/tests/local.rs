@@ -21,9 +21,7 @@ fn local_policy_keeps_the_client_address_and_stays_on_the_node() {
     }
     let mut opts = TestbedOptions::standard(echo_bin()).with_agent(default_agent_path());
     opts.service.external_traffic_policy = Some("Local".into());
-    let mut tb = Testbed::start(opts);
-    tb.wait_for_service(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut tb = Testbed::serving(opts);
     let client_ip = tb.cluster().client_ip().to_string();
 
     for (node, local) in [
