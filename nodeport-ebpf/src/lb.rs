@@ -2,15 +2,20 @@
 //! port allocation for forward packets; reverse-NAT lookup for replies. Pure map logic:
 //! it decides the new addresses and ports; `nat` rewrites and `fwd` forwards.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key,
+};
 use nodeport_common::{
-    hash::flow_hash, Backend, Config, CtEntry, FlowKey, FrontendKey, RevNat, Service, Stat,
-    BE_F_LOCAL, CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_ONLY, MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP,
-    SNAT_PROBES, SVC_F_LOCAL,
+    hash::flow_hash, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey, RevNat,
+    Service, SrcRange, Stat, BE_F_LOCAL, CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_ONLY,
+    MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP, SNAT_PROBES, SRC_RANGE_SVC_BITS, SVC_F_AFFINITY,
+    SVC_F_LOCAL, SVC_F_SRC_RANGES,
 };
 
 use crate::{
-    maps::{BACKENDS, CONFIG, CONNTRACK, MAGLEV, NODE_ADDRS, REVNAT, SERVICES},
+    maps::{
+        AFFINITY, BACKENDS, CONFIG, CONNTRACK, MAGLEV, NODE_ADDRS, REVNAT, SERVICES, SRC_RANGES,
+    },
     packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
 };
@@ -94,9 +99,10 @@ fn expired(cfg: &Config, proto: u8, ct: &CtEntry, now: u64) -> bool {
     now.saturating_sub(ct.last_seen_ns) > timeout_ns(cfg, proto, ct.flags)
 }
 
-/// Keep a live entry fresh and follow the TCP state the datapath cares about.
+/// Keep a live entry fresh and follow the TCP state the datapath cares about. Returns
+/// whether the timestamp was refreshed (at most once a second).
 #[inline(always)]
-fn touch(ct: *mut CtEntry, tcp_flags: u8, forward: bool, now: u64) {
+fn touch(ct: *mut CtEntry, tcp_flags: u8, forward: bool, now: u64) -> bool {
     // SAFETY: `ct` points into a map value; racing writers only store whole fields.
     unsafe {
         let old = (*ct).flags;
@@ -111,8 +117,10 @@ fn touch(ct: *mut CtEntry, tcp_flags: u8, forward: bool, now: u64) {
         }
         if flags != old || now.saturating_sub((*ct).last_seen_ns) >= REFRESH_NS {
             (*ct).last_seen_ns = now;
+            return true;
         }
     }
+    false
 }
 
 #[inline(always)]
@@ -127,6 +135,9 @@ pub fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
     let key = client_key(f);
     let now = now_ns();
 
+    if svc.flags & SVC_F_SRC_RANGES != 0 && !source_allowed(f, &svc) {
+        return Some(Decision::Drop(Stat::DropSourceRange));
+    }
     if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: map value pointer, copied.
         let entry = unsafe { *ct };
@@ -134,7 +145,9 @@ pub fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
             // SAFETY: plain data.
             if let Some(be) = unsafe { BACKENDS.get(&entry.backend_id) } {
                 if be.addr == entry.backend_addr && be.port == entry.backend_port {
-                    touch(ct, f.tcp_flags, true, now);
+                    if touch(ct, f.tcp_flags, true, now) && svc.flags & SVC_F_AFFINITY != 0 {
+                        refresh_affinity(f, &svc, entry.backend_id, now);
+                    }
                     count(Stat::Established);
                     let nat = Nat {
                         saddr: entry.nat_addr,
@@ -169,14 +182,28 @@ fn new_flow(
         return Decision::Drop(Stat::DropNoBackend);
     }
     let hash = flow_hash(f.saddr, f.sport, f.dport, f.proto);
-    let slot = svc.table_off.wrapping_add(hash % svc.table_size);
-    let Some(pair) = MAGLEV.get(slot / MAGLEV_SLOTS_PER_ENTRY) else {
-        return Decision::Drop(Stat::DropNoBackend);
+    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    let akey = AffinityKey {
+        client_addr: f.saddr,
+        svc_id: svc.svc_id,
     };
-    let id = pair[(slot & 1) as usize];
-    // SAFETY: plain data.
-    let Some(be) = (unsafe { BACKENDS.get(&id) }).copied() else {
-        return Decision::Drop(Stat::DropNoBackend);
+    let (id, be) = match affinity.then(|| sticky_backend(&akey, svc, now)).flatten() {
+        Some(chosen) => {
+            count(Stat::AffinityHit);
+            chosen
+        }
+        None => {
+            let slot = svc.table_off.wrapping_add(hash % svc.table_size);
+            let Some(pair) = MAGLEV.get(slot / MAGLEV_SLOTS_PER_ENTRY) else {
+                return Decision::Drop(Stat::DropNoBackend);
+            };
+            let id = pair[(slot & 1) as usize];
+            // SAFETY: plain data.
+            let Some(be) = (unsafe { BACKENDS.get(&id) }).copied() else {
+                return Decision::Drop(Stat::DropNoBackend);
+            };
+            (id, be)
+        }
     };
     let local = be.flags & BE_F_LOCAL != 0 || svc.flags & SVC_F_LOCAL != 0;
     let rev = RevNat {
@@ -221,6 +248,18 @@ fn new_flow(
     if CONNTRACK.insert(&key, &entry, 0).is_err() {
         return Decision::Drop(Stat::DropMapFull);
     }
+    if affinity {
+        let stick = Affinity {
+            last_seen_ns: now,
+            backend_id: id,
+            backend_addr: be.addr,
+            backend_port: be.port,
+            pad: 0,
+            pad2: 0,
+        };
+        // Best effort: a full LRU map evicts the least recently used client.
+        let _ = AFFINITY.insert(&akey, &stick, 0);
+    }
     count(Stat::NewFlow);
     let nat = Nat {
         saddr: entry.nat_addr,
@@ -232,6 +271,56 @@ fn new_flow(
         Decision::ToLocal(nat)
     } else {
         Decision::ToRemote(nat)
+    }
+}
+
+/// Whether the client may use this LoadBalancer/external-IP frontend: its address lies in
+/// one of the service's loadBalancerSourceRanges.
+#[inline(always)]
+fn source_allowed(f: &Flow, svc: &Service) -> bool {
+    let key = Key::new(
+        SRC_RANGE_SVC_BITS + 32,
+        SrcRange {
+            svc_id_be: svc.svc_id.to_be(),
+            addr: f.saddr,
+        },
+    );
+    SRC_RANGES.get(&key).is_some()
+}
+
+/// The backend a client of an affinity service is stuck to, if it was used within the
+/// timeout and is still a backend the service may choose (same id, address and port; on
+/// this node under Local).
+#[inline(always)]
+fn sticky_backend(akey: &AffinityKey, svc: &Service, now: u64) -> Option<(u32, Backend)> {
+    // SAFETY: plain data.
+    let a = (unsafe { AFFINITY.get(akey) }).copied()?;
+    if now.saturating_sub(a.last_seen_ns) > svc.affinity_timeout_s as u64 * NS {
+        return None;
+    }
+    // SAFETY: plain data.
+    let be = (unsafe { BACKENDS.get(&a.backend_id) }).copied()?;
+    let usable = be.addr == a.backend_addr
+        && be.port == a.backend_port
+        && (svc.flags & SVC_F_LOCAL == 0 || be.flags & BE_F_LOCAL != 0);
+    usable.then_some((a.backend_id, be))
+}
+
+/// An established flow of an affinity service to the client's sticky backend counts as
+/// use: push the client's expiry.
+#[inline(always)]
+fn refresh_affinity(f: &Flow, svc: &Service, backend_id: u32, now: u64) {
+    let akey = AffinityKey {
+        client_addr: f.saddr,
+        svc_id: svc.svc_id,
+    };
+    if let Some(a) = AFFINITY.get_ptr_mut(&akey) {
+        // SAFETY: map value pointer; a racing writer stores whole fields too.
+        unsafe {
+            if (*a).backend_id == backend_id {
+                (*a).last_seen_ns = now;
+            }
+        }
     }
 }
 
