@@ -16,7 +16,7 @@ use crate::{
     maps::{
         AFFINITY, BACKENDS, CONFIG, CONNTRACK, MAGLEV, NODE_ADDRS, REVNAT, SERVICES, SRC_RANGES,
     },
-    packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{Flow, IcmpError, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
 };
 
@@ -409,4 +409,70 @@ pub fn reply(f: &Flow) -> Option<Decision> {
 pub fn maybe_snat_reply(f: &Flow, cfg: &Config) -> bool {
     let port = u16::from_be(f.dport);
     port >= cfg.snat_port_min && port <= cfg.snat_port_max
+}
+
+/// New addresses of an ICMP error about a translated flow: the outer header's, and the
+/// quoted packet's (in `inner`).
+#[derive(Clone, Copy)]
+pub struct IcmpNat {
+    pub outer_saddr: u32,
+    pub outer_daddr: u32,
+    pub inner: Nat,
+}
+
+/// Where a translated ICMP error goes.
+pub enum IcmpDecision {
+    /// Routed by this node (to the client, or to a backend on another node).
+    Route(IcmpNat),
+    /// To a backend on this node, through the stack.
+    Local(IcmpNat),
+}
+
+/// Translate an ICMP error whose quoted packet belongs to a translated flow; `None` for
+/// every other ICMP error (to the node itself, unknown flows), which passes untouched.
+/// The quoted packet, reversed, is the key of both maps:
+/// - NP_RNAT: it quotes a packet this node sent to a backend (a router between node and
+///   backend, or the backend, reports it to the SNAT address): the client gets it, quoting
+///   its own packet to the frontend, from the frontend when the backend sent it;
+/// - NP_CT: it quotes a reply this node sent to the client (say, fragmentation needed on
+///   the client's side, sent to the frontend): the backend gets it, quoting its own reply.
+#[inline(always)]
+pub fn icmp_error(e: &IcmpError) -> Option<IcmpDecision> {
+    let key = FlowKey::new(e.daddr, e.saddr, e.dport, e.sport, e.proto);
+    // SAFETY: plain data.
+    if let Some(rev) = (unsafe { REVNAT.get(&key) }).copied() {
+        let outer_saddr = if e.outer.saddr == e.daddr {
+            rev.fe_addr
+        } else {
+            e.outer.saddr
+        };
+        return Some(IcmpDecision::Route(IcmpNat {
+            outer_saddr,
+            outer_daddr: rev.client_addr,
+            inner: Nat {
+                saddr: rev.client_addr,
+                sport: rev.client_port,
+                daddr: rev.fe_addr,
+                dport: rev.fe_port,
+            },
+        }));
+    }
+    // SAFETY: plain data.
+    let ct = (unsafe { CONNTRACK.get(&key) }).copied()?;
+    let snat = ct.flags & CT_F_SNAT != 0;
+    let n = IcmpNat {
+        outer_saddr: if snat { ct.nat_addr } else { e.outer.saddr },
+        outer_daddr: ct.backend_addr,
+        inner: Nat {
+            saddr: ct.backend_addr,
+            sport: ct.backend_port,
+            daddr: ct.nat_addr,
+            dport: ct.nat_port,
+        },
+    };
+    Some(if snat {
+        IcmpDecision::Route(n)
+    } else {
+        IcmpDecision::Local(n)
+    })
 }
