@@ -99,10 +99,9 @@ fn expired(cfg: &Config, proto: u8, ct: &CtEntry, now: u64) -> bool {
     now.saturating_sub(ct.last_seen_ns) > timeout_ns(cfg, proto, ct.flags)
 }
 
-/// Keep a live entry fresh and follow the TCP state the datapath cares about. Returns
-/// whether the timestamp was refreshed (at most once a second).
+/// Keep a live entry fresh and follow the TCP state the datapath cares about.
 #[inline(always)]
-fn touch(ct: *mut CtEntry, tcp_flags: u8, forward: bool, now: u64) -> bool {
+fn touch(ct: *mut CtEntry, tcp_flags: u8, forward: bool, now: u64) {
     // SAFETY: `ct` points into a map value; racing writers only store whole fields.
     unsafe {
         let old = (*ct).flags;
@@ -117,10 +116,8 @@ fn touch(ct: *mut CtEntry, tcp_flags: u8, forward: bool, now: u64) -> bool {
         }
         if flags != old || now.saturating_sub((*ct).last_seen_ns) >= REFRESH_NS {
             (*ct).last_seen_ns = now;
-            return true;
         }
     }
-    false
 }
 
 #[inline(always)]
@@ -145,7 +142,8 @@ pub fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
             // SAFETY: plain data.
             if let Some(be) = unsafe { BACKENDS.get(&entry.backend_id) } {
                 if be.addr == entry.backend_addr && be.port == entry.backend_port {
-                    if touch(ct, f.tcp_flags, true, now) && svc.flags & SVC_F_AFFINITY != 0 {
+                    touch(ct, f.tcp_flags, true, now);
+                    if svc.flags & SVC_F_AFFINITY != 0 {
                         refresh_affinity(f, &svc, entry.backend_id, now);
                     }
                     count(Stat::Established);
@@ -187,23 +185,25 @@ fn new_flow(
         client_addr: f.saddr,
         svc_id: svc.svc_id,
     };
-    let (id, be) = match affinity.then(|| sticky_backend(&akey, svc, now)).flatten() {
-        Some(chosen) => {
+    // Only the id leaves the two branches (then one lookup): merging a whole backend value
+    // kept the verifier from pruning the rest of the path, past its limit without
+    // CAP_PERFMON.
+    let id = match affinity.then(|| sticky_backend(&akey, svc, now)).flatten() {
+        Some(id) => {
             count(Stat::AffinityHit);
-            chosen
+            id
         }
         None => {
             let slot = svc.table_off.wrapping_add(hash % svc.table_size);
             let Some(pair) = MAGLEV.get(slot / MAGLEV_SLOTS_PER_ENTRY) else {
                 return Decision::Drop(Stat::DropNoBackend);
             };
-            let id = pair[(slot & 1) as usize];
-            // SAFETY: plain data.
-            let Some(be) = (unsafe { BACKENDS.get(&id) }).copied() else {
-                return Decision::Drop(Stat::DropNoBackend);
-            };
-            (id, be)
+            pair[(slot & 1) as usize]
         }
+    };
+    // SAFETY: plain data.
+    let Some(be) = (unsafe { BACKENDS.get(&id) }).copied() else {
+        return Decision::Drop(Stat::DropNoBackend);
     };
     let local = be.flags & BE_F_LOCAL != 0 || svc.flags & SVC_F_LOCAL != 0;
     let rev = RevNat {
@@ -292,18 +292,21 @@ fn source_allowed(f: &Flow, svc: &Service) -> bool {
 /// timeout and is still a backend the service may choose (same id, address and port; on
 /// this node under Local).
 #[inline(always)]
-fn sticky_backend(akey: &AffinityKey, svc: &Service, now: u64) -> Option<(u32, Backend)> {
-    // SAFETY: plain data.
-    let a = (unsafe { AFFINITY.get(akey) }).copied()?;
-    if now.saturating_sub(a.last_seen_ns) > svc.affinity_timeout_s as u64 * NS {
+fn sticky_backend(akey: &AffinityKey, svc: &Service, now: u64) -> Option<u32> {
+    // SAFETY: plain data. Field by field: copying the whole value (with its padding)
+    // became a memmove, whose pointer arithmetic needs CAP_PERFMON.
+    let a = unsafe { AFFINITY.get(akey) }?;
+    let (last_seen, id, addr, port) =
+        (a.last_seen_ns, a.backend_id, a.backend_addr, a.backend_port);
+    if now.saturating_sub(last_seen) > svc.affinity_timeout_s as u64 * NS {
         return None;
     }
     // SAFETY: plain data.
-    let be = (unsafe { BACKENDS.get(&a.backend_id) }).copied()?;
-    let usable = be.addr == a.backend_addr
-        && be.port == a.backend_port
+    let be = unsafe { BACKENDS.get(&id) }?;
+    let usable = be.addr == addr
+        && be.port == port
         && (svc.flags & SVC_F_LOCAL == 0 || be.flags & BE_F_LOCAL != 0);
-    usable.then_some((a.backend_id, be))
+    usable.then_some(id)
 }
 
 /// An established flow of an affinity service to the client's sticky backend counts as
@@ -317,7 +320,8 @@ fn refresh_affinity(f: &Flow, svc: &Service, backend_id: u32, now: u64) {
     if let Some(a) = AFFINITY.get_ptr_mut(&akey) {
         // SAFETY: map value pointer; a racing writer stores whole fields too.
         unsafe {
-            if (*a).backend_id == backend_id {
+            if (*a).backend_id == backend_id && now.saturating_sub((*a).last_seen_ns) >= REFRESH_NS
+            {
                 (*a).last_seen_ns = now;
             }
         }
