@@ -2,8 +2,13 @@
 //! port allocation for forward packets; reverse-NAT lookup for replies. Pure map logic:
 //! it decides the new addresses and ports; `nat` rewrites and `fwd` forwards.
 
+use core::num::NonZeroU32;
+
 use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key,
+    bindings::BPF_NOEXIST,
+    cty::{c_long, c_void},
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_loop},
+    maps::lpm_trie::Key,
 };
 use nodeport_common::{
     hash::flow_hash, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey, RevNat,
@@ -82,14 +87,25 @@ fn lookup_service(f: &Flow) -> Option<(Service, bool)> {
 
 #[inline(always)]
 fn timeout_ns(cfg: &Config, proto: u8, flags: u16) -> u64 {
+    // Four loads, then a choice among values: LLVM turns a choice among field loads into
+    // one load at a chosen offset, pointer arithmetic the verifier refuses without
+    // CAP_PERFMON when the offsets come from different paths.
+    // SAFETY: reads of a live reference's fields.
+    let [udp, closing, syn, est] = [
+        &cfg.udp_timeout_s,
+        &cfg.tcp_closing_timeout_s,
+        &cfg.tcp_syn_timeout_s,
+        &cfg.tcp_timeout_s,
+    ]
+    .map(|t| unsafe { core::ptr::read_volatile(t) });
     let s = if proto != PROTO_TCP {
-        cfg.udp_timeout_s
+        udp
     } else if flags & CT_F_CLOSING != 0 {
-        cfg.tcp_closing_timeout_s
+        closing
     } else if flags & CT_F_SYN_ONLY != 0 {
-        cfg.tcp_syn_timeout_s
+        syn
     } else {
-        cfg.tcp_timeout_s
+        est
     };
     s as u64 * NS
 }
@@ -331,6 +347,10 @@ fn refresh_affinity(f: &Flow, svc: &Service, backend_id: u32, now: u64) {
 /// Pick a source port towards `be` from the SNAT range whose reply tuple is free, or held
 /// by a flow that is gone (its conntrack entry expired, missing or rebound). Tries
 /// `SNAT_PROBES` ports starting at a hash of the flow; `None` when all are taken.
+///
+/// The probes run under `bpf_loop`: the verifier checks the body once instead of once per
+/// unrolled probe (without CAP_PERFMON it also walks every speculative branch, and 32
+/// inline probes alone took np_xdp near its 1M-instruction limit).
 #[inline(always)]
 fn alloc_snat_port(
     f: &Flow,
@@ -344,42 +364,84 @@ fn alloc_snat_port(
     if snat_addr == 0 || cfg.snat_port_max < cfg.snat_port_min {
         return None;
     }
-    let range = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
-    let start = hash.rotate_left(16) % range;
-    let mut rkey = FlowKey::new(be.addr, snat_addr, be.port, 0, f.proto);
-    for i in 0..SNAT_PROBES {
-        let port = (cfg.snat_port_min as u32 + (start + i) % range) as u16;
-        rkey.dport = port.to_be();
-        if REVNAT.insert(&rkey, rev, BPF_NOEXIST as u64).is_ok() {
-            return Some(rkey.dport);
-        }
-        // SAFETY: plain data.
-        let Some(held) = (unsafe { REVNAT.get(&rkey) }).copied() else {
-            continue;
-        };
-        let owner = FlowKey::new(
-            held.client_addr,
-            held.fe_addr,
-            held.client_port,
-            held.fe_port,
-            f.proto,
+    let Some(range) = NonZeroU32::new((cfg.snat_port_max - cfg.snat_port_min) as u32 + 1) else {
+        return None;
+    };
+    let mut probe = SnatProbe {
+        cfg: *cfg,
+        rkey: FlowKey::new(be.addr, snat_addr, be.port, 0, f.proto),
+        rev: *rev,
+        start: hash.rotate_left(16) % range,
+        range,
+        now,
+        found: 0,
+    };
+    // SAFETY: `snat_probe` matches the callback ABI and only touches `probe` through the
+    // context pointer, which outlives the call.
+    unsafe {
+        bpf_loop(
+            SNAT_PROBES,
+            snat_probe as *const () as *mut c_void,
+            (&raw mut probe).cast(),
+            0,
         );
-        // SAFETY: plain data.
-        let live = match unsafe { CONNTRACK.get(&owner) } {
-            Some(ct) => {
-                !expired(cfg, f.proto, ct, now)
-                    && ct.nat_port == rkey.dport
-                    && ct.nat_addr == snat_addr
-                    && ct.backend_addr == be.addr
-                    && ct.backend_port == be.port
-            }
-            None => false,
-        };
-        if !live && REVNAT.insert(&rkey, rev, 0).is_ok() {
-            return Some(rkey.dport);
-        }
     }
-    None
+    (probe.found != 0).then_some(probe.rkey.dport)
+}
+
+/// The SNAT port search's state, shared with each `snat_probe` call.
+#[repr(C)]
+struct SnatProbe {
+    cfg: Config,
+    /// The reply tuple (backend -> SNAT address); `dport` is the port being tried.
+    rkey: FlowKey,
+    rev: RevNat,
+    start: u32,
+    range: NonZeroU32,
+    now: u64,
+    /// Non-zero once `rkey.dport` is ours.
+    found: u32,
+}
+
+/// One probe of [`alloc_snat_port`]: claim port `start + i` (mod the range) when its reply
+/// tuple is free or stale. Returns 1 (stop) once claimed.
+extern "C" fn snat_probe(i: u64, ctx: *mut c_void) -> c_long {
+    // SAFETY: `ctx` is the `SnatProbe` on alloc_snat_port's stack.
+    let p = unsafe { &mut *ctx.cast::<SnatProbe>() };
+    let port =
+        (p.cfg.snat_port_min as u32).wrapping_add((p.start.wrapping_add(i as u32)) % p.range);
+    p.rkey.dport = (port as u16).to_be();
+    if REVNAT.insert(&p.rkey, &p.rev, BPF_NOEXIST as u64).is_ok() {
+        p.found = 1;
+        return 1;
+    }
+    // SAFETY: plain data.
+    let Some(held) = (unsafe { REVNAT.get(&p.rkey) }).copied() else {
+        return 0;
+    };
+    let owner = FlowKey::new(
+        held.client_addr,
+        held.fe_addr,
+        held.client_port,
+        held.fe_port,
+        p.rkey.proto,
+    );
+    // SAFETY: plain data.
+    let live = match unsafe { CONNTRACK.get(&owner) } {
+        Some(ct) => {
+            !expired(&p.cfg, p.rkey.proto, ct, p.now)
+                && ct.nat_port == p.rkey.dport
+                && ct.nat_addr == p.rkey.daddr
+                && ct.backend_addr == p.rkey.saddr
+                && ct.backend_port == p.rkey.sport
+        }
+        None => false,
+    };
+    if !live && REVNAT.insert(&p.rkey, &p.rev, 0).is_ok() {
+        p.found = 1;
+        return 1;
+    }
+    0
 }
 
 /// Reverse translation of a reply: the tuple as it arrives, looked up in NP_RNAT.
