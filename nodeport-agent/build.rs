@@ -8,6 +8,8 @@ fn main() -> anyhow::Result<()> {
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
     let out = std::env::var("OUT_DIR")?;
+    // aya-build watches the eBPF package only; the shared types shape the object too.
+    println!("cargo:rerun-if-changed=../nodeport-common/src");
     // AYA_BUILD_SKIP=1 (host-only checks) leaves an empty object: loading it fails clearly.
     let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v == "true");
     if skip {

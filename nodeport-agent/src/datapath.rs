@@ -12,7 +12,10 @@ use std::{
 };
 
 use aya::{
-    maps::{DevMapHash, HashMap, IterableMap, Map, MapData, PerCpuArray},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        DevMapHash, HashMap, IterableMap, Map, MapData, PerCpuArray,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachType},
@@ -23,11 +26,12 @@ use aya::{
 };
 use nodeport_common::{
     maps as m, stats::STAT_COUNT, Backend, Config, CtEntry, FlowKey, FrontendKey, NodeAddr, RevNat,
-    Service, Stat,
+    Service, SrcRange, Stat, SRC_RANGE_SVC_BITS,
 };
 
 use crate::{
     error::{Error, Result},
+    model::{addr_from_raw, addr_raw, Ipv4Cidr},
     sync::{MapSnapshot, Maps},
 };
 
@@ -182,6 +186,7 @@ pub struct Datapath {
     services: HashMap<MapData, FrontendKey, Service>,
     backends: HashMap<MapData, u32, Backend>,
     node_addrs: HashMap<MapData, u32, NodeAddr>,
+    src_ranges: LpmTrie<MapData, SrcRange, u32>,
     config: aya::maps::Array<MapData, Config>,
     stats: PerCpuArray<MapData, u64>,
     devices: DevMapHash<MapData>,
@@ -377,6 +382,8 @@ impl Datapath {
             .map_err(|e| kerr(m::MAP_BACKENDS, e))?;
         let node_addrs = HashMap::try_from(take(&mut ebpf, m::MAP_NODE_ADDRS)?)
             .map_err(|e| kerr(m::MAP_NODE_ADDRS, e))?;
+        let src_ranges = LpmTrie::try_from(take(&mut ebpf, m::MAP_SRC_RANGES)?)
+            .map_err(|e| kerr(m::MAP_SRC_RANGES, e))?;
         let config = aya::maps::Array::try_from(take(&mut ebpf, m::MAP_CONFIG)?)
             .map_err(|e| kerr(m::MAP_CONFIG, e))?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, m::MAP_STATS)?)
@@ -399,6 +406,7 @@ impl Datapath {
             services,
             backends,
             node_addrs,
+            src_ranges,
             config,
             stats,
             devices,
@@ -580,6 +588,11 @@ impl Datapath {
             snap.services
                 .push(item.map_err(|e| kerr(m::MAP_SERVICES, e))?);
         }
+        for key in self.src_ranges.keys() {
+            let key = key.map_err(|e| kerr(m::MAP_SRC_RANGES, e))?;
+            let (svc_id, cidr) = src_range_of(&key);
+            snap.src_ranges.extend(cidr.map(|c| (svc_id, c)));
+        }
         Ok(snap)
     }
 
@@ -655,6 +668,39 @@ impl Maps for Datapath {
             .remove(&addr)
             .map_err(|e| kerr(format!("{} remove", m::MAP_NODE_ADDRS), e))
     }
+
+    fn set_src_range(&mut self, svc_id: u32, cidr: Ipv4Cidr) -> Result<()> {
+        self.src_ranges
+            .insert(&src_range_key(svc_id, cidr), 0, 0)
+            .map_err(|e| kerr(format!("{} insert {svc_id} {cidr}", m::MAP_SRC_RANGES), e))
+    }
+
+    fn delete_src_range(&mut self, svc_id: u32, cidr: Ipv4Cidr) -> Result<()> {
+        self.src_ranges
+            .remove(&src_range_key(svc_id, cidr))
+            .map_err(|e| kerr(format!("{} remove {svc_id} {cidr}", m::MAP_SRC_RANGES), e))
+    }
+}
+
+/// The NP_SRCRANGE key of an allowed range of service port `svc_id`.
+fn src_range_key(svc_id: u32, cidr: Ipv4Cidr) -> LpmKey<SrcRange> {
+    LpmKey::new(
+        SRC_RANGE_SVC_BITS + u32::from(cidr.prefix()),
+        SrcRange {
+            svc_id_be: svc_id.to_be(),
+            addr: addr_raw(cidr.addr()),
+        },
+    )
+}
+
+/// The service id and range of an NP_SRCRANGE key (`None` for a malformed prefix).
+fn src_range_of(key: &LpmKey<SrcRange>) -> (u32, Option<Ipv4Cidr>) {
+    let data = key.data();
+    let prefix = key.prefix_len().checked_sub(SRC_RANGE_SVC_BITS);
+    let cidr = prefix
+        .and_then(|p| u8::try_from(p).ok())
+        .and_then(|p| Ipv4Cidr::new(addr_from_raw(data.addr), p));
+    (u32::from_be(data.svc_id_be), cidr)
 }
 
 /// CLOCK_MONOTONIC_COARSE in ns: the clock of conntrack timestamps

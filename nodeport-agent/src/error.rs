@@ -85,6 +85,14 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// An NP_SRCRANGE entry could not be written or deleted.
+    #[error("loadBalancerSourceRanges entry {range} of service id {svc_id}")]
+    SourceRange {
+        svc_id: u32,
+        range: String,
+        #[source]
+        source: Box<Error>,
+    },
     /// A backend a service needs could not be programmed (reported on its own as well).
     #[error("backend {backend} is not programmed")]
     BackendUnavailable {

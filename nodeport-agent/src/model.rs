@@ -16,6 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use nodeport_common::{
     Backend, FrontendKey, BE_F_LOCAL, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_LOCAL,
+    SVC_F_SRC_RANGES,
 };
 
 use crate::error::Error;
@@ -212,8 +213,22 @@ pub struct DesiredService {
     pub flags: u16,
     /// sessionAffinity ClientIP timeout in seconds; 0 when affinity is off.
     pub affinity_timeout_s: u32,
-    /// Endpoints (address, target port, `BE_F_LOCAL`), one per address and port.
+    /// loadBalancerSourceRanges (IPv4) when `SVC_F_SRC_RANGES` is set: the clients allowed
+    /// on the LoadBalancer and external-IP frontends. Empty with the flag set: none.
+    pub source_ranges: BTreeSet<Ipv4Cidr>,
+    /// Endpoints (address, target port, `BE_F_LOCAL`), one per address and port: the
+    /// table's members and, under Local, the other nodes' endpoints kept for old flows.
     pub backends: BTreeSet<Backend>,
+}
+
+impl DesiredService {
+    /// The backends the Maglev table is built from: all, or under Local this node's only.
+    pub fn table_backends(&self) -> impl Iterator<Item = &Backend> {
+        let local_only = self.flags & SVC_F_LOCAL != 0;
+        self.backends
+            .iter()
+            .filter(move |b| !local_only || b.flags & BE_F_LOCAL != 0)
+    }
 }
 
 /// The desired state of this node.
@@ -540,8 +555,13 @@ impl Claims for AllClaims<'_> {
 /// - A port with no frontend (a plain ClusterIP port) is left out without refusal.
 /// - `sessionAffinity: ClientIP` sets `SVC_F_AFFINITY` with
 ///   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800, clamped to 1-86400).
-/// - `externalTrafficPolicy: Local` sets `SVC_F_LOCAL` and keeps only endpoints whose
-///   `nodeName` is this node.
+/// - A non-empty `spec.loadBalancerSourceRanges` sets `SVC_F_SRC_RANGES` (the reconciler
+///   puts it on LoadBalancer and external-IP frontends only, as kube-proxy does) with its
+///   IPv4 CIDRs in `source_ranges`; unparsable entries are refused and allow nobody.
+/// - `externalTrafficPolicy: Local` sets `SVC_F_LOCAL`: the Maglev table holds only
+///   endpoints whose `nodeName` is this node ([`DesiredService::table_backends`]); the
+///   serving endpoints of other nodes stay in `backends` (programmed in NP_BE, in no table)
+///   so that flows bound to them under Cluster keep their backend after a switch.
 /// - A `NodePort` or `LoadBalancer` service with `externalTrafficPolicy: Local` and a
 ///   non-zero `spec.healthCheckNodePort` gets a [`HealthCheck`] on that port, counting the
 ///   distinct addresses of its ready endpoints on this node (whatever the outcome of its
@@ -553,8 +573,7 @@ impl Claims for AllClaims<'_> {
 ///   namespace and `addressType: IPv4` (other address types are skipped silently); an
 ///   endpoint uses its first address (the API says all addresses are fungible); an
 ///   unparsable address refuses that endpoint (named by its slice).
-/// - Ready endpoints (`ready` unset counts as ready). If none is ready (after the Local
-///   filter), endpoints that are `serving` (unset: same as `ready`) and `terminating`.
+/// - Ready endpoints (`ready` unset counts as ready). If no table member is ready, endpoints that are `serving` (unset: same as `ready`) and `terminating`.
 /// - Target port, per slice: the slice port whose name equals the service port's name
 ///   (unset and `""` are equal) with the same protocol; otherwise, when `targetPort` is a
 ///   name, the slice port of that name and protocol (no such port: the slice contributes
@@ -785,8 +804,16 @@ fn plan_service(
         }
     }
 
+    let source_ranges = source_ranges(spec, &mut plan.refusals, &obj);
     let affinity = spec.session_affinity.as_deref() == Some("ClientIP");
     let mut flags = 0;
+    if spec
+        .load_balancer_source_ranges
+        .as_ref()
+        .is_some_and(|r| !r.is_empty())
+    {
+        flags |= SVC_F_SRC_RANGES;
+    }
     if local {
         flags |= SVC_F_LOCAL;
     }
@@ -858,6 +885,7 @@ fn plan_service(
                     frontends: frontends.clone(),
                     flags,
                     affinity_timeout_s,
+                    source_ranges: source_ranges.clone(),
                     backends,
                 }),
                 frontends,
@@ -867,6 +895,37 @@ fn plan_service(
             .push(PortPlan::Claim(Box::new(Candidate { id, what, then })));
     }
     plan
+}
+
+/// The IPv4 CIDRs of `spec.loadBalancerSourceRanges`. An unparsable entry is refused (and
+/// allows nobody: the list fails closed); IPv6 entries are skipped (IPv4 datapath).
+fn source_ranges(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    refusals: &mut Vec<Refusal>,
+    obj: &str,
+) -> BTreeSet<Ipv4Cidr> {
+    let mut out = BTreeSet::new();
+    for (i, r) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        let r = r.trim();
+        if r.contains(':') {
+            continue;
+        }
+        match r.parse::<Ipv4Cidr>() {
+            Ok(c) => {
+                out.insert(c);
+            }
+            Err(e) => refusals.push(Refusal::new(
+                obj,
+                format!("loadBalancerSourceRanges[{i}] {r:?}: {e} (the entry allows no client)"),
+            )),
+        }
+    }
+    out
 }
 
 /// The frontends of one port (nodePort refusals as `Err`), and its backends (a bad
@@ -998,19 +1057,18 @@ fn backends(
             (None, Target::Number(n)) => Some(*n),
         };
         let Some(port) = port else { continue };
-        candidates.extend(
-            slice
-                .endpoints
-                .iter()
-                .filter(|e| e.local || !local_only)
-                .map(|e| (e, port)),
-        );
+        candidates.extend(slice.endpoints.iter().map(|e| (e, port)));
     }
-    let any_ready = candidates.iter().any(|(e, _)| e.ready);
+    // The table's members: every endpoint, or under Local this node's only.
+    let member = |e: &ParsedEndpoint| e.local || !local_only;
+    let any_ready = candidates.iter().any(|(e, _)| member(e) && e.ready);
     let mut seen = BTreeSet::new();
     let mut out = BTreeSet::new();
     for (e, port) in candidates {
-        let usable = if any_ready {
+        let usable = if !member(e) {
+            // Kept in NP_BE for flows bound before a switch from Cluster to Local.
+            e.serving
+        } else if any_ready {
             e.ready
         } else {
             e.serving && e.terminating
@@ -2199,7 +2257,11 @@ spec:
         let s = &d.services[&id("default", "web", "http", Protocol::Tcp)];
         assert_eq!(s.flags, SVC_F_LOCAL | SVC_F_AFFINITY);
         assert_eq!(s.affinity_timeout_s, DEFAULT_AFFINITY_TIMEOUT_S);
-        assert_eq!(s.backends, BTreeSet::from([be("10.0.1.1", 8080, true)]));
+        let table: BTreeSet<Backend> = s.table_backends().copied().collect();
+        assert_eq!(table, BTreeSet::from([be("10.0.1.1", 8080, true)]));
+        // The other node's endpoint stays programmed (in no table) for flows bound to it
+        // before a switch from Cluster.
+        assert_eq!(s.backends.len(), 2);
 
         let s = svc("
 metadata: {name: web, namespace: default}
@@ -2254,6 +2316,32 @@ endpoints:
     }
 
     #[test]
+    fn source_ranges() {
+        let s = svc("
+metadata: {name: lb, namespace: default}
+spec:
+  type: LoadBalancer
+  externalIPs: [198.18.9.1]
+  loadBalancerSourceRanges: [198.18.0.0/24, ' 198.18.7.7/32', 'fd00::/8', 10.0.0.0/33]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+");
+        let (d, r) = run(&[s], &[]);
+        let s = &d.services[&id("default", "lb", "http", Protocol::Tcp)];
+        assert_ne!(s.flags & SVC_F_SRC_RANGES, 0);
+        let want: BTreeSet<Ipv4Cidr> = ["198.18.0.0/24", "198.18.7.7/32"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        assert_eq!(s.source_ranges, want);
+        assert!(
+            r.iter().any(|r| r.object == "Service default/lb"
+                && r.reason
+                    .contains("loadBalancerSourceRanges[3] \"10.0.0.0/33\"")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
     fn local_fallback_is_per_node() {
         // Local policy: a remote ready endpoint does not prevent the fallback to a local
         // terminating one.
@@ -2274,9 +2362,14 @@ endpoints:
 ");
         let (d, _) = run(&[s], &[sl]);
         let key = id("default", "web", "http", Protocol::Tcp);
+        let ds = &d.services[&key];
         assert_eq!(
-            d.services[&key].backends,
+            ds.table_backends().copied().collect::<BTreeSet<_>>(),
             BTreeSet::from([be("10.0.0.1", 8080, true)])
+        );
+        assert_eq!(
+            ds.backends,
+            BTreeSet::from([be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false)])
         );
     }
 

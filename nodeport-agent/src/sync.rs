@@ -11,12 +11,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use nodeport_common::{Backend, FrontendKey, Service, BACKEND_NONE};
+use nodeport_common::{Backend, FrontendKey, Service, BACKEND_NONE, SVC_F_SRC_RANGES};
 
 use crate::error::{Error, Result};
 use crate::maglev;
 use crate::model::{
-    addr_from_raw, addr_raw, describe_frontend, Changes, Desired, DesiredService, ServicePortId,
+    addr_from_raw, addr_raw, describe_frontend, Changes, Desired, DesiredService, Ipv4Cidr,
+    ServicePortId,
 };
 
 /// Writes to the datapath maps. Every method is one map operation (or, for
@@ -37,6 +38,10 @@ pub trait Maps {
     fn set_node_addr(&mut self, addr: u32) -> Result<()>;
     /// NP_NODEADDR: remove an address of this node.
     fn delete_node_addr(&mut self, addr: u32) -> Result<()>;
+    /// NP_SRCRANGE: allow `cidr` on the LoadBalancer/external-IP frontends of `svc_id`.
+    fn set_src_range(&mut self, svc_id: u32, cidr: Ipv4Cidr) -> Result<()>;
+    /// NP_SRCRANGE: remove an allowed range.
+    fn delete_src_range(&mut self, svc_id: u32, cidr: Ipv4Cidr) -> Result<()>;
     /// NP_MAGLEV: read slots `offset..offset + len`; `None` when they cannot be read (the
     /// default). Only used after [`Reconciler::restore`]: a table found in the maps that is
     /// exactly the one the desired state needs is then adopted instead of written again.
@@ -55,6 +60,8 @@ pub struct MapSnapshot {
     pub backends: Vec<(u32, Backend)>,
     /// NP_SVC: frontend and value.
     pub services: Vec<(FrontendKey, Service)>,
+    /// NP_SRCRANGE: service id and allowed range.
+    pub src_ranges: Vec<(u32, Ipv4Cidr)>,
 }
 
 /// A range of NP_MAGLEV slots.
@@ -274,14 +281,20 @@ fn build_table(keys: &[BeKey], ids: &[u32], size: u32) -> Vec<u32> {
         .collect()
 }
 
-/// The NP_SVC value of every frontend of a service port programmed as `st`, wanting `ds`.
-fn service_value(st: &SvcState, ds: &DesiredService) -> Service {
+/// The NP_SVC value of frontend `fe` of a service port programmed as `st`, wanting `ds`.
+/// Source ranges apply to LoadBalancer and external IPs, not to nodePorts (as kube-proxy).
+fn service_value(st: &SvcState, ds: &DesiredService, fe: &FrontendKey) -> Service {
     let region = st.table.as_ref().map(|t| t.region);
+    let flags = if fe.addr == 0 {
+        ds.flags & !SVC_F_SRC_RANGES
+    } else {
+        ds.flags
+    };
     Service {
         table_off: region.map_or(0, |r| r.offset),
         table_size: region.map_or(0, |r| r.size),
         svc_id: st.svc_id,
-        flags: ds.flags,
+        flags,
         pad: 0,
         affinity_timeout_s: ds.affinity_timeout_s,
         pad2: 0,
@@ -409,6 +422,8 @@ pub struct Reconciler {
     stale_ids: BTreeMap<u32, Backend>,
     /// Restored `svc_id`s no service port has taken over yet.
     restored_svc_ids: BTreeSet<u32>,
+    /// NP_SRCRANGE as programmed: (svc_id, range).
+    src_ranges: BTreeSet<(u32, Ipv4Cidr)>,
     /// The service ports of the last desired state (what `refs` counts).
     last: BTreeMap<ServicePortId, DesiredService>,
     /// Per backend: its uses by `last` and by tables.
@@ -460,8 +475,8 @@ impl BeRefs {
 
 /// Whether a table built from `table` is the one `backends` need (one key per (addr, port),
 /// sorted, as [`Reconciler::sync_service`] builds it).
-fn same_keys(table: &[BeKey], backends: &BTreeSet<Backend>) -> bool {
-    let mut want = backends.iter().map(be_key);
+fn same_keys<'a>(table: &[BeKey], backends: impl Iterator<Item = &'a Backend>) -> bool {
+    let mut want = backends.map(be_key);
     let mut prev = None;
     let mut i = 0;
     for k in want.by_ref() {
@@ -494,6 +509,7 @@ impl Reconciler {
             orphan_tables: BTreeMap::new(),
             stale_ids: BTreeMap::new(),
             restored_svc_ids: BTreeSet::new(),
+            src_ranges: BTreeSet::new(),
             last: BTreeMap::new(),
             refs: BTreeMap::new(),
             be_retry: BTreeSet::new(),
@@ -531,8 +547,10 @@ impl Reconciler {
     pub fn restore(maglev_slots: u32, max_backends: u32, snap: &MapSnapshot) -> Self {
         let mut r = Self::new(maglev_slots, max_backends);
         r.node_addrs = snap.node_addrs.iter().copied().collect();
+        r.src_ranges = snap.src_ranges.iter().copied().collect();
         // What the maps hold is not indexed yet: the first apply visits everything.
-        r.full = !snap.backends.is_empty() || !snap.services.is_empty();
+        r.full =
+            !snap.backends.is_empty() || !snap.services.is_empty() || !snap.src_ranges.is_empty();
 
         let mut by_id: BTreeMap<u32, Backend> = BTreeMap::new();
         for (id, be) in &snap.backends {
@@ -763,15 +781,17 @@ impl Reconciler {
             (Some(ds), Some(st)) => (ds, st),
             _ => return false,
         };
-        if !st.stale.is_empty() || !same_keys(st.table_keys(), &ds.backends) {
+        if !st.stale.is_empty() || !same_keys(st.table_keys(), ds.table_backends()) {
             return false;
         }
-        let value = service_value(st, ds);
         st.frontends.len() == ds.frontends.len()
             && ds
                 .frontends
                 .iter()
-                .all(|fe| st.frontends.get(fe) == Some(&value))
+                .all(|fe| st.frontends.get(fe) == Some(&service_value(st, ds, fe)))
+            && self
+                .ranges_of(st.svc_id)
+                .eq(ds.source_ranges.iter().copied())
     }
 
     /// Counts a table's hold on its backends.
@@ -946,7 +966,7 @@ impl Reconciler {
                 for t in st.table.take().into_iter().chain(st.stale.drain(..)) {
                     self.quarantine_table(t);
                 }
-                self.svc_ids.retire(st.svc_id);
+                self.retire_svc_id(st.svc_id, maps, report);
                 continue;
             }
             if !st.stale.is_empty() {
@@ -1112,7 +1132,7 @@ impl Reconciler {
         report: &mut SyncReport,
     ) -> Result<()> {
         // Sorted by (addr, port); one entry per (addr, port) even if flags differ.
-        let mut keys: Vec<BeKey> = ds.backends.iter().map(be_key).collect();
+        let mut keys: Vec<BeKey> = ds.table_backends().map(be_key).collect();
         keys.dedup();
         let ids: Vec<u32> = keys
             .iter()
@@ -1226,9 +1246,12 @@ impl Reconciler {
             }
         }
 
+        // Allowed source ranges go in before a frontend starts checking them.
+        self.sync_src_ranges(st.svc_id, &ds.source_ranges, true, maps, report);
+
         // Step 2: flip the frontends whose value changed.
-        let value = service_value(&st, ds);
         for fe in &ds.frontends {
+            let value = service_value(&st, ds, fe);
             if st.frontends.get(fe) == Some(&value) {
                 continue;
             }
@@ -1256,6 +1279,8 @@ impl Reconciler {
                 }),
             }
         }
+        // Ranges no longer allowed go once the frontends carry their new value.
+        self.sync_src_ranges(st.svc_id, &ds.source_ranges, false, maps, report);
         self.services.insert(id.clone(), st);
         Ok(())
     }
@@ -1327,7 +1352,7 @@ impl Reconciler {
             if want.is_none() && st.frontends.is_empty() {
                 dropped.extend(st.table.take());
                 dropped.append(&mut st.stale);
-                self.svc_ids.retire(st.svc_id);
+                self.retire_svc_id(st.svc_id, maps, report);
             } else {
                 self.services.insert(id, st);
             }
@@ -1392,8 +1417,74 @@ impl Reconciler {
             .collect();
         for s in released {
             self.restored_svc_ids.remove(&s);
-            self.svc_ids.retire(s);
+            self.retire_svc_id(s, maps, report);
         }
+    }
+
+    /// The ranges programmed for `svc_id`, in order.
+    fn ranges_of(&self, svc_id: u32) -> impl Iterator<Item = Ipv4Cidr> + '_ {
+        let lo = (
+            svc_id,
+            Ipv4Cidr::new(std::net::Ipv4Addr::UNSPECIFIED, 0).expect("/0"),
+        );
+        self.src_ranges
+            .range(lo..)
+            .take_while(move |(s, _)| *s == svc_id)
+            .map(|(_, c)| *c)
+    }
+
+    /// Brings the NP_SRCRANGE entries of `svc_id` to `want`: adds the missing ones and,
+    /// unless `add_only`, deletes the others. Failures are reported; the entry is retried at
+    /// the next visit of the service port.
+    fn sync_src_ranges(
+        &mut self,
+        svc_id: u32,
+        want: &BTreeSet<Ipv4Cidr>,
+        add_only: bool,
+        maps: &mut impl Maps,
+        report: &mut SyncReport,
+    ) {
+        for c in want {
+            if self.src_ranges.contains(&(svc_id, *c)) {
+                continue;
+            }
+            match maps.set_src_range(svc_id, *c) {
+                Ok(()) => {
+                    self.src_ranges.insert((svc_id, *c));
+                }
+                Err(e) => report.errors.push(Error::SourceRange {
+                    svc_id,
+                    range: c.to_string(),
+                    source: Box::new(e),
+                }),
+            }
+        }
+        if add_only {
+            return;
+        }
+        let extra: Vec<Ipv4Cidr> = self
+            .ranges_of(svc_id)
+            .filter(|c| !want.contains(c))
+            .collect();
+        for c in extra {
+            match maps.delete_src_range(svc_id, c) {
+                Ok(()) => {
+                    self.src_ranges.remove(&(svc_id, c));
+                }
+                Err(e) => report.errors.push(Error::SourceRange {
+                    svc_id,
+                    range: c.to_string(),
+                    source: Box::new(e),
+                }),
+            }
+        }
+    }
+
+    /// A service id no frontend carries any more: its source ranges go, and the id is
+    /// quarantined before reuse.
+    fn retire_svc_id(&mut self, svc_id: u32, maps: &mut impl Maps, report: &mut SyncReport) {
+        self.sync_src_ranges(svc_id, &BTreeSet::new(), false, maps, report);
+        self.svc_ids.retire(svc_id);
     }
 
     /// Deletes the frontends of `st` that `want` (the port's desired frontends, `None` when
@@ -1614,6 +1705,7 @@ mod tests {
         slots: Vec<u32>,
         services: BTreeMap<FrontendKey, Service>,
         node_addrs: BTreeSet<u32>,
+        src_ranges: BTreeSet<(u32, Ipv4Cidr)>,
         calls: Vec<Call>,
         /// NP_SVC capacity.
         max_services: usize,
@@ -1635,6 +1727,7 @@ mod tests {
                 slots: vec![BACKEND_NONE; slots as usize],
                 services: BTreeMap::new(),
                 node_addrs: BTreeSet::new(),
+                src_ranges: BTreeSet::new(),
                 calls: Vec::new(),
                 max_services: usize::MAX,
                 broken: BTreeSet::new(),
@@ -1672,6 +1765,7 @@ mod tests {
                 node_addrs: self.node_addrs.iter().copied().collect(),
                 backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
                 services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+                src_ranges: self.src_ranges.iter().copied().collect(),
             }
         }
 
@@ -1797,6 +1891,25 @@ mod tests {
             Ok(())
         }
 
+        fn set_src_range(&mut self, svc_id: u32, cidr: Ipv4Cidr) -> Result<()> {
+            if self.fails() {
+                return Err(map_err("set_src_range"));
+            }
+            self.src_ranges.insert((svc_id, cidr));
+            Ok(())
+        }
+
+        fn delete_src_range(&mut self, svc_id: u32, cidr: Ipv4Cidr) -> Result<()> {
+            if self.fails() {
+                return Err(map_err("delete_src_range"));
+            }
+            assert!(
+                self.src_ranges.remove(&(svc_id, cidr)),
+                "deleting a missing range"
+            );
+            Ok(())
+        }
+
         fn delete_node_addr(&mut self, addr: u32) -> Result<()> {
             self.calls.push(Call::DelAddr(addr));
             self.node_addrs.remove(&addr);
@@ -1859,6 +1972,7 @@ mod tests {
             frontends: frontends.iter().copied().collect(),
             flags: 0,
             affinity_timeout_s: 0,
+            source_ranges: BTreeSet::new(),
             backends: backends.iter().copied().collect(),
         }
     }
@@ -1877,15 +1991,29 @@ mod tests {
         assert_eq!(m.node_addrs, want_addrs);
         let mut frontends = BTreeSet::new();
         let mut used = BTreeSet::new();
+        let mut ranges = BTreeSet::new();
         for (id, ds) in &d.services {
-            let keys: BTreeSet<BeKey> = ds.backends.iter().map(be_key).collect();
+            let svc_id = ds
+                .frontends
+                .first()
+                .and_then(|fe| m.services.get(fe))
+                .map(|v| v.svc_id);
+            if let Some(svc_id) = svc_id {
+                ranges.extend(ds.source_ranges.iter().map(|c| (svc_id, *c)));
+            }
+            let keys: BTreeSet<BeKey> = ds.table_backends().map(be_key).collect();
             for fe in &ds.frontends {
                 frontends.insert(*fe);
                 let v = m
                     .services
                     .get(fe)
                     .unwrap_or_else(|| panic!("{id}: frontend {fe:?} missing"));
-                assert_eq!(v.flags, ds.flags, "{id}");
+                let flags = if fe.addr == 0 {
+                    ds.flags & !SVC_F_SRC_RANGES
+                } else {
+                    ds.flags
+                };
+                assert_eq!(v.flags, flags, "{id}");
                 assert_eq!(v.affinity_timeout_s, ds.affinity_timeout_s, "{id}");
                 assert_eq!(v.table_size, maglev::table_size(keys.len()), "{id}");
                 assert_eq!(
@@ -1914,6 +2042,10 @@ mod tests {
             m.backends.keys().copied().collect::<BTreeSet<_>>(),
             used,
             "no stray backends"
+        );
+        assert_eq!(
+            m.src_ranges, ranges,
+            "source ranges of the services' ids, no others"
         );
     }
 
@@ -1974,6 +2106,47 @@ mod tests {
         let ids: BTreeSet<u32> = m.backends.keys().copied().collect();
         assert_eq!(ids, BTreeSet::from([1, 2, 3, 4]));
         assert_ne!(r.svc_id(&sid("a")), r.svc_id(&sid("b")));
+    }
+
+    #[test]
+    fn source_ranges_follow_the_service() {
+        let cidr = |s: &str| s.parse::<Ipv4Cidr>().unwrap();
+        let mut d = two_services();
+        let a = d.services.get_mut(&sid("a")).unwrap();
+        a.flags |= SVC_F_SRC_RANGES;
+        a.source_ranges = [cidr("198.18.0.0/24"), cidr("198.18.5.7/32")].into();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        verify(&d, &m);
+        // Only the external-IP frontend checks the ranges; the nodePort does not.
+        assert_ne!(
+            m.services[&ext([192, 0, 2, 1], 53)].flags & SVC_F_SRC_RANGES,
+            0
+        );
+        assert_eq!(m.services[&np(30001)].flags & SVC_F_SRC_RANGES, 0);
+        assert_eq!(m.src_ranges.len(), 2);
+
+        // A changed list: the new range goes in, the old one out.
+        let a = d.services.get_mut(&sid("a")).unwrap();
+        a.source_ranges = [cidr("198.18.0.0/24"), cidr("198.19.0.0/16")].into();
+        assert!(r.apply(&d, &mut m).errors.is_empty());
+        verify(&d, &m);
+
+        // A restarted agent finds a range that is no longer wanted and removes it.
+        let a = d.services.get_mut(&sid("a")).unwrap();
+        a.source_ranges = [cidr("198.19.0.0/16")].into();
+        let snap = m.snapshot();
+        let mut r = Reconciler::restore(SLOTS, 1024, &snap);
+        assert!(r.apply(&d, &mut m).errors.is_empty());
+        verify(&d, &m);
+
+        // The service goes: its ranges go with it.
+        d.services.remove(&sid("a"));
+        assert!(r.apply(&d, &mut m).errors.is_empty());
+        verify(&d, &m);
+        assert!(m.src_ranges.is_empty());
     }
 
     #[test]

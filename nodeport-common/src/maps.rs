@@ -15,6 +15,8 @@ pub const MAP_NODE_ADDRS: &str = "NP_NODEADDR_V1";
 pub const MAP_CONFIG: &str = "NP_CONFIG_V1";
 pub const MAP_STATS: &str = "NP_STATS_V1";
 pub const MAP_DEVICES: &str = "NP_DEV_V1";
+pub const MAP_AFFINITY: &str = "NP_AFF_V1";
+pub const MAP_SRC_RANGES: &str = "NP_SRCRANGE_V1";
 
 /// Program names in the eBPF object.
 pub const PROG_XDP: &str = "np_xdp";
@@ -34,6 +36,10 @@ pub const DEFAULT_MAGLEV_SLOTS: u32 = 11_600_000;
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_NODE_ADDRS: u32 = 256;
 pub const DEFAULT_MAX_DEVICES: u32 = 64;
+/// (client address, service port) pairs remembered for sessionAffinity ClientIP (LRU).
+pub const DEFAULT_AFFINITY_ENTRIES: u32 = 65_536;
+/// loadBalancerSourceRanges CIDRs over all services.
+pub const DEFAULT_SRC_RANGES: u32 = 16_384;
 
 /// NP_MAGLEV packs two slots (backend ids) per 8-byte element: the kernel rounds array
 /// elements up to 8 bytes, so this keeps 4 bytes per slot and lets the agent see the
@@ -62,6 +68,9 @@ pub struct FrontendKey {
 pub const SVC_F_LOCAL: u16 = 1 << 0;
 /// Service flag: sessionAffinity ClientIP.
 pub const SVC_F_AFFINITY: u16 = 1 << 1;
+/// Frontend flag: a LoadBalancer or external IP frontend whose clients must match one of
+/// the service's loadBalancerSourceRanges (NP_SRCRANGE). Never set on nodePorts.
+pub const SVC_F_SRC_RANGES: u16 = 1 << 2;
 
 /// NP_SVC value: where the service's Maglev table lives in NP_MAGLEV.
 #[repr(C)]
@@ -176,6 +185,45 @@ pub struct NodeAddr {
     pub flags: u32,
 }
 
+/// NP_AFF key: one client address towards one service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    /// Client IPv4 address, network order.
+    pub client_addr: u32,
+    pub svc_id: u32,
+}
+
+/// NP_AFF value: the backend a client sticks to (sessionAffinity ClientIP) and when the
+/// client last opened or used a flow of the service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Affinity {
+    /// `bpf_ktime_get_coarse_ns` of the client's last new flow or refreshed flow.
+    pub last_seen_ns: u64,
+    pub backend_id: u32,
+    /// Backend address and port when bound (detects a reused backend id).
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub pad: u16,
+    pub pad2: u32,
+}
+
+/// NP_SRCRANGE key data (LPM trie, value `u32` unused): the prefix length of an entry is
+/// 32 (all of `svc_id_be`) plus the CIDR's prefix length; a lookup uses the client address
+/// with prefix length 64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SrcRange {
+    /// Service port id, big-endian: the trie compares key bytes in memory order.
+    pub svc_id_be: u32,
+    /// IPv4 address, network order.
+    pub addr: u32,
+}
+
+/// Bits of an NP_SRCRANGE key taken by the service id.
+pub const SRC_RANGE_SVC_BITS: u32 = 32;
+
 /// Config flag: log per packet through aya-log (runtime debug switch).
 pub const CFG_F_DEBUG: u32 = 1 << 0;
 
@@ -229,6 +277,9 @@ assert_size!(CtEntry, 32);
 assert_size!(RevNat, 12);
 assert_size!(NodeAddr, 4);
 assert_size!(Config, 32);
+assert_size!(AffinityKey, 8);
+assert_size!(Affinity, 24);
+assert_size!(SrcRange, 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -243,4 +294,7 @@ mod pod {
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for NodeAddr {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for Affinity {}
+    unsafe impl aya::Pod for SrcRange {}
 }

@@ -49,6 +49,8 @@ stats! {
     DropFib = "drop_fib",
     /// Dropped: a conntrack or reverse-NAT map update failed.
     DropMapFull = "drop_map_full",
+    /// Dropped: the client is outside the service's loadBalancerSourceRanges.
+    DropSourceRange = "drop_source_range",
     /// Event: a new flow was bound to a backend.
     NewFlow = "event_new_flow",
     /// Event: a packet of an established flow was translated.
@@ -57,6 +59,10 @@ stats! {
     Reply = "event_reply",
     /// Event: a flow's backend disappeared and a new one was chosen.
     Reselect = "event_reselect",
+    /// Event: a new flow went to the backend its client is stuck to (sessionAffinity).
+    AffinityHit = "event_affinity_hit",
+    /// Event: an ICMP error about a translated flow was translated (outer and inner).
+    IcmpNat = "event_icmp_nat",
 }
 
 /// Number of counters (the NP_STATS array size).

@@ -20,10 +20,10 @@ use aya_ebpf::{
 use nodeport_common::Stat;
 
 use crate::{
-    lb::Nat,
+    lb::{IcmpNat, Nat},
     maps::DEVICES,
-    nat::{rewrite_tc, rewrite_xdp},
-    packet::{Bounds, Flow},
+    nat::{rewrite_icmp_xdp, rewrite_tc, rewrite_xdp},
+    packet::{Bounds, Flow, IcmpError},
 };
 
 const AF_INET: u8 = 2;
@@ -97,6 +97,31 @@ fn unreachable(rc: u32) -> bool {
 /// back to the client). Untouched `XDP_PASS` whenever the stack has to help.
 #[inline(always)]
 pub fn xdp_forward(ctx: &XdpContext, b: &Bounds, f: &Flow, nat: &Nat) -> (u32, Stat) {
+    xdp_route(ctx, b, f, nat, Rewrite::Flow)
+}
+
+/// The header rewrite [`xdp_route`] applies once the FIB has answered. (An enum rather
+/// than a closure: LLVM kept the closure as a BPF subprogram, whose stack frame adds to
+/// the caller's in the verifier's 512-byte limit.)
+pub enum Rewrite<'a> {
+    /// The packet's own addresses and ports, as `nat` says.
+    Flow,
+    /// An ICMP error: outer and quoted headers.
+    Icmp(&'a IcmpError, &'a IcmpNat),
+}
+
+/// Route packet `f` as translated by `nat` (the FIB sees the new addresses and ports):
+/// on success `rewrite` is applied, then the Ethernet addresses are set and the
+/// frame goes out with XDP_TX or XDP_REDIRECT. Untouched `XDP_PASS` whenever the stack
+/// has to help.
+#[inline(always)]
+pub fn xdp_route(
+    ctx: &XdpContext,
+    b: &Bounds,
+    f: &Flow,
+    nat: &Nat,
+    rewrite: Rewrite,
+) -> (u32, Stat) {
     if f.ttl <= 1 {
         // The stack answers with ICMP time exceeded.
         return (xdp_action::XDP_PASS, Stat::FibPass);
@@ -122,7 +147,11 @@ pub fn xdp_forward(ctx: &XdpContext, b: &Bounds, f: &Flow, nat: &Nat) -> (u32, S
         ) else {
             return (xdp_action::XDP_PASS, Stat::PassMalformed);
         };
-        if !rewrite_xdp(b, f, nat, true) {
+        let rewritten = match rewrite {
+            Rewrite::Flow => rewrite_xdp(b, f, nat, true),
+            Rewrite::Icmp(e, n) => rewrite_icmp_xdp(b, e, n, true),
+        };
+        if !rewritten {
             return (xdp_action::XDP_PASS, Stat::PassMalformed);
         }
         let (d, sm) = (p.dmac, p.smac);

@@ -2,16 +2,26 @@
 //! port allocation for forward packets; reverse-NAT lookup for replies. Pure map logic:
 //! it decides the new addresses and ports; `nat` rewrites and `fwd` forwards.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
+use core::num::NonZeroU32;
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    cty::{c_long, c_void},
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_loop},
+    maps::lpm_trie::Key,
+};
 use nodeport_common::{
-    hash::flow_hash, Backend, Config, CtEntry, FlowKey, FrontendKey, RevNat, Service, Stat,
-    BE_F_LOCAL, CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_ONLY, MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP,
-    SNAT_PROBES, SVC_F_LOCAL,
+    hash::flow_hash, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey, RevNat,
+    Service, SrcRange, Stat, BE_F_LOCAL, CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_ONLY,
+    MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP, SNAT_PROBES, SRC_RANGE_SVC_BITS, SVC_F_AFFINITY,
+    SVC_F_LOCAL, SVC_F_SRC_RANGES,
 };
 
 use crate::{
-    maps::{BACKENDS, CONFIG, CONNTRACK, MAGLEV, NODE_ADDRS, REVNAT, SERVICES},
-    packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{
+        AFFINITY, BACKENDS, CONFIG, CONNTRACK, MAGLEV, NODE_ADDRS, REVNAT, SERVICES, SRC_RANGES,
+    },
+    packet::{Flow, IcmpError, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
 };
 
@@ -77,14 +87,25 @@ fn lookup_service(f: &Flow) -> Option<(Service, bool)> {
 
 #[inline(always)]
 fn timeout_ns(cfg: &Config, proto: u8, flags: u16) -> u64 {
+    // Four loads, then a choice among values: LLVM turns a choice among field loads into
+    // one load at a chosen offset, pointer arithmetic the verifier refuses without
+    // CAP_PERFMON when the offsets come from different paths.
+    // SAFETY: reads of a live reference's fields.
+    let [udp, closing, syn, est] = [
+        &cfg.udp_timeout_s,
+        &cfg.tcp_closing_timeout_s,
+        &cfg.tcp_syn_timeout_s,
+        &cfg.tcp_timeout_s,
+    ]
+    .map(|t| unsafe { core::ptr::read_volatile(t) });
     let s = if proto != PROTO_TCP {
-        cfg.udp_timeout_s
+        udp
     } else if flags & CT_F_CLOSING != 0 {
-        cfg.tcp_closing_timeout_s
+        closing
     } else if flags & CT_F_SYN_ONLY != 0 {
-        cfg.tcp_syn_timeout_s
+        syn
     } else {
-        cfg.tcp_timeout_s
+        est
     };
     s as u64 * NS
 }
@@ -127,6 +148,9 @@ pub fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
     let key = client_key(f);
     let now = now_ns();
 
+    if svc.flags & SVC_F_SRC_RANGES != 0 && !source_allowed(f, &svc) {
+        return Some(Decision::Drop(Stat::DropSourceRange));
+    }
     if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: map value pointer, copied.
         let entry = unsafe { *ct };
@@ -135,6 +159,9 @@ pub fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
             if let Some(be) = unsafe { BACKENDS.get(&entry.backend_id) } {
                 if be.addr == entry.backend_addr && be.port == entry.backend_port {
                     touch(ct, f.tcp_flags, true, now);
+                    if svc.flags & SVC_F_AFFINITY != 0 {
+                        refresh_affinity(f, &svc, entry.backend_id, now);
+                    }
                     count(Stat::Established);
                     let nat = Nat {
                         saddr: entry.nat_addr,
@@ -169,11 +196,27 @@ fn new_flow(
         return Decision::Drop(Stat::DropNoBackend);
     }
     let hash = flow_hash(f.saddr, f.sport, f.dport, f.proto);
-    let slot = svc.table_off.wrapping_add(hash % svc.table_size);
-    let Some(pair) = MAGLEV.get(slot / MAGLEV_SLOTS_PER_ENTRY) else {
-        return Decision::Drop(Stat::DropNoBackend);
+    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    let akey = AffinityKey {
+        client_addr: f.saddr,
+        svc_id: svc.svc_id,
     };
-    let id = pair[(slot & 1) as usize];
+    // Only the id leaves the two branches (then one lookup): merging a whole backend value
+    // kept the verifier from pruning the rest of the path, past its limit without
+    // CAP_PERFMON.
+    let id = match affinity.then(|| sticky_backend(&akey, svc, now)).flatten() {
+        Some(id) => {
+            count(Stat::AffinityHit);
+            id
+        }
+        None => {
+            let slot = svc.table_off.wrapping_add(hash % svc.table_size);
+            let Some(pair) = MAGLEV.get(slot / MAGLEV_SLOTS_PER_ENTRY) else {
+                return Decision::Drop(Stat::DropNoBackend);
+            };
+            pair[(slot & 1) as usize]
+        }
+    };
     // SAFETY: plain data.
     let Some(be) = (unsafe { BACKENDS.get(&id) }).copied() else {
         return Decision::Drop(Stat::DropNoBackend);
@@ -221,6 +264,18 @@ fn new_flow(
     if CONNTRACK.insert(&key, &entry, 0).is_err() {
         return Decision::Drop(Stat::DropMapFull);
     }
+    if affinity {
+        let stick = Affinity {
+            last_seen_ns: now,
+            backend_id: id,
+            backend_addr: be.addr,
+            backend_port: be.port,
+            pad: 0,
+            pad2: 0,
+        };
+        // Best effort: a full LRU map evicts the least recently used client.
+        let _ = AFFINITY.insert(&akey, &stick, 0);
+    }
     count(Stat::NewFlow);
     let nat = Nat {
         saddr: entry.nat_addr,
@@ -235,9 +290,67 @@ fn new_flow(
     }
 }
 
+/// Whether the client may use this LoadBalancer/external-IP frontend: its address lies in
+/// one of the service's loadBalancerSourceRanges.
+#[inline(always)]
+fn source_allowed(f: &Flow, svc: &Service) -> bool {
+    let key = Key::new(
+        SRC_RANGE_SVC_BITS + 32,
+        SrcRange {
+            svc_id_be: svc.svc_id.to_be(),
+            addr: f.saddr,
+        },
+    );
+    SRC_RANGES.get(&key).is_some()
+}
+
+/// The backend a client of an affinity service is stuck to, if it was used within the
+/// timeout and is still a backend the service may choose (same id, address and port; on
+/// this node under Local).
+#[inline(always)]
+fn sticky_backend(akey: &AffinityKey, svc: &Service, now: u64) -> Option<u32> {
+    // SAFETY: plain data. Field by field: copying the whole value (with its padding)
+    // became a memmove, whose pointer arithmetic needs CAP_PERFMON.
+    let a = unsafe { AFFINITY.get(akey) }?;
+    let (last_seen, id, addr, port) =
+        (a.last_seen_ns, a.backend_id, a.backend_addr, a.backend_port);
+    if now.saturating_sub(last_seen) > svc.affinity_timeout_s as u64 * NS {
+        return None;
+    }
+    // SAFETY: plain data.
+    let be = unsafe { BACKENDS.get(&id) }?;
+    let usable = be.addr == addr
+        && be.port == port
+        && (svc.flags & SVC_F_LOCAL == 0 || be.flags & BE_F_LOCAL != 0);
+    usable.then_some(id)
+}
+
+/// An established flow of an affinity service to the client's sticky backend counts as
+/// use: push the client's expiry.
+#[inline(always)]
+fn refresh_affinity(f: &Flow, svc: &Service, backend_id: u32, now: u64) {
+    let akey = AffinityKey {
+        client_addr: f.saddr,
+        svc_id: svc.svc_id,
+    };
+    if let Some(a) = AFFINITY.get_ptr_mut(&akey) {
+        // SAFETY: map value pointer; a racing writer stores whole fields too.
+        unsafe {
+            if (*a).backend_id == backend_id && now.saturating_sub((*a).last_seen_ns) >= REFRESH_NS
+            {
+                (*a).last_seen_ns = now;
+            }
+        }
+    }
+}
+
 /// Pick a source port towards `be` from the SNAT range whose reply tuple is free, or held
 /// by a flow that is gone (its conntrack entry expired, missing or rebound). Tries
 /// `SNAT_PROBES` ports starting at a hash of the flow; `None` when all are taken.
+///
+/// The probes run under `bpf_loop`: the verifier checks the body once instead of once per
+/// unrolled probe (without CAP_PERFMON it also walks every speculative branch, and 32
+/// inline probes alone took np_xdp near its 1M-instruction limit).
 #[inline(always)]
 fn alloc_snat_port(
     f: &Flow,
@@ -251,42 +364,84 @@ fn alloc_snat_port(
     if snat_addr == 0 || cfg.snat_port_max < cfg.snat_port_min {
         return None;
     }
-    let range = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
-    let start = hash.rotate_left(16) % range;
-    let mut rkey = FlowKey::new(be.addr, snat_addr, be.port, 0, f.proto);
-    for i in 0..SNAT_PROBES {
-        let port = (cfg.snat_port_min as u32 + (start + i) % range) as u16;
-        rkey.dport = port.to_be();
-        if REVNAT.insert(&rkey, rev, BPF_NOEXIST as u64).is_ok() {
-            return Some(rkey.dport);
-        }
-        // SAFETY: plain data.
-        let Some(held) = (unsafe { REVNAT.get(&rkey) }).copied() else {
-            continue;
-        };
-        let owner = FlowKey::new(
-            held.client_addr,
-            held.fe_addr,
-            held.client_port,
-            held.fe_port,
-            f.proto,
+    let Some(range) = NonZeroU32::new((cfg.snat_port_max - cfg.snat_port_min) as u32 + 1) else {
+        return None;
+    };
+    let mut probe = SnatProbe {
+        cfg: *cfg,
+        rkey: FlowKey::new(be.addr, snat_addr, be.port, 0, f.proto),
+        rev: *rev,
+        start: hash.rotate_left(16) % range,
+        range,
+        now,
+        found: 0,
+    };
+    // SAFETY: `snat_probe` matches the callback ABI and only touches `probe` through the
+    // context pointer, which outlives the call.
+    unsafe {
+        bpf_loop(
+            SNAT_PROBES,
+            snat_probe as *const () as *mut c_void,
+            (&raw mut probe).cast(),
+            0,
         );
-        // SAFETY: plain data.
-        let live = match unsafe { CONNTRACK.get(&owner) } {
-            Some(ct) => {
-                !expired(cfg, f.proto, ct, now)
-                    && ct.nat_port == rkey.dport
-                    && ct.nat_addr == snat_addr
-                    && ct.backend_addr == be.addr
-                    && ct.backend_port == be.port
-            }
-            None => false,
-        };
-        if !live && REVNAT.insert(&rkey, rev, 0).is_ok() {
-            return Some(rkey.dport);
-        }
     }
-    None
+    (probe.found != 0).then_some(probe.rkey.dport)
+}
+
+/// The SNAT port search's state, shared with each `snat_probe` call.
+#[repr(C)]
+struct SnatProbe {
+    cfg: Config,
+    /// The reply tuple (backend -> SNAT address); `dport` is the port being tried.
+    rkey: FlowKey,
+    rev: RevNat,
+    start: u32,
+    range: NonZeroU32,
+    now: u64,
+    /// Non-zero once `rkey.dport` is ours.
+    found: u32,
+}
+
+/// One probe of [`alloc_snat_port`]: claim port `start + i` (mod the range) when its reply
+/// tuple is free or stale. Returns 1 (stop) once claimed.
+extern "C" fn snat_probe(i: u64, ctx: *mut c_void) -> c_long {
+    // SAFETY: `ctx` is the `SnatProbe` on alloc_snat_port's stack.
+    let p = unsafe { &mut *ctx.cast::<SnatProbe>() };
+    let port =
+        (p.cfg.snat_port_min as u32).wrapping_add((p.start.wrapping_add(i as u32)) % p.range);
+    p.rkey.dport = (port as u16).to_be();
+    if REVNAT.insert(&p.rkey, &p.rev, BPF_NOEXIST as u64).is_ok() {
+        p.found = 1;
+        return 1;
+    }
+    // SAFETY: plain data.
+    let Some(held) = (unsafe { REVNAT.get(&p.rkey) }).copied() else {
+        return 0;
+    };
+    let owner = FlowKey::new(
+        held.client_addr,
+        held.fe_addr,
+        held.client_port,
+        held.fe_port,
+        p.rkey.proto,
+    );
+    // SAFETY: plain data.
+    let live = match unsafe { CONNTRACK.get(&owner) } {
+        Some(ct) => {
+            !expired(&p.cfg, p.rkey.proto, ct, p.now)
+                && ct.nat_port == p.rkey.dport
+                && ct.nat_addr == p.rkey.daddr
+                && ct.backend_addr == p.rkey.saddr
+                && ct.backend_port == p.rkey.sport
+        }
+        None => false,
+    };
+    if !live && REVNAT.insert(&p.rkey, &p.rev, 0).is_ok() {
+        p.found = 1;
+        return 1;
+    }
+    0
 }
 
 /// Reverse translation of a reply: the tuple as it arrives, looked up in NP_RNAT.
@@ -320,4 +475,70 @@ pub fn reply(f: &Flow) -> Option<Decision> {
 pub fn maybe_snat_reply(f: &Flow, cfg: &Config) -> bool {
     let port = u16::from_be(f.dport);
     port >= cfg.snat_port_min && port <= cfg.snat_port_max
+}
+
+/// New addresses of an ICMP error about a translated flow: the outer header's, and the
+/// quoted packet's (in `inner`).
+#[derive(Clone, Copy)]
+pub struct IcmpNat {
+    pub outer_saddr: u32,
+    pub outer_daddr: u32,
+    pub inner: Nat,
+}
+
+/// Where a translated ICMP error goes.
+pub enum IcmpDecision {
+    /// Routed by this node (to the client, or to a backend on another node).
+    Route(IcmpNat),
+    /// To a backend on this node, through the stack.
+    Local(IcmpNat),
+}
+
+/// Translate an ICMP error whose quoted packet belongs to a translated flow; `None` for
+/// every other ICMP error (to the node itself, unknown flows), which passes untouched.
+/// The quoted packet, reversed, is the key of both maps:
+/// - NP_RNAT: it quotes a packet this node sent to a backend (a router between node and
+///   backend, or the backend, reports it to the SNAT address): the client gets it, quoting
+///   its own packet to the frontend, from the frontend when the backend sent it;
+/// - NP_CT: it quotes a reply this node sent to the client (say, fragmentation needed on
+///   the client's side, sent to the frontend): the backend gets it, quoting its own reply.
+#[inline(always)]
+pub fn icmp_error(e: &IcmpError) -> Option<IcmpDecision> {
+    let key = FlowKey::new(e.daddr, e.saddr, e.dport, e.sport, e.proto);
+    // SAFETY: plain data.
+    if let Some(rev) = (unsafe { REVNAT.get(&key) }).copied() {
+        let outer_saddr = if e.outer.saddr == e.daddr {
+            rev.fe_addr
+        } else {
+            e.outer.saddr
+        };
+        return Some(IcmpDecision::Route(IcmpNat {
+            outer_saddr,
+            outer_daddr: rev.client_addr,
+            inner: Nat {
+                saddr: rev.client_addr,
+                sport: rev.client_port,
+                daddr: rev.fe_addr,
+                dport: rev.fe_port,
+            },
+        }));
+    }
+    // SAFETY: plain data.
+    let ct = (unsafe { CONNTRACK.get(&key) }).copied()?;
+    let snat = ct.flags & CT_F_SNAT != 0;
+    let n = IcmpNat {
+        outer_saddr: if snat { ct.nat_addr } else { e.outer.saddr },
+        outer_daddr: ct.backend_addr,
+        inner: Nat {
+            saddr: ct.backend_addr,
+            sport: ct.backend_port,
+            daddr: ct.nat_addr,
+            dport: ct.nat_port,
+        },
+    };
+    Some(if snat {
+        IcmpDecision::Route(n)
+    } else {
+        IcmpDecision::Local(n)
+    })
 }

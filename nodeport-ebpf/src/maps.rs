@@ -4,12 +4,13 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use nodeport_common::{
-    stats::STAT_COUNT, Backend, Config, CtEntry, FlowKey, FrontendKey, MaglevEntry, NodeAddr,
-    RevNat, Service, DEFAULT_CT_ENTRIES, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_DEVICES, DEFAULT_MAX_NODE_ADDRS, DEFAULT_MAX_SERVICES, MAGLEV_SLOTS_PER_ENTRY,
+    stats::STAT_COUNT, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey,
+    MaglevEntry, NodeAddr, RevNat, Service, SrcRange, DEFAULT_AFFINITY_ENTRIES, DEFAULT_CT_ENTRIES,
+    DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_DEVICES, DEFAULT_MAX_NODE_ADDRS,
+    DEFAULT_MAX_SERVICES, DEFAULT_SRC_RANGES, MAGLEV_SLOTS_PER_ENTRY,
 };
 
 /// NP_SVC_V1: frontend (addr or 0 for nodePorts, port, proto) -> service (Maglev table range).
@@ -55,3 +56,13 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0
 /// NP_DEV_V1: ifindex -> ifindex, the interfaces XDP may redirect into (ours, with NAPI).
 #[map(name = "NP_DEV_V1")]
 pub static DEVICES: DevMapHash = DevMapHash::with_max_entries(DEFAULT_MAX_DEVICES, 0);
+
+/// NP_AFF_V1: (client address, service port id) -> the backend the client sticks to.
+#[map(name = "NP_AFF_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity> =
+    LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
+
+/// NP_SRCRANGE_V1: (service port id, client CIDR) -> unused; loadBalancerSourceRanges.
+/// (aya-ebpf adds BPF_F_NO_PREALLOC, which the kernel requires of LPM tries.)
+#[map(name = "NP_SRCRANGE_V1")]
+pub static SRC_RANGES: LpmTrie<SrcRange, u32> = LpmTrie::with_max_entries(DEFAULT_SRC_RANGES, 0);

@@ -10,10 +10,10 @@ use aya_ebpf::{
 use nodeport_common::{csum, PROTO_TCP, PROTO_UDP};
 
 use crate::{
-    lb::Nat,
+    lb::{IcmpNat, Nat},
     packet::{
-        Bounds, Flow, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL_PROTO, L3, L4, L4_DPORT, L4_SPORT,
-        TCP_CHECK, UDP_CHECK,
+        Bounds, Flow, IcmpError, ICMP_CHECK, INNER_L3, INNER_L4, IP_CHECK, IP_DADDR, IP_SADDR,
+        IP_TTL_PROTO, L3, L4, L4_DPORT, L4_SPORT, TCP_CHECK, UDP_CHECK,
     },
 };
 
@@ -27,6 +27,24 @@ pub fn rewrite_xdp(b: &Bounds, f: &Flow, nat: &Nat, dec_ttl: bool) -> bool {
         rewrite_at::<{ L4 + TCP_CHECK }>(b, f, nat, dec_ttl)
     } else {
         rewrite_at::<{ L4 + UDP_CHECK }>(b, f, nat, dec_ttl)
+    }
+}
+
+/// Decrement the TTL in the (TTL, protocol) word at `tp`; returns the IPv4 checksum
+/// `check` updated for it.
+///
+/// # Safety
+/// `tp` must be a bounds-checked pointer into packet memory.
+#[inline(always)]
+unsafe fn decrement_ttl(tp: *mut u16, check: u16) -> u16 {
+    // SAFETY: the caller's promise.
+    unsafe {
+        let old = tp.read_unaligned();
+        let mut bytes = old.to_ne_bytes();
+        bytes[0] = bytes[0].wrapping_sub(1);
+        let new = u16::from_ne_bytes(bytes);
+        tp.write_unaligned(new);
+        csum::replace2(check, old, new)
     }
 }
 
@@ -49,12 +67,7 @@ fn rewrite_at<const L4_CHECK: usize>(b: &Bounds, f: &Flow, nat: &Nat, dec_ttl: b
         let old_l4 = l4c.read_unaligned();
         let mut l4 = old_l4;
         if dec_ttl {
-            let old_tp = tp.read_unaligned();
-            let mut bytes = old_tp.to_ne_bytes();
-            bytes[0] = bytes[0].wrapping_sub(1);
-            let new_tp = u16::from_ne_bytes(bytes);
-            tp.write_unaligned(new_tp);
-            ip_check = csum::replace2(ip_check, old_tp, new_tp);
+            ip_check = decrement_ttl(tp, ip_check);
         }
         let (os, od) = (sa.read_unaligned(), da.read_unaligned());
         ip_check = csum::replace4(ip_check, os, nat.saddr);
@@ -72,6 +85,83 @@ fn rewrite_at<const L4_CHECK: usize>(b: &Bounds, f: &Flow, nat: &Nat, dec_ttl: b
         dp.write_unaligned(nat.dport);
         ipc.write_unaligned(ip_check);
         l4c.write_unaligned(l4);
+    }
+    true
+}
+
+/// Rewrite an ICMP error at the constant offsets of `packet::INNER_L3`: the outer
+/// addresses (and TTL), the quoted packet's addresses and ports, and the checksums: outer
+/// IPv4, ICMP (over the quoted bytes), quoted IPv4, and the quoted L4 checksum when the
+/// quote reaches it (UDP's always does; TCP's only if the sender quoted 20 bytes of TCP).
+#[inline(always)]
+pub fn rewrite_icmp_xdp(b: &Bounds, e: &IcmpError, n: &IcmpNat, dec_ttl: bool) -> bool {
+    if e.proto == PROTO_TCP {
+        icmp_at::<{ INNER_L4 + TCP_CHECK }>(b, e, n, dec_ttl)
+    } else {
+        icmp_at::<{ INNER_L4 + UDP_CHECK }>(b, e, n, dec_ttl)
+    }
+}
+
+#[inline(always)]
+fn icmp_at<const L4_CHECK: usize>(b: &Bounds, e: &IcmpError, n: &IcmpNat, dec_ttl: bool) -> bool {
+    let (Some(ipc), Some(osa), Some(oda), Some(tp), Some(icc)) = (
+        b.ptr::<u16>(L3 + IP_CHECK),
+        b.ptr::<u32>(L3 + IP_SADDR),
+        b.ptr::<u32>(L3 + IP_DADDR),
+        b.ptr::<u16>(L3 + IP_TTL_PROTO),
+        b.ptr::<u16>(ICMP_CHECK),
+    ) else {
+        return false;
+    };
+    let (Some(iipc), Some(isa), Some(ida), Some(isp), Some(idp)) = (
+        b.ptr::<u16>(INNER_L3 + IP_CHECK),
+        b.ptr::<u32>(INNER_L3 + IP_SADDR),
+        b.ptr::<u32>(INNER_L3 + IP_DADDR),
+        b.ptr::<u16>(INNER_L4 + L4_SPORT),
+        b.ptr::<u16>(INNER_L4 + L4_DPORT),
+    ) else {
+        return false;
+    };
+    let m = &n.inner;
+    // SAFETY: every pointer was bounds-checked above.
+    unsafe {
+        let mut icmp = icc.read_unaligned();
+        if let Some(l4c) = b.ptr::<u16>(L4_CHECK) {
+            let old = l4c.read_unaligned();
+            let mut l4 = csum::replace4(old, e.saddr, m.saddr);
+            l4 = csum::replace4(l4, e.daddr, m.daddr);
+            l4 = csum::replace2(l4, e.sport, m.sport);
+            l4 = csum::replace2(l4, e.dport, m.dport);
+            if e.proto == PROTO_UDP {
+                l4 = csum::udp_fixup(old, l4);
+            }
+            l4c.write_unaligned(l4);
+            icmp = csum::replace2(icmp, old, l4);
+        }
+        let old_iipc = iipc.read_unaligned();
+        let mut inner_ip = csum::replace4(old_iipc, e.saddr, m.saddr);
+        inner_ip = csum::replace4(inner_ip, e.daddr, m.daddr);
+        icmp = csum::replace4(icmp, e.saddr, m.saddr);
+        icmp = csum::replace4(icmp, e.daddr, m.daddr);
+        icmp = csum::replace2(icmp, e.sport, m.sport);
+        icmp = csum::replace2(icmp, e.dport, m.dport);
+        icmp = csum::replace2(icmp, old_iipc, inner_ip);
+        isa.write_unaligned(m.saddr);
+        ida.write_unaligned(m.daddr);
+        isp.write_unaligned(m.sport);
+        idp.write_unaligned(m.dport);
+        iipc.write_unaligned(inner_ip);
+        icc.write_unaligned(icmp);
+
+        let mut ip = ipc.read_unaligned();
+        if dec_ttl {
+            ip = decrement_ttl(tp, ip);
+        }
+        ip = csum::replace4(ip, e.outer.saddr, n.outer_saddr);
+        ip = csum::replace4(ip, e.outer.daddr, n.outer_daddr);
+        osa.write_unaligned(n.outer_saddr);
+        oda.write_unaligned(n.outer_daddr);
+        ipc.write_unaligned(ip);
     }
     true
 }

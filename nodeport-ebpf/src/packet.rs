@@ -36,6 +36,14 @@ pub const TCP_ACK: u8 = 0x10;
 pub const L3: usize = ETH_HLEN;
 pub const L4: usize = ETH_HLEN + IPV4_MIN_HLEN;
 
+/// An ICMP error (both IPv4 headers option-less, as XDP handles them): the ICMP header at
+/// [`L4`], the quoted IPv4 header at [`INNER_L3`] and its first L4 bytes at [`INNER_L4`].
+pub const PROTO_ICMP: u8 = 1;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_CHECK: usize = L4 + 2;
+pub const INNER_L3: usize = L4 + 8;
+pub const INNER_L4: usize = INNER_L3 + IPV4_MIN_HLEN;
+
 /// Read access to a packet: direct (XDP, constant offsets) or through `bpf_skb_load_bytes`
 /// (TC, any offset, no pointer arithmetic).
 pub trait PacketBytes {
@@ -208,5 +216,66 @@ pub fn parse<const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flow, Stat> {
         tcp_flags,
         ttl: ttl_proto[0],
         tot_len,
+    })
+}
+
+/// An ICMP destination-unreachable (fragmentation-needed included) quoting a TCP or UDP
+/// packet: the outer addresses and the quoted packet's tuple, raw network order.
+#[derive(Clone, Copy)]
+pub struct IcmpError {
+    /// The ICMP packet itself as a flow for the FIB (proto ICMP, no ports).
+    pub outer: Flow,
+    /// The quoted packet's tuple, as it was sent.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+/// Parse an ICMP error after [`parse`] returned `PassOtherProto` in XDP (so the outer
+/// header is IPv4 without options, not a fragment, with a consistent length). `None`:
+/// not a destination-unreachable quoting an option-less, unfragmented-or-first TCP/UDP
+/// packet with its ports.
+#[inline(always)]
+pub fn parse_icmp_error(b: &Bounds) -> Option<IcmpError> {
+    let ttl_proto: [u8; 2] = b.load(L3 + IP_TTL_PROTO)?;
+    if ttl_proto[1] != PROTO_ICMP {
+        return None;
+    }
+    let tot_len = u16::from_be(b.load::<u16>(L3 + 2)?);
+    if (tot_len as usize) < INNER_L4 + 8 - L3 {
+        return None;
+    }
+    let icmp_type: u8 = b.load(L4)?;
+    let inner_vihl: u8 = b.load(INNER_L3)?;
+    let inner_frag = u16::from_be(b.load::<u16>(INNER_L3 + 6)?);
+    let inner_proto: u8 = b.load(INNER_L3 + IP_TTL_PROTO + 1)?;
+    if icmp_type != ICMP_DEST_UNREACH
+        || inner_vihl != 0x45
+        || inner_frag & 0x1fff != 0
+        || (inner_proto != PROTO_TCP && inner_proto != PROTO_UDP)
+    {
+        return None;
+    }
+    let ports: [u16; 2] = b.load(INNER_L4)?;
+    Some(IcmpError {
+        outer: Flow {
+            l3: L3,
+            l4: L4,
+            saddr: b.load(L3 + IP_SADDR)?,
+            daddr: b.load(L3 + IP_DADDR)?,
+            sport: 0,
+            dport: 0,
+            proto: PROTO_ICMP,
+            tcp_flags: 0,
+            ttl: ttl_proto[0],
+            tot_len,
+        },
+        saddr: b.load(INNER_L3 + IP_SADDR)?,
+        daddr: b.load(INNER_L3 + IP_DADDR)?,
+        sport: ports[0],
+        dport: ports[1],
+        proto: inner_proto,
     })
 }

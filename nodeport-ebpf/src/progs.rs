@@ -17,10 +17,10 @@ use aya_log_ebpf::info;
 use nodeport_common::{Stat, CFG_F_DEBUG};
 
 use crate::{
-    fwd::{tc_forward, xdp_forward},
-    lb::{config, forward, maybe_snat_reply, reply, Decision},
-    nat::{rewrite_tc, rewrite_xdp},
-    packet::{parse, Bounds, Flow, Skb},
+    fwd::{tc_forward, xdp_forward, xdp_route, Rewrite},
+    lb::{config, forward, icmp_error, maybe_snat_reply, reply, Decision, IcmpDecision, Nat},
+    nat::{rewrite_icmp_xdp, rewrite_tc, rewrite_xdp},
+    packet::{parse, parse_icmp_error, Bounds, Flow, Skb},
     stats::count,
 };
 
@@ -51,6 +51,7 @@ fn try_xdp<const DEBUG: bool>(ctx: &XdpContext) -> (u32, Stat) {
     };
     let f = match parse::<false>(&b) {
         Ok(f) => f,
+        Err(Stat::PassOtherProto) => return xdp_icmp(ctx, &b),
         Err(stat) => return (xdp_action::XDP_PASS, stat),
     };
     let cfg = config();
@@ -75,6 +76,42 @@ fn try_xdp<const DEBUG: bool>(ctx: &XdpContext) -> (u32, Stat) {
     };
     if DEBUG && cfg.flags & CFG_F_DEBUG != 0 {
         log_flow(ctx, &f, stat);
+    }
+    (action, stat)
+}
+
+/// An ICMP error about a translated flow is translated too (path-MTU discovery and
+/// unreachable reports work through the balancer); any other packet that is neither TCP
+/// nor UDP passes untouched.
+#[inline(always)]
+fn xdp_icmp(ctx: &XdpContext, b: &Bounds) -> (u32, Stat) {
+    let pass = (xdp_action::XDP_PASS, Stat::PassOtherProto);
+    let Some(e) = parse_icmp_error(b) else {
+        return pass;
+    };
+    let Some(decision) = icmp_error(&e) else {
+        return pass;
+    };
+    let (action, stat) = match decision {
+        IcmpDecision::Local(n) => {
+            if rewrite_icmp_xdp(b, &e, &n, false) {
+                (xdp_action::XDP_PASS, Stat::LocalDeliver)
+            } else {
+                (xdp_action::XDP_PASS, Stat::PassMalformed)
+            }
+        }
+        IcmpDecision::Route(n) => {
+            let to = Nat {
+                saddr: n.outer_saddr,
+                daddr: n.outer_daddr,
+                sport: 0,
+                dport: 0,
+            };
+            xdp_route(ctx, b, &e.outer, &to, Rewrite::Icmp(&e, &n))
+        }
+    };
+    if matches!(stat, Stat::Tx | Stat::Redirect | Stat::LocalDeliver) {
+        count(Stat::IcmpNat);
     }
     (action, stat)
 }

@@ -252,13 +252,30 @@ pub fn udp_request_many(ns: &Netns, addr: SocketAddr, n: usize) -> Vec<Result<Ec
     })
 }
 
+/// One UDP request from source port `sport` in namespace `ns`.
+pub fn udp_request_from(ns: &Netns, addr: SocketAddr, sport: u16) -> Result<EchoReply> {
+    run_in(ns, || {
+        udp_request_here_from(addr, sport, UDP_TIMEOUT, UDP_ATTEMPTS)
+    })
+}
+
 /// One UDP request from a fresh socket in the calling thread's namespace. The socket is
 /// connected, so only an answer from `addr` itself counts (a reply that was not
 /// reverse-translated is ignored, like a real client would).
 pub fn udp_request_here(addr: SocketAddr, timeout: Duration, attempts: u32) -> Result<EchoReply> {
+    udp_request_here_from(addr, 0, timeout, attempts)
+}
+
+/// [`udp_request_here`] from source port `sport` (0: any).
+pub fn udp_request_here_from(
+    addr: SocketAddr,
+    sport: u16,
+    timeout: Duration,
+    attempts: u32,
+) -> Result<EchoReply> {
     let bind: SocketAddr = match addr {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, sport).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, sport).into(),
     };
     let sock = UdpSocket::bind(bind).map_err(io_err("bind", addr))?;
     sock.connect(addr).map_err(io_err("connect", addr))?;

@@ -45,6 +45,8 @@ pub struct Service {
     /// `spec.healthCheckNodePort` when set (the agent serves it for `Local` NodePort
     /// services too).
     pub health_check_node_port: Option<u16>,
+    /// `sessionAffinity: ClientIP` with this `timeoutSeconds` when set.
+    pub session_affinity_timeout: Option<u32>,
 }
 
 /// The seeds' nodePort.
@@ -67,6 +69,7 @@ impl Service {
             }],
             external_traffic_policy: None,
             health_check_node_port: None,
+            session_affinity_timeout: None,
         }
     }
 
@@ -96,6 +99,12 @@ impl Service {
         }
         if let Some(p) = self.health_check_node_port {
             let _ = writeln!(y, "  healthCheckNodePort: {p}");
+        }
+        if let Some(t) = self.session_affinity_timeout {
+            let _ = writeln!(
+                y,
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {t}"
+            );
         }
         y.push_str("  ports:\n");
         for p in &self.ports {

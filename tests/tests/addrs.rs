@@ -18,10 +18,8 @@ fn added_and_removed_node_addresses_are_followed() {
     if !require_root() {
         return;
     }
-    let mut tb =
-        Testbed::start(TestbedOptions::standard(echo_bin()).with_agent(default_agent_path()));
-    tb.wait_for_service(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let tb =
+        Testbed::serving(TestbedOptions::standard(echo_bin()).with_agent(default_agent_path()));
     let extra: SocketAddr = "198.18.0.21:30080".parse().unwrap();
     let node1 = tb.cluster().node("node1").ns();
     // Not yet an address of node1: nothing answers there.

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
     sync::mpsc,
@@ -27,37 +27,13 @@ use kube::{
     runtime::{reflector, watcher, WatchStreamExt},
     Client, Config,
 };
-use tests::apiserver::{ApiServer, ApiServerConfig};
+use tests::{
+    apiserver::{ApiServer, ApiServerConfig},
+    netns::{run_id, TempDir},
+};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// A scratch folder removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "np-apiserver-test-{}-{tag}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn service(ns: &str, name: &str, node_port: Option<i32>) -> Service {
     Service {
@@ -255,7 +231,7 @@ fn kubectl_get_lists_what_was_created() {
         return;
     }
     let server = ApiServer::start().expect("start");
-    let dir = TempDir::new("get");
+    let dir = TempDir::new(&run_id(), "apiserver-get");
     server
         .write_kubeconfig(dir.path().join("kubeconfig"))
         .unwrap();
@@ -353,7 +329,7 @@ fn kubectl_watch_prints_a_service_created_later() {
         return;
     }
     let server = ApiServer::start().expect("start");
-    let dir = TempDir::new("watch");
+    let dir = TempDir::new(&run_id(), "apiserver-watch");
     server
         .write_kubeconfig(dir.path().join("kubeconfig"))
         .unwrap();
@@ -426,7 +402,7 @@ fn kubectl_create_apply_delete() {
         return;
     }
     let server = ApiServer::start().expect("start");
-    let dir = TempDir::new("create");
+    let dir = TempDir::new(&run_id(), "apiserver-create");
     server
         .write_kubeconfig(dir.path().join("kubeconfig"))
         .unwrap();
@@ -483,7 +459,7 @@ fn kubectl_create_apply_delete() {
 #[tokio::test]
 async fn kube_api_list_get_create_and_errors() {
     let server = ApiServer::start().expect("start");
-    let dir = TempDir::new("api");
+    let dir = TempDir::new(&run_id(), "apiserver-api");
     let client = kube_client(&server, dir.path()).await;
     for i in 0..5 {
         server
@@ -611,7 +587,7 @@ async fn kube_raw_watch_bookmarks_timeout_and_410() {
         ..Default::default()
     })
     .expect("start");
-    let dir = TempDir::new("rawwatch");
+    let dir = TempDir::new(&run_id(), "apiserver-rawwatch");
     let client = kube_client(&server, dir.path()).await;
     let api: Api<Service> = Api::all(client);
     server.create(&service("default", "a", None)).unwrap();
@@ -768,7 +744,7 @@ fn store_keys(store: &reflector::Store<Service>) -> Vec<(String, String, String)
 #[tokio::test]
 async fn kube_watcher_follows_changes_cuts_and_410() {
     let server = ApiServer::start().expect("start");
-    let dir = TempDir::new("watcher");
+    let dir = TempDir::new(&run_id(), "apiserver-watcher");
     let client = kube_client(&server, dir.path()).await;
     server.create(&service("default", "one", None)).unwrap();
     server.create(&service("other", "two", None)).unwrap();
@@ -924,7 +900,7 @@ fn list_requests(server: &ApiServer) -> usize {
 #[tokio::test]
 async fn kube_watcher_backs_off_through_500s() {
     let server = ApiServer::start().expect("start");
-    let dir = TempDir::new("backoff");
+    let dir = TempDir::new(&run_id(), "apiserver-backoff");
     let client = kube_client(&server, dir.path()).await;
     server.create(&service("default", "x", None)).unwrap();
     server
@@ -979,7 +955,7 @@ async fn kube_watcher_backs_off_through_500s() {
 #[tokio::test]
 async fn kube_streaming_list_and_label_selector() {
     let server = ApiServer::start().expect("start");
-    let dir = TempDir::new("stream");
+    let dir = TempDir::new(&run_id(), "apiserver-stream");
     let client = kube_client(&server, dir.path()).await;
     server.create(&service("default", "one", None)).unwrap();
     server.create(&service("default", "two", None)).unwrap();

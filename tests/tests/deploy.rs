@@ -21,7 +21,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc,
     },
     thread,
@@ -37,6 +37,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{json, Value};
 use tests::{
     apiserver::{ApiServer, Kind},
+    netns::{run_id, TempDir},
     testbed::{default_agent_path, workspace_root},
 };
 
@@ -428,29 +429,6 @@ fn have_kubectl() -> bool {
     ok
 }
 
-/// A scratch folder removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "np-deploy-test-{}-{tag}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Runs kubectl against `kubeconfig` (killed after 20 s).
 fn kubectl(dir: &Path, kubeconfig: &Path, args: &[&str]) -> Output {
     let mut child = Command::new("kubectl")
@@ -689,15 +667,15 @@ fn kubectl_dry_run_accepts_the_manifest() {
     }
     let api = ApiServer::start().expect("test API server");
     let front = Front::start(api.addr());
-    let dir = TempDir::new("kubectl");
-    let kc = dir.0.join("kubeconfig");
+    let dir = TempDir::new(&run_id(), "deploy-kubectl");
+    let kc = dir.path().join("kubeconfig");
     write_kubeconfig(&kc, &format!("http://{}", front.addr));
     let manifest = manifest_path();
     let manifest = manifest.to_str().expect("UTF-8 path");
 
     let client = |file: &str| {
         kubectl(
-            &dir.0,
+            dir.path(),
             &kc,
             &[
                 "apply",
@@ -730,7 +708,7 @@ fn kubectl_dry_run_accepts_the_manifest() {
 
     // The check has teeth: an apiVersion the server does not have is refused.
     let text = std::fs::read_to_string(manifest_path()).expect("manifest");
-    let bad = dir.0.join("bad.yaml");
+    let bad = dir.path().join("bad.yaml");
     let broken = text.replace("apiVersion: apps/v1", "apiVersion: extensions/v1beta1");
     assert_ne!(broken, text);
     std::fs::write(&bad, broken).expect("write");
@@ -747,10 +725,10 @@ fn kubectl_dry_run_accepts_the_manifest() {
 
     // Server-side dry run of the Namespace, the one kind here the test API server stores.
     let ns = serde_yaml::to_string(doc(&documents(), "Namespace")).expect("yaml");
-    let ns_file = dir.0.join("namespace.yaml");
+    let ns_file = dir.path().join("namespace.yaml");
     std::fs::write(&ns_file, ns).expect("write");
     let out = kubectl(
-        &dir.0,
+        dir.path(),
         &kc,
         &[
             "apply",

@@ -73,9 +73,7 @@ fn health_check_node_port_reports_local_endpoints() {
     opts.service.external_traffic_policy = Some("Local".into());
     opts.service.health_check_node_port = Some(HEALTH_PORT);
     let (ns, name) = (opts.service.namespace.clone(), opts.service.name.clone());
-    let mut tb = Testbed::start(opts);
-    tb.wait_for_service(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut tb = Testbed::serving(opts);
     let addr = |tb: &Testbed, node: &str| SocketAddr::new(tb.nodeport_addr(node).ip(), HEALTH_PORT);
     let get = |tb: &Testbed, node: &str| {
         let a = addr(tb, node);

@@ -107,3 +107,92 @@ fn load_balancer_and_external_ips_are_frontends_on_the_service_port() {
         );
     }
 }
+
+/// `LB_SERVICE` with `spec.loadBalancerSourceRanges` (none when empty).
+fn lb_service_with_ranges(ranges: &[&str]) -> String {
+    if ranges.is_empty() {
+        return LB_SERVICE.to_string();
+    }
+    let list = ranges.join(", ");
+    LB_SERVICE.replacen(
+        "  externalIPs: [198.18.0.101]\n",
+        &format!("  externalIPs: [198.18.0.101]\n  loadBalancerSourceRanges: [{list}]\n"),
+        1,
+    )
+}
+
+#[test]
+fn source_ranges_guard_the_load_balancer_ips_only() {
+    if !require_root() {
+        return;
+    }
+    let tb =
+        Testbed::serving(TestbedOptions::standard(echo_bin()).with_agent(default_agent_path()));
+    let client_ip = tb.cluster().client_ip();
+    let write = |ranges: &[&str]| {
+        write_atomic(
+            tb.manifest_dir(),
+            "50-lb-svc.yaml",
+            &lb_service_with_ranges(ranges),
+        )
+        .expect("write manifest")
+    };
+    tb.cluster()
+        .client()
+        .ip("route add 198.18.0.100/32 via 198.18.0.11");
+    let lb: SocketAddr = "198.18.0.100:8080".parse().unwrap();
+    let node_port: SocketAddr = "198.18.0.11:31080".parse().unwrap();
+    let answers = |addr: SocketAddr| client::http_get(tb.cluster().client(), addr).is_ok();
+    let wait = |addr: SocketAddr, want: bool| {
+        poll_until(Duration::from_secs(15), Duration::from_millis(200), || {
+            answers(addr) == want
+        })
+    };
+
+    // The client's own /32 is allowed.
+    let own = format!("{client_ip}/32");
+    write(&["198.18.200.0/24", &own]);
+    assert!(
+        wait(lb, true),
+        "allowed client refused\n{}",
+        tb.agent_logs()
+    );
+
+    // A list without the client: the LB IP drops it (counted), the nodePort does not.
+    write(&["198.18.200.0/24"]);
+    assert!(
+        wait(lb, false),
+        "client outside the ranges still served\n{}",
+        tb.agent_logs()
+    );
+    assert!(
+        answers(node_port),
+        "source ranges must not apply to the nodePort"
+    );
+    let node1 = tb.agents().iter().find(|a| a.node == "node1").unwrap();
+    let counters = nodeport_agent::datapath::MapReader::open(node1.pin_path())
+        .and_then(|m| m.counters())
+        .expect("read counters");
+    let drops = counters
+        .iter()
+        .find(|(n, _)| *n == "drop_source_range")
+        .map_or(0, |(_, v)| *v);
+    assert!(drops > 0, "drops not counted: {counters:?}");
+
+    // A prefix covering the client (longest-prefix match inside a wider list) and then no
+    // list at all: served again.
+    write(&["198.18.200.0/24", "198.18.0.0/16"]);
+    assert!(
+        wait(lb, true),
+        "client inside 198.18.0.0/16 refused\n{}",
+        tb.agent_logs()
+    );
+    write(&["198.18.200.0/24"]);
+    assert!(wait(lb, false));
+    write(&[]);
+    assert!(
+        wait(lb, true),
+        "no list must allow everyone\n{}",
+        tb.agent_logs()
+    );
+}

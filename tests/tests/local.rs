@@ -5,7 +5,7 @@
 use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use tests::{
-    client,
+    client::{self, KeepAliveConn},
     netns::require_root,
     testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
 };
@@ -21,9 +21,7 @@ fn local_policy_keeps_the_client_address_and_stays_on_the_node() {
     }
     let mut opts = TestbedOptions::standard(echo_bin()).with_agent(default_agent_path());
     opts.service.external_traffic_policy = Some("Local".into());
-    let mut tb = Testbed::start(opts);
-    tb.wait_for_service(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut tb = Testbed::serving(opts);
     let client_ip = tb.cluster().client_ip().to_string();
 
     for (node, local) in [
@@ -56,4 +54,109 @@ fn local_policy_keeps_the_client_address_and_stays_on_the_node() {
     );
     // node1 is unaffected.
     assert!(client::http_get(tb.cluster().client(), tb.nodeport_addr("node1")).is_ok());
+}
+
+/// Whether node1's datapath has `sample-nodeport`'s TCP nodePort frontend with the Local
+/// flag set as `local`.
+fn node1_policy_is(tb: &Testbed, local: bool) -> bool {
+    let agent = tb.agents().iter().find(|a| a.node == "node1").unwrap();
+    let Ok(maps) = nodeport_agent::datapath::MapReader::open(agent.pin_path()) else {
+        return false;
+    };
+    let port = tb.nodeport_addr("node1").port().to_be();
+    maps.services().unwrap_or_default().iter().any(|(k, v)| {
+        k.addr == 0
+            && k.port == port
+            && k.proto == nodeport_common::PROTO_TCP
+            && (v.flags & nodeport_common::SVC_F_LOCAL != 0) == local
+    })
+}
+
+#[test]
+fn switching_between_cluster_and_local_keeps_established_connections() {
+    if !require_root() {
+        return;
+    }
+    let opts = TestbedOptions::standard(echo_bin()).with_agent(default_agent_path());
+    let mut tb = Testbed::serving(opts);
+    let client_ip = tb.cluster().client_ip().to_string();
+    let node1 = tb.nodeport_addr("node1");
+    let node1_ip = node1.ip().to_string();
+
+    // Under Cluster: one kept-alive connection to node2's pod (source-NATed to node1) and
+    // one to a pod of node1 (client address kept).
+    let mut remote = None;
+    let mut local = None;
+    for _ in 0..60 {
+        let mut c = KeepAliveConn::connect(tb.cluster().client(), node1).expect("connect");
+        let r = c.request().expect("first request");
+        match r.from.as_str() {
+            "pb1" if remote.is_none() => remote = Some((c, r)),
+            "pa1" | "pa2" if local.is_none() => local = Some((c, r)),
+            _ => {}
+        }
+        if remote.is_some() && local.is_some() {
+            break;
+        }
+    }
+    let (mut remote, r0) = remote.expect("no connection reached pb1");
+    let (mut local, l0) = local.expect("no connection reached node1's pods");
+    assert_eq!(r0.client_ip.to_string(), node1_ip);
+    assert_eq!(l0.client_ip.to_string(), client_ip);
+
+    let set_policy = |tb: &mut Testbed, p: &str| {
+        tb.update_manifests(|m| m.service.external_traffic_policy = Some(p.into()));
+        let local = p == "Local";
+        let done = poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+            node1_policy_is(tb, local)
+        });
+        assert!(done, "policy {p} never programmed\n{}", tb.agent_logs());
+    };
+
+    set_policy(&mut tb, "Local");
+    // Established connections keep their backend and their translation...
+    for _ in 0..3 {
+        let r = remote
+            .request()
+            .expect("the connection to pb1 broke at the switch");
+        assert_eq!(
+            (r.from.as_str(), r.client_ip.to_string()),
+            ("pb1", node1_ip.clone())
+        );
+        let l = local
+            .request()
+            .expect("the connection to node1's pod broke");
+        assert_eq!(
+            (&l.from, l.client_ip.to_string()),
+            (&l0.from, client_ip.clone())
+        );
+    }
+    // ...while new connections stay on node1 and keep the client address.
+    let mut seen = BTreeSet::new();
+    for r in client::http_get_many(tb.cluster().client(), node1, 20) {
+        let r = r.expect("new connection under Local");
+        assert_eq!(r.client_ip.to_string(), client_ip);
+        seen.insert(r.from);
+    }
+    assert!(
+        seen.iter().all(|p| p.starts_with("pa")),
+        "under Local: {seen:?}"
+    );
+
+    // Back to Cluster: connections opened under either policy go on; new ones reach pb1.
+    let mut local2 = KeepAliveConn::connect(tb.cluster().client(), node1).expect("connect");
+    let l2 = local2.request().expect("request under Local");
+    set_policy(&mut tb, "Cluster");
+    for c in [&mut remote, &mut local, &mut local2] {
+        c.request()
+            .expect("an established connection broke at the switch back");
+    }
+    assert_eq!(local2.request().unwrap().from, l2.from);
+    let reached = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        client::http_get(tb.cluster().client(), node1).is_ok_and(|r| r.from == "pb1")
+    });
+    assert!(
+        reached,
+        "under Cluster again, node2's pod gets no new connection"
+    );
 }

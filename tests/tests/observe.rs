@@ -63,10 +63,8 @@ fn health_readiness_and_metrics_follow_traffic() {
     if !require_root() {
         return;
     }
-    let mut tb =
-        Testbed::start(TestbedOptions::standard(echo_bin()).with_agent(default_agent_path()));
-    tb.wait_for_service(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let tb =
+        Testbed::serving(TestbedOptions::standard(echo_bin()).with_agent(default_agent_path()));
 
     let (code, body) = get(&tb, "node1", 10256, "/readyz");
     assert_eq!(code, 200, "readyz after the first sync: {body}");
@@ -186,9 +184,7 @@ fn per_packet_logs_only_with_the_debug_switch() {
         if debug {
             opts.agent_args.push("--debug-datapath".into());
         }
-        let mut tb = Testbed::start(opts);
-        tb.wait_for_service(Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let tb = Testbed::serving(opts);
         let replies = client::http_get_many(tb.cluster().client(), tb.nodeport_addr("node1"), 5);
         assert!(replies.iter().all(|r| r.is_ok()), "{replies:?}");
         let logged =

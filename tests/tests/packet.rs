@@ -426,6 +426,177 @@ fn udp_checksums() {
     );
 }
 
+/// An ICMP destination-unreachable from `src` to `dst` quoting `quoted` (a whole frame
+/// whose Ethernet header is dropped), `mtu` set for fragmentation-needed, else port
+/// unreachable.
+fn icmp_unreach(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    (src, dst): ([u8; 4], [u8; 4]),
+    ttl: u8,
+    mtu: Option<u16>,
+    quoted: &[u8],
+) -> Vec<u8> {
+    use etherparse::{icmpv4::DestUnreachableHeader as U, Icmpv4Type};
+    let code = match mtu {
+        Some(next_hop_mtu) => U::FragmentationNeeded { next_hop_mtu },
+        None => U::Port,
+    };
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src, dst, ttl)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(code))
+        .write(&mut v, &quoted[14..])
+        .unwrap();
+    v
+}
+
+#[test]
+fn icmp_errors_about_translated_flows() {
+    let Some(mut env) = setup() else { return };
+    const NODE2: [u8; 4] = [198, 18, 0, 12];
+    // A UDP flow to the backend on node2: client:5353 -> node1:30080 -> node1:61000 -> pod.
+    case!(
+        env,
+        "udp to remote backend",
+        "xdp",
+        udp(CLIENT_MAC, NODE1_MAC, (CLIENT, 5353), (NODE1, 30080), 64),
+        XDP_TX,
+        udp(
+            NODE1_MAC,
+            NODE2_MAC,
+            (NODE1, SNAT_PORT),
+            (POD_REMOTE, 80),
+            63
+        ),
+        "tx"
+    );
+    let towards_pod = udp(
+        NODE1_MAC,
+        NODE2_MAC,
+        (NODE1, SNAT_PORT),
+        (POD_REMOTE, 80),
+        63,
+    );
+    // The quoted packet keeps the TTL it had when quoted (as Linux and Cilium do).
+    let as_client_sent = udp(CLIENT_MAC, NODE1_MAC, (CLIENT, 5353), (NODE1, 30080), 63);
+    let icmp_before = env.stat("event_icmp_nat");
+
+    // Fragmentation needed from a router between node and backend (node2 here), about the
+    // forwarded packet: to the client, quoting the client's own packet; the router's
+    // address stays the source.
+    case!(
+        env,
+        "frag needed about a forwarded packet",
+        "xdp",
+        icmp_unreach(
+            NODE2_MAC,
+            NODE1_MAC,
+            (NODE2, NODE1),
+            64,
+            Some(1400),
+            &towards_pod
+        ),
+        XDP_TX,
+        icmp_unreach(
+            NODE1_MAC,
+            CLIENT_MAC,
+            (NODE2, CLIENT),
+            63,
+            Some(1400),
+            &as_client_sent
+        ),
+        "tx"
+    );
+    // Port unreachable from the backend itself: the client hears it from the frontend.
+    case!(
+        env,
+        "port unreachable from the backend",
+        "xdp",
+        icmp_unreach(
+            NODE2_MAC,
+            NODE1_MAC,
+            (POD_REMOTE, NODE1),
+            63,
+            None,
+            &towards_pod
+        ),
+        XDP_TX,
+        icmp_unreach(
+            NODE1_MAC,
+            CLIENT_MAC,
+            (NODE1, CLIENT),
+            62,
+            None,
+            &as_client_sent
+        ),
+        "tx"
+    );
+    // Fragmentation needed on the client's side about a reply (sent to the frontend): to
+    // the backend, from the SNAT address, quoting the backend's own reply.
+    let reply_to_client = udp(NODE1_MAC, CLIENT_MAC, (NODE1, 30080), (CLIENT, 5353), 62);
+    let reply_as_pod_sent = udp(
+        NODE2_MAC,
+        NODE1_MAC,
+        (POD_REMOTE, 80),
+        (NODE1, SNAT_PORT),
+        62,
+    );
+    case!(
+        env,
+        "frag needed about a reply",
+        "xdp",
+        icmp_unreach(
+            CLIENT_MAC,
+            NODE1_MAC,
+            (OTHER, NODE1),
+            64,
+            Some(1280),
+            &reply_to_client
+        ),
+        XDP_TX,
+        icmp_unreach(
+            NODE1_MAC,
+            NODE2_MAC,
+            (NODE1, POD_REMOTE),
+            63,
+            Some(1280),
+            &reply_as_pod_sent
+        ),
+        "tx"
+    );
+    assert_eq!(env.stat("event_icmp_nat"), icmp_before + 3);
+
+    // ICMP to the node itself: an unreachable about an unknown flow, and a ping.
+    let unknown = udp(NODE1_MAC, CLIENT_MAC, (NODE1, 5000), (CLIENT, 5353), 64);
+    let stray = icmp_unreach(CLIENT_MAC, NODE1_MAC, (CLIENT, NODE1), 64, None, &unknown);
+    case!(
+        env,
+        "unreachable about no translated flow",
+        "xdp",
+        stray.clone(),
+        XDP_PASS,
+        stray,
+        "pass_other_proto"
+    );
+    let mut ping = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC)
+        .ipv4(CLIENT, NODE1, 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut ping, b"abcdefgh")
+        .unwrap();
+    case!(
+        env,
+        "ping to the node",
+        "xdp",
+        ping.clone(),
+        XDP_PASS,
+        ping,
+        "pass_other_proto"
+    );
+    assert_eq!(env.stat("event_icmp_nat"), icmp_before + 3);
+}
+
 #[test]
 fn local_backend_dnat_and_tc_reply() {
     let Some(mut env) = setup() else { return };

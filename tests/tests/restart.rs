@@ -49,9 +49,7 @@ fn sigkill_and_restart_keeps_connections_and_map_entries() {
         return;
     }
     let mut tb =
-        Testbed::start(TestbedOptions::standard(echo_bin()).with_agent(default_agent_path()));
-    tb.wait_for_service(AGENT_WAIT)
-        .unwrap_or_else(|e| panic!("{e}"));
+        Testbed::serving(TestbedOptions::standard(echo_bin()).with_agent(default_agent_path()));
     // A pod added after the first sync gets the next backend id, so the ids in the maps are
     // no longer in address order: an agent that renumbered from scratch after the restart
     // would hand pb1's id to pa3 and break the flows bound to it.
@@ -174,9 +172,7 @@ fn sigterm_detaches_and_keep_datapath_hands_over() {
     }
     // A plain SIGTERM: the agent detaches its programs and removes its pins.
     let mut tb =
-        Testbed::start(TestbedOptions::standard(echo_bin()).with_agent(default_agent_path()));
-    tb.wait_for_service(AGENT_WAIT)
-        .unwrap_or_else(|e| panic!("{e}"));
+        Testbed::serving(TestbedOptions::standard(echo_bin()).with_agent(default_agent_path()));
     let pin = tb
         .agents()
         .iter()
@@ -203,9 +199,7 @@ fn sigterm_detaches_and_keep_datapath_hands_over() {
     // agent takes the pinned links over and replaces the programs atomically.
     let mut opts = TestbedOptions::standard(echo_bin()).with_agent(default_agent_path());
     opts.agent_args.push("--keep-datapath".into());
-    let mut tb = Testbed::start(opts);
-    tb.wait_for_service(AGENT_WAIT)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut tb = Testbed::serving(opts);
     let addr = tb.nodeport_addr("node1");
     let mut conn = KeepAliveConn::connect(tb.cluster().client(), addr).expect("connect");
     let first = conn.request().expect("first request");
