@@ -155,6 +155,21 @@ struct Args {
     /// outside the nodePort range and the kernel's ephemeral port range.
     #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
     snat_port_range: (u16, u16),
+    /// Idle timeout of established TCP flows in conntrack, seconds (kube-proxy's
+    /// --conntrack-tcp-timeout-established).
+    #[arg(long, value_name = "SECONDS", default_value_t = Config::default().tcp_timeout_s, value_parser = clap::value_parser!(u32).range(1..))]
+    conntrack_tcp_timeout: u32,
+    /// Timeout of TCP flows that saw no ACK from the client yet (SYN floods hold SNAT
+    /// ports this long), seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = Config::default().tcp_syn_timeout_s, value_parser = clap::value_parser!(u32).range(1..))]
+    conntrack_tcp_syn_timeout: u32,
+    /// Timeout of TCP flows after a FIN or RST, seconds (kube-proxy's
+    /// --conntrack-tcp-timeout-close-wait).
+    #[arg(long, value_name = "SECONDS", default_value_t = Config::default().tcp_closing_timeout_s, value_parser = clap::value_parser!(u32).range(1..))]
+    conntrack_tcp_closing_timeout: u32,
+    /// Idle timeout of UDP flows, seconds (kube-proxy's --conntrack-udp-timeout).
+    #[arg(long, value_name = "SECONDS", default_value_t = Config::default().udp_timeout_s, value_parser = clap::value_parser!(u32).range(1..))]
+    conntrack_udp_timeout: u32,
     /// On exit, leave the programs attached and the maps pinned (for upgrades: the next
     /// agent takes both over without dropping a connection).
     #[arg(long)]
@@ -304,6 +319,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         flags: if args.debug_datapath { CFG_F_DEBUG } else { 0 },
         snat_port_min: lo,
         snat_port_max: hi,
+        tcp_timeout_s: args.conntrack_tcp_timeout,
+        tcp_syn_timeout_s: args.conntrack_tcp_syn_timeout,
+        tcp_closing_timeout_s: args.conntrack_tcp_closing_timeout,
+        udp_timeout_s: args.conntrack_udp_timeout,
         ..Config::default()
     })?;
     if let Some(logger) = dp.take_logger() {

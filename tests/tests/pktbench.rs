@@ -109,6 +109,7 @@ fn generator_through_bare_forwarder_reaches_the_sink() {
         &run_id(),
         Setup::Bare,
         ServiceSet::new(1),
+        Traffic::NewFlows,
         &default_agent_path(),
     );
     for kind in Kind::ALL {

@@ -125,7 +125,13 @@ pub fn run(plan: &Plan) -> Report {
     let t = plan.timing;
     let mut generator = Vec::new();
     {
-        let bed = &mut Bed::new(&run_id(), Setup::GenOnly, ServiceSet::new(1), &plan.agent);
+        let bed = &mut Bed::new(
+            &run_id(),
+            Setup::GenOnly,
+            ServiceSet::new(1),
+            Traffic::NewFlows,
+            &plan.agent,
+        );
         for kind in Kind::ALL {
             let m = bed.measure(kind, Traffic::NewFlows, t);
             print_row(&m);
@@ -140,9 +146,11 @@ pub fn run(plan: &Plan) -> Report {
             &[1]
         };
         for &n in counts {
-            let set = ServiceSet::with_endpoints(n, plan.endpoints);
-            let mut bed = Bed::new(&run_id(), setup, set, &plan.agent);
+            // A fresh node per traffic kind: each configuration gets the conntrack
+            // timeouts of that kind (see `run::flow_timeouts`).
             for traffic in [Traffic::Established, Traffic::NewFlows] {
+                let set = ServiceSet::with_endpoints(n, plan.endpoints);
+                let mut bed = Bed::new(&run_id(), setup, set, traffic, &plan.agent);
                 let m = bed.measure(Kind::V4_TCP, traffic, t);
                 print_row(&m);
                 measurements.push(m);

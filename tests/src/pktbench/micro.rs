@@ -1,6 +1,6 @@
 //! Per-path costs of the datapath's XDP program `np_xdp`, through plain
-//! BPF_PROG_TEST_RUN: pass-through, new flow, established flow, reply (and session
-//! affinity once the datapath has it). Plain test runs reuse the packet buffer across
+//! BPF_PROG_TEST_RUN: pass-through, new flow, established flow, reply, and a new flow
+//! that takes its client's sticky backend (session affinity). Plain test runs reuse the packet buffer across
 //! `repeat`s, and np_xdp rewrites it, so every run is a separate `repeat = 1` call with a
 //! fresh copy of its packet (measuring.md); the figure is the kernel's own timing of the
 //! program (ns, ~10 ns resolution, caches colder than under load). Each path is proven by
@@ -14,6 +14,7 @@ use nodeport_agent::{
 };
 use nodeport_common::{
     bench::PROG_SINK, maps as m, Backend, Config, FrontendKey, Service, Stat, PROTO_TCP,
+    SVC_F_AFFINITY,
 };
 use serde::Serialize;
 
@@ -128,6 +129,11 @@ impl Env {
 
     /// Points the nodePort at `size` Maglev slots from `off`.
     fn point_service(&mut self, off: u32, size: u32) {
+        self.point_service_with(off, size, 0);
+    }
+
+    /// [`Env::point_service`] with `SVC_F_*` flags (affinity for 3 hours, when set).
+    fn point_service_with(&mut self, off: u32, size: u32, flags: u16) {
         self.dp
             .set_service(
                 &FrontendKey {
@@ -140,6 +146,8 @@ impl Env {
                     table_off: off,
                     table_size: size,
                     svc_id: 1,
+                    flags,
+                    affinity_timeout_s: 10_800,
                     ..Default::default()
                 },
             )
@@ -279,7 +287,7 @@ pub fn run() -> MicroReport {
         &vec![est; n],
         &[Stat::Established, Stat::Tx],
     ));
-    paths.push(affinity());
+    paths.push(affinity(&mut env, n));
     for p in &paths {
         println!(
             "  {:<40} median {:>6} ns  mean {:>7} ns  {}",
@@ -298,22 +306,25 @@ pub fn run() -> MicroReport {
     MicroReport { paths }
 }
 
-/// Session affinity: the other half of issue 4, added to the datapath separately. Its
-/// counter decides whether this build has it.
-fn affinity() -> PathCost {
-    let has = Stat::ALL.iter().any(|s| s.name().contains("affinity"));
-    let note = if has {
-        "affinity counter present, but this benchmark has no affinity case yet".into()
-    } else {
-        "not measured: session affinity not in this build".into()
-    };
-    PathCost {
-        path: "session affinity".into(),
-        counters: Vec::new(),
-        runs: 0,
-        median_ns: None,
-        mean_ns: None,
-        proven: false,
-        note,
-    }
+/// Session affinity: new flows of one client to an affinity service, each taking the
+/// client's sticky backend instead of the Maglev table. The first flow creates the binding.
+fn affinity(env: &mut Env, n: usize) -> PathCost {
+    env.point_service_with(8, BACKENDS, SVC_F_AFFINITY);
+    let client = [198, 18, 0, 20];
+    let flows: Vec<Vec<u8>> = (0..=n)
+        .map(|i| {
+            tcp(
+                (client, 1024 + i as u16),
+                (NODE, NODE_PORT),
+                CLIENT_MAC,
+                true,
+            )
+        })
+        .collect();
+    env.path("open the affinity binding", &flows[..1], &[Stat::NewFlow]);
+    env.path(
+        "new flow, sticky backend (affinity)",
+        &flows[1..],
+        &[Stat::AffinityHit, Stat::NewFlow, Stat::Tx],
+    )
 }

@@ -207,7 +207,13 @@ pub struct Bed {
 
 impl Bed {
     /// Builds the topology under `run_id` and configures the node for `setup`.
-    pub fn new(run_id: &str, setup: Setup, set: ServiceSet, agent: &std::path::Path) -> Bed {
+    pub fn new(
+        run_id: &str,
+        setup: Setup,
+        set: ServiceSet,
+        traffic: Traffic,
+        agent: &std::path::Path,
+    ) -> Bed {
         let topo = Topology::new(run_id);
         let mut progs = BenchProgs::load();
         progs.attach(PROG_SINK, &topo.sink, topo::SINK_IF);
@@ -238,7 +244,7 @@ impl Bed {
                 bed.progs
                     .attach(PROG_FWD, &bed.topo.node, topo::NODE_GEN_IF);
             }
-            Setup::Nodeport => bed.start_agent(run_id, set, agent),
+            Setup::Nodeport => bed.start_agent(run_id, set, traffic, agent),
             Setup::Iptables => {
                 kubeproxy::iptables_restore(
                     &bed.topo.node,
@@ -257,7 +263,13 @@ impl Bed {
         bed
     }
 
-    fn start_agent(&mut self, run_id: &str, set: ServiceSet, agent: &std::path::Path) {
+    fn start_agent(
+        &mut self,
+        run_id: &str,
+        set: ServiceSet,
+        traffic: Traffic,
+        agent: &std::path::Path,
+    ) {
         ensure_bpffs();
         self.topo.node.sysctl(
             "net.ipv4.ip_local_port_range",
@@ -272,8 +284,13 @@ impl Bed {
             dir.path().join("m").display().to_string(),
             pin.path().display().to_string(),
         );
+        let (tcp_syn, udp) = flow_timeouts(traffic);
         let argv = [
             agent.to_str().expect("utf-8 agent path"),
+            "--conntrack-tcp-syn-timeout",
+            tcp_syn,
+            "--conntrack-udp-timeout",
+            udp,
             "--interface",
             topo::NODE_GEN_IF,
             "--interface",
@@ -426,21 +443,27 @@ impl Bed {
 
 /// Conntrack settings of the netfilter configurations, in the node namespace: no software
 /// checksum check (a NIC would have verified it; the XDP datapath does not check
-/// either), and timeouts for unanswered flows (the sink never replies) by traffic: 1 s for
-/// new-flow runs, so they do not fill the table, the kernel's defaults (120 s, 30 s) for
-/// established ones, so a slow configuration does not see its cycled flows expire and
-/// turn into new ones.
+/// either), and [`flow_timeouts`] for unanswered flows (the sink never replies).
 fn conntrack_settings(topo: &Topology, traffic: Traffic) {
-    let (tcp, udp) = match traffic {
-        Traffic::NewFlows => ("1", "1"),
-        Traffic::Established => ("120", "30"),
-    };
+    let (tcp, udp) = flow_timeouts(traffic);
     for (k, v) in [
         ("net.netfilter.nf_conntrack_tcp_timeout_syn_sent", tcp),
         ("net.netfilter.nf_conntrack_udp_timeout", udp),
         ("net.netfilter.nf_conntrack_checksum", "0"),
     ] {
         topo.node.sysctl(k, v);
+    }
+}
+
+/// Timeouts (seconds) of TCP flows that never got past the SYN and of UDP flows, the
+/// same for every configuration: 1 s for new-flow runs, so they do not fill the tables
+/// (or, for the SNAT configurations, the source-port space towards a backend), the
+/// kernel's defaults (120 s, 30 s) for established ones, so a slow configuration does not
+/// see its cycled flows expire and turn into new ones.
+fn flow_timeouts(traffic: Traffic) -> (&'static str, &'static str) {
+    match traffic {
+        Traffic::NewFlows => ("1", "1"),
+        Traffic::Established => ("120", "30"),
     }
 }
 

@@ -82,6 +82,7 @@ impl ServiceSet {
                 }],
                 external_traffic_policy: None,
                 health_check_node_port: None,
+                session_affinity_timeout: None,
             },
             endpoints: (0..self.endpoints)
                 .map(|e| Endpoint {
