@@ -22,7 +22,7 @@ use nodeport_common::Stat;
 use crate::{
     lb::{IcmpNat, Nat},
     maps::DEVICES,
-    nat::{rewrite_icmp_xdp, rewrite_tc, rewrite_xdp},
+    nat::{rewrite_icmp, rewrite_tc, rewrite_xdp},
     packet::{Bounds, Flow, IcmpError},
 };
 
@@ -149,7 +149,7 @@ pub fn xdp_route(
         };
         let rewritten = match rewrite {
             Rewrite::Flow => rewrite_xdp(b, f, nat, true),
-            Rewrite::Icmp(e, n) => rewrite_icmp_xdp(b, e, n, true),
+            Rewrite::Icmp(e, n) => rewrite_icmp(b, e, n, true),
         };
         if !rewritten {
             return (xdp_action::XDP_PASS, Stat::PassMalformed);

@@ -12,8 +12,8 @@ use nodeport_common::{csum, PROTO_TCP, PROTO_UDP};
 use crate::{
     lb::{IcmpNat, Nat},
     packet::{
-        Bounds, Flow, IcmpError, ICMP_CHECK, INNER_L3, INNER_L4, IP_CHECK, IP_DADDR, IP_SADDR,
-        IP_TTL_PROTO, L3, L4, L4_DPORT, L4_SPORT, TCP_CHECK, UDP_CHECK,
+        Bounds, Flow, IcmpError, PacketBytes, ICMP_CHECK, INNER_L3, INNER_L4, IP_CHECK, IP_DADDR,
+        IP_SADDR, IP_TTL_PROTO, L3, L4, L4_DPORT, L4_SPORT, TCP_CHECK, UDP_CHECK,
     },
 };
 
@@ -30,22 +30,14 @@ pub fn rewrite_xdp(b: &Bounds, f: &Flow, nat: &Nat, dec_ttl: bool) -> bool {
     }
 }
 
-/// Decrement the TTL in the (TTL, protocol) word at `tp`; returns the IPv4 checksum
-/// `check` updated for it.
-///
-/// # Safety
-/// `tp` must be a bounds-checked pointer into packet memory.
+/// The (TTL, protocol) word `tp` with the TTL decremented, and the IPv4 checksum `check`
+/// updated for it.
 #[inline(always)]
-unsafe fn decrement_ttl(tp: *mut u16, check: u16) -> u16 {
-    // SAFETY: the caller's promise.
-    unsafe {
-        let old = tp.read_unaligned();
-        let mut bytes = old.to_ne_bytes();
-        bytes[0] = bytes[0].wrapping_sub(1);
-        let new = u16::from_ne_bytes(bytes);
-        tp.write_unaligned(new);
-        csum::replace2(check, old, new)
-    }
+fn decrement_ttl(tp: u16, check: u16) -> (u16, u16) {
+    let mut bytes = tp.to_ne_bytes();
+    bytes[0] = bytes[0].wrapping_sub(1);
+    let new = u16::from_ne_bytes(bytes);
+    (new, csum::replace2(check, tp, new))
 }
 
 #[inline(always)]
@@ -67,7 +59,9 @@ fn rewrite_at<const L4_CHECK: usize>(b: &Bounds, f: &Flow, nat: &Nat, dec_ttl: b
         let old_l4 = l4c.read_unaligned();
         let mut l4 = old_l4;
         if dec_ttl {
-            ip_check = decrement_ttl(tp, ip_check);
+            let (new_tp, check) = decrement_ttl(tp.read_unaligned(), ip_check);
+            tp.write_unaligned(new_tp);
+            ip_check = check;
         }
         let (os, od) = (sa.read_unaligned(), da.read_unaligned());
         ip_check = csum::replace4(ip_check, os, nat.saddr);
@@ -93,77 +87,73 @@ fn rewrite_at<const L4_CHECK: usize>(b: &Bounds, f: &Flow, nat: &Nat, dec_ttl: b
 /// addresses (and TTL), the quoted packet's addresses and ports, and the checksums: outer
 /// IPv4, ICMP (over the quoted bytes), quoted IPv4, and the quoted L4 checksum when the
 /// quote reaches it (UDP's always does; TCP's only if the sender quoted 20 bytes of TCP).
+/// The same code for XDP (packet memory) and TC (skb helpers): ICMP errors are complete
+/// packets with checksums computed in software, so plain incremental updates are right in
+/// both. Returns false if a header was out of bounds or a store failed.
 #[inline(always)]
-pub fn rewrite_icmp_xdp(b: &Bounds, e: &IcmpError, n: &IcmpNat, dec_ttl: bool) -> bool {
+pub fn rewrite_icmp(p: &impl PacketBytes, e: &IcmpError, n: &IcmpNat, dec_ttl: bool) -> bool {
     if e.proto == PROTO_TCP {
-        icmp_at::<{ INNER_L4 + TCP_CHECK }>(b, e, n, dec_ttl)
+        icmp_at::<{ INNER_L4 + TCP_CHECK }>(p, e, n, dec_ttl)
     } else {
-        icmp_at::<{ INNER_L4 + UDP_CHECK }>(b, e, n, dec_ttl)
+        icmp_at::<{ INNER_L4 + UDP_CHECK }>(p, e, n, dec_ttl)
     }
 }
 
 #[inline(always)]
-fn icmp_at<const L4_CHECK: usize>(b: &Bounds, e: &IcmpError, n: &IcmpNat, dec_ttl: bool) -> bool {
-    let (Some(ipc), Some(osa), Some(oda), Some(tp), Some(icc)) = (
-        b.ptr::<u16>(L3 + IP_CHECK),
-        b.ptr::<u32>(L3 + IP_SADDR),
-        b.ptr::<u32>(L3 + IP_DADDR),
-        b.ptr::<u16>(L3 + IP_TTL_PROTO),
-        b.ptr::<u16>(ICMP_CHECK),
-    ) else {
-        return false;
-    };
-    let (Some(iipc), Some(isa), Some(ida), Some(isp), Some(idp)) = (
-        b.ptr::<u16>(INNER_L3 + IP_CHECK),
-        b.ptr::<u32>(INNER_L3 + IP_SADDR),
-        b.ptr::<u32>(INNER_L3 + IP_DADDR),
-        b.ptr::<u16>(INNER_L4 + L4_SPORT),
-        b.ptr::<u16>(INNER_L4 + L4_DPORT),
+fn icmp_at<const L4_CHECK: usize>(
+    p: &impl PacketBytes,
+    e: &IcmpError,
+    n: &IcmpNat,
+    dec_ttl: bool,
+) -> bool {
+    let (Some(mut ip), Some(mut tp), Some(mut icmp), Some(old_iipc)) = (
+        p.load::<u16>(L3 + IP_CHECK),
+        p.load::<u16>(L3 + IP_TTL_PROTO),
+        p.load::<u16>(ICMP_CHECK),
+        p.load::<u16>(INNER_L3 + IP_CHECK),
     ) else {
         return false;
     };
     let m = &n.inner;
-    // SAFETY: every pointer was bounds-checked above.
-    unsafe {
-        let mut icmp = icc.read_unaligned();
-        if let Some(l4c) = b.ptr::<u16>(L4_CHECK) {
-            let old = l4c.read_unaligned();
-            let mut l4 = csum::replace4(old, e.saddr, m.saddr);
-            l4 = csum::replace4(l4, e.daddr, m.daddr);
-            l4 = csum::replace2(l4, e.sport, m.sport);
-            l4 = csum::replace2(l4, e.dport, m.dport);
-            if e.proto == PROTO_UDP {
-                l4 = csum::udp_fixup(old, l4);
-            }
-            l4c.write_unaligned(l4);
-            icmp = csum::replace2(icmp, old, l4);
-        }
-        let old_iipc = iipc.read_unaligned();
-        let mut inner_ip = csum::replace4(old_iipc, e.saddr, m.saddr);
-        inner_ip = csum::replace4(inner_ip, e.daddr, m.daddr);
-        icmp = csum::replace4(icmp, e.saddr, m.saddr);
-        icmp = csum::replace4(icmp, e.daddr, m.daddr);
-        icmp = csum::replace2(icmp, e.sport, m.sport);
-        icmp = csum::replace2(icmp, e.dport, m.dport);
-        icmp = csum::replace2(icmp, old_iipc, inner_ip);
-        isa.write_unaligned(m.saddr);
-        ida.write_unaligned(m.daddr);
-        isp.write_unaligned(m.sport);
-        idp.write_unaligned(m.dport);
-        iipc.write_unaligned(inner_ip);
-        icc.write_unaligned(icmp);
-
-        let mut ip = ipc.read_unaligned();
-        if dec_ttl {
-            ip = decrement_ttl(tp, ip);
-        }
-        ip = csum::replace4(ip, e.outer.saddr, n.outer_saddr);
-        ip = csum::replace4(ip, e.outer.daddr, n.outer_daddr);
-        osa.write_unaligned(n.outer_saddr);
-        oda.write_unaligned(n.outer_daddr);
-        ipc.write_unaligned(ip);
+    // The quoted L4 checksum covers the quoted pseudo-header and ports; the ICMP checksum
+    // covers every quoted byte, that checksum included.
+    // (Computed whether or not it is there: a value defined on one path only may be read
+    // from an unwritten stack slot, which the verifier refuses without CAP_PERFMON.)
+    let quoted_l4 = p.load::<u16>(L4_CHECK);
+    let old = quoted_l4.unwrap_or(0);
+    let mut l4 = csum::replace4(old, e.saddr, m.saddr);
+    l4 = csum::replace4(l4, e.daddr, m.daddr);
+    l4 = csum::replace2(l4, e.sport, m.sport);
+    l4 = csum::replace2(l4, e.dport, m.dport);
+    if e.proto == PROTO_UDP {
+        l4 = csum::udp_fixup(old, l4);
     }
-    true
+    if quoted_l4.is_some() {
+        icmp = csum::replace2(icmp, old, l4);
+    }
+    let mut inner_ip = csum::replace4(old_iipc, e.saddr, m.saddr);
+    inner_ip = csum::replace4(inner_ip, e.daddr, m.daddr);
+    icmp = csum::replace4(icmp, e.saddr, m.saddr);
+    icmp = csum::replace4(icmp, e.daddr, m.daddr);
+    icmp = csum::replace2(icmp, e.sport, m.sport);
+    icmp = csum::replace2(icmp, e.dport, m.dport);
+    icmp = csum::replace2(icmp, old_iipc, inner_ip);
+    if dec_ttl {
+        (tp, ip) = decrement_ttl(tp, ip);
+    }
+    ip = csum::replace4(ip, e.outer.saddr, n.outer_saddr);
+    ip = csum::replace4(ip, e.outer.daddr, n.outer_daddr);
+    (quoted_l4.is_none() || p.store(L4_CHECK, l4))
+        && p.store(INNER_L3 + IP_SADDR, m.saddr)
+        && p.store(INNER_L3 + IP_DADDR, m.daddr)
+        && p.store(INNER_L4 + L4_SPORT, m.sport)
+        && p.store(INNER_L4 + L4_DPORT, m.dport)
+        && p.store(INNER_L3 + IP_CHECK, inner_ip)
+        && p.store(ICMP_CHECK, icmp)
+        && (!dec_ttl || p.store(L3 + IP_TTL_PROTO, tp))
+        && p.store(L3 + IP_SADDR, n.outer_saddr)
+        && p.store(L3 + IP_DADDR, n.outer_daddr)
+        && p.store(L3 + IP_CHECK, ip)
 }
 
 /// The same rewrite through TC helpers. Returns false when a helper failed.

@@ -44,11 +44,14 @@ pub const ICMP_CHECK: usize = L4 + 2;
 pub const INNER_L3: usize = L4 + 8;
 pub const INNER_L4: usize = INNER_L3 + IPV4_MIN_HLEN;
 
-/// Read access to a packet: direct (XDP, constant offsets) or through `bpf_skb_load_bytes`
-/// (TC, any offset, no pointer arithmetic).
+/// Access to a packet: direct (XDP, constant offsets) or through `bpf_skb_load_bytes` and
+/// `bpf_skb_store_bytes` (TC, any offset, no pointer arithmetic).
 pub trait PacketBytes {
     /// The value of type `T` at `off`, if it lies inside the packet.
     fn load<T: Copy>(&self, off: usize) -> Option<T>;
+    /// Write `v` at `off`; false if it does not lie inside the packet. Checksums are the
+    /// caller's business.
+    fn store<T: Copy>(&self, off: usize, v: T) -> bool;
     /// Length of the whole packet.
     fn len(&self) -> usize;
 }
@@ -82,6 +85,13 @@ impl PacketBytes for Bounds {
         self.ptr::<T>(off).map(|p| unsafe { p.read_unaligned() })
     }
     #[inline(always)]
+    fn store<T: Copy>(&self, off: usize, v: T) -> bool {
+        // SAFETY: `ptr` checked that the value lies inside packet memory.
+        self.ptr::<T>(off)
+            .map(|p| unsafe { p.write_unaligned(v) })
+            .is_some()
+    }
+    #[inline(always)]
     fn len(&self) -> usize {
         self.len
     }
@@ -94,6 +104,10 @@ impl PacketBytes for Skb<'_> {
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
         self.0.load::<T>(off).ok()
+    }
+    #[inline(always)]
+    fn store<T: Copy>(&self, off: usize, v: T) -> bool {
+        self.0.store(off, &v, 0).is_ok()
     }
     #[inline(always)]
     fn len(&self) -> usize {
@@ -233,14 +247,15 @@ pub struct IcmpError {
     pub proto: u8,
 }
 
-/// Parse an ICMP error after [`parse`] returned `PassOtherProto` in XDP (so the outer
-/// header is IPv4 without options, not a fragment, with a consistent length). `None`:
-/// not a destination-unreachable quoting an option-less, unfragmented-or-first TCP/UDP
-/// packet with its ports.
+/// Parse an ICMP error after [`parse`] returned `PassOtherProto` (so the outer header is
+/// IPv4, not a fragment, with a consistent length). `None`: outer IPv4 header with
+/// options, or not a destination-unreachable quoting an option-less, unfragmented-or-first
+/// TCP/UDP packet with its ports.
 #[inline(always)]
-pub fn parse_icmp_error(b: &Bounds) -> Option<IcmpError> {
+pub fn parse_icmp_error(b: &impl PacketBytes) -> Option<IcmpError> {
+    let vihl: u8 = b.load(L3)?;
     let ttl_proto: [u8; 2] = b.load(L3 + IP_TTL_PROTO)?;
-    if ttl_proto[1] != PROTO_ICMP {
+    if vihl != 0x45 || ttl_proto[1] != PROTO_ICMP {
         return None;
     }
     let tot_len = u16::from_be(b.load::<u16>(L3 + 2)?);

@@ -19,7 +19,7 @@ use nodeport_common::{Stat, CFG_F_DEBUG};
 use crate::{
     fwd::{tc_forward, xdp_forward, xdp_route, Rewrite},
     lb::{config, forward, icmp_error, maybe_snat_reply, reply, Decision, IcmpDecision, Nat},
-    nat::{rewrite_icmp_xdp, rewrite_tc, rewrite_xdp},
+    nat::{rewrite_icmp, rewrite_tc, rewrite_xdp},
     packet::{parse, parse_icmp_error, Bounds, Flow, Skb},
     stats::count,
 };
@@ -94,7 +94,7 @@ fn xdp_icmp(ctx: &XdpContext, b: &Bounds) -> (u32, Stat) {
     };
     let (action, stat) = match decision {
         IcmpDecision::Local(n) => {
-            if rewrite_icmp_xdp(b, &e, &n, false) {
+            if rewrite_icmp(b, &e, &n, false) {
                 (xdp_action::XDP_PASS, Stat::LocalDeliver)
             } else {
                 (xdp_action::XDP_PASS, Stat::PassMalformed)
@@ -176,17 +176,47 @@ fn tc_in<const DEBUG: bool>(ctx: &TcContext) -> i32 {
 }
 
 /// TC egress: replies of backends on this node leave through the stack; give them back
-/// the frontend address and port the client talked to.
+/// the frontend address and port the client talked to. So do their ICMP errors about a
+/// client's packet (port unreachable, fragmentation needed).
 #[classifier]
 pub fn np_tc_out(ctx: TcContext) -> i32 {
-    let Ok(f) = parse::<true>(&Skb(&ctx)) else {
-        return TC_ACT_OK;
+    let f = match parse::<true>(&Skb(&ctx)) {
+        Ok(f) => f,
+        Err(Stat::PassOtherProto) => return tc_out_icmp(&ctx),
+        Err(_) => return TC_ACT_OK,
     };
     let Some(Decision::Reply(nat)) = reply(&f) else {
         return TC_ACT_OK;
     };
     if rewrite_tc(&ctx, &f, &nat, false) {
         count(Stat::TcNat);
+        TC_ACT_OK
+    } else {
+        count(Stat::DropMapFull);
+        TC_ACT_SHOT
+    }
+}
+
+/// An ICMP error a backend on this node sends to a client about the client's translated
+/// packet: the client must see it come from the frontend, quoting its own packet to the
+/// frontend, or its socket never learns of it.
+#[inline(always)]
+fn tc_out_icmp(ctx: &TcContext) -> i32 {
+    let skb = Skb(ctx);
+    let Some(e) = parse_icmp_error(&skb) else {
+        return TC_ACT_OK;
+    };
+    // Only errors already on their way to the client (a reverse-NAT hit): the stack routed
+    // them; nothing else leaving this node is ours to touch.
+    let Some(IcmpDecision::Route(n)) = icmp_error(&e) else {
+        return TC_ACT_OK;
+    };
+    if n.outer_daddr != e.outer.daddr {
+        return TC_ACT_OK;
+    }
+    if rewrite_icmp(&skb, &e, &n, false) {
+        count(Stat::TcNat);
+        count(Stat::IcmpNat);
         TC_ACT_OK
     } else {
         count(Stat::DropMapFull);

@@ -316,6 +316,34 @@ pub fn udp_request_here_from(
     })
 }
 
+/// Whether one UDP datagram from a fresh connected socket in namespace `ns` is refused:
+/// the socket reports ECONNREFUSED, which the kernel does only for an ICMP port unreachable
+/// that quotes this socket's own datagram (to `addr`, from its port). `Ok(false)`: an
+/// answer or silence within [`UDP_TIMEOUT`].
+pub fn udp_refused(ns: &Netns, addr: SocketAddr) -> Result<bool> {
+    run_in(ns, || {
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(io_err("bind", addr))?;
+        sock.connect(addr).map_err(io_err("connect", addr))?;
+        sock.set_read_timeout(Some(UDP_TIMEOUT))
+            .map_err(io_err("setsockopt", addr))?;
+        sock.send(b"ping\n").map_err(io_err("send", addr))?;
+        let mut buf = [0u8; 2048];
+        match sock.recv(&mut buf) {
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(io_err("receive", addr)(e)),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
