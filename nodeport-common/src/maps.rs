@@ -144,6 +144,9 @@ pub const CT_F_CLOSING: u16 = 1 << 0;
 pub const CT_F_SNAT: u16 = 1 << 1;
 /// Conntrack flag: only a SYN has been seen so far.
 pub const CT_F_SYN_ONLY: u16 = 1 << 2;
+/// Conntrack flag: the service had sessionAffinity when the flow was opened (its packets
+/// keep the client's NP_AFF entry fresh).
+pub const CT_F_AFFINITY: u16 = 1 << 3;
 
 /// NP_CT value: the backend a flow is bound to and how it was translated.
 #[repr(C)]

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use nodeport_common::{
     hash::flow_hash, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey, RevNat,
-    Service, SrcRange, Stat, BE_F_LOCAL, CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_ONLY,
+    Service, SrcRange, Stat, BE_F_LOCAL, CT_F_AFFINITY, CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_ONLY,
     MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP, SNAT_PROBES, SRC_RANGE_SVC_BITS, SVC_F_AFFINITY,
     SVC_F_LOCAL, SVC_F_SRC_RANGES,
 };
@@ -141,16 +141,27 @@ fn client_key(f: &Flow) -> FlowKey {
     FlowKey::new(f.saddr, f.daddr, f.sport, f.dport, f.proto)
 }
 
-/// Decide for a packet that may be addressed to a frontend. `None`: no frontend matched.
+/// Decide for a packet arriving at the node: the reply of a source-NATed flow (addressed to
+/// a port of the SNAT range, and known to NP_RNAT), else a packet to a frontend. `None`:
+/// neither. Replies are tried first: they are half of every remote flow's packets, and
+/// the SNAT range test spares the others the lookup.
 #[inline(always)]
-pub fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
-    let (svc, node_port) = lookup_service(f)?;
+pub fn decide(f: &Flow, cfg: &Config) -> Option<Decision> {
+    forward(f, cfg)
+}
+
+/// Decide for a packet that may be addressed to a frontend. `None`: no frontend matched.
+///
+/// Conntrack first: a live entry whose backend is unchanged decides alone, so an
+/// established packet costs two hash lookups (flow, backend) instead of five (the
+/// frontend lookups and the node-address check besides). The frontend's settings apply
+/// when a flow is opened: loadBalancerSourceRanges like kube-proxy's iptables rules,
+/// which see only a connection's first packet.
+#[inline(always)]
+fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
     let key = client_key(f);
     let now = now_ns();
-
-    if svc.flags & SVC_F_SRC_RANGES != 0 && !source_allowed(f, &svc) {
-        return Some(Decision::Drop(Stat::DropSourceRange));
-    }
+    let mut reselect = false;
     if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: map value pointer, copied.
         let entry = unsafe { *ct };
@@ -159,8 +170,8 @@ pub fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
             if let Some(be) = unsafe { BACKENDS.get(&entry.backend_id) } {
                 if be.addr == entry.backend_addr && be.port == entry.backend_port {
                     touch(ct, f.tcp_flags, true, now);
-                    if svc.flags & SVC_F_AFFINITY != 0 {
-                        refresh_affinity(f, &svc, entry.backend_id, now);
+                    if entry.flags & CT_F_AFFINITY != 0 {
+                        refresh_affinity(f.saddr, entry.svc_id, entry.backend_id, now);
                     }
                     count(Stat::Established);
                     let nat = Nat {
@@ -176,8 +187,19 @@ pub fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
                     });
                 }
             }
-            count(Stat::Reselect);
+            reselect = true;
         }
+    } else if maybe_snat_reply(f, cfg) {
+        if let Some(d) = reply(f) {
+            return Some(d);
+        }
+    }
+    let (svc, node_port) = lookup_service(f)?;
+    if svc.flags & SVC_F_SRC_RANGES != 0 && !source_allowed(f, &svc) {
+        return Some(Decision::Drop(Stat::DropSourceRange));
+    }
+    if reselect {
+        count(Stat::Reselect);
     }
     Some(new_flow(f, cfg, &svc, node_port, key, now))
 }
@@ -240,7 +262,7 @@ fn new_flow(
             CT_F_SYN_ONLY
         } else {
             0
-        },
+        } | if affinity { CT_F_AFFINITY } else { 0 },
         pad: 0,
     };
     if local {
@@ -328,10 +350,10 @@ fn sticky_backend(akey: &AffinityKey, svc: &Service, now: u64) -> Option<u32> {
 /// An established flow of an affinity service to the client's sticky backend counts as
 /// use: push the client's expiry.
 #[inline(always)]
-fn refresh_affinity(f: &Flow, svc: &Service, backend_id: u32, now: u64) {
+fn refresh_affinity(client_addr: u32, svc_id: u32, backend_id: u32, now: u64) {
     let akey = AffinityKey {
-        client_addr: f.saddr,
-        svc_id: svc.svc_id,
+        client_addr,
+        svc_id,
     };
     if let Some(a) = AFFINITY.get_ptr_mut(&akey) {
         // SAFETY: map value pointer; a racing writer stores whole fields too.
@@ -472,7 +494,7 @@ pub fn reply(f: &Flow) -> Option<Decision> {
 /// Whether an arriving packet could be the reply of a source-NATed flow: it is addressed to
 /// a port of the SNAT range (cheap test before the map lookup).
 #[inline(always)]
-pub fn maybe_snat_reply(f: &Flow, cfg: &Config) -> bool {
+fn maybe_snat_reply(f: &Flow, cfg: &Config) -> bool {
     let port = u16::from_be(f.dport);
     port >= cfg.snat_port_min && port <= cfg.snat_port_max
 }

@@ -18,7 +18,7 @@ use nodeport_common::{Stat, CFG_F_DEBUG};
 
 use crate::{
     fwd::{tc_forward, xdp_forward, xdp_route, Rewrite},
-    lb::{config, forward, icmp_error, maybe_snat_reply, reply, Decision, IcmpDecision, Nat},
+    lb::{config, decide, icmp_error, reply, Decision, IcmpDecision, Nat},
     nat::{rewrite_icmp, rewrite_tc, rewrite_xdp},
     packet::{parse, parse_icmp_error, Bounds, Flow, Skb},
     stats::count,
@@ -55,13 +55,8 @@ fn try_xdp<const DEBUG: bool>(ctx: &XdpContext) -> (u32, Stat) {
         Err(stat) => return (xdp_action::XDP_PASS, stat),
     };
     let cfg = config();
-    let decision = match forward(&f, &cfg) {
-        Some(d) => d,
-        None if maybe_snat_reply(&f, &cfg) => match reply(&f) {
-            Some(d) => d,
-            None => return (xdp_action::XDP_PASS, Stat::PassNoMatch),
-        },
-        None => return (xdp_action::XDP_PASS, Stat::PassNoMatch),
+    let Some(decision) = decide(&f, &cfg) else {
+        return (xdp_action::XDP_PASS, Stat::PassNoMatch);
     };
     let (action, stat) = match decision {
         Decision::Drop(stat) => (xdp_action::XDP_DROP, stat),
@@ -149,13 +144,8 @@ fn tc_in<const DEBUG: bool>(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let cfg = config();
-    let decision = match forward(&f, &cfg) {
-        Some(d) => d,
-        None if maybe_snat_reply(&f, &cfg) => match reply(&f) {
-            Some(d) => d,
-            None => return TC_ACT_OK,
-        },
-        None => return TC_ACT_OK,
+    let Some(decision) = decide(&f, &cfg) else {
+        return TC_ACT_OK;
     };
     let (action, stat) = match decision {
         Decision::Drop(stat) => (TC_ACT_SHOT, stat),
