@@ -14,7 +14,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        DevMapHash, HashMap, IterableMap, Map, MapData, PerCpuArray,
+        Array, DevMapHash, HashMap, IterableMap, Map, MapData, PerCpuArray,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -184,7 +184,7 @@ pub struct Datapath {
     pins: PinReport,
     attached: Vec<Attachment>,
     services: HashMap<MapData, FrontendKey, Service>,
-    backends: HashMap<MapData, u32, Backend>,
+    backends: Array<MapData, Backend>,
     node_addrs: HashMap<MapData, u32, NodeAddr>,
     src_ranges: LpmTrie<MapData, SrcRange, u32>,
     config: aya::maps::Array<MapData, Config>,
@@ -378,7 +378,7 @@ impl Datapath {
             .ok();
         let services = HashMap::try_from(take(&mut ebpf, m::MAP_SERVICES)?)
             .map_err(|e| kerr(m::MAP_SERVICES, e))?;
-        let backends = HashMap::try_from(take(&mut ebpf, m::MAP_BACKENDS)?)
+        let backends = Array::try_from(take(&mut ebpf, m::MAP_BACKENDS)?)
             .map_err(|e| kerr(m::MAP_BACKENDS, e))?;
         let node_addrs = HashMap::try_from(take(&mut ebpf, m::MAP_NODE_ADDRS)?)
             .map_err(|e| kerr(m::MAP_NODE_ADDRS, e))?;
@@ -580,10 +580,7 @@ impl Datapath {
             snap.node_addrs
                 .push(item.map_err(|e| kerr(m::MAP_NODE_ADDRS, e))?.0);
         }
-        for item in self.backends.iter() {
-            snap.backends
-                .push(item.map_err(|e| kerr(m::MAP_BACKENDS, e))?);
-        }
+        snap.backends = programmed_backends(&self.backends)?;
         for item in self.services.iter() {
             snap.services
                 .push(item.map_err(|e| kerr(m::MAP_SERVICES, e))?);
@@ -618,14 +615,15 @@ impl Maps for Datapath {
 
     fn set_backend(&mut self, id: u32, be: &Backend) -> Result<()> {
         self.backends
-            .insert(id, be, 0)
-            .map_err(|e| kerr(format!("{} insert {id}", m::MAP_BACKENDS), e))
+            .set(id, be, 0)
+            .map_err(|e| kerr(format!("{} set {id}", m::MAP_BACKENDS), e))
     }
 
     fn delete_backend(&mut self, id: u32) -> Result<()> {
+        // A free id reads as all zero (the datapath's test for "no backend").
         self.backends
-            .remove(&id)
-            .map_err(|e| kerr(format!("{} remove {id}", m::MAP_BACKENDS), e))
+            .set(id, Backend::default(), 0)
+            .map_err(|e| kerr(format!("{} clear {id}", m::MAP_BACKENDS), e))
     }
 
     /// Write a Maglev table into the slots starting at `offset`, then fence so the writes
@@ -768,12 +766,10 @@ impl MapReader {
 
     /// Every backend by id (NP_BE).
     pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
-        let map: HashMap<MapData, u32, Backend> =
-            HashMap::try_from(Map::HashMap(open_pinned(&self.dir, m::MAP_BACKENDS)?))
+        let map: Array<MapData, Backend> =
+            Array::try_from(Map::Array(open_pinned(&self.dir, m::MAP_BACKENDS)?))
                 .map_err(|e| kerr(m::MAP_BACKENDS, e))?;
-        map.iter()
-            .map(|kv| kv.map_err(|e| kerr(m::MAP_BACKENDS, e)))
-            .collect()
+        programmed_backends(&map)
     }
 
     /// The backend ids of `len` Maglev slots from `offset` (NP_MAGLEV, two per element).
@@ -827,6 +823,18 @@ where
         .program_mut(name)
         .ok_or_else(|| Error::Kernel(format!("program {name} missing from the object")))?;
     p.try_into().map_err(|e| kerr(format!("program {name}"), e))
+}
+
+/// The programmed elements of NP_BE (an array: free ids read as all zero), by id.
+fn programmed_backends(map: &Array<MapData, Backend>) -> Result<Vec<(u32, Backend)>> {
+    let mut out = Vec::new();
+    for (id, be) in map.iter().enumerate() {
+        let be = be.map_err(|e| kerr(m::MAP_BACKENDS, e))?;
+        if be != Backend::default() {
+            out.push((id as u32, be));
+        }
+    }
+    Ok(out)
 }
 
 fn verifier_err(name: &str, e: aya::programs::ProgramError) -> Error {

@@ -166,8 +166,7 @@ fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
         // SAFETY: map value pointer, copied.
         let entry = unsafe { *ct };
         if !expired(cfg, f.proto, &entry, now) {
-            // SAFETY: plain data.
-            if let Some(be) = unsafe { BACKENDS.get(&entry.backend_id) } {
+            if let Some(be) = BACKENDS.get(entry.backend_id) {
                 if be.addr == entry.backend_addr && be.port == entry.backend_port {
                     touch(ct, f.tcp_flags, true, now);
                     if entry.flags & CT_F_AFFINITY != 0 {
@@ -240,7 +239,8 @@ fn new_flow(
         }
     };
     // SAFETY: plain data.
-    let Some(be) = (unsafe { BACKENDS.get(&id) }).copied() else {
+    // An all-zero element is a free id (the agent clears removed backends).
+    let Some(be) = BACKENDS.get(id).copied().filter(|b| b.addr != 0) else {
         return Decision::Drop(Stat::DropNoBackend);
     };
     let local = be.flags & BE_F_LOCAL != 0 || svc.flags & SVC_F_LOCAL != 0;
@@ -339,8 +339,7 @@ fn sticky_backend(akey: &AffinityKey, svc: &Service, now: u64) -> Option<u32> {
     if now.saturating_sub(last_seen) > svc.affinity_timeout_s as u64 * NS {
         return None;
     }
-    // SAFETY: plain data.
-    let be = unsafe { BACKENDS.get(&id) }?;
+    let be = BACKENDS.get(id)?;
     let usable = be.addr == addr
         && be.port == port
         && (svc.flags & SVC_F_LOCAL == 0 || be.flags & BE_F_LOCAL != 0);

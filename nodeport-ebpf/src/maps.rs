@@ -18,9 +18,11 @@ use nodeport_common::{
 pub static SERVICES: HashMap<FrontendKey, Service> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
-/// NP_BE_V1: backend id -> backend address and target port.
+/// NP_BE_V1: backend id -> backend address and target port. An array: the agent hands out
+/// dense ids from 1, so an element per id costs 8 bytes where a hash entry took ~80, and a
+/// lookup is an index the verifier inlines, not a hash. A free id reads as all zero.
 #[map(name = "NP_BE_V1")]
-pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 /// NP_MAGLEV_V1: slot pair -> two backend ids (see `MaglevEntry`); each service owns `table_size` slots at `table_off`.
 /// Memory-mappable so the agent writes whole tables without a syscall per slot.

@@ -19,7 +19,7 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use k8s_openapi::api::{core::v1, discovery::v1::EndpointSlice};
-use nodeport_common::{maps as m, Backend, FrontendKey, Service as SvcValue};
+use nodeport_common::{maps as m, FrontendKey, Service as SvcValue};
 use serde::de::DeserializeOwned;
 use tests::{
     apiserver::{ApiServer, ApiServerConfig},
@@ -93,9 +93,10 @@ fn frontends(pin: &Path) -> BTreeSet<(u16, u8)> {
 
 /// NP_BE under `pin`: backend id -> (address, port).
 fn backends(pin: &Path) -> BTreeMap<u32, (Ipv4Addr, u16)> {
-    let be: HashMap<MapData, u32, Backend> = hash_map(pin, m::MAP_BACKENDS);
-    be.iter()
-        .map(|kv| kv.expect("NP_BE entry"))
+    nodeport_agent::datapath::MapReader::open(pin)
+        .and_then(|r| r.backends())
+        .expect("NP_BE")
+        .into_iter()
         .map(|(id, b)| {
             (
                 id,

@@ -37,9 +37,12 @@ fn hash_map<K: aya::Pod, V: aya::Pod>(pin: &Path, name: &str, lru: bool) -> Hash
 /// Conntrack keys and backends (id -> backend) as pinned under `pin`.
 fn map_state(pin: &Path) -> (BTreeSet<FlowKey>, BTreeMap<u32, Backend>) {
     let ct: HashMap<MapData, FlowKey, CtEntry> = hash_map(pin, m::MAP_CONNTRACK, true);
-    let be: HashMap<MapData, u32, Backend> = hash_map(pin, m::MAP_BACKENDS, false);
     let keys = ct.keys().map(|k| k.expect("conntrack key")).collect();
-    let backends = be.iter().map(|kv| kv.expect("backend")).collect();
+    let backends = nodeport_agent::datapath::MapReader::open(pin)
+        .and_then(|r| r.backends())
+        .expect("NP_BE")
+        .into_iter()
+        .collect();
     (keys, backends)
 }
 

@@ -88,6 +88,16 @@ fn control_plane(s: &mut String, v: &Value) {
             "",
         ),
         ("agent_rss_mib", "process RSS at that scale (MiB)", "< 64"),
+        (
+            "agent_rss_anon_mib",
+            "of which heap and stacks (anonymous: objects as read, model, reconciler; MiB)",
+            "",
+        ),
+        (
+            "agent_rss_file_mib",
+            "of which file-backed: the binary and the memory-mapped Maglev map's pages (also counted in the next row; MiB)",
+            "",
+        ),
         ("bpf_map_mib", "BPF map memory, default sizes (MiB)", "< 64"),
     ] {
         let _ = writeln!(s, "| {what} | {} | {target} |", get(k));
