@@ -461,3 +461,60 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: [&str; 7] = [
+        "nodeport-agent",
+        "--interface",
+        "eth0",
+        "--node-name",
+        "n1",
+        "--pin-path",
+        "/sys/fs/bpf/np",
+    ];
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(BASE.iter().chain(extra))
+    }
+
+    #[test]
+    fn conntrack_timeouts_default_to_the_datapath_defaults() {
+        let a = parse(&[]).unwrap();
+        let d = Config::default();
+        assert_eq!(
+            (
+                a.conntrack_tcp_timeout,
+                a.conntrack_tcp_syn_timeout,
+                a.conntrack_tcp_closing_timeout,
+                a.conntrack_udp_timeout
+            ),
+            (
+                d.tcp_timeout_s,
+                d.tcp_syn_timeout_s,
+                d.tcp_closing_timeout_s,
+                d.udp_timeout_s
+            )
+        );
+        let a = parse(&[
+            "--conntrack-tcp-syn-timeout",
+            "5",
+            "--conntrack-udp-timeout=30",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.conntrack_tcp_syn_timeout, a.conntrack_udp_timeout),
+            (5, 30)
+        );
+    }
+
+    #[test]
+    fn a_zero_timeout_is_refused_by_name() {
+        let e = parse(&["--conntrack-udp-timeout", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--conntrack-udp-timeout"), "{e}");
+    }
+}
