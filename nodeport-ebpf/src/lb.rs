@@ -141,24 +141,18 @@ fn client_key(f: &Flow) -> FlowKey {
     FlowKey::new(f.saddr, f.daddr, f.sport, f.dport, f.proto)
 }
 
-/// Decide for a packet arriving at the node: the reply of a source-NATed flow (addressed to
-/// a port of the SNAT range, and known to NP_RNAT), else a packet to a frontend. `None`:
-/// neither. Replies are tried first: they are half of every remote flow's packets, and
-/// the SNAT range test spares the others the lookup.
+/// Decide for a packet arriving at the node. `None`: it is not ours.
+///
+/// 1. Conntrack first: a live entry whose backend is unchanged decides alone, so an
+///    established packet costs one hash lookup (its flow) and an array index (its
+///    backend), not the frontend lookups and the node-address check besides.
+/// 2. On a miss, a packet to a port of the SNAT range is looked up in NP_RNAT: the reply
+///    of a source-NATed flow.
+/// 3. Else the frontends: a new flow, or a new choice for a flow whose backend is gone.
+///    The frontend's settings apply when a flow opens: loadBalancerSourceRanges like
+///    kube-proxy's iptables rules, which see only a connection's first packet.
 #[inline(always)]
 pub fn decide(f: &Flow, cfg: &Config) -> Option<Decision> {
-    forward(f, cfg)
-}
-
-/// Decide for a packet that may be addressed to a frontend. `None`: no frontend matched.
-///
-/// Conntrack first: a live entry whose backend is unchanged decides alone, so an
-/// established packet costs two hash lookups (flow, backend) instead of five (the
-/// frontend lookups and the node-address check besides). The frontend's settings apply
-/// when a flow is opened: loadBalancerSourceRanges like kube-proxy's iptables rules,
-/// which see only a connection's first packet.
-#[inline(always)]
-fn forward(f: &Flow, cfg: &Config) -> Option<Decision> {
     let key = client_key(f);
     let now = now_ns();
     let mut reselect = false;
