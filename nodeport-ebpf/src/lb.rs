@@ -232,7 +232,6 @@ fn new_flow(
             pair[(slot & 1) as usize]
         }
     };
-    // SAFETY: plain data.
     // An all-zero element is a free id (the agent clears removed backends).
     let Some(be) = BACKENDS.get(id).copied().filter(|b| b.addr != 0) else {
         return Decision::Drop(Stat::DropNoBackend);

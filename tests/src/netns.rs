@@ -621,6 +621,44 @@ pub fn list_np_namespaces() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A namespace shaped like node1 of the test cluster, for driving the datapath with
+/// BPF_PROG_TEST_RUN: `lan0` (02:00:00:00:00:0b, 198.18.0.11/24) is a veth towards a peer
+/// namespace; the client (198.18.0.10, 02:..:0a) and the peer node (198.18.0.12, 02:..:0c)
+/// are permanent neighbours; 198.19.2.0/24 is routed via the peer node; forwarding is on.
+pub struct NodeLan {
+    pub ns: Netns,
+    /// The other end of `lan0` (kept so the link stays up).
+    pub peer: Netns,
+    /// `lan0`'s ifindex.
+    pub lan0: u32,
+}
+
+impl NodeLan {
+    /// Namespaces `np-<run id>-<tag>` and `np-<run id>-<tag>p`.
+    pub fn new(tag: &str) -> NodeLan {
+        let id = run_id();
+        let ns = Netns::new(&format!("np-{id}-{tag}"));
+        let peer = Netns::new(&format!("np-{id}-{tag}p"));
+        ns.ip(&format!(
+            "link add lan0 type veth peer name lanp netns {}",
+            peer.name()
+        ));
+        ns.ip("link set lan0 address 02:00:00:00:00:0b");
+        ns.ip("addr add 198.18.0.11/24 dev lan0");
+        ns.ip("link set lan0 up");
+        peer.ip("link set lanp up");
+        ns.ip("neigh replace 198.18.0.10 lladdr 02:00:00:00:00:0a dev lan0 nud permanent");
+        ns.ip("neigh replace 198.18.0.12 lladdr 02:00:00:00:00:0c dev lan0 nud permanent");
+        ns.ip("route add 198.19.2.0/24 via 198.18.0.12 dev lan0");
+        ns.sysctl("net.ipv4.conf.all.forwarding", "1");
+        ns.sysctl("net.ipv4.conf.lan0.forwarding", "1");
+        let lan0 = run_in(&ns, || {
+            nix::net::if_::if_nametoindex("lan0").expect("lan0 ifindex")
+        });
+        NodeLan { ns, peer, lan0 }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

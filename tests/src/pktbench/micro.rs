@@ -18,7 +18,7 @@ use nodeport_common::{
 };
 use serde::Serialize;
 
-use crate::netns::{run_id, run_in, Netns};
+use crate::netns::{run_in, Netns, NodeLan};
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
@@ -72,25 +72,9 @@ struct Env {
 }
 
 impl Env {
-    /// A namespace like node1 of the test cluster: lan0 198.18.0.11/24, the client and
-    /// the peer node as permanent neighbours, the backend's /24 via the peer.
+    /// A namespace like node1 of the test cluster ([`NodeLan`]).
     fn new() -> Env {
-        let id = run_id();
-        let ns = Netns::new(&format!("np-{id}-mc"));
-        let peer = Netns::new(&format!("np-{id}-mcp"));
-        ns.ip(&format!(
-            "link add lan0 type veth peer name lanp netns {}",
-            peer.name()
-        ));
-        ns.ip("link set lan0 address 02:00:00:00:00:0b");
-        ns.ip("addr add 198.18.0.11/24 dev lan0");
-        ns.ip("link set lan0 up");
-        peer.ip("link set lanp up");
-        ns.ip("neigh replace 198.18.0.10 lladdr 02:00:00:00:00:0a dev lan0 nud permanent");
-        ns.ip("neigh replace 198.18.0.12 lladdr 02:00:00:00:00:0c dev lan0 nud permanent");
-        ns.ip("route add 198.19.2.0/24 via 198.18.0.12 dev lan0");
-        ns.sysctl("net.ipv4.conf.all.forwarding", "1");
-        let lan0 = run_in(&ns, || nix::net::if_::if_nametoindex("lan0").expect("lan0"));
+        let NodeLan { ns, peer, lan0 } = NodeLan::new("mc");
         let sizes = MapSizes {
             services: 64,
             backends: 64,
