@@ -23,7 +23,7 @@ fn fmix(mut h: u32) -> u32 {
 }
 
 /// MurmurHash3-style hash of (client address, client port, frontend port, protocol), all
-/// as raw network-order values.
+/// as raw network-order values. IPv6 clients pass their address folded (`Addr::fold`).
 #[inline(always)]
 pub fn flow_hash(saddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
     let mut h = 0x6e70_6c62; // seed "nplb"

@@ -5,6 +5,68 @@
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
+/// An IPv6 address as four raw network-order words (`u32::from_ne_bytes` of each group of
+/// four octets), the way the datapath reads it from packet memory.
+pub type Ip6 = [u32; 4];
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for u32 {}
+    impl Sealed for super::Ip6 {}
+}
+
+/// The raw address of one family: `u32` for IPv4, [`Ip6`] for IPv6. Every key and value
+/// that holds an address is generic over it; the `*6` aliases name the IPv6 layouts, and
+/// the IPv6 maps are separate (`NP_*6_V1`), so IPv4 keys stay as small as before.
+pub trait Addr:
+    sealed::Sealed
+    + 'static
+    + Copy
+    + Default
+    + PartialEq
+    + Eq
+    + PartialOrd
+    + Ord
+    + core::hash::Hash
+    + core::fmt::Debug
+{
+    /// Filler that rounds [`Affinity`] to a multiple of 8 bytes without implicit padding:
+    /// four bytes for IPv4, none for IPv6.
+    type Pad: Copy + Default + PartialEq + Eq + core::fmt::Debug;
+    /// Address length in bits (the LPM prefix of a whole address).
+    const BITS: u32;
+    /// The address folded to 32 bits for the flow hash (IPv4: itself).
+    fn fold(self) -> u32;
+    /// The unspecified address (also "no backend" in an NP_BE element).
+    fn is_zero(&self) -> bool;
+}
+
+impl Addr for u32 {
+    type Pad = u32;
+    const BITS: u32 = 32;
+    #[inline(always)]
+    fn fold(self) -> u32 {
+        self
+    }
+    #[inline(always)]
+    fn is_zero(&self) -> bool {
+        *self == 0
+    }
+}
+
+impl Addr for Ip6 {
+    type Pad = ();
+    const BITS: u32 = 128;
+    #[inline(always)]
+    fn fold(self) -> u32 {
+        self[0] ^ self[1] ^ self[2] ^ self[3]
+    }
+    #[inline(always)]
+    fn is_zero(&self) -> bool {
+        (self[0] | self[1] | self[2] | self[3]) == 0
+    }
+}
+
 /// Map names (the kernel keeps 15 characters). Pinned under the agent's `--pin-path`.
 pub const MAP_SERVICES: &str = "NP_SVC_V1";
 pub const MAP_BACKENDS: &str = "NP_BE_V1";
@@ -17,6 +79,15 @@ pub const MAP_STATS: &str = "NP_STATS_V1";
 pub const MAP_DEVICES: &str = "NP_DEV_V1";
 pub const MAP_AFFINITY: &str = "NP_AFF_V1";
 pub const MAP_SRC_RANGES: &str = "NP_SRCRANGE_V1";
+/// The IPv6 counterparts (same layouts with [`Ip6`] addresses). NP_MAGLEV, NP_CONFIG,
+/// NP_STATS and NP_DEV are shared; backend ids are one space over NP_BE and NP_BE6.
+pub const MAP_SERVICES6: &str = "NP_SVC6_V1";
+pub const MAP_BACKENDS6: &str = "NP_BE6_V1";
+pub const MAP_CONNTRACK6: &str = "NP_CT6_V1";
+pub const MAP_REVNAT6: &str = "NP_RNAT6_V1";
+pub const MAP_NODE_ADDRS6: &str = "NP_NODEADDR6_V1";
+pub const MAP_AFFINITY6: &str = "NP_AFF6_V1";
+pub const MAP_SRC_RANGES6: &str = "NP_SRCRANGE6_V1";
 
 /// Program names in the eBPF object.
 pub const PROG_XDP: &str = "np_xdp";
@@ -40,6 +111,11 @@ pub const DEFAULT_MAX_DEVICES: u32 = 64;
 pub const DEFAULT_AFFINITY_ENTRIES: u32 = 65_536;
 /// loadBalancerSourceRanges CIDRs over all services.
 pub const DEFAULT_SRC_RANGES: u32 = 16_384;
+/// IPv6 flows tracked (NP_CT6 and NP_RNAT6). Smaller than IPv4's by default: an IPv6 entry
+/// takes about twice the memory, and the preallocated maps cost it whether used or not.
+pub const DEFAULT_CT6_ENTRIES: u32 = 65_536;
+pub const DEFAULT_AFFINITY6_ENTRIES: u32 = 16_384;
+pub const DEFAULT_SRC_RANGES6: u32 = 4_096;
 
 /// NP_MAGLEV packs two slots (backend ids) per 8-byte element: the kernel rounds array
 /// elements up to 8 bytes, so this keeps 4 bytes per slot and lets the agent see the
@@ -54,9 +130,9 @@ pub const BACKEND_NONE: u32 = 0;
 /// node" (a nodePort); a non-zero `addr` is a LoadBalancer or external IP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct FrontendKey {
-    /// IPv4 address, network order; 0 for nodePorts.
-    pub addr: u32,
+pub struct FrontendKey<A: Addr = u32> {
+    /// Address, network order; 0 (unspecified) for nodePorts.
+    pub addr: A,
     /// Port, network order.
     pub port: u16,
     /// IP protocol number.
@@ -96,9 +172,9 @@ pub const BE_F_LOCAL: u8 = 1 << 0;
 /// NP_BE value (key: backend id, `u32`): one endpoint address and target port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Backend {
-    /// IPv4 address, network order.
-    pub addr: u32,
+pub struct Backend<A: Addr = u32> {
+    /// Address, network order; all zero for a free id.
+    pub addr: A,
     /// Target port, network order.
     pub port: u16,
     /// `BE_F_*` flags.
@@ -111,9 +187,9 @@ pub struct Backend {
 /// towards this node's SNAT address).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct FlowKey {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct FlowKey<A: Addr = u32> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -123,9 +199,9 @@ pub struct FlowKey {
     pub pad2: u16,
 }
 
-impl FlowKey {
+impl<A: Addr> FlowKey<A> {
     #[inline(always)]
-    pub const fn new(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self {
+    pub const fn new(saddr: A, daddr: A, sport: u16, dport: u16, proto: u8) -> Self {
         Self {
             saddr,
             daddr,
@@ -151,15 +227,15 @@ pub const CT_F_AFFINITY: u16 = 1 << 3;
 /// NP_CT value: the backend a flow is bound to and how it was translated.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct CtEntry {
+pub struct CtEntry<A: Addr = u32> {
     /// Last packet of the flow, `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE).
     pub last_seen_ns: u64,
     pub backend_id: u32,
     pub svc_id: u32,
     /// Backend address and port at the time of binding (detects a reused backend id).
-    pub backend_addr: u32,
+    pub backend_addr: A,
     /// Source address used towards the backend: the client's, or this node's (SNAT).
-    pub nat_addr: u32,
+    pub nat_addr: A,
     pub backend_port: u16,
     /// Source port used towards the backend: the client's, or the allocated SNAT port.
     pub nat_port: u16,
@@ -172,16 +248,16 @@ pub struct CtEntry {
 /// Together with the key's protocol it also names the NP_CT entry that owns it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct RevNat {
+pub struct RevNat<A: Addr = u32> {
     /// Frontend address the client used, network order (the reply's new source).
-    pub fe_addr: u32,
+    pub fe_addr: A,
     /// Client address (the reply's new destination).
-    pub client_addr: u32,
+    pub client_addr: A,
     pub fe_port: u16,
     pub client_port: u16,
 }
 
-/// NP_NODEADDR value (key: IPv4 address of this node, `u32` network order).
+/// NP_NODEADDR value (key: an address of this node, `u32` network order; NP_NODEADDR6: `Ip6`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NodeAddr {
@@ -191,9 +267,9 @@ pub struct NodeAddr {
 /// NP_AFF key: one client address towards one service port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct AffinityKey {
-    /// Client IPv4 address, network order.
-    pub client_addr: u32,
+pub struct AffinityKey<A: Addr = u32> {
+    /// Client address, network order.
+    pub client_addr: A,
     pub svc_id: u32,
 }
 
@@ -201,28 +277,38 @@ pub struct AffinityKey {
 /// client last opened or used a flow of the service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Affinity {
+pub struct Affinity<A: Addr = u32> {
     /// `bpf_ktime_get_coarse_ns` of the client's last new flow or refreshed flow.
     pub last_seen_ns: u64,
     pub backend_id: u32,
     /// Backend address and port when bound (detects a reused backend id).
-    pub backend_addr: u32,
+    pub backend_addr: A,
     pub backend_port: u16,
     pub pad: u16,
-    pub pad2: u32,
+    pub pad2: A::Pad,
 }
 
 /// NP_SRCRANGE key data (LPM trie, value `u32` unused): the prefix length of an entry is
 /// 32 (all of `svc_id_be`) plus the CIDR's prefix length; a lookup uses the client address
-/// with prefix length 64.
+/// with prefix length 32 + `A::BITS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct SrcRange {
+pub struct SrcRange<A: Addr = u32> {
     /// Service port id, big-endian: the trie compares key bytes in memory order.
     pub svc_id_be: u32,
-    /// IPv4 address, network order.
-    pub addr: u32,
+    /// Address, network order.
+    pub addr: A,
 }
+
+/// The IPv6 layouts.
+pub type FrontendKey6 = FrontendKey<Ip6>;
+pub type Backend6 = Backend<Ip6>;
+pub type FlowKey6 = FlowKey<Ip6>;
+pub type CtEntry6 = CtEntry<Ip6>;
+pub type RevNat6 = RevNat<Ip6>;
+pub type AffinityKey6 = AffinityKey<Ip6>;
+pub type Affinity6 = Affinity<Ip6>;
+pub type SrcRange6 = SrcRange<Ip6>;
 
 /// Bits of an NP_SRCRANGE key taken by the service id.
 pub const SRC_RANGE_SVC_BITS: u32 = 32;
@@ -236,6 +322,8 @@ pub const CFG_F_DEBUG: u32 = 1 << 0;
 pub struct Config {
     /// Source address for SNAT when the frontend is not a node address (LB/external IPs).
     pub snat_addr: u32,
+    /// The same for IPv6 frontends.
+    pub snat_addr6: Ip6,
     /// `CFG_F_*` flags.
     pub flags: u32,
     /// SNAT source port range, host order, inclusive.
@@ -252,6 +340,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             snat_addr: 0,
+            snat_addr6: [0; 4],
             flags: 0,
             snat_port_min: 61_000,
             snat_port_max: 65_535,
@@ -273,31 +362,41 @@ macro_rules! assert_size {
     };
 }
 assert_size!(FrontendKey, 8);
+assert_size!(FrontendKey6, 20);
 assert_size!(Service, 24);
 assert_size!(Backend, 8);
+assert_size!(Backend6, 20);
 assert_size!(FlowKey, 16);
+assert_size!(FlowKey6, 40);
 assert_size!(CtEntry, 32);
+assert_size!(CtEntry6, 56);
 assert_size!(RevNat, 12);
+assert_size!(RevNat6, 36);
 assert_size!(NodeAddr, 4);
-assert_size!(Config, 32);
+assert_size!(Config, 48);
 assert_size!(AffinityKey, 8);
+assert_size!(AffinityKey6, 20);
 assert_size!(Affinity, 24);
+assert_size!(Affinity6, 32);
 assert_size!(SrcRange, 8);
+assert_size!(SrcRange6, 20);
 
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
     // SAFETY: every type is repr(C), Copy, made of integers, with explicit padding fields
     // so no byte is uninitialised.
-    unsafe impl aya::Pod for FrontendKey {}
+    // The size assertions above hold for both address types (`Addr` is sealed), so no
+    // instance has implicit padding.
+    unsafe impl<A: Addr> aya::Pod for FrontendKey<A> {}
     unsafe impl aya::Pod for Service {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for CtEntry {}
-    unsafe impl aya::Pod for RevNat {}
+    unsafe impl<A: Addr> aya::Pod for Backend<A> {}
+    unsafe impl<A: Addr> aya::Pod for FlowKey<A> {}
+    unsafe impl<A: Addr> aya::Pod for CtEntry<A> {}
+    unsafe impl<A: Addr> aya::Pod for RevNat<A> {}
     unsafe impl aya::Pod for NodeAddr {}
     unsafe impl aya::Pod for Config {}
-    unsafe impl aya::Pod for AffinityKey {}
-    unsafe impl aya::Pod for Affinity {}
-    unsafe impl aya::Pod for SrcRange {}
+    unsafe impl<A: Addr> aya::Pod for AffinityKey<A> {}
+    unsafe impl<A: Addr> aya::Pod for Affinity<A> {}
+    unsafe impl<A: Addr> aya::Pod for SrcRange<A> {}
 }

@@ -19,15 +19,18 @@ macro_rules! stats {
 }
 
 stats! {
-    /// Not IPv4 (ARP, IPv6, VLAN-tagged): passed untouched.
-    PassNotIpv4 = "pass_not_ipv4",
+    /// Neither IPv4 nor IPv6 (ARP, VLAN-tagged): passed untouched.
+    PassNotIp = "pass_not_ip",
     /// IPv4 fragment: passed untouched to the stack, which reassembles.
     PassFragment = "pass_fragment",
     /// Truncated or inconsistent headers: passed untouched, the stack validates.
     PassMalformed = "pass_malformed",
     /// IPv4 header with options: XDP passes it untouched, TC ingress translates it.
     PassIpOptions = "pass_ip_options",
-    /// IPv4 but neither TCP nor UDP.
+    /// IPv6 with an extension header (hop-by-hop, routing, fragment, destination options,
+    /// ...) before the transport header: passed untouched to the stack.
+    PassIpv6Ext = "pass_ipv6_ext",
+    /// Neither TCP nor UDP (nor an ICMP error about a translated flow).
     PassOtherProto = "pass_other_proto",
     /// TCP/UDP that matches no frontend and no translated reply.
     PassNoMatch = "pass_no_match",

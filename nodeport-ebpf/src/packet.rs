@@ -149,7 +149,7 @@ impl Flow {
 /// Parse Ethernet / IPv4 / TCP|UDP. `OPTIONS`: whether an IPv4 header with options is
 /// accepted (TC) or passed on as `PassIpOptions` (XDP, which then works at the constant
 /// offsets [`L3`] and [`L4`]). Promises, in order:
-/// - not Ethernet+IPv4 (ARP, IPv6, 802.1Q/802.1ad tagged): `PassNotIpv4`;
+/// - not Ethernet+IPv4 (ARP, IPv6, 802.1Q/802.1ad tagged): `PassNotIp`;
 /// - truncated headers, version != 4, IHL < 5, total length shorter than the headers or
 ///   longer than the frame: `PassMalformed`;
 /// - fragments (MF set or non-zero offset): `PassFragment`, also the first one;
@@ -159,7 +159,7 @@ impl Flow {
 pub fn parse<const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flow, Stat> {
     let ethertype = u16::from_be(b.load::<u16>(12).ok_or(Stat::PassMalformed)?);
     if ethertype != ETH_P_IPV4 {
-        return Err(Stat::PassNotIpv4);
+        return Err(Stat::PassNotIp);
     }
     let l3 = L3;
     let vihl: u8 = b.load(l3).ok_or(Stat::PassMalformed)?;

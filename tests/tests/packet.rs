@@ -777,7 +777,7 @@ fn pass_through_untouched() {
         arp.clone(),
         XDP_PASS,
         arp,
-        "pass_not_ipv4"
+        "pass_not_ip"
     );
     let mut icmp = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC)
@@ -807,7 +807,7 @@ fn pass_through_untouched() {
         v6.clone(),
         XDP_PASS,
         v6,
-        "pass_not_ipv4"
+        "pass_not_ip"
     );
 }
 
@@ -942,7 +942,7 @@ fn malformed_and_unusual_shapes() {
     off[20..22].copy_from_slice(&185u16.to_be_bytes()); // offset 1480
     fix_ip_csum(&mut off);
     shapes.push(("later fragment", off, "pass_fragment"));
-    shapes.push(("802.1Q tagged", vlan_tag(&syn), "pass_not_ipv4"));
+    shapes.push(("802.1Q tagged", vlan_tag(&syn), "pass_not_ip"));
 
     for (name, input, stat) in shapes {
         case!(env, name, "xdp", input.clone(), XDP_PASS, input, stat);
