@@ -39,6 +39,14 @@ pub trait Addr:
     fn fold(self) -> u32;
     /// The unspecified address (also "no backend" in an NP_BE element).
     fn is_zero(&self) -> bool;
+    /// `check` updated for this address changing from `old` to `new` (RFC 1624).
+    fn csum_replace(check: u16, old: Self, new: Self) -> u16;
+    /// The address as the 16-byte address union of `bpf_fib_lookup` holds it (IPv4 in the
+    /// first word).
+    fn fib_words(self) -> [u32; 4];
+    /// Set to the unspecified address in place, a word at a time: LLVM turns a zeroed
+    /// 16-byte value into a `memset` loop, which the verifier refuses without CAP_PERFMON.
+    fn clear(&mut self);
 }
 
 impl Addr for u32 {
@@ -52,6 +60,18 @@ impl Addr for u32 {
     fn is_zero(&self) -> bool {
         *self == 0
     }
+    #[inline(always)]
+    fn csum_replace(check: u16, old: Self, new: Self) -> u16 {
+        crate::csum::replace4(check, old, new)
+    }
+    #[inline(always)]
+    fn fib_words(self) -> [u32; 4] {
+        [self, 0, 0, 0]
+    }
+    #[inline(always)]
+    fn clear(&mut self) {
+        *self = 0;
+    }
 }
 
 impl Addr for Ip6 {
@@ -64,6 +84,24 @@ impl Addr for Ip6 {
     #[inline(always)]
     fn is_zero(&self) -> bool {
         (self[0] | self[1] | self[2] | self[3]) == 0
+    }
+    #[inline(always)]
+    fn csum_replace(check: u16, old: Self, new: Self) -> u16 {
+        let mut c = crate::csum::replace4(check, old[0], new[0]);
+        c = crate::csum::replace4(c, old[1], new[1]);
+        c = crate::csum::replace4(c, old[2], new[2]);
+        crate::csum::replace4(c, old[3], new[3])
+    }
+    #[inline(always)]
+    fn fib_words(self) -> [u32; 4] {
+        self
+    }
+    #[inline(always)]
+    fn clear(&mut self) {
+        for w in self.iter_mut() {
+            // SAFETY: a write to a live `u32`.
+            unsafe { core::ptr::write_volatile(w, 0) };
+        }
     }
 }
 

@@ -17,40 +17,40 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use nodeport_common::Stat;
+use nodeport_common::{Addr, Stat};
 
 use crate::{
+    family::Family,
     lb::{IcmpNat, Nat},
     maps::DEVICES,
     nat::{rewrite_icmp, rewrite_tc, rewrite_xdp},
     packet::{Bounds, Flow, IcmpError},
 };
 
-const AF_INET: u8 = 2;
-
 /// Fill FIB lookup parameters in place, as sixteen volatile 32-bit stores. Plain struct
 /// initialisation let LLVM merge the zero fields into a `memset` call (a byte loop the
 /// verifier refuses without CAP_PERFMON), and the helper must not read uninitialised
 /// bytes. Layout: include/uapi/linux/bpf.h, struct bpf_fib_lookup (64 bytes).
 #[inline(always)]
-fn fill_params(p: *mut FibParams, f: &Flow, nat: &Nat, ifindex: u32) {
+fn fill_params<F: Family>(p: *mut FibParams, f: &Flow<F::A>, nat: &Nat<F::A>, ifindex: u32) {
     let w = p.cast::<u32>();
     let [s0, s1] = nat.sport.to_ne_bytes();
     let [d0, d1] = nat.dport.to_ne_bytes();
     let [t0, t1] = f.tot_len.to_ne_bytes();
+    let (src, dst) = (nat.saddr.fib_words(), nat.daddr.fib_words());
     let words: [u32; 16] = [
-        u32::from_ne_bytes([AF_INET, f.proto, s0, s1]), // family, l4_protocol, sport
-        u32::from_ne_bytes([d0, d1, t0, t1]),           // dport, tot_len
+        u32::from_ne_bytes([F::AF, f.proto, s0, s1]), // family, l4_protocol, sport
+        u32::from_ne_bytes([d0, d1, t0, t1]),         // dport, tot_len
         ifindex,
-        0,         // tos / flowinfo / rt_metric
-        nat.saddr, // ipv4_src (first word of the ipv6_src union)
-        0,
-        0,
-        0,
-        nat.daddr, // ipv4_dst
-        0,
-        0,
-        0,
+        0,      // tos / flowinfo / rt_metric
+        src[0], // ipv4_src, or ipv6_src
+        src[1],
+        src[2],
+        src[3],
+        dst[0], // ipv4_dst, or ipv6_dst
+        dst[1],
+        dst[2],
+        dst[3],
         0, // vlan / tbid
         0, // smac, dmac (filled by the helper)
         0,
@@ -67,14 +67,14 @@ fn fill_params(p: *mut FibParams, f: &Flow, nat: &Nat, ifindex: u32) {
 /// `bpf_fib_lookup` towards the translated destination; the parameters stay in the
 /// caller's stack (`p`), and the helper's return code comes back.
 #[inline(always)]
-fn fib_lookup<C: EbpfContext>(
+fn fib_lookup<F: Family, C: EbpfContext>(
     ctx: &C,
-    f: &Flow,
-    nat: &Nat,
+    f: &Flow<F::A>,
+    nat: &Nat<F::A>,
     ingress: u32,
     p: &mut MaybeUninit<FibParams>,
 ) -> u32 {
-    fill_params(p.as_mut_ptr(), f, nat, ingress);
+    fill_params::<F>(p.as_mut_ptr(), f, nat, ingress);
     // SAFETY: ctx and params are valid for the helper; size is the struct's.
     unsafe {
         bpf_fib_lookup(
@@ -96,18 +96,23 @@ fn unreachable(rc: u32) -> bool {
 /// Translate and send a packet that this node routes (to a remote backend, or a reply
 /// back to the client). Untouched `XDP_PASS` whenever the stack has to help.
 #[inline(always)]
-pub fn xdp_forward(ctx: &XdpContext, b: &Bounds, f: &Flow, nat: &Nat) -> (u32, Stat) {
-    xdp_route(ctx, b, f, nat, Rewrite::Flow)
+pub fn xdp_forward<F: Family>(
+    ctx: &XdpContext,
+    b: &Bounds,
+    f: &Flow<F::A>,
+    nat: &Nat<F::A>,
+) -> (u32, Stat) {
+    xdp_route::<F>(ctx, b, f, nat, Rewrite::Flow)
 }
 
 /// The header rewrite [`xdp_route`] applies once the FIB has answered. (An enum rather
 /// than a closure: LLVM kept the closure as a BPF subprogram, whose stack frame adds to
 /// the caller's in the verifier's 512-byte limit.)
-pub enum Rewrite<'a> {
+pub enum Rewrite<'a, A: Addr> {
     /// The packet's own addresses and ports, as `nat` says.
     Flow,
     /// An ICMP error: outer and quoted headers.
-    Icmp(&'a IcmpError, &'a IcmpNat),
+    Icmp(&'a IcmpError<A>, &'a IcmpNat<A>),
 }
 
 /// Route packet `f` as translated by `nat` (the FIB sees the new addresses and ports):
@@ -115,12 +120,12 @@ pub enum Rewrite<'a> {
 /// frame goes out with XDP_TX or XDP_REDIRECT. Untouched `XDP_PASS` whenever the stack
 /// has to help.
 #[inline(always)]
-pub fn xdp_route(
+pub fn xdp_route<F: Family>(
     ctx: &XdpContext,
     b: &Bounds,
-    f: &Flow,
-    nat: &Nat,
-    rewrite: Rewrite,
+    f: &Flow<F::A>,
+    nat: &Nat<F::A>,
+    rewrite: Rewrite<F::A>,
 ) -> (u32, Stat) {
     if f.ttl <= 1 {
         // The stack answers with ICMP time exceeded.
@@ -128,7 +133,7 @@ pub fn xdp_route(
     }
     let ingress = ctx.ingress_ifindex() as u32;
     let mut p = MaybeUninit::<FibParams>::uninit();
-    let rc = fib_lookup(ctx, f, nat, ingress, &mut p);
+    let rc = fib_lookup::<F, _>(ctx, f, nat, ingress, &mut p);
     // SAFETY: every byte was written by fill_params (and then by the helper).
     let p = unsafe { p.assume_init_ref() };
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
@@ -148,8 +153,8 @@ pub fn xdp_route(
             return (xdp_action::XDP_PASS, Stat::PassMalformed);
         };
         let rewritten = match rewrite {
-            Rewrite::Flow => rewrite_xdp(b, f, nat, true),
-            Rewrite::Icmp(e, n) => rewrite_icmp(b, e, n, true),
+            Rewrite::Flow => rewrite_xdp::<F>(b, f, nat, true),
+            Rewrite::Icmp(e, n) => rewrite_icmp::<F>(b, e, n, true),
         };
         if !rewritten {
             return (xdp_action::XDP_PASS, Stat::PassMalformed);
@@ -179,20 +184,20 @@ pub fn xdp_route(
 /// TC counterpart: translate through helpers, then hand the packet to
 /// `bpf_redirect_neigh` on the FIB's egress interface (it resolves the neighbour).
 #[inline(always)]
-pub fn tc_forward(ctx: &TcContext, f: &Flow, nat: &Nat) -> (i32, Stat) {
+pub fn tc_forward<F: Family>(ctx: &TcContext, f: &Flow<F::A>, nat: &Nat<F::A>) -> (i32, Stat) {
     if f.ttl <= 1 {
         return (TC_ACT_OK, Stat::FibPass);
     }
     // SAFETY: reading the ingress ifindex of the skb context.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let mut p = MaybeUninit::<FibParams>::uninit();
-    let rc = fib_lookup(ctx, f, nat, ingress, &mut p);
+    let rc = fib_lookup::<F, _>(ctx, f, nat, ingress, &mut p);
     // SAFETY: every byte was written by fill_params (and then by the helper).
     let p = unsafe { p.assume_init_ref() };
     if unreachable(rc) {
         return (TC_ACT_SHOT, Stat::DropFib);
     }
-    if !rewrite_tc(ctx, f, nat, true) {
+    if !rewrite_tc::<F>(ctx, f, nat, true) {
         return (TC_ACT_SHOT, Stat::DropMapFull);
     }
     if rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH {

@@ -1,8 +1,9 @@
 //! The load-balancing decision: frontend lookup, conntrack, Maglev backend choice and SNAT
 //! port allocation for forward packets; reverse-NAT lookup for replies. Pure map logic:
-//! it decides the new addresses and ports; `nat` rewrites and `fwd` forwards.
+//! it decides the new addresses and ports; `nat` rewrites and `fwd` forwards. Written once
+//! for both families: `F` picks the maps (NP_CT or NP_CT6, ...).
 
-use core::num::NonZeroU32;
+use core::{mem::MaybeUninit, num::NonZeroU32};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -11,16 +12,15 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use nodeport_common::{
-    hash::flow_hash, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey, RevNat,
-    Service, SrcRange, Stat, BE_F_LOCAL, CT_F_AFFINITY, CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_ONLY,
-    MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP, SNAT_PROBES, SRC_RANGE_SVC_BITS, SVC_F_AFFINITY,
-    SVC_F_LOCAL, SVC_F_SRC_RANGES,
+    hash::flow_hash, Addr, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey,
+    RevNat, Service, SrcRange, Stat, BE_F_LOCAL, CT_F_AFFINITY, CT_F_CLOSING, CT_F_SNAT,
+    CT_F_SYN_ONLY, MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP, SNAT_PROBES, SRC_RANGE_SVC_BITS,
+    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SRC_RANGES,
 };
 
 use crate::{
-    maps::{
-        AFFINITY, BACKENDS, CONFIG, CONNTRACK, MAGLEV, NODE_ADDRS, REVNAT, SERVICES, SRC_RANGES,
-    },
+    family::Family,
+    maps::{CONFIG, MAGLEV},
     packet::{Flow, IcmpError, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
 };
@@ -31,23 +31,23 @@ const REFRESH_NS: u64 = NS;
 
 /// New addresses and ports of a translated packet (network order).
 #[derive(Clone, Copy)]
-pub struct Nat {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct Nat<A: Addr> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
 }
 
 /// What to do with a TCP/UDP packet.
-pub enum Decision {
+pub enum Decision<A: Addr> {
     /// Drop, counting this reason.
     Drop(Stat),
     /// Forward packet of a flow to a backend on this node (deliver through the stack).
-    ToLocal(Nat),
+    ToLocal(Nat<A>),
     /// Forward packet of a flow to a backend on another node.
-    ToRemote(Nat),
+    ToRemote(Nat<A>),
     /// Reply of a translated flow, back towards the client.
-    Reply(Nat),
+    Reply(Nat<A>),
 }
 
 #[inline(always)]
@@ -69,7 +69,7 @@ fn now_ns() -> u64 {
 /// Returns the service and whether it matched as a nodePort (the destination is then known
 /// to be a node address; for an exact match only a new remote flow needs to ask).
 #[inline(always)]
-fn lookup_service(f: &Flow) -> Option<(Service, bool)> {
+fn lookup_service<F: Family>(f: &Flow<F::A>) -> Option<(Service, bool)> {
     let mut key = FrontendKey {
         addr: f.daddr,
         port: f.dport,
@@ -77,12 +77,12 @@ fn lookup_service(f: &Flow) -> Option<(Service, bool)> {
         pad: 0,
     };
     // SAFETY: values are plain data copied out immediately.
-    if let Some(svc) = unsafe { SERVICES.get(&key) } {
+    if let Some(svc) = unsafe { F::services().get(&key) } {
         return Some((*svc, false));
     }
-    unsafe { NODE_ADDRS.get(&f.daddr) }?;
-    key.addr = 0;
-    unsafe { SERVICES.get(&key) }.map(|svc| (*svc, true))
+    unsafe { F::node_addrs().get(&f.daddr) }?;
+    key.addr.clear();
+    unsafe { F::services().get(&key) }.map(|svc| (*svc, true))
 }
 
 #[inline(always)]
@@ -111,13 +111,13 @@ fn timeout_ns(cfg: &Config, proto: u8, flags: u16) -> u64 {
 }
 
 #[inline(always)]
-fn expired(cfg: &Config, proto: u8, ct: &CtEntry, now: u64) -> bool {
+fn expired<A: Addr>(cfg: &Config, proto: u8, ct: &CtEntry<A>, now: u64) -> bool {
     now.saturating_sub(ct.last_seen_ns) > timeout_ns(cfg, proto, ct.flags)
 }
 
 /// Keep a live entry fresh and follow the TCP state the datapath cares about.
 #[inline(always)]
-fn touch(ct: *mut CtEntry, tcp_flags: u8, forward: bool, now: u64) {
+fn touch<A: Addr>(ct: *mut CtEntry<A>, tcp_flags: u8, forward: bool, now: u64) {
     // SAFETY: `ct` points into a map value; racing writers only store whole fields.
     unsafe {
         let old = (*ct).flags;
@@ -137,80 +137,110 @@ fn touch(ct: *mut CtEntry, tcp_flags: u8, forward: bool, now: u64) {
 }
 
 #[inline(always)]
-fn client_key(f: &Flow) -> FlowKey {
+fn client_key<A: Addr>(f: &Flow<A>) -> FlowKey<A> {
     FlowKey::new(f.saddr, f.daddr, f.sport, f.dport, f.proto)
 }
 
-/// Decide for a packet arriving at the node. `None`: it is not ours.
+/// What conntrack knows of a packet arriving at the node: the first half of the decision,
+/// which settles established flows and replies.
+pub enum Known<A: Addr> {
+    Decided(Decision<A>),
+    /// No live flow: [`open`] decides from the frontends. `reselect`: the flow's backend is
+    /// gone and a new one is to be chosen.
+    Unknown {
+        reselect: bool,
+    },
+}
+
+/// Decide for a packet arriving at the node, in two halves so that a program may run
+/// them as separate BPF functions (each with its own 512-byte stack):
 ///
-/// 1. Conntrack first: a live entry whose backend is unchanged decides alone, so an
-///    established packet costs one hash lookup (its flow) and an array index (its
-///    backend), not the frontend lookups and the node-address check besides.
-/// 2. On a miss, a packet to a port of the SNAT range is looked up in NP_RNAT: the reply
-///    of a source-NATed flow.
-/// 3. Else the frontends: a new flow, or a new choice for a flow whose backend is gone.
-///    The frontend's settings apply when a flow opens: loadBalancerSourceRanges like
-///    kube-proxy's iptables rules, which see only a connection's first packet.
+/// 1. [`known`], conntrack first: a live entry whose backend is unchanged decides alone,
+///    so an established packet costs one hash lookup (its flow) and an array index (its
+///    backend), not the frontend lookups and the node-address check besides. On a miss,
+///    a packet to a port of the SNAT range is looked up in NP_RNAT: the reply of a
+///    source-NATed flow.
+/// 2. [`open`], the frontends: a new flow, or a new choice for a flow whose backend is
+///    gone. `None`: the packet is not ours. The frontend's settings apply when a flow
+///    opens: loadBalancerSourceRanges like kube-proxy's iptables rules, which see only a
+///    connection's first packet.
 #[inline(always)]
-pub fn decide(f: &Flow, cfg: &Config) -> Option<Decision> {
+pub fn known<F: Family>(f: &Flow<F::A>, cfg: &Config) -> Known<F::A> {
     let key = client_key(f);
     let now = now_ns();
-    let mut reselect = false;
-    if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
-        // SAFETY: map value pointer, copied.
-        let entry = unsafe { *ct };
-        if !expired(cfg, f.proto, &entry, now) {
-            if let Some(be) = BACKENDS.get(entry.backend_id) {
-                if be.addr == entry.backend_addr && be.port == entry.backend_port {
-                    touch(ct, f.tcp_flags, true, now);
-                    if entry.flags & CT_F_AFFINITY != 0 {
-                        refresh_affinity(f.saddr, entry.svc_id, entry.backend_id, now);
-                    }
-                    count(Stat::Established);
-                    let nat = Nat {
-                        saddr: entry.nat_addr,
-                        sport: entry.nat_port,
-                        daddr: be.addr,
-                        dport: be.port,
-                    };
-                    return Some(if entry.flags & CT_F_SNAT != 0 {
-                        Decision::ToRemote(nat)
-                    } else {
-                        Decision::ToLocal(nat)
-                    });
-                }
-            }
-            reselect = true;
+    if let Some(ct) = F::conntrack().get_ptr_mut(&key) {
+        // SAFETY: a map value pointer; fields are read where needed rather than the
+        // whole (IPv6: 56-byte) entry copied to the stack.
+        let entry = unsafe { &*ct };
+        if expired(cfg, f.proto, entry, now) {
+            return Known::Unknown { reselect: false };
         }
-    } else if maybe_snat_reply(f, cfg) {
-        if let Some(d) = reply(f) {
-            return Some(d);
+        let flags = entry.flags;
+        if let Some(be) = F::backends().get(entry.backend_id) {
+            if be.addr == entry.backend_addr && be.port == entry.backend_port {
+                if flags & CT_F_AFFINITY != 0 {
+                    refresh_affinity::<F>(f.saddr, entry.svc_id, entry.backend_id, now);
+                }
+                let nat = Nat {
+                    saddr: entry.nat_addr,
+                    sport: entry.nat_port,
+                    daddr: be.addr,
+                    dport: be.port,
+                };
+                touch(ct, f.tcp_flags, true, now);
+                count(Stat::Established);
+                return Known::Decided(if flags & CT_F_SNAT != 0 {
+                    Decision::ToRemote(nat)
+                } else {
+                    Decision::ToLocal(nat)
+                });
+            }
+        }
+        return Known::Unknown { reselect: true };
+    }
+    if maybe_snat_reply(f, cfg) {
+        if let Some(d) = reply::<F>(f) {
+            return Known::Decided(d);
         }
     }
-    let (svc, node_port) = lookup_service(f)?;
-    if svc.flags & SVC_F_SRC_RANGES != 0 && !source_allowed(f, &svc) {
-        return Some(Decision::Drop(Stat::DropSourceRange));
+    Known::Unknown { reselect: false }
+}
+
+/// A new flow's backend, chosen by [`open`], given a source by [`snat`] and bound by
+/// [`bind`].
+#[derive(Clone, Copy)]
+pub struct Choice<A: Addr> {
+    pub svc_id: u32,
+    /// The service's `SVC_F_*` flags.
+    pub svc_flags: u16,
+    /// The frontend matched as a nodePort (its address is one of this node's).
+    pub node_port: bool,
+    pub backend_id: u32,
+    /// Source address and port towards the backend: the client's own, unless [`snat`]
+    /// gave the flow a source of this node (remote backend).
+    pub snat_addr: A,
+    pub snat_port: u16,
+}
+
+/// The second half of the decision (see [`known`]): the frontend and the backend for a
+/// new flow, into `c`. `None`: the packet is not ours.
+#[inline(always)]
+pub fn open<F: Family>(
+    f: &Flow<F::A>,
+    reselect: bool,
+    c: &mut MaybeUninit<Choice<F::A>>,
+) -> Option<Result<(), Stat>> {
+    let (svc, node_port) = lookup_service::<F>(f)?;
+    if svc.flags & SVC_F_SRC_RANGES != 0 && !source_allowed::<F>(f, &svc) {
+        return Some(Err(Stat::DropSourceRange));
     }
     if reselect {
         count(Stat::Reselect);
     }
-    Some(new_flow(f, cfg, &svc, node_port, key, now))
-}
-
-/// Bind a new flow to a backend from the service's Maglev table.
-#[inline(always)]
-fn new_flow(
-    f: &Flow,
-    cfg: &Config,
-    svc: &Service,
-    node_port: bool,
-    key: FlowKey,
-    now: u64,
-) -> Decision {
     if svc.table_size == 0 {
-        return Decision::Drop(Stat::DropNoBackend);
+        return Some(Err(Stat::DropNoBackend));
     }
-    let hash = flow_hash(f.saddr, f.sport, f.dport, f.proto);
+    let now = now_ns();
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
     let akey = AffinityKey {
         client_addr: f.saddr,
@@ -219,38 +249,94 @@ fn new_flow(
     // Only the id leaves the two branches (then one lookup): merging a whole backend value
     // kept the verifier from pruning the rest of the path, past its limit without
     // CAP_PERFMON.
-    let id = match affinity.then(|| sticky_backend(&akey, svc, now)).flatten() {
+    let backend_id = match affinity
+        .then(|| sticky_backend::<F>(&akey, &svc, now))
+        .flatten()
+    {
         Some(id) => {
             count(Stat::AffinityHit);
             id
         }
         None => {
+            let hash = flow_hash(f.saddr.fold(), f.sport, f.dport, f.proto);
             let slot = svc.table_off.wrapping_add(hash % svc.table_size);
-            let Some(pair) = MAGLEV.get(slot / MAGLEV_SLOTS_PER_ENTRY) else {
-                return Decision::Drop(Stat::DropNoBackend);
-            };
+            let pair = MAGLEV.get(slot / MAGLEV_SLOTS_PER_ENTRY)?;
             pair[(slot & 1) as usize]
         }
     };
-    // An all-zero element is a free id (the agent clears removed backends).
-    let Some(be) = BACKENDS.get(id).copied().filter(|b| b.addr != 0) else {
-        return Decision::Drop(Stat::DropNoBackend);
-    };
-    let local = be.flags & BE_F_LOCAL != 0 || svc.flags & SVC_F_LOCAL != 0;
-    let rev = RevNat {
+    c.write(Choice {
+        svc_id: svc.svc_id,
+        svc_flags: svc.flags,
+        node_port,
+        backend_id,
+        snat_addr: f.saddr,
+        snat_port: f.sport,
+    });
+    Some(Ok(()))
+}
+
+/// The reverse-NAT value of a new flow: what its replies get back.
+#[inline(always)]
+fn rev_nat<A: Addr>(f: &Flow<A>) -> RevNat<A> {
+    RevNat {
         fe_addr: f.daddr,
         client_addr: f.saddr,
         fe_port: f.dport,
         client_port: f.sport,
+    }
+}
+
+/// The chosen backend, if its id still holds one (an all-zero element is a free id: the
+/// agent clears removed backends), and whether the flow is delivered on this node.
+#[inline(always)]
+fn chosen_backend<F: Family>(c: &Choice<F::A>) -> Option<(Backend<F::A>, bool)> {
+    let be = F::backends().get(c.backend_id).copied()?;
+    let local = be.flags & BE_F_LOCAL != 0 || c.svc_flags & SVC_F_LOCAL != 0;
+    (!be.addr.is_zero()).then_some((be, local))
+}
+
+/// The source a new flow to a remote backend gets: the address the client used when it is
+/// this node's (always for nodePorts; an external IP may be one too), else the configured
+/// node address; and a free port of the SNAT range, whose reply tuple this claims in
+/// NP_RNAT; recorded in `c`. Nothing to do for a local backend.
+#[inline(always)]
+pub fn snat<F: Family>(f: &Flow<F::A>, c: &mut Choice<F::A>) -> Result<(), Stat> {
+    let (be, local) = chosen_backend::<F>(c).ok_or(Stat::DropNoBackend)?;
+    if local {
+        return Ok(());
+    }
+    let cfg = config();
+    // SAFETY: plain data.
+    let is_node_addr = c.node_port || unsafe { F::node_addrs().get(&f.daddr) }.is_some();
+    let snat_addr = if is_node_addr {
+        f.daddr
+    } else {
+        F::snat_addr(&cfg)
     };
+    let hash = flow_hash(f.saddr.fold(), f.sport, f.dport, f.proto);
+    c.snat_port = alloc_snat_port::<F>(f, &cfg, &be, snat_addr, hash, now_ns())
+        .ok_or(Stat::DropSnatExhausted)?;
+    c.snat_addr = snat_addr;
+    Ok(())
+}
+
+/// Bind a new flow to the chosen backend, with the source [`snat`] gave it: conntrack
+/// (and for a local backend reverse-NAT) entries, the client's affinity. The translation,
+/// and whether the backend is on this node.
+#[inline(always)]
+pub fn bind<F: Family>(f: &Flow<F::A>, c: &Choice<F::A>) -> Result<(Nat<F::A>, bool), Stat> {
+    let (be, local) = chosen_backend::<F>(c).ok_or(Stat::DropNoBackend)?;
+    let id = c.backend_id;
+    let now = now_ns();
+    let affinity = c.svc_flags & SVC_F_AFFINITY != 0;
     let mut entry = CtEntry {
         last_seen_ns: now,
         backend_id: id,
-        svc_id: svc.svc_id,
+        svc_id: c.svc_id,
         backend_addr: be.addr,
-        nat_addr: f.saddr,
+        nat_addr: c.snat_addr,
         backend_port: be.port,
-        nat_port: f.sport,
+        nat_port: c.snat_port,
         flags: if f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
             CT_F_SYN_ONLY
         } else {
@@ -260,36 +346,30 @@ fn new_flow(
     };
     if local {
         let rkey = FlowKey::new(be.addr, f.saddr, be.port, f.sport, f.proto);
-        if REVNAT.insert(&rkey, &rev, 0).is_err() {
-            return Decision::Drop(Stat::DropMapFull);
+        if F::revnat().insert(&rkey, &rev_nat(f), 0).is_err() {
+            return Err(Stat::DropMapFull);
         }
     } else {
-        // SNAT to the address the client used when it is this node's (always for nodePorts;
-        // an external IP may be one too), else to the configured node address.
-        // SAFETY: plain data.
-        let is_node_addr = node_port || unsafe { NODE_ADDRS.get(&f.daddr) }.is_some();
-        let snat_addr = if is_node_addr { f.daddr } else { cfg.snat_addr };
-        let Some(port) = alloc_snat_port(f, cfg, &be, snat_addr, &rev, hash, now) else {
-            return Decision::Drop(Stat::DropSnatExhausted);
-        };
-        entry.nat_addr = snat_addr;
-        entry.nat_port = port;
         entry.flags |= CT_F_SNAT;
     }
-    if CONNTRACK.insert(&key, &entry, 0).is_err() {
-        return Decision::Drop(Stat::DropMapFull);
+    if F::conntrack().insert(&client_key(f), &entry, 0).is_err() {
+        return Err(Stat::DropMapFull);
     }
     if affinity {
+        let akey = AffinityKey {
+            client_addr: f.saddr,
+            svc_id: c.svc_id,
+        };
         let stick = Affinity {
             last_seen_ns: now,
             backend_id: id,
             backend_addr: be.addr,
             backend_port: be.port,
             pad: 0,
-            pad2: 0,
+            pad2: Default::default(),
         };
         // Best effort: a full LRU map evicts the least recently used client.
-        let _ = AFFINITY.insert(&akey, &stick, 0);
+        let _ = F::affinity().insert(&akey, &stick, 0);
     }
     count(Stat::NewFlow);
     let nat = Nat {
@@ -298,41 +378,37 @@ fn new_flow(
         daddr: be.addr,
         dport: be.port,
     };
-    if local {
-        Decision::ToLocal(nat)
-    } else {
-        Decision::ToRemote(nat)
-    }
+    Ok((nat, local))
 }
 
 /// Whether the client may use this LoadBalancer/external-IP frontend: its address lies in
 /// one of the service's loadBalancerSourceRanges.
 #[inline(always)]
-fn source_allowed(f: &Flow, svc: &Service) -> bool {
+fn source_allowed<F: Family>(f: &Flow<F::A>, svc: &Service) -> bool {
     let key = Key::new(
-        SRC_RANGE_SVC_BITS + 32,
+        SRC_RANGE_SVC_BITS + F::A::BITS,
         SrcRange {
             svc_id_be: svc.svc_id.to_be(),
             addr: f.saddr,
         },
     );
-    SRC_RANGES.get(&key).is_some()
+    F::src_ranges().get(&key).is_some()
 }
 
 /// The backend a client of an affinity service is stuck to, if it was used within the
 /// timeout and is still a backend the service may choose (same id, address and port; on
 /// this node under Local).
 #[inline(always)]
-fn sticky_backend(akey: &AffinityKey, svc: &Service, now: u64) -> Option<u32> {
+fn sticky_backend<F: Family>(akey: &AffinityKey<F::A>, svc: &Service, now: u64) -> Option<u32> {
     // SAFETY: plain data. Field by field: copying the whole value (with its padding)
     // became a memmove, whose pointer arithmetic needs CAP_PERFMON.
-    let a = unsafe { AFFINITY.get(akey) }?;
+    let a = unsafe { F::affinity().get(akey) }?;
     let (last_seen, id, addr, port) =
         (a.last_seen_ns, a.backend_id, a.backend_addr, a.backend_port);
     if now.saturating_sub(last_seen) > svc.affinity_timeout_s as u64 * NS {
         return None;
     }
-    let be = BACKENDS.get(id)?;
+    let be = F::backends().get(id)?;
     let usable = be.addr == addr
         && be.port == port
         && (svc.flags & SVC_F_LOCAL == 0 || be.flags & BE_F_LOCAL != 0);
@@ -342,12 +418,12 @@ fn sticky_backend(akey: &AffinityKey, svc: &Service, now: u64) -> Option<u32> {
 /// An established flow of an affinity service to the client's sticky backend counts as
 /// use: push the client's expiry.
 #[inline(always)]
-fn refresh_affinity(client_addr: u32, svc_id: u32, backend_id: u32, now: u64) {
+fn refresh_affinity<F: Family>(client_addr: F::A, svc_id: u32, backend_id: u32, now: u64) {
     let akey = AffinityKey {
         client_addr,
         svc_id,
     };
-    if let Some(a) = AFFINITY.get_ptr_mut(&akey) {
+    if let Some(a) = F::affinity().get_ptr_mut(&akey) {
         // SAFETY: map value pointer; a racing writer stores whole fields too.
         unsafe {
             if (*a).backend_id == backend_id && now.saturating_sub((*a).last_seen_ns) >= REFRESH_NS
@@ -366,25 +442,24 @@ fn refresh_affinity(client_addr: u32, svc_id: u32, backend_id: u32, now: u64) {
 /// unrolled probe (without CAP_PERFMON it also walks every speculative branch, and 32
 /// inline probes alone took np_xdp near its 1M-instruction limit).
 #[inline(always)]
-fn alloc_snat_port(
-    f: &Flow,
+fn alloc_snat_port<F: Family>(
+    f: &Flow<F::A>,
     cfg: &Config,
-    be: &Backend,
-    snat_addr: u32,
-    rev: &RevNat,
+    be: &Backend<F::A>,
+    snat_addr: F::A,
     hash: u32,
     now: u64,
 ) -> Option<u16> {
-    if snat_addr == 0 || cfg.snat_port_max < cfg.snat_port_min {
+    if snat_addr.is_zero() || cfg.snat_port_max < cfg.snat_port_min {
         return None;
     }
     let Some(range) = NonZeroU32::new((cfg.snat_port_max - cfg.snat_port_min) as u32 + 1) else {
         return None;
     };
     let mut probe = SnatProbe {
-        cfg: *cfg,
         rkey: FlowKey::new(be.addr, snat_addr, be.port, 0, f.proto),
-        rev: *rev,
+        rev: rev_nat(f),
+        port_min: cfg.snat_port_min as u32,
         start: hash.rotate_left(16) % range,
         range,
         now,
@@ -395,7 +470,7 @@ fn alloc_snat_port(
     unsafe {
         bpf_loop(
             SNAT_PROBES,
-            snat_probe as *const () as *mut c_void,
+            snat_probe::<F> as *const () as *mut c_void,
             (&raw mut probe).cast(),
             0,
         );
@@ -405,11 +480,13 @@ fn alloc_snat_port(
 
 /// The SNAT port search's state, shared with each `snat_probe` call.
 #[repr(C)]
-struct SnatProbe {
-    cfg: Config,
+struct SnatProbe<A: Addr> {
     /// The reply tuple (backend -> SNAT address); `dport` is the port being tried.
-    rkey: FlowKey,
-    rev: RevNat,
+    rkey: FlowKey<A>,
+    rev: RevNat<A>,
+    /// The range's first port; the search starts `start` ports into it. (Not a copy of
+    /// the whole `Config`: this struct lives on the stack with IPv6 keys in it.)
+    port_min: u32,
     start: u32,
     range: NonZeroU32,
     now: u64,
@@ -419,18 +496,22 @@ struct SnatProbe {
 
 /// One probe of [`alloc_snat_port`]: claim port `start + i` (mod the range) when its reply
 /// tuple is free or stale. Returns 1 (stop) once claimed.
-extern "C" fn snat_probe(i: u64, ctx: *mut c_void) -> c_long {
+extern "C" fn snat_probe<F: Family>(i: u64, ctx: *mut c_void) -> c_long {
     // SAFETY: `ctx` is the `SnatProbe` on alloc_snat_port's stack.
-    let p = unsafe { &mut *ctx.cast::<SnatProbe>() };
-    let port =
-        (p.cfg.snat_port_min as u32).wrapping_add((p.start.wrapping_add(i as u32)) % p.range);
+    let p = unsafe { &mut *ctx.cast::<SnatProbe<F::A>>() };
+    let port = p
+        .port_min
+        .wrapping_add((p.start.wrapping_add(i as u32)) % p.range);
     p.rkey.dport = (port as u16).to_be();
-    if REVNAT.insert(&p.rkey, &p.rev, BPF_NOEXIST as u64).is_ok() {
+    if F::revnat()
+        .insert(&p.rkey, &p.rev, BPF_NOEXIST as u64)
+        .is_ok()
+    {
         p.found = 1;
         return 1;
     }
     // SAFETY: plain data.
-    let Some(held) = (unsafe { REVNAT.get(&p.rkey) }).copied() else {
+    let Some(held) = (unsafe { F::revnat().get(&p.rkey) }).copied() else {
         return 0;
     };
     let owner = FlowKey::new(
@@ -441,9 +522,9 @@ extern "C" fn snat_probe(i: u64, ctx: *mut c_void) -> c_long {
         p.rkey.proto,
     );
     // SAFETY: plain data.
-    let live = match unsafe { CONNTRACK.get(&owner) } {
+    let live = match unsafe { F::conntrack().get(&owner) } {
         Some(ct) => {
-            !expired(&p.cfg, p.rkey.proto, ct, p.now)
+            !expired(&config(), p.rkey.proto, ct, p.now)
                 && ct.nat_port == p.rkey.dport
                 && ct.nat_addr == p.rkey.daddr
                 && ct.backend_addr == p.rkey.saddr
@@ -451,7 +532,7 @@ extern "C" fn snat_probe(i: u64, ctx: *mut c_void) -> c_long {
         }
         None => false,
     };
-    if !live && REVNAT.insert(&p.rkey, &p.rev, 0).is_ok() {
+    if !live && F::revnat().insert(&p.rkey, &p.rev, 0).is_ok() {
         p.found = 1;
         return 1;
     }
@@ -460,10 +541,10 @@ extern "C" fn snat_probe(i: u64, ctx: *mut c_void) -> c_long {
 
 /// Reverse translation of a reply: the tuple as it arrives, looked up in NP_RNAT.
 #[inline(always)]
-pub fn reply(f: &Flow) -> Option<Decision> {
+pub fn reply<F: Family>(f: &Flow<F::A>) -> Option<Decision<F::A>> {
     let key = client_key(f);
     // SAFETY: plain data.
-    let rev = (unsafe { REVNAT.get(&key) }).copied()?;
+    let rev = (unsafe { F::revnat().get(&key) }).copied()?;
     let owner = FlowKey::new(
         rev.client_addr,
         rev.fe_addr,
@@ -471,7 +552,7 @@ pub fn reply(f: &Flow) -> Option<Decision> {
         rev.fe_port,
         f.proto,
     );
-    if let Some(ct) = CONNTRACK.get_ptr_mut(&owner) {
+    if let Some(ct) = F::conntrack().get_ptr_mut(&owner) {
         touch(ct, f.tcp_flags, false, now_ns());
     }
     count(Stat::Reply);
@@ -486,7 +567,7 @@ pub fn reply(f: &Flow) -> Option<Decision> {
 /// Whether an arriving packet could be the reply of a source-NATed flow: it is addressed to
 /// a port of the SNAT range (cheap test before the map lookup).
 #[inline(always)]
-fn maybe_snat_reply(f: &Flow, cfg: &Config) -> bool {
+fn maybe_snat_reply<A: Addr>(f: &Flow<A>, cfg: &Config) -> bool {
     let port = u16::from_be(f.dport);
     port >= cfg.snat_port_min && port <= cfg.snat_port_max
 }
@@ -494,18 +575,18 @@ fn maybe_snat_reply(f: &Flow, cfg: &Config) -> bool {
 /// New addresses of an ICMP error about a translated flow: the outer header's, and the
 /// quoted packet's (in `inner`).
 #[derive(Clone, Copy)]
-pub struct IcmpNat {
-    pub outer_saddr: u32,
-    pub outer_daddr: u32,
-    pub inner: Nat,
+pub struct IcmpNat<A: Addr> {
+    pub outer_saddr: A,
+    pub outer_daddr: A,
+    pub inner: Nat<A>,
 }
 
 /// Where a translated ICMP error goes.
-pub enum IcmpDecision {
+pub enum IcmpDecision<A: Addr> {
     /// Routed by this node (to the client, or to a backend on another node).
-    Route(IcmpNat),
+    Route(IcmpNat<A>),
     /// To a backend on this node, through the stack.
-    Local(IcmpNat),
+    Local(IcmpNat<A>),
 }
 
 /// Translate an ICMP error whose quoted packet belongs to a translated flow; `None` for
@@ -517,10 +598,10 @@ pub enum IcmpDecision {
 /// - NP_CT: it quotes a reply this node sent to the client (say, fragmentation needed on
 ///   the client's side, sent to the frontend): the backend gets it, quoting its own reply.
 #[inline(always)]
-pub fn icmp_error(e: &IcmpError) -> Option<IcmpDecision> {
+pub fn icmp_error<F: Family>(e: &IcmpError<F::A>) -> Option<IcmpDecision<F::A>> {
     let key = FlowKey::new(e.daddr, e.saddr, e.dport, e.sport, e.proto);
     // SAFETY: plain data.
-    if let Some(rev) = (unsafe { REVNAT.get(&key) }).copied() {
+    if let Some(rev) = (unsafe { F::revnat().get(&key) }).copied() {
         let outer_saddr = if e.outer.saddr == e.daddr {
             rev.fe_addr
         } else {
@@ -538,7 +619,7 @@ pub fn icmp_error(e: &IcmpError) -> Option<IcmpDecision> {
         }));
     }
     // SAFETY: plain data.
-    let ct = (unsafe { CONNTRACK.get(&key) }).copied()?;
+    let ct = (unsafe { F::conntrack().get(&key) }).copied()?;
     let snat = ct.flags & CT_F_SNAT != 0;
     let n = IcmpNat {
         outer_saddr: if snat { ct.nat_addr } else { e.outer.saddr },

@@ -7,10 +7,12 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use nodeport_common::{
-    stats::STAT_COUNT, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey,
-    MaglevEntry, NodeAddr, RevNat, Service, SrcRange, DEFAULT_AFFINITY_ENTRIES, DEFAULT_CT_ENTRIES,
-    DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_DEVICES, DEFAULT_MAX_NODE_ADDRS,
-    DEFAULT_MAX_SERVICES, DEFAULT_SRC_RANGES, MAGLEV_SLOTS_PER_ENTRY,
+    stats::STAT_COUNT, Affinity, Affinity6, AffinityKey, AffinityKey6, Backend, Backend6, Config,
+    CtEntry, CtEntry6, FlowKey, FlowKey6, FrontendKey, FrontendKey6, Ip6, MaglevEntry, NodeAddr,
+    RevNat, RevNat6, Service, SrcRange, SrcRange6, DEFAULT_AFFINITY6_ENTRIES,
+    DEFAULT_AFFINITY_ENTRIES, DEFAULT_CT6_ENTRIES, DEFAULT_CT_ENTRIES, DEFAULT_MAGLEV_SLOTS,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_DEVICES, DEFAULT_MAX_NODE_ADDRS, DEFAULT_MAX_SERVICES,
+    DEFAULT_SRC_RANGES, DEFAULT_SRC_RANGES6, MAGLEV_SLOTS_PER_ENTRY,
 };
 
 /// NP_SVC_V1: frontend (addr or 0 for nodePorts, port, proto) -> service (Maglev table range).
@@ -68,3 +70,32 @@ pub static AFFINITY: LruHashMap<AffinityKey, Affinity> =
 /// (aya-ebpf adds BPF_F_NO_PREALLOC, which the kernel requires of LPM tries.)
 #[map(name = "NP_SRCRANGE_V1")]
 pub static SRC_RANGES: LpmTrie<SrcRange, u32> = LpmTrie::with_max_entries(DEFAULT_SRC_RANGES, 0);
+
+// The IPv6 counterparts: the same layouts with `Ip6` addresses. Backend ids are one space
+// over NP_BE and NP_BE6 (an id is a backend of one family; the other array is zero there).
+
+#[map(name = "NP_SVC6_V1")]
+pub static SERVICES6: HashMap<FrontendKey6, Service> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "NP_BE6_V1")]
+pub static BACKENDS6: Array<Backend6> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map(name = "NP_CT6_V1")]
+pub static CONNTRACK6: LruHashMap<FlowKey6, CtEntry6> =
+    LruHashMap::with_max_entries(DEFAULT_CT6_ENTRIES, 0);
+
+#[map(name = "NP_RNAT6_V1")]
+pub static REVNAT6: LruHashMap<FlowKey6, RevNat6> =
+    LruHashMap::with_max_entries(DEFAULT_CT6_ENTRIES, 0);
+
+#[map(name = "NP_NODEADDR6_V1")]
+pub static NODE_ADDRS6: HashMap<Ip6, NodeAddr> =
+    HashMap::with_max_entries(DEFAULT_MAX_NODE_ADDRS, 0);
+
+#[map(name = "NP_AFF6_V1")]
+pub static AFFINITY6: LruHashMap<AffinityKey6, Affinity6> =
+    LruHashMap::with_max_entries(DEFAULT_AFFINITY6_ENTRIES, 0);
+
+#[map(name = "NP_SRCRANGE6_V1")]
+pub static SRC_RANGES6: LpmTrie<SrcRange6, u32> = LpmTrie::with_max_entries(DEFAULT_SRC_RANGES6, 0);

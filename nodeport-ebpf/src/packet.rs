@@ -1,22 +1,24 @@
-//! Bounds-checked packet access and the one parse of Ethernet / IPv4 / TCP|UDP into a
+//! Bounds-checked packet access and the one parse of Ethernet / IPv4|IPv6 / TCP|UDP into a
 //! [`Flow`]. Anything this parser does not fully understand is reported as a pass reason,
 //! and the packet goes to the kernel stack untouched.
 
 use core::mem::size_of;
 
-use nodeport_common::{Stat, PROTO_TCP, PROTO_UDP};
+use nodeport_common::{Addr, Stat, PROTO_TCP, PROTO_UDP};
 
-pub const ETH_HLEN: usize = 14;
+use crate::family::{Family, L3, V4, V6};
+
 const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const IPV4_MIN_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 
-/// IPv4 header field offsets (from the start of the IP header).
+/// IPv4 header field offsets (from the start of the IP header); the addresses' and the
+/// TTL's are the family's (`Family::SADDR`, ...).
 pub const IP_TTL_PROTO: usize = 8;
 pub const IP_CHECK: usize = 10;
-pub const IP_SADDR: usize = 12;
-pub const IP_DADDR: usize = 16;
 /// L4 field offsets (from the start of the TCP/UDP header).
 pub const L4_SPORT: usize = 0;
 pub const L4_DPORT: usize = 2;
@@ -29,20 +31,39 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// Offsets of the IPv4 and L4 headers when the IPv4 header has no options: the only shape
-/// XDP translates. Unprivileged-Spectre rules (no CAP_PERFMON) allow packet pointer
-/// arithmetic only with immediate constants (kernel/bpf/verifier.c: sanitize_ptr_alu,
-/// retrieve_ptr_limit), so XDP touches packet memory at these literal offsets only.
-pub const L3: usize = ETH_HLEN;
-pub const L4: usize = ETH_HLEN + IPV4_MIN_HLEN;
+/// Transport offsets when the IP header has its minimal form (IPv4 without options, IPv6
+/// without extension headers): the only shape XDP translates. Unprivileged-Spectre rules
+/// (no CAP_PERFMON) allow packet pointer arithmetic only with immediate constants
+/// (kernel/bpf/verifier.c: sanitize_ptr_alu, retrieve_ptr_limit), so XDP touches packet
+/// memory at literal offsets only: these, and the family's (`Family::L4`, ...).
+pub const L4_V4: usize = V4::L4;
+pub const L4_V6: usize = V6::L4;
 
-/// An ICMP error (both IPv4 headers option-less, as XDP handles them): the ICMP header at
-/// [`L4`], the quoted IPv4 header at [`INNER_L3`] and its first L4 bytes at [`INNER_L4`].
-pub const PROTO_ICMP: u8 = 1;
+/// ICMP errors: destination unreachable (ICMP type 3, which includes fragmentation
+/// needed; ICMPv6 type 1) and ICMPv6 packet too big (type 2). The ICMP checksum sits at
+/// `Family::L4 + 2` in both families.
 pub const ICMP_DEST_UNREACH: u8 = 3;
-pub const ICMP_CHECK: usize = L4 + 2;
-pub const INNER_L3: usize = L4 + 8;
-pub const INNER_L4: usize = INNER_L3 + IPV4_MIN_HLEN;
+pub const ICMP6_DEST_UNREACH: u8 = 1;
+pub const ICMP6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMP_CHECK: usize = 2;
+
+/// The IP family of an untagged Ethernet frame.
+pub enum Ether {
+    Ipv4,
+    Ipv6,
+}
+
+/// The family by EtherType: `PassMalformed` for a runt, `PassNotIp` for anything else
+/// (ARP, 802.1Q/802.1ad tagged: attach to the VLAN device instead).
+#[inline(always)]
+pub fn ether(b: &impl PacketBytes) -> Result<Ether, Stat> {
+    match b.load::<u16>(12).map(u16::from_be) {
+        Some(ETH_P_IPV4) => Ok(Ether::Ipv4),
+        Some(ETH_P_IPV6) => Ok(Ether::Ipv6),
+        Some(_) => Err(Stat::PassNotIp),
+        None => Err(Stat::PassMalformed),
+    }
+}
 
 /// Access to a packet: direct (XDP, constant offsets) or through `bpf_skb_load_bytes` and
 /// `bpf_skb_store_bytes` (TC, any offset, no pointer arithmetic).
@@ -115,27 +136,27 @@ impl PacketBytes for Skb<'_> {
     }
 }
 
-/// What the datapath needs to know about a TCP or UDP over IPv4 packet.
+/// What the datapath needs to know about a TCP or UDP packet of one family.
 #[derive(Clone, Copy)]
-pub struct Flow {
-    /// Offset of the IPv4 header and of the L4 header.
+pub struct Flow<A: Addr> {
+    /// Offset of the IP header and of the L4 header.
     pub l3: usize,
     pub l4: usize,
     /// Addresses and ports as raw network-order values.
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
-    /// Time to live.
+    /// Time to live / hop limit.
     pub ttl: u8,
-    /// IPv4 total length, host order.
+    /// Length of the IP packet, headers included, host order.
     pub tot_len: u16,
 }
 
-impl Flow {
+impl<A: Addr> Flow<A> {
     #[inline(always)]
     pub fn l4_check_off(&self) -> usize {
         if self.proto == PROTO_TCP {
@@ -146,52 +167,75 @@ impl Flow {
     }
 }
 
-/// Parse Ethernet / IPv4 / TCP|UDP. `OPTIONS`: whether an IPv4 header with options is
-/// accepted (TC) or passed on as `PassIpOptions` (XDP, which then works at the constant
-/// offsets [`L3`] and [`L4`]). Promises, in order:
-/// - not Ethernet+IPv4 (ARP, IPv6, 802.1Q/802.1ad tagged): `PassNotIp`;
-/// - truncated headers, version != 4, IHL < 5, total length shorter than the headers or
-///   longer than the frame: `PassMalformed`;
-/// - fragments (MF set or non-zero offset): `PassFragment`, also the first one;
-/// - neither TCP nor UDP: `PassOtherProto`.
-/// IP options are accepted: the L4 header is found through the IHL.
+/// IPv6 next-header values that are extension headers (RFC 8200 section 4, and the
+/// IANA list): hop-by-hop, routing, fragment, ESP, AH, destination options, mobility,
+/// HIP, shim6, experimental.
 #[inline(always)]
-pub fn parse<const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flow, Stat> {
-    let ethertype = u16::from_be(b.load::<u16>(12).ok_or(Stat::PassMalformed)?);
-    if ethertype != ETH_P_IPV4 {
-        return Err(Stat::PassNotIp);
-    }
+fn ipv6_ext(nexthdr: u8) -> bool {
+    matches!(
+        nexthdr,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
+}
+
+/// Parse the IP header of family `F` (the EtherType was checked) and the TCP|UDP header
+/// after it. `OPTIONS`: whether an IPv4 header with options is accepted (TC) or passed on
+/// as `PassIpOptions` (XDP, which then works at constant offsets). Promises, in order:
+/// - truncated headers, a version that is not the family's, IHL < 5, a length shorter than
+///   the headers or longer than the frame: `PassMalformed`;
+/// - IPv4 fragments (MF set or non-zero offset): `PassFragment`, also the first one;
+/// - IPv6 with an extension header first (the fragment header included): `PassIpv6Ext`.
+///   The chain is not walked: such packets go to the stack untouched;
+/// - neither TCP nor UDP: `PassOtherProto`.
+#[inline(always)]
+pub fn parse<F: Family, const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flow<F::A>, Stat> {
     let l3 = L3;
-    let vihl: u8 = b.load(l3).ok_or(Stat::PassMalformed)?;
-    if vihl >> 4 != 4 {
-        return Err(Stat::PassMalformed);
-    }
-    let ihl = ((vihl & 0x0f) as usize) * 4;
-    if ihl < IPV4_MIN_HLEN {
-        return Err(Stat::PassMalformed);
-    }
-    // The fixed header must be there, and then the options the IHL announces.
-    let tot_len = u16::from_be(b.load::<u16>(l3 + 2).ok_or(Stat::PassMalformed)?);
-    let frag = u16::from_be(b.load::<u16>(l3 + 6).ok_or(Stat::PassMalformed)?);
-    let ttl_proto: [u8; 2] = b.load(l3 + IP_TTL_PROTO).ok_or(Stat::PassMalformed)?;
-    let saddr: u32 = b.load(l3 + IP_SADDR).ok_or(Stat::PassMalformed)?;
-    let daddr: u32 = b.load(l3 + IP_DADDR).ok_or(Stat::PassMalformed)?;
     let frame_l3_len = b.len().saturating_sub(l3);
-    if ihl > frame_l3_len {
-        return Err(Stat::PassMalformed);
-    }
-    if (tot_len as usize) < ihl || tot_len as usize > frame_l3_len {
-        return Err(Stat::PassMalformed);
-    }
-    if frag & 0x3fff != 0 {
-        return Err(Stat::PassFragment);
-    }
-    let proto = ttl_proto[1];
-    if !OPTIONS && ihl != IPV4_MIN_HLEN {
-        return Err(Stat::PassIpOptions);
-    }
-    let l4 = if OPTIONS { l3 + ihl } else { L4 };
-    let l4_len = tot_len as usize - ihl;
+    let vihl: u8 = b.load(l3).ok_or(Stat::PassMalformed)?;
+    let saddr: F::A = b.load(l3 + F::SADDR).ok_or(Stat::PassMalformed)?;
+    let daddr: F::A = b.load(l3 + F::DADDR).ok_or(Stat::PassMalformed)?;
+    let (l4, l4_len, proto, ttl, tot_len) = if F::IS_V6 {
+        let hdr: [u16; 4] = b.load(l3).ok_or(Stat::PassMalformed)?;
+        let payload_len = u16::from_be(hdr[2]) as usize;
+        let [nexthdr, hop_limit] = hdr[3].to_ne_bytes();
+        if vihl >> 4 != 6 || IPV6_HLEN + payload_len > frame_l3_len {
+            return Err(Stat::PassMalformed);
+        }
+        if ipv6_ext(nexthdr) {
+            return Err(Stat::PassIpv6Ext);
+        }
+        let tot_len = (IPV6_HLEN + payload_len) as u16;
+        (F::L4, payload_len, nexthdr, hop_limit, tot_len)
+    } else {
+        if vihl >> 4 != 4 {
+            return Err(Stat::PassMalformed);
+        }
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if ihl < IPV4_MIN_HLEN {
+            return Err(Stat::PassMalformed);
+        }
+        // The fixed header must be there, and then the options the IHL announces.
+        let tot_len = u16::from_be(b.load::<u16>(l3 + 2).ok_or(Stat::PassMalformed)?);
+        let frag = u16::from_be(b.load::<u16>(l3 + 6).ok_or(Stat::PassMalformed)?);
+        let ttl_proto: [u8; 2] = b.load(l3 + IP_TTL_PROTO).ok_or(Stat::PassMalformed)?;
+        if ihl > frame_l3_len || (tot_len as usize) < ihl || tot_len as usize > frame_l3_len {
+            return Err(Stat::PassMalformed);
+        }
+        if frag & 0x3fff != 0 {
+            return Err(Stat::PassFragment);
+        }
+        if !OPTIONS && ihl != IPV4_MIN_HLEN {
+            return Err(Stat::PassIpOptions);
+        }
+        let l4 = if OPTIONS { l3 + ihl } else { F::L4 };
+        (
+            l4,
+            tot_len as usize - ihl,
+            ttl_proto[1],
+            ttl_proto[0],
+            tot_len,
+        )
+    };
     let (sport, dport, tcp_flags) = match proto {
         PROTO_TCP => {
             if l4_len < TCP_HLEN {
@@ -228,67 +272,82 @@ pub fn parse<const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flow, Stat> {
         dport,
         proto,
         tcp_flags,
-        ttl: ttl_proto[0],
+        ttl,
         tot_len,
     })
 }
 
-/// An ICMP destination-unreachable (fragmentation-needed included) quoting a TCP or UDP
-/// packet: the outer addresses and the quoted packet's tuple, raw network order.
+/// An ICMP error quoting a TCP or UDP packet: the outer addresses and the quoted packet's
+/// tuple, raw network order.
 #[derive(Clone, Copy)]
-pub struct IcmpError {
+pub struct IcmpError<A: Addr> {
     /// The ICMP packet itself as a flow for the FIB (proto ICMP, no ports).
-    pub outer: Flow,
+    pub outer: Flow<A>,
     /// The quoted packet's tuple, as it was sent.
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
 }
 
 /// Parse an ICMP error after [`parse`] returned `PassOtherProto` (so the outer header is
-/// IPv4, not a fragment, with a consistent length). `None`: outer IPv4 header with
-/// options, or not a destination-unreachable quoting an option-less, unfragmented-or-first
-/// TCP/UDP packet with its ports.
+/// of family `F` with a consistent length, and IPv4 is not a fragment). `None`: an outer
+/// IPv4 header with options or IPv6 extension headers, or not a destination-unreachable
+/// (or ICMPv6 packet-too-big) quoting a minimal-header, unfragmented-or-first TCP/UDP
+/// packet with its ports.
 #[inline(always)]
-pub fn parse_icmp_error(b: &impl PacketBytes) -> Option<IcmpError> {
+pub fn parse_icmp_error<F: Family>(b: &impl PacketBytes) -> Option<IcmpError<F::A>> {
     let vihl: u8 = b.load(L3)?;
-    let ttl_proto: [u8; 2] = b.load(L3 + IP_TTL_PROTO)?;
-    if vihl != 0x45 || ttl_proto[1] != PROTO_ICMP {
+    let inner_vihl: u8 = b.load(F::INNER_L3)?;
+    let icmp_type: u8 = b.load(F::L4)?;
+    let (ip_len, proto, ttl, quoted) = if F::IS_V6 {
+        let hdr: [u16; 4] = b.load(L3)?;
+        let [nexthdr, hop_limit] = hdr[3].to_ne_bytes();
+        let inner_nexthdr: u8 = b.load(F::INNER_L3 + 6)?;
+        let quoted = vihl >> 4 == 6
+            && inner_vihl >> 4 == 6
+            && (icmp_type == ICMP6_DEST_UNREACH || icmp_type == ICMP6_PACKET_TOO_BIG)
+            && (inner_nexthdr == PROTO_TCP || inner_nexthdr == PROTO_UDP);
+        let len = IPV6_HLEN + u16::from_be(hdr[2]) as usize;
+        (len, nexthdr, hop_limit, quoted.then_some(inner_nexthdr))
+    } else {
+        let ttl_proto: [u8; 2] = b.load(L3 + IP_TTL_PROTO)?;
+        let inner_frag = u16::from_be(b.load::<u16>(F::INNER_L3 + 6)?);
+        let inner_proto: u8 = b.load(F::INNER_L3 + IP_TTL_PROTO + 1)?;
+        let quoted = vihl == 0x45
+            && inner_vihl == 0x45
+            && icmp_type == ICMP_DEST_UNREACH
+            && inner_frag & 0x1fff == 0
+            && (inner_proto == PROTO_TCP || inner_proto == PROTO_UDP);
+        let len = u16::from_be(b.load::<u16>(L3 + 2)?) as usize;
+        (
+            len,
+            ttl_proto[1],
+            ttl_proto[0],
+            quoted.then_some(inner_proto),
+        )
+    };
+    let inner_proto = quoted?;
+    if proto != F::PROTO_ICMP || ip_len < F::INNER_L4 + 8 - L3 {
         return None;
     }
-    let tot_len = u16::from_be(b.load::<u16>(L3 + 2)?);
-    if (tot_len as usize) < INNER_L4 + 8 - L3 {
-        return None;
-    }
-    let icmp_type: u8 = b.load(L4)?;
-    let inner_vihl: u8 = b.load(INNER_L3)?;
-    let inner_frag = u16::from_be(b.load::<u16>(INNER_L3 + 6)?);
-    let inner_proto: u8 = b.load(INNER_L3 + IP_TTL_PROTO + 1)?;
-    if icmp_type != ICMP_DEST_UNREACH
-        || inner_vihl != 0x45
-        || inner_frag & 0x1fff != 0
-        || (inner_proto != PROTO_TCP && inner_proto != PROTO_UDP)
-    {
-        return None;
-    }
-    let ports: [u16; 2] = b.load(INNER_L4)?;
+    let ports: [u16; 2] = b.load(F::INNER_L4)?;
     Some(IcmpError {
         outer: Flow {
             l3: L3,
-            l4: L4,
-            saddr: b.load(L3 + IP_SADDR)?,
-            daddr: b.load(L3 + IP_DADDR)?,
+            l4: F::L4,
+            saddr: b.load(L3 + F::SADDR)?,
+            daddr: b.load(L3 + F::DADDR)?,
             sport: 0,
             dport: 0,
-            proto: PROTO_ICMP,
+            proto,
             tcp_flags: 0,
-            ttl: ttl_proto[0],
-            tot_len,
+            ttl,
+            tot_len: ip_len as u16,
         },
-        saddr: b.load(INNER_L3 + IP_SADDR)?,
-        daddr: b.load(INNER_L3 + IP_DADDR)?,
+        saddr: b.load(F::INNER_L3 + F::SADDR)?,
+        daddr: b.load(F::INNER_L3 + F::DADDR)?,
         sport: ports[0],
         dport: ports[1],
         proto: inner_proto,

@@ -1,11 +1,22 @@
-//! The programs. Each wraps a `try_` function returning (action, counter) and turns it
-//! into exactly one counted verdict.
+//! The programs. Each turns one packet into exactly one counted verdict. The EtherType
+//! picks the family; everything after is one generic path instantiated for IPv4 ([`V4`])
+//! and IPv6 ([`V6`]).
+//!
+//! A family's path is a chain of BPF functions, each with its own stack frame: inlined
+//! together, IPv6's keys and values took the frame past the verifier's 512 bytes (the
+//! limit holds for the frames of a call chain added up). The program calls the family's
+//! function, which parses once and keeps the flow and the decision in its frame; it calls
+//! the steps one after the other: the conntrack half of the decision (established flows,
+//! replies), for new flows the backend choice, the SNAT port search and the binding, and
+//! last carrying the decision out. ICMP errors take their own function.
 //!
 //! XDP and TC ingress exist twice: the plain programs, and `_debug` variants that can log
 //! every packet through aya-log when the runtime switch (`CFG_F_DEBUG`) is on. aya-log's
 //! argument encoding does stack pointer arithmetic that the verifier only accepts with
 //! CAP_PERFMON, so the agent loads the debug variants only for `--debug-datapath` and the
 //! plain ones verify with CAP_BPF and CAP_NET_ADMIN alone.
+
+use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::generated::bpf_xdp_get_buff_len;
 use aya_ebpf::{
@@ -14,82 +25,224 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::info;
-use nodeport_common::{Stat, CFG_F_DEBUG};
+use nodeport_common::{Ip6, Stat, CFG_F_DEBUG};
 
 use crate::{
+    family::{Family, V4, V6},
     fwd::{tc_forward, xdp_forward, xdp_route, Rewrite},
-    lb::{config, decide, icmp_error, reply, Decision, IcmpDecision, Nat},
+    lb::{
+        bind, config, icmp_error, known, open, reply, snat, Choice, Decision, IcmpDecision, Known,
+        Nat,
+    },
     nat::{rewrite_icmp, rewrite_tc, rewrite_xdp},
-    packet::{parse, parse_icmp_error, Bounds, Flow, Skb},
-    stats::count,
+    packet::{ether, parse, parse_icmp_error, Bounds, Ether, Flow, PacketBytes, Skb},
+    stats::{count, count_index},
 };
 
 /// XDP on the node's interfaces.
 #[xdp]
 pub fn np_xdp(ctx: XdpContext) -> u32 {
-    let (action, stat) = try_xdp::<false>(&ctx);
-    count(stat);
-    action
+    xdp_program::<false>(&ctx)
 }
 
 /// `np_xdp` with per-packet logs behind the runtime debug switch.
 #[xdp]
 pub fn np_xdp_debug(ctx: XdpContext) -> u32 {
-    let (action, stat) = try_xdp::<true>(&ctx);
-    count(stat);
-    action
+    xdp_program::<true>(&ctx)
 }
 
 #[inline(always)]
-fn try_xdp<const DEBUG: bool>(ctx: &XdpContext) -> (u32, Stat) {
+fn bounds(ctx: &XdpContext) -> Bounds {
     // SAFETY: helper on the program's own context.
     let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as usize;
-    let b = Bounds {
+    Bounds {
         start: ctx.data(),
         end: ctx.data_end(),
         len,
+    }
+}
+
+/// A verdict (action, counter index) in one register. The BPF functions below return
+/// it as a scalar: a struct comes back through a hidden pointer, and LLVM may leave a
+/// stack pointer in R0, which the verifier refuses ("cannot return stack pointer").
+#[derive(Clone, Copy)]
+struct Verdict(u64);
+
+impl Verdict {
+    /// Not ours / not handled here.
+    const NONE: Verdict = Verdict(u64::MAX);
+
+    #[inline(always)]
+    fn new(action: u32, stat: Stat) -> Verdict {
+        Verdict(((action as u64) << 32) | stat as u64)
+    }
+    #[inline(always)]
+    fn of((action, stat): (u32, Stat)) -> Verdict {
+        Verdict::new(action, stat)
+    }
+    #[inline(always)]
+    fn of_tc((action, stat): (i32, Stat)) -> Verdict {
+        Verdict::new(action as u32, stat)
+    }
+    #[inline(always)]
+    fn is_none(self) -> bool {
+        self.0 == u64::MAX
+    }
+    #[inline(always)]
+    fn action(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+    #[inline(always)]
+    fn stat(self) -> u32 {
+        self.0 as u32
+    }
+}
+
+#[inline(always)]
+fn xdp_program<const DEBUG: bool>(ctx: &XdpContext) -> u32 {
+    let v = match ether(&bounds(ctx)) {
+        Ok(Ether::Ipv4) => match xdp_family::<V4>(ctx) {
+            v if v.is_none() => xdp_icmp::<V4>(ctx),
+            v => v,
+        },
+        Ok(Ether::Ipv6) => match xdp_family::<V6>(ctx) {
+            v if v.is_none() => xdp_icmp::<V6>(ctx),
+            v => v,
+        },
+        Err(stat) => Verdict::new(xdp_action::XDP_PASS, stat),
     };
-    let f = match parse::<false>(&b) {
-        Ok(f) => f,
-        Err(Stat::PassOtherProto) => return xdp_icmp(ctx, &b),
-        Err(stat) => return (xdp_action::XDP_PASS, stat),
+    count_index(v.stat());
+    if DEBUG && config().flags & CFG_F_DEBUG != 0 {
+        log_packet(ctx, &bounds(ctx), v.stat());
+    }
+    v.action()
+}
+
+/// A family's TCP/UDP path; `None` for other protocols (maybe an ICMP error). The flow,
+/// the choice for a new flow and the decision live in this frame; the steps fill them
+/// through pointers (returned by value, each took a second copy here).
+#[inline(never)]
+fn xdp_family<F: Family>(ctx: &XdpContext) -> Verdict {
+    let mut f = MaybeUninit::uninit();
+    match xdp_parse::<F>(ctx, &mut f) {
+        Ok(()) => {}
+        Err(Stat::PassOtherProto) => return Verdict::NONE,
+        Err(stat) => return Verdict::new(xdp_action::XDP_PASS, stat),
+    }
+    // SAFETY: xdp_parse wrote the flow when it returned Ok.
+    let f = unsafe { f.assume_init_ref() };
+    let mut d = Decision::Drop(Stat::PassNoMatch);
+    if !decide::<F>(f, &mut d) {
+        return Verdict::new(xdp_action::XDP_PASS, Stat::PassNoMatch);
+    }
+    xdp_act::<F>(ctx, f, &d)
+}
+
+/// The decision into `d`, as steps in BPF functions of their own (XDP and TC). False:
+/// the packet is not ours.
+#[inline(always)]
+fn decide<F: Family>(f: &Flow<F::A>, d: &mut Decision<F::A>) -> bool {
+    let Some(reselect) = known_step::<F>(f, d) else {
+        return true;
     };
-    let cfg = config();
-    let Some(decision) = decide(&f, &cfg) else {
-        return (xdp_action::XDP_PASS, Stat::PassNoMatch);
-    };
-    let (action, stat) = match decision {
-        Decision::Drop(stat) => (xdp_action::XDP_DROP, stat),
+    // Not zeroed first: LLVM makes that a memset loop, which the verifier refuses without
+    // CAP_PERFMON. `open` writes every field when it returns Ok.
+    let mut choice = MaybeUninit::uninit();
+    match open_step::<F>(f, reselect, &mut choice) {
+        None => return false,
+        Some(Err(stat)) => *d = Decision::Drop(stat),
+        Some(Ok(())) => {
+            // SAFETY: initialised by open_step's Ok.
+            let choice = unsafe { choice.assume_init_mut() };
+            match snat_step::<F>(f, choice) {
+                Ok(()) => {
+                    bind_step::<F>(f, choice, d);
+                }
+                Err(stat) => *d = Decision::Drop(stat),
+            }
+        }
+    }
+    true
+}
+
+#[inline(never)]
+fn xdp_parse<F: Family>(ctx: &XdpContext, f: &mut MaybeUninit<Flow<F::A>>) -> Result<(), Stat> {
+    f.write(parse::<F, false>(&bounds(ctx))?);
+    Ok(())
+}
+
+/// `lb::known`: `None` when it decided (into `d`), else whether to reselect.
+#[inline(never)]
+fn known_step<F: Family>(f: &Flow<F::A>, d: &mut Decision<F::A>) -> Option<bool> {
+    match known::<F>(f, &config()) {
+        Known::Decided(decided) => {
+            *d = decided;
+            None
+        }
+        Known::Unknown { reselect } => Some(reselect),
+    }
+}
+
+#[inline(never)]
+fn open_step<F: Family>(
+    f: &Flow<F::A>,
+    reselect: bool,
+    choice: &mut MaybeUninit<Choice<F::A>>,
+) -> Option<Result<(), Stat>> {
+    open::<F>(f, reselect, choice)
+}
+
+/// The SNAT port search runs under `bpf_loop`, whose callback frame adds to this one.
+#[inline(never)]
+fn snat_step<F: Family>(f: &Flow<F::A>, choice: &mut Choice<F::A>) -> Result<(), Stat> {
+    snat::<F>(f, choice)
+}
+
+#[inline(never)]
+fn bind_step<F: Family>(f: &Flow<F::A>, choice: &Choice<F::A>, d: &mut Decision<F::A>) -> u32 {
+    // Each variant written in place: a `Decision` built aside and copied would copy the
+    // unwritten bytes of `Drop`, and the verifier refuses reads of uninitialised stack.
+    match bind::<F>(f, choice) {
+        Ok((nat, true)) => *d = Decision::ToLocal(nat),
+        Ok((nat, false)) => *d = Decision::ToRemote(nat),
+        Err(stat) => *d = Decision::Drop(stat),
+    }
+    0
+}
+
+/// Carry out a decision in XDP.
+#[inline(never)]
+fn xdp_act<F: Family>(ctx: &XdpContext, f: &Flow<F::A>, decision: &Decision<F::A>) -> Verdict {
+    let b = &bounds(ctx);
+    Verdict::of(match decision {
+        Decision::Drop(stat) => (xdp_action::XDP_DROP, *stat),
         Decision::ToLocal(nat) => {
-            if rewrite_xdp(&b, &f, &nat, false) {
+            if rewrite_xdp::<F>(b, f, nat, false) {
                 (xdp_action::XDP_PASS, Stat::LocalDeliver)
             } else {
                 (xdp_action::XDP_PASS, Stat::PassMalformed)
             }
         }
-        Decision::ToRemote(nat) | Decision::Reply(nat) => xdp_forward(ctx, &b, &f, &nat),
-    };
-    if DEBUG && cfg.flags & CFG_F_DEBUG != 0 {
-        log_flow(ctx, &f, stat);
-    }
-    (action, stat)
+        Decision::ToRemote(nat) | Decision::Reply(nat) => xdp_forward::<F>(ctx, b, f, nat),
+    })
 }
 
 /// An ICMP error about a translated flow is translated too (path-MTU discovery and
 /// unreachable reports work through the balancer); any other packet that is neither TCP
 /// nor UDP passes untouched.
-#[inline(always)]
-fn xdp_icmp(ctx: &XdpContext, b: &Bounds) -> (u32, Stat) {
-    let pass = (xdp_action::XDP_PASS, Stat::PassOtherProto);
-    let Some(e) = parse_icmp_error(b) else {
+#[inline(never)]
+fn xdp_icmp<F: Family>(ctx: &XdpContext) -> Verdict {
+    let b = &bounds(ctx);
+    let pass = Verdict::new(xdp_action::XDP_PASS, Stat::PassOtherProto);
+    let Some(e) = parse_icmp_error::<F>(b) else {
         return pass;
     };
-    let Some(decision) = icmp_error(&e) else {
+    let Some(decision) = icmp_error::<F>(&e) else {
         return pass;
     };
     let (action, stat) = match decision {
         IcmpDecision::Local(n) => {
-            if rewrite_icmp(b, &e, &n, false) {
+            if rewrite_icmp::<F>(b, &e, &n, false) {
                 (xdp_action::XDP_PASS, Stat::LocalDeliver)
             } else {
                 (xdp_action::XDP_PASS, Stat::PassMalformed)
@@ -102,83 +255,159 @@ fn xdp_icmp(ctx: &XdpContext, b: &Bounds) -> (u32, Stat) {
                 sport: 0,
                 dport: 0,
             };
-            xdp_route(ctx, b, &e.outer, &to, Rewrite::Icmp(&e, &n))
+            xdp_route::<F>(ctx, b, &e.outer, &to, Rewrite::Icmp(&e, &n))
         }
     };
     if matches!(stat, Stat::Tx | Stat::Redirect | Stat::LocalDeliver) {
         count(Stat::IcmpNat);
     }
-    (action, stat)
+    Verdict::new(action, stat)
 }
 
+/// Log a packet's tuple (after the verdict: a translated packet shows its new addresses)
+/// and the verdict. A BPF function of its own, parsing again: aya-log's buffers would not
+/// fit in the frames of the packet path.
 #[inline(never)]
-fn log_flow<C: aya_ebpf::EbpfContext>(ctx: &C, f: &Flow, stat: Stat) {
-    info!(
-        ctx,
-        "np {:i}:{} -> {:i}:{} proto {} {}",
-        u32::from_be(f.saddr),
-        u16::from_be(f.sport),
-        u32::from_be(f.daddr),
-        u16::from_be(f.dport),
-        f.proto,
-        stat.name()
-    );
+fn log_packet<C: aya_ebpf::EbpfContext>(ctx: &C, b: &impl PacketBytes, stat: u32) -> u32 {
+    let Some(stat) = Stat::ALL.get(stat as usize) else {
+        return 0;
+    };
+    match ether(b) {
+        Ok(Ether::Ipv4) => {
+            if let Ok(f) = parse::<V4, true>(b) {
+                info!(
+                    ctx,
+                    "np {:i}:{} -> {:i}:{} proto {} {}",
+                    u32::from_be(f.saddr),
+                    u16::from_be(f.sport),
+                    u32::from_be(f.daddr),
+                    u16::from_be(f.dport),
+                    f.proto,
+                    stat.name()
+                );
+            }
+        }
+        Ok(Ether::Ipv6) => {
+            if let Ok(f) = parse::<V6, true>(b) {
+                let (s, d) = (octets(f.saddr), octets(f.daddr));
+                info!(
+                    ctx,
+                    "np [{:i}]:{} -> [{:i}]:{} proto {} {}",
+                    s,
+                    u16::from_be(f.sport),
+                    d,
+                    u16::from_be(f.dport),
+                    f.proto,
+                    stat.name()
+                );
+            }
+        }
+        Err(_) => {}
+    }
+    0
+}
+
+#[inline(always)]
+fn octets(a: Ip6) -> [u8; 16] {
+    let w = |i: usize| a[i].to_ne_bytes();
+    let (a0, a1, a2, a3) = (w(0), w(1), w(2), w(3));
+    [
+        a0[0], a0[1], a0[2], a0[3], a1[0], a1[1], a1[2], a1[3], a2[0], a2[1], a2[2], a2[3], a3[0],
+        a3[1], a3[2], a3[3],
+    ]
 }
 
 /// TC ingress: finishes translations XDP passed to the stack. Only its own actions are
 /// counted (XDP already counted the packet's pass reason).
 #[classifier]
 pub fn np_tc_in(ctx: TcContext) -> i32 {
-    tc_in::<false>(&ctx)
+    tc_program::<false>(&ctx)
 }
 
 /// `np_tc_in` with per-packet logs behind the runtime debug switch.
 #[classifier]
 pub fn np_tc_in_debug(ctx: TcContext) -> i32 {
-    tc_in::<true>(&ctx)
+    tc_program::<true>(&ctx)
 }
 
 #[inline(always)]
-fn tc_in<const DEBUG: bool>(ctx: &TcContext) -> i32 {
-    let Ok(f) = parse::<true>(&Skb(&ctx)) else {
-        return TC_ACT_OK;
+fn tc_program<const DEBUG: bool>(ctx: &TcContext) -> i32 {
+    let v = match ether(&Skb(ctx)) {
+        Ok(Ether::Ipv4) => tc_family::<V4>(ctx),
+        Ok(Ether::Ipv6) => tc_family::<V6>(ctx),
+        Err(_) => Verdict::NONE,
     };
-    let cfg = config();
-    let Some(decision) = decide(&f, &cfg) else {
+    if v.is_none() {
         return TC_ACT_OK;
-    };
-    let (action, stat) = match decision {
-        Decision::Drop(stat) => (TC_ACT_SHOT, stat),
+    }
+    count_index(v.stat());
+    if DEBUG && config().flags & CFG_F_DEBUG != 0 {
+        log_packet(ctx, &Skb(ctx), v.stat());
+    }
+    v.action() as i32
+}
+
+/// The same steps as XDP's (`xdp_family`); `None` when the packet is not ours.
+#[inline(never)]
+fn tc_family<F: Family>(ctx: &TcContext) -> Verdict {
+    let mut f = MaybeUninit::uninit();
+    if tc_parse::<F>(ctx, &mut f).is_err() {
+        return Verdict::NONE;
+    }
+    // SAFETY: tc_parse wrote the flow when it returned Ok.
+    let f = unsafe { f.assume_init_ref() };
+    let mut d = Decision::Drop(Stat::PassNoMatch);
+    if !decide::<F>(f, &mut d) {
+        return Verdict::NONE;
+    }
+    tc_act::<F>(ctx, f, &d)
+}
+
+#[inline(never)]
+fn tc_parse<F: Family>(ctx: &TcContext, f: &mut MaybeUninit<Flow<F::A>>) -> Result<(), Stat> {
+    f.write(parse::<F, true>(&Skb(ctx))?);
+    Ok(())
+}
+
+/// Carry out a decision in TC.
+#[inline(never)]
+fn tc_act<F: Family>(ctx: &TcContext, f: &Flow<F::A>, decision: &Decision<F::A>) -> Verdict {
+    Verdict::of_tc(match decision {
+        Decision::Drop(stat) => (TC_ACT_SHOT, *stat),
         Decision::ToLocal(nat) => {
-            if rewrite_tc(&ctx, &f, &nat, false) {
+            if rewrite_tc::<F>(ctx, f, nat, false) {
                 (TC_ACT_OK, Stat::TcNat)
             } else {
                 (TC_ACT_SHOT, Stat::DropMapFull)
             }
         }
-        Decision::ToRemote(nat) | Decision::Reply(nat) => tc_forward(&ctx, &f, &nat),
-    };
-    count(stat);
-    if DEBUG && cfg.flags & CFG_F_DEBUG != 0 {
-        log_flow(ctx, &f, stat);
-    }
-    action
+        Decision::ToRemote(nat) | Decision::Reply(nat) => tc_forward::<F>(ctx, f, nat),
+    })
 }
 
 /// TC egress: replies of backends on this node leave through the stack; give them back
 /// the frontend address and port the client talked to. So do their ICMP errors about a
-/// client's packet (port unreachable, fragmentation needed).
+/// client's packet (port unreachable, fragmentation needed, packet too big).
 #[classifier]
 pub fn np_tc_out(ctx: TcContext) -> i32 {
-    let f = match parse::<true>(&Skb(&ctx)) {
+    match ether(&Skb(&ctx)) {
+        Ok(Ether::Ipv4) => tc_out::<V4>(&ctx),
+        Ok(Ether::Ipv6) => tc_out::<V6>(&ctx),
+        Err(_) => TC_ACT_OK,
+    }
+}
+
+#[inline(never)]
+fn tc_out<F: Family>(ctx: &TcContext) -> i32 {
+    let f = match parse::<F, true>(&Skb(ctx)) {
         Ok(f) => f,
-        Err(Stat::PassOtherProto) => return tc_out_icmp(&ctx),
+        Err(Stat::PassOtherProto) => return tc_out_icmp::<F>(ctx),
         Err(_) => return TC_ACT_OK,
     };
-    let Some(Decision::Reply(nat)) = reply(&f) else {
+    let Some(Decision::Reply(nat)) = reply::<F>(&f) else {
         return TC_ACT_OK;
     };
-    if rewrite_tc(&ctx, &f, &nat, false) {
+    if rewrite_tc::<F>(ctx, &f, &nat, false) {
         count(Stat::TcNat);
         TC_ACT_OK
     } else {
@@ -191,20 +420,20 @@ pub fn np_tc_out(ctx: TcContext) -> i32 {
 /// packet: the client must see it come from the frontend, quoting its own packet to the
 /// frontend, or its socket never learns of it.
 #[inline(always)]
-fn tc_out_icmp(ctx: &TcContext) -> i32 {
+fn tc_out_icmp<F: Family>(ctx: &TcContext) -> i32 {
     let skb = Skb(ctx);
-    let Some(e) = parse_icmp_error(&skb) else {
+    let Some(e) = parse_icmp_error::<F>(&skb) else {
         return TC_ACT_OK;
     };
     // Only errors already on their way to the client (a reverse-NAT hit): the stack routed
     // them; nothing else leaving this node is ours to touch.
-    let Some(IcmpDecision::Route(n)) = icmp_error(&e) else {
+    let Some(IcmpDecision::Route(n)) = icmp_error::<F>(&e) else {
         return TC_ACT_OK;
     };
     if n.outer_daddr != e.outer.daddr {
         return TC_ACT_OK;
     }
-    if rewrite_icmp(&skb, &e, &n, false) {
+    if rewrite_icmp::<F>(&skb, &e, &n, false) {
         count(Stat::TcNat);
         count(Stat::IcmpNat);
         TC_ACT_OK

@@ -6,7 +6,13 @@ use crate::maps::STATS;
 
 #[inline(always)]
 pub fn count(stat: Stat) {
-    if let Some(c) = STATS.get_ptr_mut(stat as u32) {
+    count_index(stat as u32)
+}
+
+/// [`count`] by the counter's index.
+#[inline(always)]
+pub fn count_index(stat: u32) {
+    if let Some(c) = STATS.get_ptr_mut(stat) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *c += 1 };
     }
