@@ -46,7 +46,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -988,6 +988,7 @@ impl Store {
             spec.remove("clusterIP");
             spec.remove("clusterIPs");
         } else {
+            let (families, policy) = service_families(spec).map_err(invalid)?;
             let requested = spec
                 .get("clusterIP")
                 .and_then(Value::as_str)
@@ -1021,13 +1022,25 @@ impl Store {
                     r
                 }
                 (None, Some(o)) => o,
-                (None, None) => self.allocate_cluster_ip()?,
+                (None, None) => self.allocate_cluster_ip(families[0])?,
             };
+            // One cluster IP per family, the primary first; a kept secondary stays.
+            let mut ips = vec![ip.clone()];
+            if let Some(&second) = families.get(1).filter(|_| ip != "None") {
+                let old_second = old_spec
+                    .and_then(|s| s.pointer("/clusterIPs/1"))
+                    .and_then(Value::as_str)
+                    .filter(|o| family_of(o) == Some(second))
+                    .map(str::to_string);
+                ips.push(match old_second {
+                    Some(o) => o,
+                    None => self.allocate_cluster_ip(second)?,
+                });
+            }
             spec.insert("clusterIP".into(), json!(ip));
-            spec.insert("clusterIPs".into(), json!([ip]));
-            spec.entry("ipFamilies").or_insert_with(|| json!(["IPv4"]));
-            spec.entry("ipFamilyPolicy")
-                .or_insert_with(|| json!("SingleStack"));
+            spec.insert("clusterIPs".into(), json!(ips));
+            spec.insert("ipFamilies".into(), json!(families));
+            spec.insert("ipFamilyPolicy".into(), json!(policy));
         }
 
         // Ports and node ports.
@@ -1129,12 +1142,30 @@ impl Store {
         Ok(())
     }
 
-    fn allocate_cluster_ip(&self) -> Result<String, ApiError> {
+    /// A free cluster IP of `family` ("IPv4" or "IPv6").
+    fn allocate_cluster_ip(&self, family: &str) -> Result<String, ApiError> {
         let used: BTreeSet<String> = self
             .objects_of(Kind::Service)
-            .filter_map(|s| s.pointer("/spec/clusterIP").and_then(Value::as_str))
+            .flat_map(|s| {
+                let ips = s.pointer("/spec/clusterIPs").and_then(Value::as_array);
+                let ip = s.pointer("/spec/clusterIP");
+                ips.into_iter()
+                    .flatten()
+                    .chain(ip)
+                    .filter_map(Value::as_str)
+            })
             .map(str::to_string)
             .collect();
+        let full = || ApiError::new(500, "InternalError", "service IP range is full");
+        if family == "IPv6" {
+            // fd00:96::/108 (kubeadm's default is fd00:10:96::/112-like; any ULA does),
+            // skipping the first ten addresses as for IPv4.
+            let base = u128::from(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 11));
+            return (base..base + (1 << 20))
+                .map(|n| Ipv6Addr::from(n).to_string())
+                .find(|ip| !used.contains(ip))
+                .ok_or_else(full);
+        }
         // 10.96.0.0/12, skipping .0 and the first ten addresses (10.96.0.1 is the kubernetes
         // Service, 10.96.0.10 kube-dns on real clusters).
         let base = u32::from(Ipv4Addr::new(10, 96, 0, 11));
@@ -1142,8 +1173,73 @@ impl Store {
         (base..=end)
             .map(|n| Ipv4Addr::from(n).to_string())
             .find(|ip| !used.contains(ip))
-            .ok_or_else(|| ApiError::new(500, "InternalError", "service IP range is full"))
+            .ok_or_else(full)
     }
+}
+
+/// "IPv4" or "IPv6" for an address, `None` for anything else.
+fn family_of(ip: &str) -> Option<&'static str> {
+    match ip.parse::<std::net::IpAddr>().ok()? {
+        std::net::IpAddr::V4(_) => Some("IPv4"),
+        std::net::IpAddr::V6(_) => Some("IPv6"),
+    }
+}
+
+/// A Service's `ipFamilies` and `ipFamilyPolicy` after defaulting, as the real server
+/// (single-stack IPv4 primary cluster with IPv6 enabled) does it: unset families follow the
+/// requested cluster IP's family, else the policy (dual-stack policies get IPv4 and IPv6);
+/// unset policy is `SingleStack`. Two families need a dual-stack policy; a family appears
+/// once. Err: the `Invalid value` cause.
+fn service_families(
+    spec: &serde_json::Map<String, Value>,
+) -> Result<(Vec<&'static str>, String), String> {
+    let policy = spec.get("ipFamilyPolicy").and_then(Value::as_str);
+    if let Some(p) = policy {
+        if !["SingleStack", "PreferDualStack", "RequireDualStack"].contains(&p) {
+            return Err(format!(
+                "spec.ipFamilyPolicy: Unsupported value: \"{p}\": supported values: \
+                 \"PreferDualStack\", \"RequireDualStack\", \"SingleStack\""
+            ));
+        }
+    }
+    let dual = matches!(policy, Some("PreferDualStack" | "RequireDualStack"));
+    let mut families: Vec<&'static str> = Vec::new();
+    match spec.get("ipFamilies").and_then(Value::as_array) {
+        Some(list) if !list.is_empty() => {
+            for (i, f) in list.iter().enumerate() {
+                let f = match f.as_str() {
+                    Some("IPv4") => "IPv4",
+                    Some("IPv6") => "IPv6",
+                    _ => {
+                        return Err(format!(
+                            "spec.ipFamilies[{i}]: Unsupported value: {f}: supported values: \
+                             \"IPv4\", \"IPv6\""
+                        ))
+                    }
+                };
+                if families.contains(&f) {
+                    return Err(format!("spec.ipFamilies[{i}]: Duplicate value: \"{f}\""));
+                }
+                families.push(f);
+            }
+        }
+        _ => {
+            let requested = spec.get("clusterIP").and_then(Value::as_str);
+            let first = requested.and_then(family_of).unwrap_or("IPv4");
+            families.push(first);
+            if dual {
+                families.push(if first == "IPv4" { "IPv6" } else { "IPv4" });
+            }
+        }
+    }
+    if families.len() > 1 && !dual {
+        return Err(format!(
+            "spec.ipFamilyPolicy: Invalid value: \"{}\": must be RequireDualStack or \
+             PreferDualStack when multiple 'ipFamilies' are specified",
+            policy.unwrap_or("SingleStack")
+        ));
+    }
+    Ok((families, policy.unwrap_or("SingleStack").to_string()))
 }
 
 fn conflict(kind: Kind, name: &str) -> ApiError {
@@ -3039,6 +3135,69 @@ mod tests {
             t,
             json!({"spec": {"ports": [{"port": 80, "name": "http", "nodePort": 30080, "targetPort": 8080}]}})
         );
+    }
+
+    #[test]
+    fn services_get_one_cluster_ip_per_family() {
+        let api = ApiServer::start().unwrap();
+        let svc = |name: &str, spec: Value| {
+            let mut spec = spec;
+            spec["type"] = json!("NodePort");
+            spec["ports"] = json!([{"port": 80}]);
+            json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+        };
+        let families = |o: &Value| -> (Vec<Option<&'static str>>, Value, Value) {
+            let ips = o["spec"]["clusterIPs"].as_array().unwrap();
+            (
+                ips.iter().map(|i| family_of(i.as_str().unwrap())).collect(),
+                o["spec"]["ipFamilies"].clone(),
+                o["spec"]["ipFamilyPolicy"].clone(),
+            )
+        };
+        let v4 = api.create_value(svc("v4", json!({}))).unwrap();
+        assert_eq!(
+            families(&v4),
+            (vec![Some("IPv4")], json!(["IPv4"]), json!("SingleStack"))
+        );
+        let v6 = api
+            .create_value(svc("v6", json!({"ipFamilies": ["IPv6"]})))
+            .unwrap();
+        assert_eq!(
+            families(&v6),
+            (vec![Some("IPv6")], json!(["IPv6"]), json!("SingleStack"))
+        );
+        let dual = api
+            .create_value(svc(
+                "dual",
+                json!({"ipFamilies": ["IPv6", "IPv4"], "ipFamilyPolicy": "RequireDualStack"}),
+            ))
+            .unwrap();
+        assert_eq!(
+            families(&dual),
+            (
+                vec![Some("IPv6"), Some("IPv4")],
+                json!(["IPv6", "IPv4"]),
+                json!("RequireDualStack")
+            )
+        );
+        let prefer = api
+            .create_value(svc("prefer", json!({"ipFamilyPolicy": "PreferDualStack"})))
+            .unwrap();
+        assert_eq!(families(&prefer).1, json!(["IPv4", "IPv6"]));
+        assert_ne!(
+            prefer["spec"]["clusterIPs"][1],
+            dual["spec"]["clusterIPs"][0]
+        );
+        let err = api
+            .create_value(svc("bad", json!({"ipFamilies": ["IPv4", "IPv6"]})))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("must be RequireDualStack or PreferDualStack"),
+            "{err}"
+        );
+        api.stop();
     }
 
     #[test]

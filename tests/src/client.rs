@@ -1,6 +1,7 @@
 //! Client helpers for tests: HTTP GET over fresh or kept-alive TCP connections and UDP
 //! requests to echo servers, from inside a namespace, with timeouts and bounded retries;
-//! each parses the echo body into an [`EchoReply`].
+//! each parses the echo body into an [`EchoReply`]. Every helper takes a `SocketAddr` of
+//! either family: an IPv6 address (`[fd00:18::11]:30080`) makes an IPv6 request.
 //!
 //! The `*_here` variants use the calling thread's namespace (call them inside
 //! [`run_in`](crate::netns::run_in) to batch many requests in one thread).
@@ -31,7 +32,7 @@ pub struct EchoReply {
 }
 
 impl EchoReply {
-    /// Parses `From=NAME ClientIP=a.b.c.d ClientPort=p`.
+    /// Parses `From=NAME ClientIP=a.b.c.d ClientPort=p` (or `ClientIP=fd00:18::10`).
     pub fn parse(body: &str) -> Option<EchoReply> {
         let (mut from, mut ip, mut port) = (None, None, None);
         for field in body.split_whitespace() {
@@ -259,6 +260,15 @@ pub fn udp_request_from(ns: &Netns, addr: SocketAddr, sport: u16) -> Result<Echo
     })
 }
 
+/// The unspecified address of `addr`'s family, with port `port`: where a client socket
+/// for `addr` binds.
+fn unspecified_like(addr: SocketAddr, port: u16) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, port).into(),
+    }
+}
+
 /// One UDP request from a fresh socket in the calling thread's namespace. The socket is
 /// connected, so only an answer from `addr` itself counts (a reply that was not
 /// reverse-translated is ignored, like a real client would).
@@ -273,11 +283,7 @@ pub fn udp_request_here_from(
     timeout: Duration,
     attempts: u32,
 ) -> Result<EchoReply> {
-    let bind: SocketAddr = match addr {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, sport).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, sport).into(),
-    };
-    let sock = UdpSocket::bind(bind).map_err(io_err("bind", addr))?;
+    let sock = UdpSocket::bind(unspecified_like(addr, sport)).map_err(io_err("bind", addr))?;
     sock.connect(addr).map_err(io_err("connect", addr))?;
     sock.set_read_timeout(Some(timeout))
         .map_err(io_err("setsockopt", addr))?;
@@ -322,7 +328,7 @@ pub fn udp_request_here_from(
 /// answer or silence within [`UDP_TIMEOUT`].
 pub fn udp_refused(ns: &Netns, addr: SocketAddr) -> Result<bool> {
     run_in(ns, || {
-        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(io_err("bind", addr))?;
+        let sock = UdpSocket::bind(unspecified_like(addr, 0)).map_err(io_err("bind", addr))?;
         sock.connect(addr).map_err(io_err("connect", addr))?;
         sock.set_read_timeout(Some(UDP_TIMEOUT))
             .map_err(io_err("setsockopt", addr))?;
@@ -355,6 +361,8 @@ mod tests {
         assert_eq!(r.from, "pb1");
         assert_eq!(r.client_ipv4(), Ipv4Addr::new(198, 18, 0, 11));
         assert_eq!(r.client_port, 33000);
+        let r = EchoReply::parse("From=pb1 ClientIP=fd00:18::11 ClientPort=1\n").unwrap();
+        assert_eq!(r.client_ip, "fd00:18::11".parse::<IpAddr>().unwrap());
         assert!(EchoReply::parse("From=pb1 ClientIP=x ClientPort=1").is_none());
         assert!(EchoReply::parse("hello").is_none());
     }

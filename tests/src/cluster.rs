@@ -7,11 +7,23 @@
 //!  node1  198.18.0.11 ─┤    node1 pods (routed):  pa1 198.19.1.10, pa2 198.19.1.11
 //!  node2  198.18.0.12 ─┘    node2 pods (bridged): pb1 198.19.2.10 on cni0 198.19.2.1/24
 //! ```
+//! The cluster is dual-stack: every address above has an IPv6 twin in fd00::/8.
+//! ```text
+//!  client fd00:18::10 ─┐  lan fd00:18::/64
+//!  node1  fd00:18::11 ─┤    node1 pods (routed):  pa1 fd00:19:1::a, pa2 fd00:19:1::b,
+//!  node2  fd00:18::12 ─┘                          default via fe80::1 (the host veth's own)
+//!                           node2 pods (bridged): pb1 fd00:19:2::a on cni0 fd00:19:2::1/64
+//! ```
+//! A pod's IPv6 address is its node's IPv6 pod prefix plus the last octet of its IPv4
+//! address (198.19.1.10 -> fd00:19:1::a) unless the spec says otherwise. As for IPv4, the
+//! client has routes only to the lan prefix, never to pod prefixes. Duplicate address
+//! detection is off in every namespace of the cluster, so addresses work at once.
+//!
 //! Every node's lan interface is `lan0`; every pod's is `eth0`. Namespaces are
 //! `np-<id>-lan`, `np-<id>-client`, `np-<id>-<node>`, `np-<id>-<pod>`.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::Path,
     thread,
     time::{Duration, Instant},
@@ -22,17 +34,68 @@ use crate::netns::{require_tool, run_id, run_in, sh, Child, Netns, RunLease, Tem
 /// The gateway address routed pods use (Calico's choice); the node answers ARP for it by
 /// proxy ARP on the pod's host-side veth.
 pub const ROUTED_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The IPv6 gateway of routed pods: a link-local address that the pod's host-side veth
+/// holds itself, so the node answers neighbour solicitations for it without proxy NDP.
+pub const ROUTED_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 /// Port the echo servers listen on in every pod (TCP and UDP); the Service's targetPort.
 pub const ECHO_PORT: u16 = 80;
+
+/// An address family, to pick the IPv4 or the IPv6 address of a node, pod or client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    /// Both families, IPv4 first.
+    pub const BOTH: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+    /// The Kubernetes spelling (`spec.ipFamilies`, EndpointSlice `addressType`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+
+    pub fn of(ip: IpAddr) -> IpFamily {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+}
+
+/// `a` when `family` is IPv4, else `b`.
+fn pick(family: IpFamily, a: Ipv4Addr, b: Ipv6Addr) -> IpAddr {
+    match family {
+        IpFamily::V4 => a.into(),
+        IpFamily::V6 => b.into(),
+    }
+}
+
+/// `net` plus `n` (an IPv6 host in a prefix).
+fn ip6_plus(net: Ipv6Addr, n: u128) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(net) + n)
+}
+
+/// The IPv6 twin of pod address `ip` in the IPv6 pod prefix `net6`: the prefix plus the
+/// last octet.
+fn pod_ip6(net6: Ipv6Addr, ip: Ipv4Addr) -> Ipv6Addr {
+    ip6_plus(net6, u128::from(ip.octets()[3]))
+}
 
 /// How a node connects its pods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PodShape {
     /// One veth per pod, pod side `eth0` with a /32 and a default route via
     /// [`ROUTED_GATEWAY`] (onlink); host side has proxy ARP and a /32 route to the pod.
+    /// IPv6: a /128 on `eth0`, default via [`ROUTED_GATEWAY6`], which the host side holds;
+    /// the host has a /128 route to the pod.
     Routed,
-    /// Pod veths on a `cni0` bridge holding the first address of the pod CIDR, which is the
-    /// pods' default gateway.
+    /// Pod veths on a `cni0` bridge holding the first address of the pod CIDR (of each
+    /// family), which is the pods' default gateway.
     Bridged,
 }
 
@@ -41,6 +104,7 @@ pub struct PodSpec {
     /// Short name (at most 11 chars: the host-side veth is `veth<name>`).
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,8 +113,12 @@ pub struct NodeSpec {
     pub name: String,
     /// The node's address on the lan.
     pub ip: Ipv4Addr,
+    /// The node's IPv6 address on the lan.
+    pub ip6: Ipv6Addr,
     /// Pod CIDR network address and prefix length, e.g. 198.19.1.0/24.
     pub pod_cidr: (Ipv4Addr, u8),
+    /// IPv6 pod CIDR, e.g. fd00:19:1::/64.
+    pub pod_cidr6: (Ipv6Addr, u8),
     pub shape: PodShape,
     pub pods: Vec<PodSpec>,
 }
@@ -60,14 +128,28 @@ impl NodeSpec {
     pub fn bridge_gateway(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.pod_cidr.0) + 1)
     }
+
+    /// The IPv6 twin of pod address `ip` on this node: the IPv6 pod prefix plus the last
+    /// octet (198.19.1.10 -> fd00:19:1::a).
+    pub fn pod_ip6_for(&self, ip: Ipv4Addr) -> Ipv6Addr {
+        pod_ip6(self.pod_cidr6.0, ip)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterSpec {
     pub client_ip: Ipv4Addr,
+    pub client_ip6: Ipv6Addr,
     /// Prefix length of the lan (198.18.0.0/24).
     pub lan_prefix: u8,
+    /// Prefix length of the IPv6 lan (fd00:18::/64).
+    pub lan_prefix6: u8,
     pub nodes: Vec<NodeSpec>,
+}
+
+/// fd00:<a>:<b>::<h>
+const fn ula(a: u16, b: u16, h: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, a, b, 0, 0, 0, 0, h)
 }
 
 impl ClusterSpec {
@@ -75,43 +157,56 @@ impl ClusterSpec {
     pub fn standard() -> ClusterSpec {
         ClusterSpec {
             client_ip: Ipv4Addr::new(198, 18, 0, 10),
+            client_ip6: ula(0x18, 0, 0x10),
             lan_prefix: 24,
+            lan_prefix6: 64,
             nodes: vec![
                 NodeSpec {
                     name: "node1".into(),
                     ip: Ipv4Addr::new(198, 18, 0, 11),
+                    ip6: ula(0x18, 0, 0x11),
                     pod_cidr: (Ipv4Addr::new(198, 19, 1, 0), 24),
+                    pod_cidr6: (ula(0x19, 1, 0), 64),
                     shape: PodShape::Routed,
                     pods: vec![
                         PodSpec {
                             name: "pa1".into(),
                             ip: Ipv4Addr::new(198, 19, 1, 10),
+                            ip6: ula(0x19, 1, 0xa),
                         },
                         PodSpec {
                             name: "pa2".into(),
                             ip: Ipv4Addr::new(198, 19, 1, 11),
+                            ip6: ula(0x19, 1, 0xb),
                         },
                     ],
                 },
                 NodeSpec {
                     name: "node2".into(),
                     ip: Ipv4Addr::new(198, 18, 0, 12),
+                    ip6: ula(0x18, 0, 0x12),
                     pod_cidr: (Ipv4Addr::new(198, 19, 2, 0), 24),
+                    pod_cidr6: (ula(0x19, 2, 0), 64),
                     shape: PodShape::Bridged,
                     pods: vec![PodSpec {
                         name: "pb1".into(),
                         ip: Ipv4Addr::new(198, 19, 2, 10),
+                        ip6: ula(0x19, 2, 0xa),
                     }],
                 },
             ],
         }
     }
 
-    /// Adds a pod to node `node` (builder style).
+    /// Adds a pod to node `node` (builder style); its IPv6 address is derived from `ip`
+    /// ([`NodeSpec::pod_ip6_for`]).
     pub fn with_pod(mut self, node: &str, name: &str, ip: Ipv4Addr) -> ClusterSpec {
-        self.node_mut(node).pods.push(PodSpec {
+        let n = self.node_mut(node);
+        let ip6 = n.pod_ip6_for(ip);
+        n.pods.push(PodSpec {
             name: name.into(),
             ip,
+            ip6,
         });
         self
     }
@@ -135,7 +230,9 @@ impl ClusterSpec {
 pub struct Node {
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub pod_cidr: (Ipv4Addr, u8),
+    pub pod_cidr6: (Ipv6Addr, u8),
     pub shape: PodShape,
     ns: Netns,
 }
@@ -145,9 +242,19 @@ impl Node {
         &self.ns
     }
 
+    /// The node's lan address of `family`.
+    pub fn addr(&self, family: IpFamily) -> IpAddr {
+        pick(family, self.ip, self.ip6)
+    }
+
     /// The `cni0` gateway of a bridged node: the first address of the pod CIDR.
     pub fn bridge_gateway(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.pod_cidr.0) + 1)
+    }
+
+    /// The IPv6 `cni0` gateway of a bridged node: the first address of the IPv6 pod CIDR.
+    pub fn bridge_gateway6(&self) -> Ipv6Addr {
+        ip6_plus(self.pod_cidr6.0, 1)
     }
 }
 
@@ -158,6 +265,7 @@ pub struct Pod {
     /// Name of the node it runs on.
     pub node: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     ns: Netns,
     /// The echo server, killed before the namespace goes.
     echo: Option<Child>,
@@ -168,9 +276,19 @@ impl Pod {
         &self.ns
     }
 
+    /// The pod's address of `family`.
+    pub fn addr(&self, family: IpFamily) -> IpAddr {
+        pick(family, self.ip, self.ip6)
+    }
+
     /// The pod's echo address (`ip:80`).
     pub fn echo_addr(&self) -> SocketAddr {
         SocketAddr::from((self.ip, ECHO_PORT))
+    }
+
+    /// The pod's echo address of `family` (`ip:80` or `[ip6]:80`).
+    pub fn echo_addr_in(&self, family: IpFamily) -> SocketAddr {
+        SocketAddr::new(self.addr(family), ECHO_PORT)
     }
 }
 
@@ -214,7 +332,11 @@ impl Cluster {
         let lan = Netns::new(&format!("np-{run_id}-lan"));
         lan.ip("link add br0 type bridge");
         lan.ip("link set br0 up");
+        // No multicast snooping: neighbour discovery must reach every port without relying
+        // on MLD reports sent before the port was up.
+        lan.ip("link set br0 type bridge mcast_snooping 0");
         let client = Netns::new(&format!("np-{run_id}-client"));
+        ipv6_without_dad(&client);
         let mut cluster = Cluster {
             run_id: run_id.to_string(),
             spec: ClusterSpec {
@@ -234,21 +356,36 @@ impl Cluster {
             "addr add {}/{} dev eth0",
             spec.client_ip, spec.lan_prefix
         ));
+        cluster.client.ip(&format!(
+            "addr add {}/{} dev eth0 nodad",
+            spec.client_ip6, spec.lan_prefix6
+        ));
         cluster.client.ip("link set eth0 up");
 
         for n in &spec.nodes {
             let ns = Netns::new(&format!("np-{run_id}-{}", n.name));
+            ipv6_without_dad(&ns);
             cluster.attach_to_lan(ns.name(), &format!("v-{}", n.name), "lan0");
             ns.ip(&format!("addr add {}/{} dev lan0", n.ip, spec.lan_prefix));
+            ns.ip(&format!(
+                "addr add {}/{} dev lan0 nodad",
+                n.ip6, spec.lan_prefix6
+            ));
             ns.ip("link set lan0 up");
             ns.sysctl("net.ipv4.ip_forward", "1");
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1");
             match n.shape {
                 PodShape::Bridged => {
-                    ns.ip("link add cni0 type bridge");
+                    ns.ip("link add cni0 type bridge mcast_snooping 0");
                     ns.ip(&format!(
                         "addr add {}/{} dev cni0",
                         n.bridge_gateway(),
                         n.pod_cidr.1
+                    ));
+                    ns.ip(&format!(
+                        "addr add {}/{} dev cni0 nodad",
+                        ip6_plus(n.pod_cidr6.0, 1),
+                        n.pod_cidr6.1
                     ));
                     ns.ip("link set cni0 up");
                 }
@@ -263,7 +400,9 @@ impl Cluster {
             cluster.nodes.push(Node {
                 name: n.name.clone(),
                 ip: n.ip,
+                ip6: n.ip6,
                 pod_cidr: n.pod_cidr,
+                pod_cidr6: n.pod_cidr6,
                 shape: n.shape,
                 ns,
             });
@@ -279,11 +418,15 @@ impl Cluster {
                     "route add {}/{} via {} dev lan0",
                     other.pod_cidr.0, other.pod_cidr.1, other.ip
                 ));
+                n.ns.ip(&format!(
+                    "route add {}/{} via {} dev lan0",
+                    other.pod_cidr6.0, other.pod_cidr6.1, other.ip6
+                ));
             }
         }
         for n in &spec.nodes {
             for p in &n.pods {
-                cluster.add_pod(&n.name, &p.name, p.ip);
+                cluster.add_pod_dual(&n.name, &p.name, p.ip, p.ip6);
             }
         }
         cluster
@@ -324,8 +467,15 @@ impl Cluster {
     }
 
     /// Adds pod `name` with address `ip` on node `node` (also on a running cluster; the
-    /// node's shape decides the wiring). Does not start its echo server.
+    /// node's shape decides the wiring), and the IPv6 address derived from `ip`
+    /// ([`NodeSpec::pod_ip6_for`]). Does not start its echo server.
     pub fn add_pod(&mut self, node: &str, name: &str, ip: Ipv4Addr) -> &Pod {
+        let ip6 = pod_ip6(self.node(node).pod_cidr6.0, ip);
+        self.add_pod_dual(node, name, ip, ip6)
+    }
+
+    /// [`Cluster::add_pod`] with an explicit IPv6 address.
+    pub fn add_pod_dual(&mut self, node: &str, name: &str, ip: Ipv4Addr, ip6: Ipv6Addr) -> &Pod {
         assert!(name.len() <= 11, "pod name {name:?} longer than 11 chars");
         assert!(
             self.pods.iter().all(|p| p.name != name),
@@ -334,6 +484,7 @@ impl Cluster {
         let n = self.node(node);
         let host_if = format!("veth{name}");
         let ns = Netns::new(&format!("np-{}-{name}", self.run_id));
+        ipv6_without_dad(&ns);
         n.ns.ip(&format!(
             "link add {host_if} type veth peer name eth0 netns {}",
             ns.name()
@@ -350,10 +501,18 @@ impl Cluster {
                 n.ns.sysctl(&format!("net.ipv4.neigh.{host_if}.proxy_delay"), "0");
                 n.ns.ip(&format!("link set {host_if} up"));
                 n.ns.ip(&format!("route add {ip}/32 dev {host_if}"));
+                ns.ip(&format!("addr add {ip6}/128 dev eth0 nodad"));
+                ns.ip(&format!("route add default via {ROUTED_GATEWAY6} dev eth0"));
+                n.ns.ip(&format!(
+                    "addr add {ROUTED_GATEWAY6}/64 dev {host_if} nodad"
+                ));
+                n.ns.ip(&format!("route add {ip6}/128 dev {host_if}"));
             }
             PodShape::Bridged => {
                 ns.ip(&format!("addr add {ip}/{} dev eth0", n.pod_cidr.1));
                 ns.ip(&format!("route add default via {}", n.bridge_gateway()));
+                ns.ip(&format!("addr add {ip6}/{} dev eth0 nodad", n.pod_cidr6.1));
+                ns.ip(&format!("route add default via {}", n.bridge_gateway6()));
                 n.ns.ip(&format!("link set {host_if} master cni0"));
                 n.ns.ip(&format!("link set {host_if} up"));
             }
@@ -368,11 +527,13 @@ impl Cluster {
             .push(PodSpec {
                 name: name.into(),
                 ip,
+                ip6,
             });
         self.pods.push(Pod {
             name: name.into(),
             node: node_name,
             ip,
+            ip6,
             ns,
             echo: None,
         });
@@ -486,6 +647,15 @@ impl Cluster {
         self.spec.client_ip
     }
 
+    pub fn client_ip6(&self) -> Ipv6Addr {
+        self.spec.client_ip6
+    }
+
+    /// The client's address of `family`.
+    pub fn client_addr(&self, family: IpFamily) -> IpAddr {
+        pick(family, self.spec.client_ip, self.spec.client_ip6)
+    }
+
     pub fn nodes(&self) -> &[Node] {
         &self.nodes
     }
@@ -501,9 +671,14 @@ impl Cluster {
         self.node(name).ip
     }
 
-    /// Name of the node whose lan address is `ip`.
-    pub fn node_by_ip(&self, ip: Ipv4Addr) -> Option<&Node> {
-        self.nodes.iter().find(|n| n.ip == ip)
+    pub fn node_ip6(&self, name: &str) -> Ipv6Addr {
+        self.node(name).ip6
+    }
+
+    /// The node whose lan address (of either family) is `ip`.
+    pub fn node_by_ip(&self, ip: impl Into<IpAddr>) -> Option<&Node> {
+        let ip = ip.into();
+        self.nodes.iter().find(|n| n.addr(IpFamily::of(ip)) == ip)
     }
 
     pub fn pods(&self) -> &[Pod] {
@@ -532,6 +707,18 @@ impl Cluster {
     }
 }
 
+/// Turns duplicate address detection off in `ns` for the interfaces created from now on
+/// (`default`) and for all (`all`: DAD runs unless both are off), so IPv6 addresses are
+/// usable the moment they are added, link-local ones included.
+fn ipv6_without_dad(ns: &Netns) {
+    ns.exec(&[
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ]);
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         // Echo servers first (a process keeps its namespace alive), then pods, then nodes;
@@ -554,6 +741,25 @@ mod tests {
         assert_eq!(s.nodes[0].shape, PodShape::Routed);
         assert_eq!(s.nodes[1].shape, PodShape::Bridged);
         assert_eq!(s.nodes[1].bridge_gateway(), Ipv4Addr::new(198, 19, 2, 1));
+        assert_eq!(s.client_ip6.to_string(), "fd00:18::10");
+        assert_eq!(s.nodes[0].ip6.to_string(), "fd00:18::11");
+        assert_eq!(s.nodes[1].ip6.to_string(), "fd00:18::12");
+        assert_eq!(s.nodes[0].pod_cidr6, ("fd00:19:1::".parse().unwrap(), 64));
+        assert_eq!(s.nodes[1].pod_cidr6, ("fd00:19:2::".parse().unwrap(), 64));
+        let ip6: Vec<String> = s
+            .nodes
+            .iter()
+            .flat_map(|n| n.pods.iter().map(|p| p.ip6.to_string()))
+            .collect();
+        assert_eq!(
+            ip6,
+            [
+                "fd00:19:1::a",
+                "fd00:19:1::b",
+                "fd00:19:2::a",
+                "fd00:19:2::b"
+            ]
+        );
         let names: Vec<_> = s
             .nodes
             .iter()

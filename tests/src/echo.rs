@@ -1,13 +1,20 @@
 //! The backend echo server run in every test pod (like the seeds' sample app): over TCP it
 //! speaks minimal HTTP/1.1 with keep-alive, over UDP it answers each datagram; both reply
-//! `From=NAME ClientIP=a.b.c.d ClientPort=p\n`, the client address it saw.
+//! `From=NAME ClientIP=a.b.c.d ClientPort=p\n`, the client address it saw: IPv4 as
+//! `a.b.c.d` (also when it arrived on a dual-stack socket as `::ffff:a.b.c.d`), IPv6 in
+//! standard notation (`ClientIP=fd00:18::10`).
+//!
+//! Listening on the unspecified IPv6 address (`[::]`, np-echo's default) serves IPv4 and
+//! IPv6 on one socket (`IPV6_V6ONLY` off, whatever `net.ipv6.bindv6only` says); on a kernel
+//! without IPv6 it falls back to IPv4 only.
 //!
 //! Threads, one per TCP connection (bounded), so a stuck client never blocks the others;
 //! no client error ends the server.
 
 use std::{
     io::{self, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::{FromRawFd, OwnedFd},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -29,7 +36,7 @@ const MAX_BODY: usize = 1024 * 1024;
 pub fn reply_body(name: &str, peer: SocketAddr) -> String {
     format!(
         "From={name} ClientIP={} ClientPort={}\n",
-        peer.ip(),
+        peer.ip().to_canonical(),
         peer.port()
     )
 }
@@ -38,7 +45,7 @@ pub fn reply_body(name: &str, peer: SocketAddr) -> String {
 pub struct EchoConfig {
     /// Name reported in `From=`.
     pub name: String,
-    /// TCP (HTTP) listen address; `None` for no TCP.
+    /// TCP (HTTP) listen address; `None` for no TCP. `[::]:port` listens dual-stack.
     pub tcp: Option<SocketAddr>,
     /// UDP listen address; `None` for no UDP.
     pub udp: Option<SocketAddr>,
@@ -57,8 +64,20 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn bind(cfg: EchoConfig) -> io::Result<EchoServer> {
-        let tcp = cfg.tcp.map(TcpListener::bind).transpose()?;
-        let udp = cfg.udp.map(UdpSocket::bind).transpose()?;
+        let tcp = cfg
+            .tcp
+            .map(|a| match dual_stack(a, libc::SOCK_STREAM) {
+                Some(fd) => fd.map(TcpListener::from),
+                None => TcpListener::bind(a),
+            })
+            .transpose()?;
+        let udp = cfg
+            .udp
+            .map(|a| match dual_stack(a, libc::SOCK_DGRAM) {
+                Some(fd) => fd.map(UdpSocket::from),
+                None => UdpSocket::bind(a),
+            })
+            .transpose()?;
         Ok(EchoServer { cfg, tcp, udp })
     }
 
@@ -90,6 +109,75 @@ impl EchoServer {
             thread::park();
         }
     }
+}
+
+/// For `[::]:port`: a socket of type `ty` bound there with `IPV6_V6ONLY` off (listening
+/// when a stream), so it serves both families; `0.0.0.0:port` when the kernel has no IPv6.
+/// `None` for any other address (bound the ordinary way).
+fn dual_stack(addr: SocketAddr, ty: libc::c_int) -> Option<io::Result<OwnedFd>> {
+    let SocketAddr::V6(a6) = addr else {
+        return None;
+    };
+    if !a6.ip().is_unspecified() {
+        return None;
+    }
+    let check = |r: libc::c_int| {
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    let make = || -> io::Result<OwnedFd> {
+        // SAFETY: plain socket calls on a descriptor this function owns; the option values
+        // and the address outlive the calls that read them.
+        unsafe {
+            let raw = libc::socket(libc::AF_INET6, ty | libc::SOCK_CLOEXEC, 0);
+            let fd = OwnedFd::from_raw_fd(check(raw)?);
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            let (off, on): (libc::c_int, libc::c_int) = (0, 1);
+            let optlen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            check(libc::setsockopt(
+                raw,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&off as *const libc::c_int).cast(),
+                optlen,
+            ))?;
+            if ty == libc::SOCK_STREAM {
+                check(libc::setsockopt(
+                    raw,
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&on as *const libc::c_int).cast(),
+                    optlen,
+                ))?;
+            }
+            let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sa.sin6_port = addr.port().to_be();
+            check(libc::bind(
+                raw,
+                (&sa as *const libc::sockaddr_in6).cast(),
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            ))?;
+            if ty == libc::SOCK_STREAM {
+                check(libc::listen(raw, 1024))?;
+            }
+            Ok(fd)
+        }
+    };
+    Some(match make() {
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+            if ty == libc::SOCK_STREAM {
+                TcpListener::bind(v4).map(OwnedFd::from)
+            } else {
+                UdpSocket::bind(v4).map(OwnedFd::from)
+            }
+        }
+        r => r,
+    })
 }
 
 fn serve_udp(name: &str, sock: &UdpSocket, verbose: bool) {
@@ -255,7 +343,7 @@ fn serve_conn(name: &str, mut stream: TcpStream, peer: SocketAddr) -> io::Result
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv6Addr};
 
     use super::*;
 
@@ -286,5 +374,42 @@ mod tests {
             reply_body("pa1", peer),
             "From=pa1 ClientIP=198.18.0.10 ClientPort=40000\n"
         );
+        // An IPv4 client on a dual-stack socket: shown as IPv4, not ::ffff:198.18.0.10.
+        let mapped = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 10).to_ipv6_mapped(), 40000));
+        assert_eq!(
+            reply_body("pa1", mapped),
+            "From=pa1 ClientIP=198.18.0.10 ClientPort=40000\n"
+        );
+        let v6: SocketAddr = "[fd00:18::10]:40000".parse().unwrap();
+        assert_eq!(
+            reply_body("pa1", v6),
+            "From=pa1 ClientIP=fd00:18::10 ClientPort=40000\n"
+        );
+    }
+
+    /// One socket on `[::]` answers IPv4 and IPv6 clients (loopback; no root needed) and
+    /// reports each in its own notation.
+    #[test]
+    fn unspecified_ipv6_listens_on_both_families() {
+        let any: SocketAddr = (Ipv6Addr::UNSPECIFIED, 0).into();
+        let srv = EchoServer::bind(EchoConfig {
+            name: "dual".into(),
+            tcp: Some(any),
+            udp: Some(any),
+            verbose: false,
+        })
+        .unwrap();
+        let (tcp, udp) = (srv.tcp_addr().unwrap(), srv.udp_addr().unwrap());
+        srv.spawn();
+        use crate::client::{http_get_here, udp_request_here, DEFAULT_TIMEOUT, UDP_TIMEOUT};
+        for lo in [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ] {
+            let r = http_get_here(SocketAddr::new(lo, tcp.port()), DEFAULT_TIMEOUT).unwrap();
+            assert_eq!((r.from.as_str(), r.client_ip), ("dual", lo));
+            let r = udp_request_here(SocketAddr::new(lo, udp.port()), UDP_TIMEOUT, 3).unwrap();
+            assert_eq!((r.from.as_str(), r.client_ip), ("dual", lo));
+        }
     }
 }

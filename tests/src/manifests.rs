@@ -4,8 +4,15 @@
 //! atomically (write `.NAME.tmp`, then rename), so an agent polling the folder never reads a
 //! half-written file; it should skip names starting with `.`.
 
-use std::{collections::BTreeSet, fmt::Write as _, fs, io, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    fs, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
+pub use crate::cluster::IpFamily;
 use crate::cluster::{Cluster, ECHO_PORT};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +54,23 @@ pub struct Service {
     pub health_check_node_port: Option<u16>,
     /// `sessionAffinity: ClientIP` with this `timeoutSeconds` when set.
     pub session_affinity_timeout: Option<u32>,
+    /// `spec.ipFamilies`; empty: not written (the cluster's default, IPv4).
+    pub ip_families: Vec<IpFamily>,
+    /// `spec.ipFamilyPolicy` when set (`SingleStack`, `PreferDualStack`, `RequireDualStack`).
+    pub ip_family_policy: Option<String>,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<IpAddr>,
+    /// Makes the Service `type: LoadBalancer` when set.
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+/// The LoadBalancer part of a Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadBalancer {
+    /// `status.loadBalancer.ingress[].ip`.
+    pub ingress: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges` (CIDRs of either family); empty: not written.
+    pub source_ranges: Vec<String>,
 }
 
 /// The seeds' nodePort.
@@ -70,6 +94,34 @@ impl Service {
             external_traffic_policy: None,
             health_check_node_port: None,
             session_affinity_timeout: None,
+            ip_families: Vec::new(),
+            ip_family_policy: None,
+            external_ips: Vec::new(),
+            load_balancer: None,
+        }
+    }
+
+    /// Sets `spec.ipFamilies` to `families` (in that order: the first is the primary) and
+    /// `ipFamilyPolicy` to `SingleStack` for one family, `RequireDualStack` for two.
+    pub fn with_families(mut self, families: &[IpFamily]) -> Service {
+        self.ip_families = families.to_vec();
+        self.ip_family_policy = Some(
+            if families.len() > 1 {
+                "RequireDualStack"
+            } else {
+                "SingleStack"
+            }
+            .into(),
+        );
+        self
+    }
+
+    /// The families the Service serves: `ip_families`, or IPv4 when unset.
+    pub fn families(&self) -> Vec<IpFamily> {
+        if self.ip_families.is_empty() {
+            vec![IpFamily::V4]
+        } else {
+            self.ip_families.clone()
         }
     }
 
@@ -91,9 +143,36 @@ impl Service {
         let mut y = String::new();
         let _ = write!(
             y,
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  type: NodePort\n",
-            self.name, self.namespace
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  type: {}\n",
+            self.name,
+            self.namespace,
+            if self.load_balancer.is_some() {
+                "LoadBalancer"
+            } else {
+                "NodePort"
+            }
         );
+        if !self.ip_families.is_empty() {
+            let list: Vec<&str> = self.ip_families.iter().map(|f| f.as_str()).collect();
+            let _ = writeln!(y, "  ipFamilies: [{}]", list.join(", "));
+        }
+        if let Some(p) = &self.ip_family_policy {
+            let _ = writeln!(y, "  ipFamilyPolicy: {p}");
+        }
+        if !self.external_ips.is_empty() {
+            let _ = writeln!(y, "  externalIPs: [{}]", quoted(&self.external_ips));
+        }
+        if let Some(lb) = self
+            .load_balancer
+            .as_ref()
+            .filter(|l| !l.source_ranges.is_empty())
+        {
+            let _ = writeln!(
+                y,
+                "  loadBalancerSourceRanges: [{}]",
+                quoted(&lb.source_ranges)
+            );
+        }
         if let Some(p) = &self.external_traffic_policy {
             let _ = writeln!(y, "  externalTrafficPolicy: {p}");
         }
@@ -119,32 +198,57 @@ impl Service {
             );
         }
         let _ = write!(y, "  selector:\n    app: {}\n", self.app);
+        if let Some(lb) = self
+            .load_balancer
+            .as_ref()
+            .filter(|l| !l.ingress.is_empty())
+        {
+            y.push_str("status:\n  loadBalancer:\n    ingress:\n");
+            for ip in &lb.ingress {
+                let _ = writeln!(y, "    - ip: \"{ip}\"");
+            }
+        }
         y
     }
 }
 
-/// One endpoint (a pod) of the service.
+/// `"a", "b"`: YAML flow-list items, quoted (an IPv6 address or CIDR holds colons).
+fn quoted<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One endpoint (a pod's address of one family) of the service: it goes into the
+/// EndpointSlice of its node and of its address's family.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     pub pod: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub node_name: String,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
 }
 
-/// A Node object: name and InternalIP.
+/// A Node object: name and InternalIP (and an IPv6 InternalIP on a dual-stack node).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeObject {
     pub name: String,
     pub internal_ip: Ipv4Addr,
+    pub internal_ip6: Option<Ipv6Addr>,
 }
 
 impl NodeObject {
     pub fn to_yaml(&self) -> String {
+        let v6 = self
+            .internal_ip6
+            .map(|ip| format!("  - type: InternalIP\n    address: \"{ip}\"\n"))
+            .unwrap_or_default();
         format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {0}\n  labels:\n    kubernetes.io/hostname: {0}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: \"{1}\"\n  - type: Hostname\n    address: {0}\n",
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {0}\n  labels:\n    kubernetes.io/hostname: {0}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: \"{1}\"\n{v6}  - type: Hostname\n    address: {0}\n",
             self.name, self.internal_ip
         )
     }
@@ -159,16 +263,17 @@ pub struct Manifests {
 }
 
 impl Manifests {
-    /// `service` with every pod of `cluster` as a ready endpoint, and every node.
+    /// `service` with every pod of `cluster` as a ready endpoint in both families (only the
+    /// slices of the service's families are written), and every node with both addresses.
     pub fn from_cluster(cluster: &Cluster, service: Service) -> Manifests {
         Manifests {
             service,
-            endpoints: cluster
-                .pods()
+            endpoints: IpFamily::BOTH
                 .iter()
-                .map(|p| Endpoint {
+                .flat_map(|&f| cluster.pods().iter().map(move |p| (f, p)))
+                .map(|(f, p)| Endpoint {
                     pod: p.name.clone(),
-                    ip: p.ip,
+                    ip: p.addr(f),
                     node_name: p.node.clone(),
                     ready: true,
                     serving: true,
@@ -181,14 +286,18 @@ impl Manifests {
                 .map(|n| NodeObject {
                     name: n.name.clone(),
                     internal_ip: n.ip,
+                    internal_ip6: Some(n.ip6),
                 })
                 .collect(),
         }
     }
 
-    /// Adds a ready endpoint.
-    pub fn add_endpoint(&mut self, pod: &str, ip: Ipv4Addr, node: &str) {
-        self.endpoints.retain(|e| e.pod != pod);
+    /// Adds a ready endpoint (replacing the pod's endpoint of the same family).
+    pub fn add_endpoint(&mut self, pod: &str, ip: impl Into<IpAddr>, node: &str) {
+        let ip = ip.into();
+        let family = IpFamily::of(ip);
+        self.endpoints
+            .retain(|e| e.pod != pod || IpFamily::of(e.ip) != family);
         self.endpoints.push(Endpoint {
             pod: pod.into(),
             ip,
@@ -199,20 +308,46 @@ impl Manifests {
         });
     }
 
-    /// Removes pod `pod` from its slice; returns whether it was there.
+    /// Removes pod `pod` from its slices (both families); returns whether it was there.
     pub fn remove_endpoint(&mut self, pod: &str) -> bool {
         let before = self.endpoints.len();
         self.endpoints.retain(|e| e.pod != pod);
         before != self.endpoints.len()
     }
 
-    /// The EndpointSlice of node `node` (also when it has no endpoints: an empty slice
+    /// Removes pod `pod`'s endpoint of `family` only; returns whether it was there.
+    pub fn remove_endpoint_of(&mut self, pod: &str, family: IpFamily) -> bool {
+        let before = self.endpoints.len();
+        self.endpoints
+            .retain(|e| e.pod != pod || IpFamily::of(e.ip) != family);
+        before != self.endpoints.len()
+    }
+
+    /// The IPv4 EndpointSlice of node `node` (also when it has no endpoints: an empty slice
     /// says "none here" explicitly).
     pub fn endpoint_slice_yaml(&self, node: &str) -> String {
+        self.endpoint_slice_yaml_of(node, IpFamily::V4)
+    }
+
+    /// The name of the EndpointSlice of `node` and `family`: `<svc>-<node>` for IPv4,
+    /// `<svc>-<node>-ipv6` for IPv6 (kube: `<svc>-<suffix>`, one slice per family).
+    pub fn endpoint_slice_name(&self, node: &str, family: IpFamily) -> String {
+        match family {
+            IpFamily::V4 => format!("{}-{node}", self.service.name),
+            IpFamily::V6 => format!("{}-{node}-ipv6", self.service.name),
+        }
+    }
+
+    /// The EndpointSlice of node `node` with `addressType` `family`: that family's
+    /// endpoints on the node.
+    pub fn endpoint_slice_yaml_of(&self, node: &str, family: IpFamily) -> String {
         let svc = &self.service;
         let mut y = format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {0}-{1}\n  namespace: {2}\n  labels:\n    kubernetes.io/service-name: {0}\n    endpointslice.kubernetes.io/managed-by: np-tests\naddressType: IPv4\nports:\n",
-            svc.name, node, svc.namespace
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    kubernetes.io/service-name: {}\n    endpointslice.kubernetes.io/managed-by: np-tests\naddressType: {}\nports:\n",
+            self.endpoint_slice_name(node, family),
+            svc.namespace,
+            svc.name,
+            family.as_str()
         );
         for p in &svc.ports {
             let _ = write!(
@@ -226,7 +361,7 @@ impl Manifests {
         let eps: Vec<&Endpoint> = self
             .endpoints
             .iter()
-            .filter(|e| e.node_name == node)
+            .filter(|e| e.node_name == node && IpFamily::of(e.ip) == family)
             .collect();
         if eps.is_empty() {
             y.push_str("endpoints: []\n");
@@ -243,7 +378,8 @@ impl Manifests {
         y
     }
 
-    /// All files: `(file name, content)`, nodes first, then the Service, then the slices.
+    /// All files: `(file name, content)`, nodes first, then the Service, then the slices
+    /// (one per node and family of the Service).
     pub fn files(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for n in &self.nodes {
@@ -255,11 +391,16 @@ impl Manifests {
         ));
         let mut slice_nodes: BTreeSet<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
         slice_nodes.extend(self.endpoints.iter().map(|e| e.node_name.as_str()));
-        for node in slice_nodes {
-            out.push((
-                format!("30-endpointslice-{}-{node}.yaml", self.service.name),
-                self.endpoint_slice_yaml(node),
-            ));
+        for family in self.service.families() {
+            for &node in &slice_nodes {
+                out.push((
+                    format!(
+                        "30-endpointslice-{}.yaml",
+                        self.endpoint_slice_name(node, family)
+                    ),
+                    self.endpoint_slice_yaml_of(node, family),
+                ));
+            }
         }
         out
     }
@@ -311,7 +452,7 @@ mod tests {
             endpoints: vec![
                 Endpoint {
                     pod: "pa1".into(),
-                    ip: Ipv4Addr::new(198, 19, 1, 10),
+                    ip: Ipv4Addr::new(198, 19, 1, 10).into(),
                     node_name: "node1".into(),
                     ready: true,
                     serving: true,
@@ -319,7 +460,7 @@ mod tests {
                 },
                 Endpoint {
                     pod: "pb1".into(),
-                    ip: Ipv4Addr::new(198, 19, 2, 10),
+                    ip: Ipv4Addr::new(198, 19, 2, 10).into(),
                     node_name: "node2".into(),
                     ready: true,
                     serving: true,
@@ -330,14 +471,17 @@ mod tests {
                 NodeObject {
                     name: "node1".into(),
                     internal_ip: Ipv4Addr::new(198, 18, 0, 11),
+                    internal_ip6: None,
                 },
                 NodeObject {
                     name: "node2".into(),
                     internal_ip: Ipv4Addr::new(198, 18, 0, 12),
+                    internal_ip6: None,
                 },
                 NodeObject {
                     name: "node3".into(),
                     internal_ip: Ipv4Addr::new(198, 18, 0, 13),
+                    internal_ip6: None,
                 },
             ],
         }
@@ -383,6 +527,62 @@ mod tests {
         assert_eq!(node["kind"], "Node");
         assert_eq!(node["status"]["addresses"][0]["type"], "InternalIP");
         assert_eq!(node["status"]["addresses"][0]["address"], "198.18.0.11");
+    }
+
+    #[test]
+    fn dual_stack_service_and_ipv6_slices() {
+        let mut m = sample();
+        m.nodes[0].internal_ip6 = Some("fd00:18::11".parse().unwrap());
+        m.add_endpoint("pa1", "fd00:19:1::a".parse::<IpAddr>().unwrap(), "node1");
+        m.service = Service::sample_nodeport().with_families(&[IpFamily::V4, IpFamily::V6]);
+        m.service.external_ips = vec!["fd00:18::101".parse().unwrap()];
+        m.service.load_balancer = Some(LoadBalancer {
+            ingress: vec!["fd00:18::100".parse().unwrap()],
+            source_ranges: vec!["fd00:18::10/128".into(), "198.18.0.0/24".into()],
+        });
+        let svc: Value = serde_yaml::from_str(&m.service.to_yaml()).unwrap();
+        assert_eq!(svc["spec"]["type"], "LoadBalancer");
+        assert_eq!(svc["spec"]["ipFamilies"][0], "IPv4");
+        assert_eq!(svc["spec"]["ipFamilies"][1], "IPv6");
+        assert_eq!(svc["spec"]["ipFamilyPolicy"], "RequireDualStack");
+        assert_eq!(svc["spec"]["externalIPs"][0], "fd00:18::101");
+        assert_eq!(
+            svc["spec"]["loadBalancerSourceRanges"][0],
+            "fd00:18::10/128"
+        );
+        assert_eq!(
+            svc["status"]["loadBalancer"]["ingress"][0]["ip"],
+            "fd00:18::100"
+        );
+        // Both families of pa1 are endpoints, each in its own slice.
+        let v4: Value = serde_yaml::from_str(&m.endpoint_slice_yaml("node1")).unwrap();
+        assert_eq!(v4["metadata"]["name"], "sample-nodeport-node1");
+        assert_eq!(v4["endpoints"][0]["addresses"][0], "198.19.1.10");
+        let v6: Value =
+            serde_yaml::from_str(&m.endpoint_slice_yaml_of("node1", IpFamily::V6)).unwrap();
+        assert_eq!(v6["metadata"]["name"], "sample-nodeport-node1-ipv6");
+        assert_eq!(
+            v6["metadata"]["labels"]["kubernetes.io/service-name"],
+            "sample-nodeport"
+        );
+        assert_eq!(v6["addressType"], "IPv6");
+        assert_eq!(v6["endpoints"][0]["addresses"][0], "fd00:19:1::a");
+        assert_eq!(v6["endpoints"].as_sequence().unwrap().len(), 1);
+        let node: Value = serde_yaml::from_str(&m.nodes[0].to_yaml()).unwrap();
+        assert_eq!(node["status"]["addresses"][1]["type"], "InternalIP");
+        assert_eq!(node["status"]["addresses"][1]["address"], "fd00:18::11");
+        let names: Vec<String> = m.files().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"30-endpointslice-sample-nodeport-node2-ipv6.yaml".into()));
+        assert!(names.contains(&"30-endpointslice-sample-nodeport-node2.yaml".into()));
+        // IPv6 only: no IPv4 slices; removing pa1's IPv6 endpoint keeps the IPv4 one.
+        m.service = m.service.clone().with_families(&[IpFamily::V6]);
+        assert_eq!(m.service.ip_family_policy.as_deref(), Some("SingleStack"));
+        assert!(m
+            .files()
+            .iter()
+            .all(|(n, _)| !n.starts_with("30-") || n.ends_with("-ipv6.yaml")));
+        assert!(m.remove_endpoint_of("pa1", IpFamily::V6));
+        assert!(m.endpoints.iter().any(|e| e.pod == "pa1"));
     }
 
     #[test]

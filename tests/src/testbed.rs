@@ -17,7 +17,7 @@ use std::{
 
 use crate::{
     client,
-    cluster::{Cluster, ClusterSpec},
+    cluster::{Cluster, ClusterSpec, IpFamily},
     manifests::{Manifests, Protocol, Service, SAMPLE_NODE_PORT},
     netns::{ensure_bpffs, Child, PinPath, TempDir},
 };
@@ -350,13 +350,16 @@ impl Testbed {
             .unwrap_or_else(|e| panic!("cannot write manifests: {e}"));
     }
 
-    /// Adds a pod to the running cluster, starts its echo server and adds it to its
-    /// node's EndpointSlice.
+    /// Adds a pod to the running cluster (its IPv6 address derived from `ip`), starts its
+    /// echo server and adds it to its node's EndpointSlices of both families.
     pub fn add_pod(&mut self, node: &str, name: &str, ip: std::net::Ipv4Addr) {
-        self.cluster.add_pod(node, name, ip);
+        let ip6 = self.cluster.add_pod(node, name, ip).ip6;
         let echo = self.echo.clone();
         self.cluster.start_echo(name, &echo);
-        self.update_manifests(|m| m.add_endpoint(name, ip, node));
+        self.update_manifests(|m| {
+            m.add_endpoint(name, ip, node);
+            m.add_endpoint(name, ip6, node);
+        });
     }
 
     /// Removes pod `pod` from its EndpointSlice (the pod keeps running).
@@ -366,8 +369,18 @@ impl Testbed {
         });
     }
 
-    /// `node's address:30080`.
+    /// `node's address:30080` (the first port's nodePort), IPv4.
     pub fn nodeport_addr(&self, node: &str) -> SocketAddr {
+        self.nodeport_addr_in(node, IpFamily::V4)
+    }
+
+    /// `[node's IPv6 address]:30080`.
+    pub fn nodeport_addr6(&self, node: &str) -> SocketAddr {
+        self.nodeport_addr_in(node, IpFamily::V6)
+    }
+
+    /// The node's address of `family` with the first port's nodePort.
+    pub fn nodeport_addr_in(&self, node: &str, family: IpFamily) -> SocketAddr {
         let port = self
             .manifests
             .service
@@ -375,11 +388,12 @@ impl Testbed {
             .first()
             .map(|p| p.node_port)
             .unwrap_or(SAMPLE_NODE_PORT);
-        SocketAddr::from((self.cluster.node_ip(node), port))
+        SocketAddr::new(self.cluster.node(node).addr(family), port)
     }
 
-    /// Waits (bounded) until, through every node, the client gets an HTTP answer (and a UDP
-    /// one when the service has a UDP port). Err with the reason and agent logs otherwise.
+    /// Waits (bounded) until, through every node and in every family of the service, the
+    /// client gets an HTTP answer (and a UDP one when the service has a UDP port). Err with
+    /// the reason and agent logs otherwise.
     pub fn wait_for_service(&mut self, timeout: Duration) -> Result<(), String> {
         let udp = self
             .manifests
@@ -387,16 +401,15 @@ impl Testbed {
             .ports
             .iter()
             .any(|p| p.protocol == Protocol::Udp);
-        let nodes: Vec<String> = self
-            .cluster
-            .nodes()
-            .iter()
-            .map(|n| n.name.clone())
-            .collect();
+        let mut addrs: Vec<(String, SocketAddr)> = Vec::new();
+        for f in self.manifests.service.families() {
+            for n in self.cluster.nodes() {
+                addrs.push((n.name.clone(), self.nodeport_addr_in(&n.name, f)));
+            }
+        }
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
-        for node in nodes {
-            let addr = self.nodeport_addr(&node);
+        for (node, addr) in addrs {
             loop {
                 self.check_agents()?;
                 let tcp = client::http_get(self.cluster.client(), addr);

@@ -92,16 +92,21 @@ fn main() -> ExitCode {
     let c = tb.cluster();
     let client = c.client().name().to_string();
     println!("nodeport demo, run id {}", c.run_id());
-    println!("  client {} in namespace {client}", c.client_ip());
+    println!(
+        "  client {} {} in namespace {client}",
+        c.client_ip(),
+        c.client_ip6()
+    );
     for n in c.nodes() {
         let pods: Vec<String> = c
             .pods_on(&n.name)
-            .map(|p| format!("{} {}", p.name, p.ip))
+            .map(|p| format!("{} {} {}", p.name, p.ip, p.ip6))
             .collect();
         println!(
-            "  {} {} in namespace {} ({:?} pods: {})",
+            "  {} {} {} in namespace {} ({:?} pods: {})",
             n.name,
             n.ip,
+            n.ip6,
             n.ns().name(),
             n.shape,
             pods.join(", ")

@@ -1,7 +1,7 @@
 //! `np-echo`: the backend echo server of the test pods (see `tests::echo`).
-//! `np-echo --name NAME [--tcp-port 80] [--udp-port 80] [--bind 0.0.0.0] [--verbose]`
+//! `np-echo --name NAME [--tcp-port 80] [--udp-port 80] [--bind ::] [--verbose]`
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use anyhow::Context;
 use clap::Parser;
@@ -21,8 +21,8 @@ struct Args {
     /// UDP port; 0 disables UDP.
     #[arg(long, default_value_t = 80)]
     udp_port: u16,
-    /// Address to listen on.
-    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    /// Address to listen on; `::` (the default) serves IPv4 and IPv6 on one socket.
+    #[arg(long, default_value_t = IpAddr::V6(Ipv6Addr::UNSPECIFIED))]
     bind: IpAddr,
     /// Log every connection and datagram to stderr.
     #[arg(long)]

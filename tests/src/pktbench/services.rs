@@ -83,11 +83,15 @@ impl ServiceSet {
                 external_traffic_policy: None,
                 health_check_node_port: None,
                 session_affinity_timeout: None,
+                ip_families: Vec::new(),
+                ip_family_policy: None,
+                external_ips: Vec::new(),
+                load_balancer: None,
             },
             endpoints: (0..self.endpoints)
                 .map(|e| Endpoint {
                     pod: format!("{name}-{e}"),
-                    ip: self.endpoint(i, e),
+                    ip: self.endpoint(i, e).into(),
                     node_name: SINK_NODE.into(),
                     ready: true,
                     serving: true,
@@ -105,6 +109,7 @@ impl ServiceSet {
             let node = NodeObject {
                 name: name.into(),
                 internal_ip: ip,
+                internal_ip6: None,
             };
             write_atomic(dir, &format!("10-node-{name}.yaml"), &node.to_yaml())?;
         }
