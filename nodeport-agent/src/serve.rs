@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -107,10 +107,44 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     )
 }
 
+/// A listener on `addr`. On the IPv6 unspecified address (`[::]`) it is dual-stack
+/// (IPV6_V6ONLY off, whatever `net.ipv6.bindv6only` says), so IPv4 clients connect too;
+/// on a node without IPv6 it falls back to `0.0.0.0` on the same port. Must be called
+/// within a tokio runtime.
+pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let bind = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
+        let sock = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(a) => {
+                let sock = tokio::net::TcpSocket::new_v6()?;
+                if a.ip().is_unspecified() {
+                    nix::sys::socket::setsockopt(
+                        &sock,
+                        nix::sys::socket::sockopt::Ipv6V6Only,
+                        &false,
+                    )
+                    .map_err(std::io::Error::from)?;
+                }
+                sock
+            }
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(addr)?;
+        sock.listen(1024)
+    };
+    match bind(addr) {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EAFNOSUPPORT)
+                && addr.ip() == Ipv6Addr::UNSPECIFIED =>
+        {
+            bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port())))
+        }
+        other => other,
+    }
+}
+
 async fn serve(addr: SocketAddr, app: Router) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))?;
+    let listener = listen(addr).map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(%addr, "HTTP server stopped: {e}");
@@ -198,7 +232,8 @@ async fn check(State(s): State<Arc<CheckState>>) -> impl IntoResponse {
 }
 
 /// The health check servers of `externalTrafficPolicy: Local` services, one listener on
-/// `0.0.0.0:<healthCheckNodePort>` each, like kube-proxy.
+/// `[::]:<healthCheckNodePort>` each (dual-stack: IPv4 and IPv6 load balancers), like
+/// kube-proxy's `0.0.0.0` and `::` ones.
 #[derive(Clone)]
 pub struct HealthChecks {
     health: Arc<Health>,
@@ -235,8 +270,8 @@ impl HealthChecks {
             let app = Router::new().fallback(check).with_state(state.clone());
             let service = format!("{}/{}", hc.namespace, hc.name);
             let task = tokio::spawn(async move {
-                let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-                let listener = match tokio::net::TcpListener::bind(addr).await {
+                let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+                let listener = match listen(addr) {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::error!(
