@@ -109,7 +109,9 @@ pub fn addr_from_raw(raw: u32) -> Ipv4Addr {
 /// Raw network-order form of an IPv6 address, as in map keys.
 pub fn addr6_raw(ip: Ipv6Addr) -> Ip6 {
     let o = ip.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 /// Inverse of [`addr6_raw`].
@@ -222,8 +224,7 @@ impl FromStr for IpCidr {
                 .parse()
                 .map_err(|_| bad("prefix length is not a number"))?,
         };
-        Self::new(addr, prefix)
-            .ok_or_else(|| bad(&format!("prefix length is larger than {bits}")))
+        Self::new(addr, prefix).ok_or_else(|| bad(&format!("prefix length is larger than {bits}")))
     }
 }
 

@@ -15,11 +15,11 @@ use nodeport_agent::{
     datapath::{
         monotonic_coarse_ns, Datapath, EbpfLog, MapReader, MapSizes, Variant, XdpAttachMode,
     },
+    family::{addr6_raw, addr_raw},
     inspect,
     kube_source::{self, KubeStats, WatchOptions},
     manifests,
     metrics::Metrics,
-    family::{addr6_raw, addr_raw},
     model::{self, Inputs, IpCidr, Refusal, Settings},
     serve::{self, Health, Shared},
     sync::Reconciler,

@@ -18,8 +18,8 @@ use nodeport_common::{
     SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SRC_RANGES,
 };
 
-pub use crate::family::{addr_from_raw, addr_raw, Family, IpCidr, RawAddr};
 use crate::family::usable_node_addr;
+pub use crate::family::{addr_from_raw, addr_raw, Family, IpCidr, RawAddr};
 
 /// Label that ties an EndpointSlice to its Service (same namespace).
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -871,8 +871,7 @@ fn plan_service(
 
     // Addresses that take `port` traffic, both families (each unit takes its own).
     let mut ips = BTreeSet::new();
-    let mut add_ip = |refusals: &mut Vec<Refusal>, field: &str, s: &str| match s.parse::<IpAddr>()
-    {
+    let mut add_ip = |refusals: &mut Vec<Refusal>, field: &str, s: &str| match s.parse::<IpAddr>() {
         Ok(ip) => {
             ips.insert(ip);
         }
@@ -2730,8 +2729,8 @@ status:
             "2001:db8:7::1",
         ]
         .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        .map(|s| s.parse().unwrap())
+        .collect();
         assert_eq!(d.node_addrs, want);
         let narrowed = Settings {
             nodeport_cidrs: vec![
@@ -2811,6 +2810,339 @@ endpoints:
 - {addresses: [10.0.0.3], nodeName: node-a, conditions: {ready: false}}
 - {addresses: [10.0.0.4], nodeName: node-b}
 ";
+
+    fn np6(port: u16, proto: u8) -> FrontendKey6 {
+        FrontendKey6 {
+            addr: [0; 4],
+            port: port.to_be(),
+            proto,
+            pad: 0,
+        }
+    }
+
+    fn ext6(ip: &str, port: u16, proto: u8) -> FrontendKey6 {
+        FrontendKey6 {
+            addr: crate::family::addr6_raw(ip.parse().unwrap()),
+            port: port.to_be(),
+            proto,
+            pad: 0,
+        }
+    }
+
+    fn be6(ip: &str, port: u16, local: bool) -> nodeport_common::Backend6 {
+        nodeport_common::Backend6 {
+            addr: crate::family::addr6_raw(ip.parse().unwrap()),
+            port: port.to_be(),
+            flags: if local { BE_F_LOCAL } else { 0 },
+            pad: 0,
+        }
+    }
+
+    /// Service `web` (port `http` 80 -> 8080, nodePort 30080) with `extra` spec lines.
+    fn web_with(extra: &str) -> Service {
+        svc(&format!(
+            "
+metadata: {{name: web, namespace: default}}
+spec:
+  type: LoadBalancer
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}
+{extra}"
+        ))
+    }
+
+    const WEB_SLICE6: &str = "
+metadata:
+  name: web-v6
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv6
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: ['fd00:1::1']
+  nodeName: node-a
+- addresses: ['fd00:2::1']
+  nodeName: node-b
+- addresses: ['fd00:2::2']
+  nodeName: node-b
+  conditions: {ready: false}
+";
+
+    const WEB_SLICE_FQDN: &str = "
+metadata:
+  name: web-fqdn
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: FQDN
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [example.com]
+";
+
+    #[test]
+    fn service_port_id_display_marks_ipv6() {
+        assert_eq!(
+            id6("default", "web", "http", Protocol::Tcp).to_string(),
+            "default/web:http/TCP/IPv6"
+        );
+        assert_eq!(
+            id6("ns", "dns", "", Protocol::Udp).to_string(),
+            "ns/dns/UDP/IPv6"
+        );
+    }
+
+    #[test]
+    fn dual_stack_service_gets_one_unit_per_family() {
+        let s = web_with(
+            "  ipFamilies: [IPv6, IPv4]
+  externalIPs: [198.18.9.1, '2001:db8::9']
+",
+        );
+        let slices = [slice(WEB_SLICE), slice(WEB_SLICE6), slice(WEB_SLICE_FQDN)];
+        let (d, r) = run(&[s], &slices);
+        assert!(r.is_empty(), "{r:?}");
+        let v4 = &d.services[&id("default", "web", "http", Protocol::Tcp)];
+        assert_eq!(
+            v4.frontends,
+            BTreeSet::from([np(30080, PROTO_TCP), ext("198.18.9.1", 80, PROTO_TCP)])
+        );
+        assert_eq!(
+            v4.backends,
+            BTreeSet::from([be("10.0.1.1", 8080, true), be("10.0.2.1", 8080, false)])
+        );
+        let v6 = &d.services6[&id6("default", "web", "http", Protocol::Tcp)];
+        assert_eq!(
+            v6.frontends,
+            BTreeSet::from([np6(30080, PROTO_TCP), ext6("2001:db8::9", 80, PROTO_TCP)])
+        );
+        assert_eq!(
+            v6.backends,
+            BTreeSet::from([be6("fd00:1::1", 8080, true), be6("fd00:2::1", 8080, false)])
+        );
+        assert_eq!((d.services.len(), d.services6.len()), (1, 1));
+        assert_eq!(d.service_count(), 2);
+    }
+
+    #[test]
+    fn ipv6_only_service_has_no_ipv4_unit() {
+        let s = web_with(
+            "  ipFamilies: [IPv6]
+  externalIPs: [198.18.9.1, '2001:db8::9']
+",
+        );
+        let (d, r) = run(&[s], &[slice(WEB_SLICE), slice(WEB_SLICE6)]);
+        assert!(r.is_empty(), "{r:?}");
+        assert!(d.services.is_empty(), "{:?}", d.services);
+        let v6 = &d.services6[&id6("default", "web", "http", Protocol::Tcp)];
+        // The IPv4 external IP is ignored (no IPv4 unit takes it), as kube-proxy does.
+        assert_eq!(
+            v6.frontends,
+            BTreeSet::from([np6(30080, PROTO_TCP), ext6("2001:db8::9", 80, PROTO_TCP)])
+        );
+        assert_eq!(v6.backends.len(), 2);
+    }
+
+    #[test]
+    fn families_come_from_cluster_ips_without_ip_families() {
+        let (d, _) = run(&[web_with("  clusterIP: 'fd00:96::10'\n")], &[]);
+        assert!(d.services.is_empty());
+        assert!(d
+            .services6
+            .contains_key(&id6("default", "web", "http", Protocol::Tcp)));
+        let (d, _) = run(
+            &[web_with(
+                "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00:96::10']\n",
+            )],
+            &[],
+        );
+        assert_eq!((d.services.len(), d.services6.len()), (1, 1));
+        // Neither: IPv4, as before.
+        let (d, _) = run(&[web_with("")], &[]);
+        assert_eq!((d.services.len(), d.services6.len()), (1, 0));
+    }
+
+    #[test]
+    fn lb_ips_of_a_family_become_frontends_only_when_the_family_is_enabled() {
+        let status = "status:
+  loadBalancer:
+    ingress: [{ip: 198.18.5.1}, {ip: '2001:db8:5::1'}]
+";
+        let v4_only = svc(&format!(
+            "{}  loadBalancerIP: '2001:db8:5::2'\n{status}",
+            WEB.replace("NodePort", "LoadBalancer")
+        ));
+        let (d, r) = run(&[v4_only], &[]);
+        assert!(r.is_empty(), "{r:?}");
+        assert!(d.services6.is_empty());
+        assert_eq!(
+            d.services[&id("default", "web", "http", Protocol::Tcp)].frontends,
+            BTreeSet::from([np(30080, PROTO_TCP), ext("198.18.5.1", 80, PROTO_TCP)])
+        );
+        let dual = svc(&format!(
+            "{}  ipFamilies: [IPv4, IPv6]\n  loadBalancerIP: '2001:db8:5::2'\n{status}",
+            WEB.replace("NodePort", "LoadBalancer")
+        ));
+        let (d, _) = run(&[dual], &[]);
+        assert_eq!(
+            d.services6[&id6("default", "web", "http", Protocol::Tcp)].frontends,
+            BTreeSet::from([
+                np6(30080, PROTO_TCP),
+                ext6("2001:db8:5::1", 80, PROTO_TCP),
+                ext6("2001:db8:5::2", 80, PROTO_TCP)
+            ])
+        );
+    }
+
+    #[test]
+    fn source_ranges_go_to_the_unit_of_their_family() {
+        let dual = web_with(
+            "  ipFamilies: [IPv4, IPv6]
+  loadBalancerSourceRanges: [198.18.0.0/24, '2001:db8:1::/48']
+",
+        );
+        let (d, r) = run(&[dual], &[]);
+        assert!(r.is_empty(), "{r:?}");
+        let v4 = &d.services[&id("default", "web", "http", Protocol::Tcp)];
+        let v6 = &d.services6[&id6("default", "web", "http", Protocol::Tcp)];
+        let cidrs =
+            |l: &[&str]| -> BTreeSet<IpCidr> { l.iter().map(|c| c.parse().unwrap()).collect() };
+        assert_eq!(v4.source_ranges, cidrs(&["198.18.0.0/24"]));
+        assert_eq!(v6.source_ranges, cidrs(&["2001:db8:1::/48"]));
+        assert_ne!(v4.flags & SVC_F_SRC_RANGES, 0);
+        assert_ne!(v6.flags & SVC_F_SRC_RANGES, 0);
+        // Only IPv4 ranges: the IPv6 unit keeps the flag with no range (allows nobody).
+        let v4_ranges = web_with(
+            "  ipFamilies: [IPv4, IPv6]
+  loadBalancerSourceRanges: [198.18.0.0/24]
+",
+        );
+        let (d, _) = run(&[v4_ranges], &[]);
+        let v6 = &d.services6[&id6("default", "web", "http", Protocol::Tcp)];
+        assert_ne!(v6.flags & SVC_F_SRC_RANGES, 0);
+        assert!(v6.source_ranges.is_empty());
+    }
+
+    #[test]
+    fn unknown_family_is_refused_by_name_and_the_other_still_served() {
+        let s = web_with("  ipFamilies: [IPv6, IPv5]\n");
+        let (d, r) = run(&[s], &[slice(WEB_SLICE6)]);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].object, "Service default/web");
+        assert!(
+            r[0].reason.contains("spec.ipFamilies[1]") && r[0].reason.contains("IPv5"),
+            "{r:?}"
+        );
+        assert!(d.services.is_empty());
+        assert_eq!(
+            d.services6[&id6("default", "web", "http", Protocol::Tcp)]
+                .backends
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn local_policy_with_ipv6_local_endpoints() {
+        let s = web_with(
+            "  ipFamilies: [IPv4, IPv6]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30100
+",
+        );
+        let (d, r) = run(&[s], &[slice(WEB_SLICE), slice(WEB_SLICE6)]);
+        assert!(r.is_empty(), "{r:?}");
+        let v6 = &d.services6[&id6("default", "web", "http", Protocol::Tcp)];
+        assert_ne!(v6.flags & SVC_F_LOCAL, 0);
+        let table: Vec<_> = v6.table_backends().copied().collect();
+        assert_eq!(table, vec![be6("fd00:1::1", 8080, true)]);
+        // The other node's serving endpoint stays programmed for old flows.
+        assert!(v6.backends.contains(&be6("fd00:2::1", 8080, false)));
+        // One local ready endpoint of each family.
+        assert_eq!(d.health_checks[&30100], hc("default", "web", 2));
+    }
+
+    #[test]
+    fn a_refusal_shared_by_both_units_is_reported_once() {
+        let s = svc("
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  ipFamilies: [IPv4, IPv6]
+  ports: [{name: http, port: 80, nodePort: 99}]
+");
+        let (d, r) = run(&[s.clone()], &[]);
+        assert_eq!(d.service_count(), 0);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].reason.contains("nodePort 99"), "{r:?}");
+        let mut m = Model::new();
+        let (_, r2) = m.update(&Inputs {
+            services: &[s],
+            slices: &[],
+            nodes: &[],
+            node_name: "node-a",
+            interface_addrs: &[],
+            settings: &Settings::default(),
+        });
+        assert_eq!(r2, r);
+    }
+
+    #[test]
+    fn an_address_of_the_other_family_in_a_slice_is_refused() {
+        let bad = WEB_SLICE6.replace("'fd00:2::2'", "10.9.9.9");
+        let s = web_with("  ipFamilies: [IPv6]\n");
+        let (d, r) = run(&[s], &[slice(&bad)]);
+        assert!(
+            r.iter().any(|r| r.object == "EndpointSlice default/web-v6"
+                && r.reason.contains("\"10.9.9.9\" is not an IPv6 address")),
+            "{r:?}"
+        );
+        assert_eq!(
+            d.services6[&id6("default", "web", "http", Protocol::Tcp)]
+                .backends
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn model_tracks_dual_stack_changes() {
+        let s = web_with("  ipFamilies: [IPv4, IPv6]\n");
+        let slices = [slice(WEB_SLICE), slice(WEB_SLICE6)];
+        let settings = Settings::default();
+        let inputs = |services, slices| Inputs {
+            services,
+            slices,
+            nodes: &[],
+            node_name: "node-a",
+            interface_addrs: &[],
+            settings: &settings,
+        };
+        let mut m = Model::by_content();
+        let (got, _) = m.update(&inputs(std::slice::from_ref(&s), &slices));
+        assert_eq!(*got, desired(&inputs(std::slice::from_ref(&s), &slices)).0);
+        let c = m.take_changes();
+        assert_eq!(
+            c.services,
+            BTreeSet::from([
+                id("default", "web", "http", Protocol::Tcp),
+                id6("default", "web", "http", Protocol::Tcp)
+            ])
+        );
+        // Only the IPv6 slice goes: the model reports the IPv6 unit.
+        let (got, _) = m.update(&inputs(std::slice::from_ref(&s), &slices[..1]));
+        assert!(got.services6[&id6("default", "web", "http", Protocol::Tcp)]
+            .backends
+            .is_empty());
+        let c = m.take_changes();
+        assert!(c
+            .services
+            .contains(&id6("default", "web", "http", Protocol::Tcp)));
+        // IPv6 dropped from the families: the IPv6 unit is gone.
+        let v4 = web_with("  ipFamilies: [IPv4]\n");
+        let (got, _) = m.update(&inputs(std::slice::from_ref(&v4), &slices));
+        assert!(got.services6.is_empty());
+        assert_eq!(got.services.len(), 1);
+    }
 
     fn hc(ns: &str, name: &str, local_endpoints: usize) -> HealthCheck {
         HealthCheck {

@@ -18,7 +18,9 @@ use nodeport_common::{
 use crate::error::{Error, Result};
 use crate::family::{endpoint_name, Family, IpCidr};
 use crate::maglev;
-use crate::model::{describe_frontend, Changes, Desired, DesiredFamily, DesiredService, ServicePortId};
+use crate::model::{
+    describe_frontend, Changes, Desired, DesiredFamily, DesiredService, ServicePortId,
+};
 
 /// Writes to the datapath maps. Every method is one map operation (or, for
 /// [`Maps::write_slots`], one range of the NP_MAGLEV array); none of them may leave a map
@@ -106,11 +108,14 @@ trait SyncAddr: DesiredFamily {
     fn set_node_addr(maps: &mut impl Maps, addr: Self) -> Result<()>;
     fn delete_node_addr(maps: &mut impl Maps, addr: Self) -> Result<()>;
     /// The snapshot's (node addresses, backends, frontends) of this family.
-    #[expect(
-        clippy::type_complexity,
-        reason = "three plain slices of the snapshot"
-    )]
-    fn snapshot(snap: &MapSnapshot) -> (&[Self], &[(u32, Backend<Self>)], &[(FrontendKey<Self>, Service)]);
+    #[expect(clippy::type_complexity, reason = "three plain slices of the snapshot")]
+    fn snapshot(
+        snap: &MapSnapshot,
+    ) -> (
+        &[Self],
+        &[(u32, Backend<Self>)],
+        &[(FrontendKey<Self>, Service)],
+    );
 }
 
 impl SyncAddr for u32 {
@@ -728,8 +733,10 @@ impl Reconciler {
         self.sh.be_ids.release_quarantine();
         self.sh.svc_ids.release_quarantine();
         let mut report = SyncReport::default();
-        self.v4.apply(&mut self.sh, desired, hint, maps, &mut report);
-        self.v6.apply(&mut self.sh, desired, hint, maps, &mut report);
+        self.v4
+            .apply(&mut self.sh, desired, hint, maps, &mut report);
+        self.v6
+            .apply(&mut self.sh, desired, hint, maps, &mut report);
         report
     }
 
@@ -1674,7 +1681,13 @@ impl<A: SyncAddr> FamilyState<A> {
 
     /// A service id no frontend carries any more: its source ranges go, and the id is
     /// quarantined before reuse.
-    fn retire_svc_id(&mut self, sh: &mut Shared, svc_id: u32, maps: &mut impl Maps, report: &mut SyncReport) {
+    fn retire_svc_id(
+        &mut self,
+        sh: &mut Shared,
+        svc_id: u32,
+        maps: &mut impl Maps,
+        report: &mut SyncReport,
+    ) {
         self.sync_src_ranges(svc_id, &BTreeSet::new(), false, maps, report);
         sh.svc_ids.retire(svc_id);
     }
@@ -1806,7 +1819,6 @@ impl<A: SyncAddr> FamilyState<A> {
             }
         }
     }
-
 }
 
 impl Reconciler {
@@ -2005,15 +2017,19 @@ mod tests {
 
         /// Slot ranges frontends (of both families) point at, clipped to the array.
         fn live_regions(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+            self.live_regions_of(self.services.values().chain(self.services6.values()))
+        }
+
+        /// Slot ranges the frontend values `of` point at, clipped to the array.
+        fn live_regions_of<'a>(
+            &self,
+            of: impl Iterator<Item = &'a Service> + 'a,
+        ) -> impl Iterator<Item = (usize, usize)> + 'a {
             let len = self.slots.len();
-            self.services
-                .values()
-                .chain(self.services6.values())
-                .filter(|v| v.table_size != 0)
-                .map(move |v| {
-                    let off = v.table_off as usize;
-                    (off.min(len), (off + v.table_size as usize).min(len))
-                })
+            of.filter(|v| v.table_size != 0).map(move |v| {
+                let off = v.table_off as usize;
+                (off.min(len), (off + v.table_size as usize).min(len))
+            })
         }
 
         /// What a restarted agent reads from the pinned maps.
@@ -2029,9 +2045,10 @@ mod tests {
             }
         }
 
-        /// A backend id may be deleted: no live table holds it.
-        fn check_unused(&self, id: u32) {
-            for (start, end) in self.live_regions() {
+        /// A backend id may be deleted from the array of family `A`: no live table of
+        /// that family holds it (tables hold ids of their family's backends only).
+        fn check_unused<A: FakeFamily>(&self, id: u32) {
+            for (start, end) in self.live_regions_of(A::frontends(self).values()) {
                 assert!(
                     !self.slots[start..end].contains(&id),
                     "backend {id} deleted while a live table holds it"
@@ -2129,7 +2146,7 @@ mod tests {
         }
 
         fn delete_backend(&mut self, id: u32) -> Result<()> {
-            self.check_unused(id);
+            self.check_unused::<u32>(id);
             if self.fails() {
                 return Err(map_err("delete_backend"));
             }
@@ -2212,7 +2229,7 @@ mod tests {
         }
 
         fn delete_backend6(&mut self, id: u32) -> Result<()> {
-            self.check_unused(id);
+            self.check_unused::<Ip6>(id);
             if self.fails() {
                 return Err(map_err("delete_backend6"));
             }
@@ -2403,10 +2420,7 @@ mod tests {
     }
 
     /// `v4` and `v6` service ports, with an address of each family.
-    fn dual_state(
-        v4: Vec<(&str, DesiredService)>,
-        v6: Vec<(&str, DesiredService6)>,
-    ) -> Desired {
+    fn dual_state(v4: Vec<(&str, DesiredService)>, v6: Vec<(&str, DesiredService6)>) -> Desired {
         let mut d = state(v4);
         d.node_addrs.insert("2001:db8:ffff::1".parse().unwrap());
         d.services6 = v6.into_iter().map(|(n, s)| (sid6(n), s)).collect();
@@ -2425,7 +2439,11 @@ mod tests {
         );
     }
 
-    fn verify_family<A: FakeFamily>(d: &Desired, m: &FakeMaps, ranges: &mut BTreeSet<(u32, IpCidr)>) {
+    fn verify_family<A: FakeFamily>(
+        d: &Desired,
+        m: &FakeMaps,
+        ranges: &mut BTreeSet<(u32, IpCidr)>,
+    ) {
         let want_addrs: BTreeSet<A> = d.node_addrs.iter().filter_map(|a| A::from_ip(*a)).collect();
         assert_eq!(*A::node_addrs(m), want_addrs);
         let mut frontends = BTreeSet::new();
@@ -2552,6 +2570,223 @@ mod tests {
         let ids: BTreeSet<u32> = m.backends.keys().copied().collect();
         assert_eq!(ids, BTreeSet::from([1, 2, 3, 4]));
         assert_ne!(r.svc_id(&sid("a")), r.svc_id(&sid("b")));
+    }
+
+    /// `a` and `b` in IPv4 (as [`two_services`]) and `a` and `c` in IPv6.
+    fn dual_services() -> Desired {
+        let v4 = two_services().services.into_iter().map(|(id, ds)| {
+            let name = if id.name == "a" { "a" } else { "b" };
+            (name, ds)
+        });
+        dual_state(
+            v4.collect(),
+            vec![
+                (
+                    "a",
+                    dsvc6(
+                        &[np6(30001), ext6("2001:db8:53::1", 53)],
+                        &[be6(1, 80), be6(2, 80)],
+                    ),
+                ),
+                ("c", dsvc6(&[np6(30003)], &[be6(2, 80), be6(3, 8080)])),
+            ],
+        )
+    }
+
+    #[test]
+    fn dual_stack_lands_in_the_maps_of_each_family() {
+        let d = dual_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        verify(&d, &m);
+        phases_in_order(&m.calls);
+        assert_eq!(m.node_addrs6, BTreeSet::from([ip6("2001:db8:ffff::1")]));
+        assert_eq!(m.node_addrs.len(), 1);
+        assert_eq!((m.backends.len(), m.backends6.len()), (4, 3));
+        assert_eq!((m.services.len(), m.services6.len()), (3, 3));
+        // One id space: no id in both arrays (the fake asserts it on every write too).
+        let v4_ids: BTreeSet<u32> = m.backends.keys().copied().collect();
+        let v6_ids: BTreeSet<u32> = m.backends6.keys().copied().collect();
+        assert!(v4_ids.is_disjoint(&v6_ids), "{v4_ids:?} {v6_ids:?}");
+        assert_eq!(
+            r.backend_id6(be6(3, 8080).addr, 8080u16.to_be()),
+            m.backends6
+                .iter()
+                .find(|(_, b)| **b == be6(3, 8080))
+                .map(|(id, _)| *id)
+        );
+        // The IPv4 and IPv6 units of `a` are distinct service ports with their own ids and
+        // tables.
+        let (a4, a6) = (r.svc_id(&sid("a")), r.svc_id(&sid6("a")));
+        assert!(a4.is_some() && a6.is_some() && a4 != a6, "{a4:?} {a6:?}");
+        assert_ne!(r.table(&sid("a")), r.table(&sid6("a")));
+        assert_eq!(m.services6[&np6(30001)].svc_id, a6.unwrap());
+        let summary = r.state_summary();
+        assert_eq!(
+            (summary.services, summary.backends, summary.tables),
+            (4, 7, 4)
+        );
+        assert_eq!(summary.node_addrs, 2);
+        // Nothing to do the second time.
+        m.take_calls();
+        assert_eq!(r.apply(&d, &mut m).calls(), 0);
+    }
+
+    #[test]
+    fn ipv6_changes_touch_only_the_ipv6_maps_and_ids_are_reused_across_families() {
+        let mut d = dual_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        r.apply(&d, &mut m);
+        m.take_calls();
+        // An IPv6 endpoint change: IPv6 calls only.
+        d.services6
+            .get_mut(&sid6("c"))
+            .unwrap()
+            .backends
+            .insert(be6(4, 8080));
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        verify(&d, &m);
+        let calls = m.take_calls();
+        assert!(
+            calls.iter().all(|c| c.family() != Some(Family::V4)),
+            "{calls:?}"
+        );
+        // The IPv6 ports go: their backends leave NP_BE6, and once out of quarantine the
+        // ids serve IPv4 backends.
+        let freed: BTreeSet<u32> = m.backends6.keys().copied().collect();
+        d.services6.clear();
+        assert!(r.apply(&d, &mut m).errors.is_empty());
+        verify(&d, &m);
+        assert!(m.backends6.is_empty() && m.services6.is_empty());
+        assert!(m.node_addrs6.len() == 1, "node addresses are not services");
+        let many: Vec<Backend> = (10..30).map(|i| be(i, 80)).collect();
+        d.services.insert(sid("z"), dsvc(&[np(30009)], &many));
+        assert!(r.apply(&d, &mut m).errors.is_empty());
+        verify(&d, &m);
+        let now: BTreeSet<u32> = m.backends.keys().copied().collect();
+        assert!(freed.is_subset(&now), "freed {freed:?}, in NP_BE {now:?}");
+    }
+
+    #[test]
+    fn ipv6_source_ranges_go_to_the_ipv6_unit() {
+        let cidr = |s: &str| s.parse::<IpCidr>().unwrap();
+        let mut d = dual_services();
+        let a6 = d.services6.get_mut(&sid6("a")).unwrap();
+        a6.flags |= SVC_F_SRC_RANGES;
+        a6.source_ranges = [cidr("2001:db8:1::/48")].into();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        assert!(r.apply(&d, &mut m).errors.is_empty());
+        verify(&d, &m);
+        let a6_id = r.svc_id(&sid6("a")).unwrap();
+        assert_eq!(
+            m.src_ranges,
+            BTreeSet::from([(a6_id, cidr("2001:db8:1::/48"))])
+        );
+        assert_ne!(
+            m.services6[&ext6("2001:db8:53::1", 53)].flags & SVC_F_SRC_RANGES,
+            0
+        );
+        assert_eq!(m.services6[&np6(30001)].flags & SVC_F_SRC_RANGES, 0);
+        // Restored from the maps, then the range goes away.
+        let mut r = Reconciler::restore(SLOTS, 1024, &m.snapshot());
+        let a6 = d.services6.get_mut(&sid6("a")).unwrap();
+        a6.source_ranges.clear();
+        assert!(r.apply(&d, &mut m).errors.is_empty());
+        verify(&d, &m);
+        assert!(m.src_ranges.is_empty());
+    }
+
+    #[test]
+    fn dual_stack_restart_keeps_ids_and_deletes_nothing() {
+        let d = dual_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut old = Reconciler::new(SLOTS, 1024);
+        old.apply(&d, &mut m);
+        m.take_calls();
+        let (backends, backends6) = (m.backends.clone(), m.backends6.clone());
+        let services6 = m.services6.clone();
+        let used = old.state_summary().slots_used;
+
+        let mut r = Reconciler::restore(SLOTS, 1024, &m.snapshot());
+        let summary = r.state_summary();
+        assert_eq!(
+            (
+                summary.frontends,
+                summary.backends,
+                summary.tables,
+                summary.node_addrs
+            ),
+            (6, 7, 4, 2)
+        );
+        assert_eq!(summary.slots_used, used);
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        verify(&d, &m);
+        let calls = m.take_calls();
+        phases_in_order(&calls);
+        assert_eq!(deletions(&calls), [], "nothing deleted");
+        assert!(!calls
+            .iter()
+            .any(|c| matches!(c, Call::SetBackend(_) | Call::SetBackend6(_))));
+        assert_eq!(
+            (m.backends.clone(), m.backends6.clone()),
+            (backends, backends6)
+        );
+        for (fe, v) in &m.services6 {
+            assert_eq!(v.svc_id, services6[fe].svc_id);
+        }
+        assert_eq!(r.svc_id(&sid6("a")), old.svc_id(&sid6("a")));
+        assert_eq!(r.svc_id(&sid6("c")), old.svc_id(&sid6("c")));
+        // New backends after the restart never take a restored id of either family.
+        let mut d2 = d.clone();
+        d2.services6
+            .get_mut(&sid6("c"))
+            .unwrap()
+            .backends
+            .insert(be6(9, 80));
+        d2.services
+            .get_mut(&sid("b"))
+            .unwrap()
+            .backends
+            .insert(be(9, 80));
+        assert!(r.apply(&d2, &mut m).errors.is_empty());
+        verify(&d2, &m);
+        assert_eq!(r.apply(&d2, &mut m).calls(), 0);
+    }
+
+    #[test]
+    fn restore_with_an_id_in_both_arrays_keeps_it_ipv4s() {
+        let d = dual_services();
+        let mut m = FakeMaps::new(SLOTS);
+        Reconciler::new(SLOTS, 1024).apply(&d, &mut m);
+        // A corrupt leftover: NP_BE6 also holds an id NP_BE holds.
+        let shared = *m.backends.keys().next().unwrap();
+        let mut snap = m.snapshot();
+        snap.backends6.push((shared, be6(77, 80)));
+        m.backends6.insert(shared, be6(77, 80));
+        let mut r = Reconciler::restore(SLOTS, 1024, &snap);
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        assert!(
+            !m.backends6.contains_key(&shared),
+            "the stale IPv6 entry goes"
+        );
+        assert!(m.backends.contains_key(&shared), "the IPv4 backend stays");
+        verify(&d, &m);
+        // The id is still IPv4's: many new IPv6 backends never get it.
+        let mut d2 = d.clone();
+        let many: Vec<Backend6> = (100..140).map(|i| be6(i, 80)).collect();
+        d2.services6.insert(sid6("z"), dsvc6(&[np6(30009)], &many));
+        for _ in 0..3 {
+            assert!(r.apply(&d2, &mut m).errors.is_empty());
+        }
+        verify(&d2, &m);
+        assert!(!m.backends6.contains_key(&shared));
     }
 
     #[test]
@@ -3102,7 +3337,17 @@ mod tests {
     fn deletions(calls: &[Call]) -> Vec<Call> {
         calls
             .iter()
-            .filter(|c| matches!(c, Call::DelAddr(_) | Call::DelBackend(_) | Call::DelSvc(_)))
+            .filter(|c| {
+                matches!(
+                    c,
+                    Call::DelAddr(_)
+                        | Call::DelBackend(_)
+                        | Call::DelSvc(_)
+                        | Call::DelAddr6(_)
+                        | Call::DelBackend6(_)
+                        | Call::DelSvc6(_)
+                )
+            })
             .cloned()
             .collect()
     }
@@ -3560,7 +3805,9 @@ mod tests {
                     .backends
                     .iter()
                     .map(|b| Backend {
-                        flags: u8::from(crate::family::addr_from_raw(b.addr).octets()[3].is_multiple_of(3)),
+                        flags: u8::from(
+                            crate::family::addr_from_raw(b.addr).octets()[3].is_multiple_of(3),
+                        ),
                         ..*b
                     })
                     .collect();

@@ -771,15 +771,7 @@ fn pass_through_untouched() {
     arp.extend_from_slice(&CLIENT_MAC);
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
-    case!(
-        env,
-        "arp",
-        "xdp",
-        arp.clone(),
-        XDP_PASS,
-        arp,
-        "pass_not_ip"
-    );
+    case!(env, "arp", "xdp", arp.clone(), XDP_PASS, arp, "pass_not_ip");
     let mut icmp = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC)
         .ipv4(CLIENT, NODE1, 64)
@@ -801,15 +793,7 @@ fn pass_through_untouched() {
         .udp(1, 30080)
         .write(&mut v6, b"x")
         .unwrap();
-    case!(
-        env,
-        "ipv6",
-        "xdp",
-        v6.clone(),
-        XDP_PASS,
-        v6,
-        "pass_not_ip"
-    );
+    case!(env, "ipv6", "xdp", v6.clone(), XDP_PASS, v6, "pass_not_ip");
 }
 
 /// Insert an 802.1Q tag after the MAC addresses.
