@@ -827,6 +827,9 @@ fn occupancy<K: aya::Pod, V: aya::Pod>(
     Ok((map.keys().filter(|k| k.is_ok()).count() as u64, capacity))
 }
 
+/// (entries, capacity) of a map.
+pub type Occupancy = (u64, u32);
+
 /// Read-only handles on the maps pinned by a running (or kept) datapath: what metrics
 /// scrapes and `inspect` read, without the agent's own handles and without an agent.
 pub struct MapReader {
@@ -956,7 +959,7 @@ impl MapReader {
     }
 
     /// (entries, capacity) of NP_CT6 and NP_RNAT6; `None` without IPv6 maps.
-    pub fn conntrack6_occupancy(&self) -> Result<Option<((u64, u32), (u64, u32))>> {
+    pub fn conntrack6_occupancy(&self) -> Result<Option<(Occupancy, Occupancy)>> {
         let (Some(ct), Some(rnat)) = (
             self.open_v6(m::MAP_CONNTRACK6)?,
             self.open_v6(m::MAP_REVNAT6)?,

@@ -301,6 +301,86 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_frontends_backends_and_flows_in_standard_notation() {
+        use nodeport_common::{Backend6, CtEntry6, FlowKey6, FrontendKey6};
+
+        use crate::family::addr6_raw;
+        let a6 = |s: &str| addr6_raw(s.parse().unwrap());
+        let np = FrontendKey6 {
+            addr: [0; 4],
+            port: 30080u16.to_be(),
+            proto: PROTO_TCP,
+            pad: 0,
+        };
+        let lb = FrontendKey6 {
+            addr: a6("2001:db8::80"),
+            ..np
+        };
+        let svc = Service {
+            table_off: 0,
+            table_size: 2,
+            svc_id: 9,
+            flags: SVC_F_LOCAL,
+            ..Default::default()
+        };
+        let bes = vec![(
+            4,
+            Backend6 {
+                addr: a6("fd00::4"),
+                port: 8080u16.to_be(),
+                flags: BE_F_LOCAL,
+                pad: 0,
+            },
+        )];
+        let views = frontends(&[(np, svc), (lb, svc)], &bes, |_, _| vec![4, 4]);
+        let names: Vec<&str> = views.iter().map(|v| v.frontend.as_str()).collect();
+        assert_eq!(names, ["[*]:30080/TCP", "[2001:db8::80]:30080/TCP"]);
+        assert_eq!(views[0].family, "IPv6");
+        assert_eq!(views[0].backends[0].address, "[fd00::4]:8080");
+        assert_eq!(views[0].policy, "Local");
+
+        let key = FlowKey6::new(
+            a6("2001:db8:c::1"),
+            a6("2001:db8::80"),
+            40000u16.to_be(),
+            30080u16.to_be(),
+            PROTO_TCP,
+        );
+        let ct = CtEntry6 {
+            svc_id: 9,
+            backend_id: 4,
+            backend_addr: a6("fd00::4"),
+            backend_port: 8080u16.to_be(),
+            nat_addr: a6("2001:db8:c::1"),
+            nat_port: 40000u16.to_be(),
+            ..Default::default()
+        };
+        let filter = FlowFilter {
+            client: Some("2001:db8:c::1".parse().unwrap()),
+            ..Default::default()
+        };
+        let v = flows(&[(key, ct)], &filter, 0);
+        assert_eq!(v.len(), 1);
+        assert_eq!(
+            (
+                v[0].client.as_str(),
+                v[0].frontend.as_str(),
+                v[0].backend.as_str()
+            ),
+            (
+                "[2001:db8:c::1]:40000",
+                "[2001:db8::80]:30080",
+                "[fd00::4]:8080"
+            )
+        );
+        let other = FlowFilter {
+            client: Some("198.18.0.10".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(flows(&[(key, ct)], &other, 0).is_empty());
+    }
+
+    #[test]
     fn flows_filter_by_port_service_and_client() {
         let key = |c: [u8; 4], port: u16| {
             FlowKey::new(

@@ -545,6 +545,24 @@ mod tests {
     }
 
     #[test]
+    fn nodeport_addresses_take_both_families_and_name_a_bad_one() {
+        let a = parse(&["--nodeport-addresses", "10.0.0.0/8,2001:db8::/32"]).unwrap();
+        let shown: Vec<String> = a.nodeport_addresses.iter().map(|c| c.to_string()).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "2001:db8::/32"]);
+        let e = parse(&["--nodeport-addresses", "2001:db8::/129"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2001:db8::/129") && e.contains("128"), "{e}");
+    }
+
+    #[test]
+    fn http_servers_listen_dual_stack_by_default() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.health_addr, "[::]:10256".parse().unwrap());
+        assert_eq!(a.metrics_addr, "[::]:10249".parse().unwrap());
+    }
+
+    #[test]
     fn a_zero_timeout_is_refused_by_name() {
         let e = parse(&["--conntrack-udp-timeout", "0"])
             .unwrap_err()

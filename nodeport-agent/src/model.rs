@@ -3070,7 +3070,7 @@ spec:
   ipFamilies: [IPv4, IPv6]
   ports: [{name: http, port: 80, nodePort: 99}]
 ");
-        let (d, r) = run(&[s.clone()], &[]);
+        let (d, r) = run(std::slice::from_ref(&s), &[]);
         assert_eq!(d.service_count(), 0);
         assert_eq!(r.len(), 1, "{r:?}");
         assert!(r[0].reason.contains("nodePort 99"), "{r:?}");

@@ -371,6 +371,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn unspecified_ipv6_listener_takes_both_families() {
+        let l = listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accept = tokio::spawn(async move {
+            for _ in 0..2 {
+                let _ = l.accept().await;
+            }
+        });
+        tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .expect("an IPv4 client reaches the [::] listener");
+        match tokio::net::TcpStream::connect((Ipv6Addr::LOCALHOST, port)).await {
+            Ok(_) => {}
+            // Only when this machine has no IPv6 at all (then the listener is 0.0.0.0).
+            Err(e) if no_ipv6() => {
+                eprintln!("SKIPPED the IPv6 half: no IPv6 loopback here ({e})");
+            }
+            Err(e) => panic!("an IPv6 client cannot reach the [::] listener: {e}"),
+        }
+        accept.abort();
+    }
+
+    /// Whether IPv6 is missing here (binding `[::1]` fails).
+    fn no_ipv6() -> bool {
+        std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_err()
+    }
+
+    #[tokio::test]
     async fn registry_starts_updates_and_stops_servers() {
         let health = Arc::new(Health::default());
         health.set_attached();

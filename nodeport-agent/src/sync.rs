@@ -3320,7 +3320,10 @@ mod tests {
     }
 
     /// What each frontend does, independent of ids and regions.
-    fn content(m: &FakeMaps) -> BTreeMap<FrontendKey, (BTreeSet<BeKey<u32>>, u32, u16, u32)> {
+    /// Per frontend: the backends its table resolves to, its table size, flags and svc_id.
+    type Content = BTreeMap<FrontendKey, (BTreeSet<BeKey<u32>>, u32, u16, u32)>;
+
+    fn content(m: &FakeMaps) -> Content {
         m.services
             .iter()
             .map(|(fe, v)| {
