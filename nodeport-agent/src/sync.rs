@@ -773,7 +773,9 @@ impl<A: SyncAddr> FamilyState<A> {
     }
 
     /// [`Reconciler::restore`] for this family; ids in `foreign` belong to the other
-    /// family: their entries here are stale.
+    /// family: their entries here are stale. Each family reserves and later frees the
+    /// NP_MAGLEV blocks its own restored frontends point at; the tables of the two
+    /// families never overlap unless the pinned maps are corrupt.
     fn restore(&mut self, sh: &mut Shared, snap: &MapSnapshot, foreign: &BTreeSet<u32>) {
         let (node_addrs, backends, services) = A::snapshot(snap);
         let r = self;
