@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
@@ -58,7 +58,7 @@ fn slice(i: usize, n: usize, generation: usize) -> EndpointSlice {
 fn bench_inputs<'a>(
     services: &'a [Service],
     slices: &'a [EndpointSlice],
-    addrs: &'a [Ipv4Addr],
+    addrs: &'a [IpAddr],
     settings: &'a Settings,
 ) -> Inputs<'a> {
     Inputs {
@@ -137,7 +137,7 @@ fn main() {
         .collect();
     svcs.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let mut slices: Vec<EndpointSlice> = (0..services).map(|i| slice(i, endpoints, 0)).collect();
-    let addrs = [Ipv4Addr::new(198, 18, 0, 11)];
+    let addrs = [IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11))];
 
     let rss_before = rss_kib();
     let sizes = MapSizes::default();

@@ -25,13 +25,14 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use nodeport_common::{
-    maps as m, stats::STAT_COUNT, Backend, Config, CtEntry, FlowKey, FrontendKey, NodeAddr, RevNat,
-    Service, SrcRange, Stat, SRC_RANGE_SVC_BITS,
+    maps as m, stats::STAT_COUNT, Addr, Backend, Backend6, Config, CtEntry, CtEntry6, FlowKey,
+    FlowKey6, FrontendKey, FrontendKey6, Ip6, NodeAddr, RevNat, RevNat6, Service, SrcRange, Stat,
+    SRC_RANGE_SVC_BITS,
 };
 
 use crate::{
     error::{Error, Result},
-    model::{addr_from_raw, addr_raw, Ipv4Cidr},
+    family::{Family, IpCidr, RawAddr},
     sync::{MapSnapshot, Maps},
 };
 
@@ -71,10 +72,15 @@ impl Variant {
 /// Map capacities chosen at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
+    /// NP_SVC and NP_SVC6, each.
     pub services: u32,
+    /// NP_BE and NP_BE6 (one id space over both).
     pub backends: u32,
     pub maglev_slots: u32,
+    /// NP_CT and NP_RNAT.
     pub conntrack: u32,
+    /// NP_CT6 and NP_RNAT6.
+    pub conntrack6: u32,
 }
 
 impl Default for MapSizes {
@@ -84,6 +90,7 @@ impl Default for MapSizes {
             backends: m::DEFAULT_MAX_BACKENDS,
             maglev_slots: m::DEFAULT_MAGLEV_SLOTS,
             conntrack: m::DEFAULT_CT_ENTRIES,
+            conntrack6: m::DEFAULT_CT6_ENTRIES,
         }
     }
 }
@@ -187,6 +194,10 @@ pub struct Datapath {
     backends: Array<MapData, Backend>,
     node_addrs: HashMap<MapData, u32, NodeAddr>,
     src_ranges: LpmTrie<MapData, SrcRange, u32>,
+    services6: HashMap<MapData, FrontendKey6, Service>,
+    backends6: Array<MapData, Backend6>,
+    node_addrs6: HashMap<MapData, Ip6, NodeAddr>,
+    src_ranges6: LpmTrie<MapData, SrcRange<Ip6>, u32>,
     config: aya::maps::Array<MapData, Config>,
     stats: PerCpuArray<MapData, u64>,
     devices: DevMapHash<MapData>,
@@ -200,7 +211,7 @@ fn kerr(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
     ebpf.take_map(name)
-        .ok_or_else(|| Error::Kernel(format!("map {name} missing from the object")))
+        .ok_or_else(|| Error::Kernel(format!("map {name} not found in the eBPF object")))
 }
 
 /// Mount the BPF filesystem at /sys/fs/bpf when nothing is mounted there.
@@ -268,10 +279,11 @@ pub fn expected_layouts(sizes: &MapSizes) -> Result<Vec<(String, Layout)>> {
         .filter(|(name, _)| name.starts_with("NP_"))
         .map(|(name, map)| {
             let max_entries = match name.as_str() {
-                m::MAP_SERVICES => sizes.services,
-                m::MAP_BACKENDS => sizes.backends,
+                m::MAP_SERVICES | m::MAP_SERVICES6 => sizes.services,
+                m::MAP_BACKENDS | m::MAP_BACKENDS6 => sizes.backends,
                 m::MAP_MAGLEV => sizes.maglev_slots.div_ceil(m::MAGLEV_SLOTS_PER_ENTRY),
                 m::MAP_CONNTRACK | m::MAP_REVNAT => sizes.conntrack,
+                m::MAP_CONNTRACK6 | m::MAP_REVNAT6 => sizes.conntrack6,
                 _ => map.max_entries(),
             };
             let mut flags = map.map_flags();
@@ -338,7 +350,11 @@ impl Datapath {
                 sizes.maglev_slots.div_ceil(m::MAGLEV_SLOTS_PER_ENTRY),
             )
             .map_max_entries(m::MAP_CONNTRACK, sizes.conntrack)
-            .map_max_entries(m::MAP_REVNAT, sizes.conntrack);
+            .map_max_entries(m::MAP_REVNAT, sizes.conntrack)
+            .map_max_entries(m::MAP_SERVICES6, sizes.services)
+            .map_max_entries(m::MAP_BACKENDS6, sizes.backends)
+            .map_max_entries(m::MAP_CONNTRACK6, sizes.conntrack6)
+            .map_max_entries(m::MAP_REVNAT6, sizes.conntrack6);
         let mut report = PinReport::default();
         let layouts = expected_layouts(&sizes)?;
         if let Some(dir) = pin_dir {
@@ -384,6 +400,14 @@ impl Datapath {
             .map_err(|e| kerr(m::MAP_NODE_ADDRS, e))?;
         let src_ranges = LpmTrie::try_from(take(&mut ebpf, m::MAP_SRC_RANGES)?)
             .map_err(|e| kerr(m::MAP_SRC_RANGES, e))?;
+        let services6 = HashMap::try_from(take(&mut ebpf, m::MAP_SERVICES6)?)
+            .map_err(|e| kerr(m::MAP_SERVICES6, e))?;
+        let backends6 = Array::try_from(take(&mut ebpf, m::MAP_BACKENDS6)?)
+            .map_err(|e| kerr(m::MAP_BACKENDS6, e))?;
+        let node_addrs6 = HashMap::try_from(take(&mut ebpf, m::MAP_NODE_ADDRS6)?)
+            .map_err(|e| kerr(m::MAP_NODE_ADDRS6, e))?;
+        let src_ranges6 = LpmTrie::try_from(take(&mut ebpf, m::MAP_SRC_RANGES6)?)
+            .map_err(|e| kerr(m::MAP_SRC_RANGES6, e))?;
         let config = aya::maps::Array::try_from(take(&mut ebpf, m::MAP_CONFIG)?)
             .map_err(|e| kerr(m::MAP_CONFIG, e))?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, m::MAP_STATS)?)
@@ -407,6 +431,10 @@ impl Datapath {
             backends,
             node_addrs,
             src_ranges,
+            services6,
+            backends6,
+            node_addrs6,
+            src_ranges6,
             config,
             stats,
             devices,
@@ -580,13 +608,27 @@ impl Datapath {
             snap.node_addrs
                 .push(item.map_err(|e| kerr(m::MAP_NODE_ADDRS, e))?.0);
         }
-        snap.backends = programmed_backends(&self.backends)?;
+        snap.backends = programmed_backends(&self.backends, m::MAP_BACKENDS)?;
         for item in self.services.iter() {
             snap.services
                 .push(item.map_err(|e| kerr(m::MAP_SERVICES, e))?);
         }
+        for item in self.node_addrs6.iter() {
+            snap.node_addrs6
+                .push(item.map_err(|e| kerr(m::MAP_NODE_ADDRS6, e))?.0);
+        }
+        snap.backends6 = programmed_backends(&self.backends6, m::MAP_BACKENDS6)?;
+        for item in self.services6.iter() {
+            snap.services6
+                .push(item.map_err(|e| kerr(m::MAP_SERVICES6, e))?);
+        }
         for key in self.src_ranges.keys() {
             let key = key.map_err(|e| kerr(m::MAP_SRC_RANGES, e))?;
+            let (svc_id, cidr) = src_range_of(&key);
+            snap.src_ranges.extend(cidr.map(|c| (svc_id, c)));
+        }
+        for key in self.src_ranges6.keys() {
+            let key = key.map_err(|e| kerr(m::MAP_SRC_RANGES6, e))?;
             let (svc_id, cidr) = src_range_of(&key);
             snap.src_ranges.extend(cidr.map(|c| (svc_id, c)));
         }
@@ -626,6 +668,18 @@ impl Maps for Datapath {
             .map_err(|e| kerr(format!("{} clear {id}", m::MAP_BACKENDS), e))
     }
 
+    fn set_backend6(&mut self, id: u32, be: &Backend6) -> Result<()> {
+        self.backends6
+            .set(id, be, 0)
+            .map_err(|e| kerr(format!("{} set {id}", m::MAP_BACKENDS6), e))
+    }
+
+    fn delete_backend6(&mut self, id: u32) -> Result<()> {
+        self.backends6
+            .set(id, Backend6::default(), 0)
+            .map_err(|e| kerr(format!("{} clear {id}", m::MAP_BACKENDS6), e))
+    }
+
     /// Write a Maglev table into the slots starting at `offset`, then fence so the writes
     /// are visible before any later map update that points packets at them.
     fn write_slots(&mut self, offset: u32, ids: &[u32]) -> Result<()> {
@@ -655,6 +709,18 @@ impl Maps for Datapath {
             .map_err(|e| kerr(format!("{} remove {key:?}", m::MAP_SERVICES), e))
     }
 
+    fn set_service6(&mut self, key: &FrontendKey6, val: &Service) -> Result<()> {
+        self.services6
+            .insert(key, val, 0)
+            .map_err(|e| kerr(format!("{} insert {key:?}", m::MAP_SERVICES6), e))
+    }
+
+    fn delete_service6(&mut self, key: &FrontendKey6) -> Result<()> {
+        self.services6
+            .remove(key)
+            .map_err(|e| kerr(format!("{} remove {key:?}", m::MAP_SERVICES6), e))
+    }
+
     fn set_node_addr(&mut self, addr: u32) -> Result<()> {
         self.node_addrs
             .insert(addr, NodeAddr { flags: 0 }, 0)
@@ -667,37 +733,66 @@ impl Maps for Datapath {
             .map_err(|e| kerr(format!("{} remove", m::MAP_NODE_ADDRS), e))
     }
 
-    fn set_src_range(&mut self, svc_id: u32, cidr: Ipv4Cidr) -> Result<()> {
-        self.src_ranges
-            .insert(&src_range_key(svc_id, cidr), 0, 0)
-            .map_err(|e| kerr(format!("{} insert {svc_id} {cidr}", m::MAP_SRC_RANGES), e))
+    fn set_node_addr6(&mut self, addr: Ip6) -> Result<()> {
+        self.node_addrs6
+            .insert(addr, NodeAddr { flags: 0 }, 0)
+            .map_err(|e| kerr(format!("{} insert", m::MAP_NODE_ADDRS6), e))
     }
 
-    fn delete_src_range(&mut self, svc_id: u32, cidr: Ipv4Cidr) -> Result<()> {
-        self.src_ranges
-            .remove(&src_range_key(svc_id, cidr))
-            .map_err(|e| kerr(format!("{} remove {svc_id} {cidr}", m::MAP_SRC_RANGES), e))
+    fn delete_node_addr6(&mut self, addr: Ip6) -> Result<()> {
+        self.node_addrs6
+            .remove(&addr)
+            .map_err(|e| kerr(format!("{} remove", m::MAP_NODE_ADDRS6), e))
+    }
+
+    fn set_src_range(&mut self, svc_id: u32, cidr: IpCidr) -> Result<()> {
+        let err = |name: &str, e| kerr(format!("{name} insert {svc_id} {cidr}"), e);
+        match cidr.family() {
+            Family::V4 => self
+                .src_ranges
+                .insert(&src_range_key::<u32>(svc_id, cidr), 0, 0)
+                .map_err(|e| err(m::MAP_SRC_RANGES, e)),
+            Family::V6 => self
+                .src_ranges6
+                .insert(&src_range_key::<Ip6>(svc_id, cidr), 0, 0)
+                .map_err(|e| err(m::MAP_SRC_RANGES6, e)),
+        }
+    }
+
+    fn delete_src_range(&mut self, svc_id: u32, cidr: IpCidr) -> Result<()> {
+        let err = |name: &str, e| kerr(format!("{name} remove {svc_id} {cidr}"), e);
+        match cidr.family() {
+            Family::V4 => self
+                .src_ranges
+                .remove(&src_range_key::<u32>(svc_id, cidr))
+                .map_err(|e| err(m::MAP_SRC_RANGES, e)),
+            Family::V6 => self
+                .src_ranges6
+                .remove(&src_range_key::<Ip6>(svc_id, cidr))
+                .map_err(|e| err(m::MAP_SRC_RANGES6, e)),
+        }
     }
 }
 
-/// The NP_SRCRANGE key of an allowed range of service port `svc_id`.
-fn src_range_key(svc_id: u32, cidr: Ipv4Cidr) -> LpmKey<SrcRange> {
+/// The NP_SRCRANGE (NP_SRCRANGE6) key of an allowed range of service port `svc_id`; `cidr`
+/// is of family `A` (the caller picks the map by its family).
+fn src_range_key<A: RawAddr>(svc_id: u32, cidr: IpCidr) -> LpmKey<SrcRange<A>> {
     LpmKey::new(
         SRC_RANGE_SVC_BITS + u32::from(cidr.prefix()),
         SrcRange {
             svc_id_be: svc_id.to_be(),
-            addr: addr_raw(cidr.addr()),
+            addr: A::from_ip(cidr.addr()).unwrap_or_default(),
         },
     )
 }
 
-/// The service id and range of an NP_SRCRANGE key (`None` for a malformed prefix).
-fn src_range_of(key: &LpmKey<SrcRange>) -> (u32, Option<Ipv4Cidr>) {
+/// The service id and range of an NP_SRCRANGE(6) key (`None` for a malformed prefix).
+fn src_range_of<A: RawAddr>(key: &LpmKey<SrcRange<A>>) -> (u32, Option<IpCidr>) {
     let data = key.data();
     let prefix = key.prefix_len().checked_sub(SRC_RANGE_SVC_BITS);
     let cidr = prefix
         .and_then(|p| u8::try_from(p).ok())
-        .and_then(|p| Ipv4Cidr::new(addr_from_raw(data.addr), p));
+        .and_then(|p| IpCidr::new(data.addr.to_ip(), p));
     (u32::from_be(data.svc_id_be), cidr)
 }
 
@@ -724,10 +819,16 @@ fn sum_counters(stats: &PerCpuArray<MapData, u64>) -> Result<Vec<(&'static str, 
     Ok(out)
 }
 
-fn occupancy<V: aya::Pod>(map: &HashMap<MapData, FlowKey, V>, name: &str) -> Result<(u64, u32)> {
+fn occupancy<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &str,
+) -> Result<(u64, u32)> {
     let capacity = map.map().info().map_err(|e| kerr(name, e))?.max_entries();
     Ok((map.keys().filter(|k| k.is_ok()).count() as u64, capacity))
 }
+
+/// (entries, capacity) of a map.
+pub type Occupancy = (u64, u32);
 
 /// Read-only handles on the maps pinned by a running (or kept) datapath: what metrics
 /// scrapes and `inspect` read, without the agent's own handles and without an agent.
@@ -769,7 +870,7 @@ impl MapReader {
         let map: Array<MapData, Backend> =
             Array::try_from(Map::Array(open_pinned(&self.dir, m::MAP_BACKENDS)?))
                 .map_err(|e| kerr(m::MAP_BACKENDS, e))?;
-        programmed_backends(&map)
+        programmed_backends(&map, m::MAP_BACKENDS)
     }
 
     /// The backend ids of `len` Maglev slots from `offset` (NP_MAGLEV, two per element).
@@ -813,6 +914,67 @@ impl MapReader {
                 .map_err(|e| kerr(m::MAP_REVNAT, e))?;
         occupancy(&map, m::MAP_REVNAT)
     }
+
+    /// An IPv6 map of the pinned datapath; `None` when it has none (pinned by an agent of
+    /// before IPv6: the IPv4 views still work).
+    fn open_v6(&self, name: &str) -> Result<Option<MapData>> {
+        if !self.dir.join(name).exists() {
+            return Ok(None);
+        }
+        open_pinned(&self.dir, name).map(Some)
+    }
+
+    /// Every IPv6 frontend and its service entry (NP_SVC6).
+    pub fn services6(&self) -> Result<Vec<(FrontendKey6, Service)>> {
+        let Some(data) = self.open_v6(m::MAP_SERVICES6)? else {
+            return Ok(Vec::new());
+        };
+        let map: HashMap<MapData, FrontendKey6, Service> =
+            HashMap::try_from(Map::HashMap(data)).map_err(|e| kerr(m::MAP_SERVICES6, e))?;
+        map.iter()
+            .map(|kv| kv.map_err(|e| kerr(m::MAP_SERVICES6, e)))
+            .collect()
+    }
+
+    /// Every IPv6 backend by id (NP_BE6).
+    pub fn backends6(&self) -> Result<Vec<(u32, Backend6)>> {
+        let Some(data) = self.open_v6(m::MAP_BACKENDS6)? else {
+            return Ok(Vec::new());
+        };
+        let map: Array<MapData, Backend6> =
+            Array::try_from(Map::Array(data)).map_err(|e| kerr(m::MAP_BACKENDS6, e))?;
+        programmed_backends(&map, m::MAP_BACKENDS6)
+    }
+
+    /// Every IPv6 conntrack entry (NP_CT6).
+    pub fn conntrack6(&self) -> Result<Vec<(FlowKey6, CtEntry6)>> {
+        let Some(data) = self.open_v6(m::MAP_CONNTRACK6)? else {
+            return Ok(Vec::new());
+        };
+        let map: HashMap<MapData, FlowKey6, CtEntry6> =
+            HashMap::try_from(Map::LruHashMap(data)).map_err(|e| kerr(m::MAP_CONNTRACK6, e))?;
+        map.iter()
+            .map(|kv| kv.map_err(|e| kerr(m::MAP_CONNTRACK6, e)))
+            .collect()
+    }
+
+    /// (entries, capacity) of NP_CT6 and NP_RNAT6; `None` without IPv6 maps.
+    pub fn conntrack6_occupancy(&self) -> Result<Option<(Occupancy, Occupancy)>> {
+        let (Some(ct), Some(rnat)) = (
+            self.open_v6(m::MAP_CONNTRACK6)?,
+            self.open_v6(m::MAP_REVNAT6)?,
+        ) else {
+            return Ok(None);
+        };
+        let ct: HashMap<MapData, FlowKey6, CtEntry6> =
+            HashMap::try_from(Map::LruHashMap(ct)).map_err(|e| kerr(m::MAP_CONNTRACK6, e))?;
+        let rnat: HashMap<MapData, FlowKey6, RevNat6> =
+            HashMap::try_from(Map::LruHashMap(rnat)).map_err(|e| kerr(m::MAP_REVNAT6, e))?;
+        Ok(Some((
+            occupancy(&ct, m::MAP_CONNTRACK6)?,
+            occupancy(&rnat, m::MAP_REVNAT6)?,
+        )))
+    }
 }
 
 fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
@@ -825,11 +987,15 @@ where
     p.try_into().map_err(|e| kerr(format!("program {name}"), e))
 }
 
-/// The programmed elements of NP_BE (an array: free ids read as all zero), by id.
-fn programmed_backends(map: &Array<MapData, Backend>) -> Result<Vec<(u32, Backend)>> {
+/// The programmed elements of NP_BE or NP_BE6 (`name`; arrays: free ids read as all
+/// zero), by id.
+fn programmed_backends<A: Addr>(
+    map: &Array<MapData, Backend<A>>,
+    name: &str,
+) -> Result<Vec<(u32, Backend<A>)>> {
     let mut out = Vec::new();
     for (id, be) in map.iter().enumerate() {
-        let be = be.map_err(|e| kerr(m::MAP_BACKENDS, e))?;
+        let be = be.map_err(|e| kerr(name, e))?;
         if be != Backend::default() {
             out.push((id as u32, be));
         }

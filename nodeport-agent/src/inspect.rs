@@ -2,7 +2,7 @@
 //! (`--json`), with no agent running. The views are built from plain map contents by pure
 //! functions; `datapath::MapReader` does the reading.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
 use nodeport_common::{
     Backend, CtEntry, FlowKey, FrontendKey, Service, BE_F_LOCAL, CT_F_CLOSING, CT_F_SNAT,
@@ -10,9 +10,7 @@ use nodeport_common::{
 };
 use serde::Serialize;
 
-fn ip(raw: u32) -> Ipv4Addr {
-    Ipv4Addr::from(raw.to_ne_bytes())
-}
+use crate::family::{endpoint_name, Family, RawAddr};
 
 fn proto(p: u8) -> String {
     match p {
@@ -22,18 +20,15 @@ fn proto(p: u8) -> String {
     }
 }
 
-fn endpoint(addr: u32, port: u16) -> String {
-    format!("{}:{}", ip(addr), u16::from_be(port))
-}
-
-/// A frontend as `inspect` shows it: `*:30080/TCP` for a nodePort on every node address.
-pub fn frontend_name(fe: &FrontendKey) -> String {
-    let addr = if fe.addr == 0 {
-        "*".to_string()
-    } else {
-        ip(fe.addr).to_string()
+/// A frontend as `inspect` shows it: `*:30080/TCP` for a nodePort on every IPv4 address of
+/// the node, `[*]:30080/TCP` on every IPv6 one, `192.0.2.1:80/TCP`, `[2001:db8::1]:80/TCP`.
+pub fn frontend_name<A: RawAddr>(fe: &FrontendKey<A>) -> String {
+    let addr = match (fe.addr.is_zero(), A::FAMILY) {
+        (true, Family::V4) => format!("*:{}", u16::from_be(fe.port)),
+        (true, Family::V6) => format!("[*]:{}", u16::from_be(fe.port)),
+        (false, _) => endpoint_name(fe.addr, fe.port),
     };
-    format!("{addr}:{}/{}", u16::from_be(fe.port), proto(fe.proto))
+    format!("{addr}/{}", proto(fe.proto))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -48,6 +43,8 @@ pub struct BackendView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FrontendView {
     pub frontend: String,
+    /// `IPv4` or `IPv6`.
+    pub family: &'static str,
     pub svc_id: u32,
     pub policy: &'static str,
     pub affinity: bool,
@@ -55,13 +52,14 @@ pub struct FrontendView {
     pub backends: Vec<BackendView>,
 }
 
-/// Frontends with their backends; `slots(offset, len)` reads a service's table.
-pub fn frontends(
-    services: &[(FrontendKey, Service)],
-    backends: &[(u32, Backend)],
+/// Frontends of one family with their backends (NP_SVC with NP_BE, or NP_SVC6 with NP_BE6);
+/// `slots(offset, len)` reads a service's table.
+pub fn frontends<A: RawAddr>(
+    services: &[(FrontendKey<A>, Service)],
+    backends: &[(u32, Backend<A>)],
     mut slots: impl FnMut(u32, u32) -> Vec<u32>,
 ) -> Vec<FrontendView> {
-    let by_id: BTreeMap<u32, &Backend> = backends.iter().map(|(id, b)| (*id, b)).collect();
+    let by_id: BTreeMap<u32, &Backend<A>> = backends.iter().map(|(id, b)| (*id, b)).collect();
     let mut tables: BTreeMap<(u32, u32), BTreeMap<u32, u32>> = BTreeMap::new();
     let mut out: Vec<FrontendView> = services
         .iter()
@@ -80,7 +78,7 @@ pub fn frontends(
                 .map(|(id, n)| match by_id.get(id) {
                     Some(b) => BackendView {
                         id: *id,
-                        address: endpoint(b.addr, b.port),
+                        address: endpoint_name(b.addr, b.port),
                         local: b.flags & BE_F_LOCAL != 0,
                         slots: *n,
                     },
@@ -94,6 +92,7 @@ pub fn frontends(
                 .collect();
             FrontendView {
                 frontend: frontend_name(fe),
+                family: A::FAMILY.as_str(),
                 svc_id: svc.svc_id,
                 policy: if svc.flags & SVC_F_LOCAL != 0 {
                     "Local"
@@ -131,24 +130,29 @@ pub struct FlowFilter {
     /// Frontend port (nodePort or LB port).
     pub port: Option<u16>,
     pub svc_id: Option<u32>,
-    pub client: Option<Ipv4Addr>,
+    pub client: Option<IpAddr>,
 }
 
-/// Conntrack entries matching `filter`; `now_ns` is CLOCK_MONOTONIC_COARSE.
-pub fn flows(entries: &[(FlowKey, CtEntry)], filter: &FlowFilter, now_ns: u64) -> Vec<FlowView> {
+/// Conntrack entries of one family (NP_CT or NP_CT6) matching `filter`; `now_ns` is
+/// CLOCK_MONOTONIC_COARSE.
+pub fn flows<A: RawAddr>(
+    entries: &[(FlowKey<A>, CtEntry<A>)],
+    filter: &FlowFilter,
+    now_ns: u64,
+) -> Vec<FlowView> {
     let mut out: Vec<FlowView> = entries
         .iter()
         .filter(|(k, v)| {
             filter.port.is_none_or(|p| u16::from_be(k.dport) == p)
                 && filter.svc_id.is_none_or(|s| v.svc_id == s)
-                && filter.client.is_none_or(|c| ip(k.saddr) == c)
+                && filter.client.is_none_or(|c| k.saddr.to_ip() == c)
         })
         .map(|(k, v)| FlowView {
             protocol: proto(k.proto),
-            client: endpoint(k.saddr, k.sport),
-            frontend: endpoint(k.daddr, k.dport),
-            backend: endpoint(v.backend_addr, v.backend_port),
-            via: endpoint(v.nat_addr, v.nat_port),
+            client: endpoint_name(k.saddr, k.sport),
+            frontend: endpoint_name(k.daddr, k.dport),
+            backend: endpoint_name(v.backend_addr, v.backend_port),
+            via: endpoint_name(v.nat_addr, v.nat_port),
             backend_id: v.backend_id,
             svc_id: v.svc_id,
             state: if v.flags & CT_F_CLOSING != 0 {
@@ -297,6 +301,86 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_frontends_backends_and_flows_in_standard_notation() {
+        use nodeport_common::{Backend6, CtEntry6, FlowKey6, FrontendKey6};
+
+        use crate::family::addr6_raw;
+        let a6 = |s: &str| addr6_raw(s.parse().unwrap());
+        let np = FrontendKey6 {
+            addr: [0; 4],
+            port: 30080u16.to_be(),
+            proto: PROTO_TCP,
+            pad: 0,
+        };
+        let lb = FrontendKey6 {
+            addr: a6("2001:db8::80"),
+            ..np
+        };
+        let svc = Service {
+            table_off: 0,
+            table_size: 2,
+            svc_id: 9,
+            flags: SVC_F_LOCAL,
+            ..Default::default()
+        };
+        let bes = vec![(
+            4,
+            Backend6 {
+                addr: a6("fd00::4"),
+                port: 8080u16.to_be(),
+                flags: BE_F_LOCAL,
+                pad: 0,
+            },
+        )];
+        let views = frontends(&[(np, svc), (lb, svc)], &bes, |_, _| vec![4, 4]);
+        let names: Vec<&str> = views.iter().map(|v| v.frontend.as_str()).collect();
+        assert_eq!(names, ["[*]:30080/TCP", "[2001:db8::80]:30080/TCP"]);
+        assert_eq!(views[0].family, "IPv6");
+        assert_eq!(views[0].backends[0].address, "[fd00::4]:8080");
+        assert_eq!(views[0].policy, "Local");
+
+        let key = FlowKey6::new(
+            a6("2001:db8:c::1"),
+            a6("2001:db8::80"),
+            40000u16.to_be(),
+            30080u16.to_be(),
+            PROTO_TCP,
+        );
+        let ct = CtEntry6 {
+            svc_id: 9,
+            backend_id: 4,
+            backend_addr: a6("fd00::4"),
+            backend_port: 8080u16.to_be(),
+            nat_addr: a6("2001:db8:c::1"),
+            nat_port: 40000u16.to_be(),
+            ..Default::default()
+        };
+        let filter = FlowFilter {
+            client: Some("2001:db8:c::1".parse().unwrap()),
+            ..Default::default()
+        };
+        let v = flows(&[(key, ct)], &filter, 0);
+        assert_eq!(v.len(), 1);
+        assert_eq!(
+            (
+                v[0].client.as_str(),
+                v[0].frontend.as_str(),
+                v[0].backend.as_str()
+            ),
+            (
+                "[2001:db8:c::1]:40000",
+                "[2001:db8::80]:30080",
+                "[fd00::4]:8080"
+            )
+        );
+        let other = FlowFilter {
+            client: Some("198.18.0.10".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(flows(&[(key, ct)], &other, 0).is_empty());
+    }
+
+    #[test]
     fn flows_filter_by_port_service_and_client() {
         let key = |c: [u8; 4], port: u16| {
             FlowKey::new(
@@ -334,7 +418,7 @@ mod tests {
         let by_client = flows(
             &entries,
             &FlowFilter {
-                client: Some(Ipv4Addr::new(198, 18, 0, 10)),
+                client: Some(IpAddr::from([198, 18, 0, 10])),
                 ..Default::default()
             },
             3_000_000_000,

@@ -1,6 +1,7 @@
 //! nodeport agent library: Kubernetes objects to desired state, Maglev tables, and the reconciler that programs the datapath maps.
 pub mod datapath;
 pub mod error;
+pub mod family;
 pub mod inspect;
 pub mod kube_source;
 pub mod maglev;

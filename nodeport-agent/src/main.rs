@@ -2,7 +2,7 @@
 //! maps equal to the desired state computed from Services, EndpointSlices and Nodes.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -15,11 +15,12 @@ use nodeport_agent::{
     datapath::{
         monotonic_coarse_ns, Datapath, EbpfLog, MapReader, MapSizes, Variant, XdpAttachMode,
     },
+    family::{addr6_raw, addr_raw},
     inspect,
     kube_source::{self, KubeStats, WatchOptions},
     manifests,
     metrics::Metrics,
-    model::{self, Inputs, Ipv4Cidr, Refusal, Settings},
+    model::{self, Inputs, IpCidr, Refusal, Settings},
     serve::{self, Health, Shared},
     sync::Reconciler,
 };
@@ -62,9 +63,9 @@ enum What {
         /// Only flows of this service id (as `inspect services` shows).
         #[arg(long)]
         svc_id: Option<u32>,
-        /// Only flows from this client address.
+        /// Only flows from this client address (IPv4 or IPv6).
         #[arg(long)]
-        client: Option<Ipv4Addr>,
+        client: Option<IpAddr>,
     },
     /// Datapath counters, summed over CPUs.
     Counters,
@@ -80,9 +81,13 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     })?;
     let out = match a.what.unwrap_or(What::Services) {
         What::Services => {
-            let views = inspect::frontends(&maps.services()?, &maps.backends()?, |off, len| {
-                maps.slots(off, len).unwrap_or_default()
-            });
+            let slots = |off, len| maps.slots(off, len).unwrap_or_default();
+            let mut views = inspect::frontends(&maps.services()?, &maps.backends()?, slots);
+            views.extend(inspect::frontends(
+                &maps.services6()?,
+                &maps.backends6()?,
+                slots,
+            ));
             if a.json {
                 serde_json::to_string_pretty(&views)?
             } else {
@@ -99,7 +104,9 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
                 svc_id,
                 client,
             };
-            let views = inspect::flows(&maps.conntrack()?, &filter, monotonic_coarse_ns());
+            let now = monotonic_coarse_ns();
+            let mut views = inspect::flows(&maps.conntrack()?, &filter, now);
+            views.extend(inspect::flows(&maps.conntrack6()?, &filter, now));
             if a.json {
                 serde_json::to_string_pretty(&views)?
             } else {
@@ -148,9 +155,10 @@ struct Args {
     /// Valid nodePort range, as the API server's --service-node-port-range.
     #[arg(long, default_value = "30000-32767", value_parser = parse_range)]
     nodeport_range: (u16, u16),
-    /// Only node addresses in these CIDRs take nodePort traffic (kube-proxy's flag).
+    /// Only node addresses in these CIDRs (IPv4 or IPv6) take nodePort traffic
+    /// (kube-proxy's flag).
     #[arg(long, value_delimiter = ',', num_args = 1.., value_name = "CIDR")]
-    nodeport_addresses: Vec<Ipv4Cidr>,
+    nodeport_addresses: Vec<IpCidr>,
     /// Source ports used when forwarding to a backend on another node (SNAT). Must lie
     /// outside the nodePort range and the kernel's ephemeral port range.
     #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
@@ -178,10 +186,12 @@ struct Args {
     /// of the programs, which need CAP_PERFMON besides CAP_BPF and CAP_NET_ADMIN.
     #[arg(long)]
     debug_datapath: bool,
-    /// Address of /healthz and /readyz (kube-proxy's healthz port).
+    /// Address of /healthz and /readyz (kube-proxy's healthz port). An unspecified address
+    /// (`0.0.0.0` or `[::]`) takes IPv4 and IPv6 clients, as kube-proxy's Go listeners do.
     #[arg(long, default_value = "0.0.0.0:10256")]
     health_addr: std::net::SocketAddr,
-    /// Address of /metrics, Prometheus text format (kube-proxy's metrics port).
+    /// Address of /metrics, Prometheus text format (kube-proxy's metrics port); both
+    /// families as `--health-addr`.
     #[arg(long, default_value = "0.0.0.0:10249")]
     metrics_addr: std::net::SocketAddr,
     /// Log output format.
@@ -216,11 +226,20 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// IPv4 addresses of this network namespace's interfaces, loopback excluded.
-fn interface_addrs() -> Vec<Ipv4Addr> {
-    let mut out: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()
+/// The IPv4 or IPv6 address of an interface address entry.
+fn ifaddr_ip(ifa: &nix::ifaddrs::InterfaceAddress) -> Option<IpAddr> {
+    let a = ifa.address.as_ref()?;
+    a.as_sockaddr_in()
+        .map(|sin| IpAddr::V4(sin.ip()))
+        .or_else(|| a.as_sockaddr_in6().map(|sin6| IpAddr::V6(sin6.ip())))
+}
+
+/// IPv4 and IPv6 addresses of this network namespace's interfaces, loopback excluded (the
+/// model also leaves out IPv6 link-local addresses).
+fn interface_addrs() -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
         .map(|it| {
-            it.filter_map(|ifa| ifa.address?.as_sockaddr_in().map(|sin| sin.ip()))
+            it.filter_map(|ifa| ifaddr_ip(&ifa))
                 .filter(|ip| !ip.is_loopback())
                 .collect()
         })
@@ -236,6 +255,20 @@ fn iface_addr(iface: &str) -> Option<Ipv4Addr> {
         .ok()?
         .filter(|ifa| ifa.interface_name == iface)
         .find_map(|ifa| ifa.address?.as_sockaddr_in().map(|sin| sin.ip()))
+}
+
+/// First global IPv6 address of `iface` (not link-local, loopback, unspecified or
+/// multicast): the SNAT source for IPv6 LoadBalancer/external IP frontends.
+fn iface_addr6(iface: &str) -> Option<Ipv6Addr> {
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|ifa| ifa.interface_name == iface)
+        .filter_map(|ifa| ifa.address?.as_sockaddr_in6().map(|sin6| sin6.ip()))
+        .find(|ip| is_global6(*ip))
+}
+
+fn is_global6(ip: Ipv6Addr) -> bool {
+    !ip.is_unicast_link_local() && !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast()
 }
 
 /// Forward the datapath's aya-log records to the log facade.
@@ -311,11 +344,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for (name, why) in &pins.replaced {
         warn!(map = %name, "replacing pinned map: {why}; its entries are lost");
     }
-    let snat_addr = iface_addr(&args.interfaces[0])
-        .map(model::addr_raw)
-        .unwrap_or(0);
+    let snat_addr = iface_addr(&args.interfaces[0]).map(addr_raw).unwrap_or(0);
+    let snat_addr6 = iface_addr6(&args.interfaces[0])
+        .map(addr6_raw)
+        .unwrap_or([0; 4]);
     dp.set_config(&Config {
         snat_addr,
+        snat_addr6,
         flags: if args.debug_datapath { CFG_F_DEBUG } else { 0 },
         snat_port_min: lo,
         snat_port_max: hi,
@@ -371,10 +406,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // to them). Nothing is deleted until the first complete desired state is applied.
     let snapshot = dp.snapshot()?;
     let mut reconciler = Reconciler::restore(sizes.maglev_slots, sizes.backends, &snapshot);
-    if !snapshot.services.is_empty() || !snapshot.backends.is_empty() {
+    if !snapshot.is_empty() {
         info!(
-            frontends = snapshot.services.len(),
-            backends = snapshot.backends.len(),
+            frontends = snapshot.services.len() + snapshot.services6.len(),
+            backends = snapshot.backends.len() + snapshot.backends6.len(),
             "restored state from the pinned maps"
         );
     }
@@ -382,7 +417,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut addr_tick = tokio::time::interval(Duration::from_secs(2));
     let mut last_refusals: Vec<Refusal> = Vec::new();
-    let mut last_addrs: Vec<Ipv4Addr> = interface_addrs();
+    let mut last_addrs: Vec<IpAddr> = interface_addrs();
     let mut have_objects = false;
     // Objects from the API server carry resourceVersions; manifest files may keep one
     // across edits, so they are compared by content.
@@ -440,14 +475,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics.record_sync(
             started.elapsed(),
             report.errors.len(),
-            desired.services.len(),
+            desired.service_count(),
             reconciler.backend_count(),
         );
         health.set_synced();
         metrics.set_ready(health.ready());
         health_checks.update(&desired.health_checks);
         info!(
-            services = desired.services.len(),
+            services = desired.service_count(),
             node_addrs = desired.node_addrs.len(),
             elapsed_us = started.elapsed().as_micros() as u64,
             "synced: {report}"
@@ -508,6 +543,17 @@ mod tests {
             (a.conntrack_tcp_syn_timeout, a.conntrack_udp_timeout),
             (5, 30)
         );
+    }
+
+    #[test]
+    fn nodeport_addresses_take_both_families_and_name_a_bad_one() {
+        let a = parse(&["--nodeport-addresses", "10.0.0.0/8,2001:db8::/32"]).unwrap();
+        let shown: Vec<String> = a.nodeport_addresses.iter().map(|c| c.to_string()).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "2001:db8::/32"]);
+        let e = parse(&["--nodeport-addresses", "2001:db8::/129"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2001:db8::/129") && e.contains("128"), "{e}");
     }
 
     #[test]

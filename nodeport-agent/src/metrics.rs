@@ -41,6 +41,10 @@ pub struct Metrics {
     conntrack_capacity: Gauge,
     revnat_entries: Gauge,
     revnat_capacity: Gauge,
+    conntrack6_entries: Gauge,
+    conntrack6_capacity: Gauge,
+    revnat6_entries: Gauge,
+    revnat6_capacity: Gauge,
     syncs: Counter,
     sync_errors: Counter,
     sync_duration: Histogram,
@@ -99,6 +103,30 @@ impl Metrics {
             "Capacity of the reverse-NAT map",
             revnat_capacity.clone(),
         );
+        let conntrack6_entries = Gauge::default();
+        registry.register(
+            "conntrack6_entries",
+            "Entries in the IPv6 conntrack map",
+            conntrack6_entries.clone(),
+        );
+        let conntrack6_capacity = Gauge::default();
+        registry.register(
+            "conntrack6_capacity",
+            "Capacity of the IPv6 conntrack map",
+            conntrack6_capacity.clone(),
+        );
+        let revnat6_entries = Gauge::default();
+        registry.register(
+            "revnat6_entries",
+            "Entries in the IPv6 reverse-NAT map (translated flows)",
+            revnat6_entries.clone(),
+        );
+        let revnat6_capacity = Gauge::default();
+        registry.register(
+            "revnat6_capacity",
+            "Capacity of the IPv6 reverse-NAT map",
+            revnat6_capacity.clone(),
+        );
         let syncs = Counter::default();
         registry.register(
             "syncs",
@@ -154,6 +182,10 @@ impl Metrics {
             conntrack_capacity,
             revnat_entries,
             revnat_capacity,
+            conntrack6_entries,
+            conntrack6_capacity,
+            revnat6_entries,
+            revnat6_capacity,
             syncs,
             sync_errors,
             sync_duration,
@@ -220,6 +252,12 @@ impl Metrics {
             if let Ok((entries, capacity)) = maps.revnat_occupancy() {
                 self.revnat_entries.set(entries as i64);
                 self.revnat_capacity.set(capacity as i64);
+            }
+            if let Ok(Some(((ct, ct_cap), (rnat, rnat_cap)))) = maps.conntrack6_occupancy() {
+                self.conntrack6_entries.set(ct as i64);
+                self.conntrack6_capacity.set(ct_cap as i64);
+                self.revnat6_entries.set(rnat as i64);
+                self.revnat6_capacity.set(rnat_cap as i64);
             }
         }
         for kind in crate::kube_source::Kind::ALL {

@@ -6,20 +6,20 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
-use std::str::FromStr;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use nodeport_common::{
-    Backend, FrontendKey, BE_F_LOCAL, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_LOCAL,
-    SVC_F_SRC_RANGES,
+    Addr, Backend, FrontendKey, FrontendKey6, Ip6, BE_F_LOCAL, PROTO_TCP, PROTO_UDP,
+    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SRC_RANGES,
 };
 
-use crate::error::Error;
+use crate::family::usable_node_addr;
+pub use crate::family::{addr_from_raw, addr_raw, Family, IpCidr, RawAddr};
 
 /// Label that ties an EndpointSlice to its Service (same namespace).
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -28,75 +28,14 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// Largest `timeoutSeconds` the API server accepts (1 day).
 pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
-/// An IPv4 network, `a.b.c.d/len` (a bare address means `/32`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Ipv4Cidr {
-    addr: Ipv4Addr,
-    prefix: u8,
-}
-
-impl Ipv4Cidr {
-    /// The network of `addr` with `prefix` bits (host bits are cleared); `None` if `prefix > 32`.
-    pub fn new(addr: Ipv4Addr, prefix: u8) -> Option<Self> {
-        (prefix <= 32).then(|| Self {
-            addr: Ipv4Addr::from(u32::from(addr) & Self::mask(prefix)),
-            prefix,
-        })
-    }
-
-    fn mask(prefix: u8) -> u32 {
-        u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
-    }
-
-    /// Network address.
-    pub fn addr(&self) -> Ipv4Addr {
-        self.addr
-    }
-
-    /// Prefix length.
-    pub fn prefix(&self) -> u8 {
-        self.prefix
-    }
-
-    /// Whether `ip` is inside the network.
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & Self::mask(self.prefix) == u32::from(self.addr)
-    }
-}
-
-impl FromStr for Ipv4Cidr {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self, Error> {
-        let bad = |reason: &str| Error::Parse {
-            what: "IPv4 CIDR",
-            input: s.to_string(),
-            reason: reason.to_string(),
-        };
-        let (a, p) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = a.trim().parse().map_err(|e| bad(&format!("{e}")))?;
-        let prefix: u8 = p
-            .trim()
-            .parse()
-            .map_err(|_| bad("prefix length is not a number"))?;
-        Self::new(addr, prefix).ok_or_else(|| bad("prefix length is larger than 32"))
-    }
-}
-
-impl fmt::Display for Ipv4Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
 /// Agent settings that shape the desired state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     /// Valid nodePorts (the API server's `--service-node-port-range`).
     pub nodeport_range: RangeInclusive<u16>,
     /// Only node addresses inside these networks take nodePort traffic (kube-proxy's
-    /// `--nodeport-addresses`); empty means every address of the node.
-    pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    /// `--nodeport-addresses`, IPv4 and IPv6); empty means every address of the node.
+    pub nodeport_cidrs: Vec<IpCidr>,
     /// A service with more ports than this is refused.
     pub max_ports_per_service: usize,
     /// A service whose EndpointSlices hold more endpoints than this is refused.
@@ -122,8 +61,8 @@ pub struct Inputs<'a> {
     pub nodes: &'a [Node],
     /// Name of the Node object of this node (matches `endpoints[].nodeName`).
     pub node_name: &'a str,
-    /// IPv4 addresses configured on this node's interfaces.
-    pub interface_addrs: &'a [Ipv4Addr],
+    /// IPv4 and IPv6 addresses configured on this node's interfaces.
+    pub interface_addrs: &'a [IpAddr],
     pub settings: &'a Settings,
 }
 
@@ -182,7 +121,8 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// One port of one service: the unit that owns frontends, a Maglev table and a `svc_id`.
+/// One port of one service in one IP family: the unit that owns frontends, a Maglev table
+/// and a `svc_id`. A dual-stack service port is two units.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortId {
     pub namespace: String,
@@ -190,40 +130,52 @@ pub struct ServicePortId {
     /// `spec.ports[].name`; empty for the unnamed port of a single-port service.
     pub port: String,
     pub protocol: Protocol,
+    /// The family of its frontends and backends.
+    pub family: Family,
 }
 
 impl fmt::Display for ServicePortId {
-    /// `default/web:http/TCP`, or `default/web/TCP` for an unnamed port.
+    /// `default/web:http/TCP`, or `default/web/TCP` for an unnamed port; IPv6 units end in
+    /// `/IPv6` (`default/web:http/TCP/IPv6`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)?;
         if !self.port.is_empty() {
             write!(f, ":{}", self.port)?;
         }
-        write!(f, "/{}", self.protocol)
+        write!(f, "/{}", self.protocol)?;
+        if self.family == Family::V6 {
+            write!(f, "/{}", Family::V6)?;
+        }
+        Ok(())
     }
 }
 
-/// What the datapath should do for one service port.
+/// What the datapath should do for one service port of one family (`A`: `u32` for IPv4,
+/// [`Ip6`] for IPv6).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DesiredService {
-    /// Keys in NP_SVC: `{addr: 0, port: nodePort}` and `{addr: ip, port: port}` for each
-    /// LoadBalancer ingress IP, `spec.loadBalancerIP` and external IP. Network order.
-    pub frontends: BTreeSet<FrontendKey>,
+pub struct DesiredService<A: Addr = u32> {
+    /// Keys in NP_SVC (NP_SVC6): `{addr: 0, port: nodePort}` and `{addr: ip, port: port}`
+    /// for each LoadBalancer ingress IP, `spec.loadBalancerIP` and external IP of the
+    /// family. Network order.
+    pub frontends: BTreeSet<FrontendKey<A>>,
     /// `SVC_F_*` flags.
     pub flags: u16,
     /// sessionAffinity ClientIP timeout in seconds; 0 when affinity is off.
     pub affinity_timeout_s: u32,
-    /// loadBalancerSourceRanges (IPv4) when `SVC_F_SRC_RANGES` is set: the clients allowed
-    /// on the LoadBalancer and external-IP frontends. Empty with the flag set: none.
-    pub source_ranges: BTreeSet<Ipv4Cidr>,
+    /// loadBalancerSourceRanges of the family when `SVC_F_SRC_RANGES` is set: the clients
+    /// allowed on the LoadBalancer and external-IP frontends. Empty with the flag set: none.
+    pub source_ranges: BTreeSet<IpCidr>,
     /// Endpoints (address, target port, `BE_F_LOCAL`), one per address and port: the
     /// table's members and, under Local, the other nodes' endpoints kept for old flows.
-    pub backends: BTreeSet<Backend>,
+    pub backends: BTreeSet<Backend<A>>,
 }
 
-impl DesiredService {
+/// The desired state of an IPv6 service port.
+pub type DesiredService6 = DesiredService<Ip6>;
+
+impl<A: Addr> DesiredService<A> {
     /// The backends the Maglev table is built from: all, or under Local this node's only.
-    pub fn table_backends(&self) -> impl Iterator<Item = &Backend> {
+    pub fn table_backends(&self) -> impl Iterator<Item = &Backend<A>> {
         let local_only = self.flags & SVC_F_LOCAL != 0;
         self.backends
             .iter()
@@ -234,11 +186,132 @@ impl DesiredService {
 /// The desired state of this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// Addresses of this node that take nodePort traffic.
-    pub node_addrs: BTreeSet<Ipv4Addr>,
+    /// Addresses of this node that take nodePort traffic (both families).
+    pub node_addrs: BTreeSet<IpAddr>,
+    /// The IPv4 service ports (`id.family == Family::V4`).
     pub services: BTreeMap<ServicePortId, DesiredService>,
+    /// The IPv6 service ports (`id.family == Family::V6`).
+    pub services6: BTreeMap<ServicePortId, DesiredService6>,
     /// kube-proxy-style health check servers, by `spec.healthCheckNodePort`.
     pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// The part of [`Desired`] of one family, for code written once for both.
+pub trait DesiredFamily: RawAddr {
+    fn services(d: &Desired) -> &BTreeMap<ServicePortId, DesiredService<Self>>;
+    fn services_mut(d: &mut Desired) -> &mut BTreeMap<ServicePortId, DesiredService<Self>>;
+}
+
+impl DesiredFamily for u32 {
+    fn services(d: &Desired) -> &BTreeMap<ServicePortId, DesiredService> {
+        &d.services
+    }
+    fn services_mut(d: &mut Desired) -> &mut BTreeMap<ServicePortId, DesiredService> {
+        &mut d.services
+    }
+}
+
+impl DesiredFamily for Ip6 {
+    fn services(d: &Desired) -> &BTreeMap<ServicePortId, DesiredService6> {
+        &d.services6
+    }
+    fn services_mut(d: &mut Desired) -> &mut BTreeMap<ServicePortId, DesiredService6> {
+        &mut d.services6
+    }
+}
+
+impl Desired {
+    /// The service ports of family `A`.
+    pub fn of<A: DesiredFamily>(&self) -> &BTreeMap<ServicePortId, DesiredService<A>> {
+        A::services(self)
+    }
+
+    /// Service ports of both families.
+    pub fn service_count(&self) -> usize {
+        self.services.len() + self.services6.len()
+    }
+
+    /// Whether service port `id` is in the desired state.
+    pub fn contains(&self, id: &ServicePortId) -> bool {
+        match id.family {
+            Family::V4 => self.services.contains_key(id),
+            Family::V6 => self.services6.contains_key(id),
+        }
+    }
+
+    /// The ids of every service port, IPv4 first.
+    pub fn ids(&self) -> impl Iterator<Item = &ServicePortId> {
+        self.services.keys().chain(self.services6.keys())
+    }
+
+    fn remove(&mut self, id: &ServicePortId) {
+        match id.family {
+            Family::V4 => {
+                self.services.remove(id);
+            }
+            Family::V6 => {
+                self.services6.remove(id);
+            }
+        }
+    }
+
+    fn insert(&mut self, id: ServicePortId, unit: Unit) {
+        match unit {
+            Unit::V4(ds) => {
+                self.services.insert(id, ds);
+            }
+            Unit::V6(ds) => {
+                self.services6.insert(id, ds);
+            }
+        }
+    }
+}
+
+/// The desired state of one service port, of either family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Unit {
+    V4(DesiredService),
+    V6(DesiredService6),
+}
+
+impl From<DesiredService> for Unit {
+    fn from(ds: DesiredService) -> Self {
+        Unit::V4(ds)
+    }
+}
+
+impl From<DesiredService6> for Unit {
+    fn from(ds: DesiredService6) -> Self {
+        Unit::V6(ds)
+    }
+}
+
+/// A frontend of either family (what service ports compete for).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum AnyFrontend {
+    V4(FrontendKey),
+    V6(FrontendKey6),
+}
+
+impl From<FrontendKey> for AnyFrontend {
+    fn from(fe: FrontendKey) -> Self {
+        AnyFrontend::V4(fe)
+    }
+}
+
+impl From<FrontendKey6> for AnyFrontend {
+    fn from(fe: FrontendKey6) -> Self {
+        AnyFrontend::V6(fe)
+    }
+}
+
+impl AnyFrontend {
+    fn describe(&self) -> String {
+        match self {
+            AnyFrontend::V4(fe) => describe_frontend(fe),
+            AnyFrontend::V6(fe) => describe_frontend(fe),
+        }
+    }
 }
 
 /// What the health check server of one `externalTrafficPolicy: Local` service reports.
@@ -250,20 +323,10 @@ pub struct HealthCheck {
     pub local_endpoints: usize,
 }
 
-/// Raw network-order form of an address, as in map keys.
-pub fn addr_raw(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
-}
-
-/// Inverse of [`addr_raw`].
-pub fn addr_from_raw(raw: u32) -> Ipv4Addr {
-    Ipv4Addr::from(raw.to_ne_bytes())
-}
-
 /// An endpoint of an EndpointSlice, parsed once.
 #[derive(Clone, Debug)]
 struct ParsedEndpoint {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     ready: bool,
     serving: bool,
     terminating: bool,
@@ -280,6 +343,8 @@ struct SlicePort {
 
 #[derive(Clone, Debug, Default)]
 struct ParsedSlice {
+    /// `addressType` (IPv4 or IPv6); every endpoint is of this family.
+    family: Family,
     ports: Vec<SlicePort>,
     endpoints: Vec<ParsedEndpoint>,
 }
@@ -293,7 +358,8 @@ fn object_name(kind: &str, ns: Option<&str>, name: Option<&str>) -> String {
 }
 
 /// The service an EndpointSlice belongs to, `(namespace, service name)`, with the slice
-/// parsed; `None` for slices that are skipped silently (no service label, not IPv4).
+/// parsed; `None` for slices that are skipped silently (no service label, `addressType`
+/// FQDN or unknown).
 /// Refusals of single endpoints go to `refusals`.
 fn parse_slice<'a>(
     slice: &'a EndpointSlice,
@@ -303,9 +369,7 @@ fn parse_slice<'a>(
     let meta = &slice.metadata;
     let ns = meta.namespace.as_deref().unwrap_or("default");
     let svc = meta.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    if slice.address_type != "IPv4" {
-        return None;
-    }
+    let family = Family::parse(&slice.address_type)?;
     let obj = || object_name("EndpointSlice", Some(ns), meta.name.as_deref());
     let ports = slice
         .ports
@@ -323,12 +387,15 @@ fn parse_slice<'a>(
             refusals.push(Refusal::new(obj(), "endpoint without addresses"));
             continue;
         };
-        let Ok(addr) = a.parse::<Ipv4Addr>() else {
-            refusals.push(Refusal::new(
-                obj(),
-                format!("endpoint address {a:?} is not an IPv4 address"),
-            ));
-            continue;
+        let addr = match a.parse::<IpAddr>() {
+            Ok(addr) if Family::of(addr) == family => addr,
+            _ => {
+                refusals.push(Refusal::new(
+                    obj(),
+                    format!("endpoint address {a:?} is not an {family} address"),
+                ));
+                continue;
+            }
         };
         let c = ep.conditions.as_ref();
         let ready = c.and_then(|c| c.ready).unwrap_or(true);
@@ -340,7 +407,14 @@ fn parse_slice<'a>(
             local: ep.node_name.as_deref() == Some(node_name),
         });
     }
-    Some(((ns, svc.as_str()), ParsedSlice { ports, endpoints }))
+    Some((
+        (ns, svc.as_str()),
+        ParsedSlice {
+            family,
+            ports,
+            endpoints,
+        },
+    ))
 }
 
 /// Where a service stands in the "oldest claim wins" order (then input order).
@@ -428,10 +502,11 @@ enum AfterId {
     /// No frontend: left out without refusal (a plain ClusterIP port).
     NoFrontend,
     Frontends {
-        frontends: BTreeSet<FrontendKey>,
+        /// Sorted.
+        frontends: Vec<AnyFrontend>,
         /// The service port, or the refusal (port named) of a bad targetPort, which
         /// claims nothing.
-        service: Result<DesiredService, String>,
+        service: Result<Unit, String>,
     },
 }
 
@@ -455,13 +530,13 @@ impl Candidate {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Resource {
     Id(ServicePortId),
-    Frontend(FrontendKey),
+    Frontend(AnyFrontend),
 }
 
 /// The claims made by the ports accepted so far (older ports first).
 trait Claims {
     fn id_taken(&self, id: &ServicePortId) -> bool;
-    fn owner(&self, fe: &FrontendKey) -> Option<&ServicePortId>;
+    fn owner(&self, fe: &AnyFrontend) -> Option<&ServicePortId>;
 }
 
 /// What became of one port.
@@ -494,7 +569,7 @@ fn decide(port: &PortPlan, claims: &impl Claims) -> Outcome {
             {
                 return Outcome::Refused(format!(
                     "{} is already used by {} ({})",
-                    describe_frontend(fe),
+                    fe.describe(),
                     owner,
                     c.what
                 ));
@@ -509,16 +584,16 @@ fn decide(port: &PortPlan, claims: &impl Claims) -> Outcome {
 
 /// The claims of [`desired`]: every accepted port so far.
 struct AllClaims<'a> {
-    services: &'a BTreeMap<ServicePortId, DesiredService>,
-    frontends: &'a BTreeMap<FrontendKey, ServicePortId>,
+    services: &'a Desired,
+    frontends: &'a BTreeMap<AnyFrontend, ServicePortId>,
 }
 
 impl Claims for AllClaims<'_> {
     fn id_taken(&self, id: &ServicePortId) -> bool {
-        self.services.contains_key(id)
+        self.services.contains(id)
     }
 
-    fn owner(&self, fe: &FrontendKey) -> Option<&ServicePortId> {
+    fn owner(&self, fe: &AnyFrontend) -> Option<&ServicePortId> {
         self.frontends.get(fe)
     }
 }
@@ -527,17 +602,34 @@ impl Claims for AllClaims<'_> {
 ///
 /// Node addresses:
 /// - this node's interface addresses plus the `InternalIP` and `ExternalIP` addresses of the
-///   Node object named `node_name`, IPv4 only (other addresses are skipped silently);
+///   Node object named `node_name`, IPv4 and IPv6 (unparsable ones are skipped silently);
 /// - when `settings.nodeport_cidrs` is not empty, only addresses inside one of them;
-/// - `0.0.0.0` and `255.255.255.255` never.
+/// - `0.0.0.0` and `255.255.255.255` never, nor IPv6 unspecified, loopback, multicast and
+///   link-local (fe80::/10) addresses.
 ///
-/// Services (one [`DesiredService`] per port):
+/// IP families:
+/// - a service's families are `spec.ipFamilies` (`IPv4`, `IPv6`, or both in either order);
+///   an unknown entry is refused, naming the field, and the other families are served.
+///   Without `spec.ipFamilies`: the families of `spec.clusterIPs`/`spec.clusterIP`, and
+///   IPv4 when those are absent or `None`;
+/// - each port is one unit per family ([`ServicePortId::family`]), with its own `svc_id`,
+///   Maglev table, frontends and backends: IPv4 units in [`Desired::services`], IPv6 ones
+///   in [`Desired::services6`]. Everything below applies to each unit, with the addresses,
+///   EndpointSlices and source ranges of its family only;
+/// - external and LoadBalancer IPs of a family the service does not have are ignored, like
+///   kube-proxy does;
+/// - `loadBalancerSourceRanges` non-empty but without a CIDR of the unit's family: the
+///   unit's LoadBalancer frontends allow no client (fail closed, on purpose: a list meant to
+///   restrict access never opens the other family to everyone);
+/// - a refusal that is the same for both units of a dual-stack port is reported once.
+///
+/// Services (one [`DesiredService`] per port and family):
 /// - `ExternalName` and headless (`clusterIP: None`) services are skipped, like kube-proxy;
 ///   an unknown `type` is refused. A missing namespace means `default`.
 /// - Services are considered oldest first (`creationTimestamp`, missing timestamps last,
 ///   then namespace/name), so that the oldest claim of a frontend wins.
 /// - More than `max_ports_per_service` ports, or more than `max_endpoints_per_service`
-///   endpoints in its IPv4 slices: the whole service is refused.
+///   endpoints in its IPv4 and IPv6 slices: the whole service is refused.
 /// - Protocol `TCP` (default) or `UDP`. `SCTP` ports are refused: the datapath passes SCTP
 ///   to the kernel stack. Other protocols are refused.
 /// - `port` must be 1-65535; an integer `targetPort` too.
@@ -548,29 +640,29 @@ impl Claims for AllClaims<'_> {
 /// - `spec.externalIPs` apply to every type; `status.loadBalancer.ingress[].ip` (except
 ///   `ipMode: Proxy`, where the load balancer delivers to the node address, as kube-proxy)
 ///   and `spec.loadBalancerIP` apply to `LoadBalancer` services: frontend `(ip, port)`.
-///   Unparsable addresses are refused one by one (the rest of the service is served);
-///   IPv6 addresses are skipped silently (IPv4-only datapath).
+///   Unparsable addresses are refused one by one (the rest of the service is served).
 /// - A frontend `(nodePort, protocol)` or `(ip, port, protocol)` claimed by an older service
 ///   (or an earlier port of the same service) refuses the later port entirely.
 /// - A port with no frontend (a plain ClusterIP port) is left out without refusal.
 /// - `sessionAffinity: ClientIP` sets `SVC_F_AFFINITY` with
 ///   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800, clamped to 1-86400).
 /// - A non-empty `spec.loadBalancerSourceRanges` sets `SVC_F_SRC_RANGES` (the reconciler
-///   puts it on LoadBalancer and external-IP frontends only, as kube-proxy does) with its
-///   IPv4 CIDRs in `source_ranges`; unparsable entries are refused and allow nobody.
+///   puts it on LoadBalancer and external-IP frontends only, as kube-proxy does) with the
+///   CIDRs of the unit's family in `source_ranges`; unparsable entries are refused and
+///   allow nobody.
 /// - `externalTrafficPolicy: Local` sets `SVC_F_LOCAL`: the Maglev table holds only
 ///   endpoints whose `nodeName` is this node ([`DesiredService::table_backends`]); the
 ///   serving endpoints of other nodes stay in `backends` (programmed in NP_BE, in no table)
 ///   so that flows bound to them under Cluster keep their backend after a switch.
 /// - A `NodePort` or `LoadBalancer` service with `externalTrafficPolicy: Local` and a
 ///   non-zero `spec.healthCheckNodePort` gets a [`HealthCheck`] on that port, counting the
-///   distinct addresses of its ready endpoints on this node (whatever the outcome of its
-///   ports). A port outside `settings.nodeport_range` refuses the health check only; a port
+///   distinct addresses of its ready endpoints on this node, both families (whatever the
+///   outcome of its ports). A port outside `settings.nodeport_range` refuses the health check only; a port
 ///   claimed by an older service too refuses the younger one's health check.
 ///
 /// Backends of a service port:
 /// - EndpointSlices with label `kubernetes.io/service-name: <name>` in the service's
-///   namespace and `addressType: IPv4` (other address types are skipped silently); an
+///   namespace and `addressType` of the unit's family (`FQDN` slices are skipped silently); an
 ///   endpoint uses its first address (the API says all addresses are fungible); an
 ///   unparsable address refuses that endpoint (named by its slice).
 /// - Ready endpoints (`ready` unset counts as ready). If no table member is ready, endpoints that are `serving` (unset: same as `ready`) and `terminating`.
@@ -584,8 +676,7 @@ pub fn desired(inputs: &Inputs) -> (Desired, Vec<Refusal>) {
     let mut refusals = Vec::new();
     let mut out = Desired {
         node_addrs: node_addrs(inputs),
-        services: BTreeMap::new(),
-        health_checks: BTreeMap::new(),
+        ..Desired::default()
     };
     let mut plans = Vec::new();
 
@@ -601,7 +692,7 @@ pub fn desired(inputs: &Inputs) -> (Desired, Vec<Refusal>) {
     let mut services: Vec<&Service> = inputs.services.iter().collect();
     services.sort_by_cached_key(|s| age(s));
 
-    let mut claims: BTreeMap<FrontendKey, ServicePortId> = BTreeMap::new();
+    let mut claims: BTreeMap<AnyFrontend, ServicePortId> = BTreeMap::new();
     for svc in services {
         let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
         let plan = match svc.metadata.name.as_deref() {
@@ -613,16 +704,17 @@ pub fn desired(inputs: &Inputs) -> (Desired, Vec<Refusal>) {
             }
         };
         refusals.extend(plan.refusals.iter().cloned());
+        let first = refusals.len();
         for port in &plan.ports {
             let outcome = decide(
                 port,
                 &AllClaims {
-                    services: &out.services,
+                    services: &out,
                     frontends: &claims,
                 },
             );
             match (outcome, port) {
-                (Outcome::Refused(r), _) => refusals.push(Refusal::new(&plan.obj, r)),
+                (Outcome::Refused(r), _) => push_port_refusal(&mut refusals, first, &plan.obj, r),
                 (Outcome::Nothing, _) => {}
                 (Outcome::Accepted, PortPlan::Claim(c)) => {
                     if let AfterId::Frontends {
@@ -633,7 +725,7 @@ pub fn desired(inputs: &Inputs) -> (Desired, Vec<Refusal>) {
                         for fe in frontends {
                             claims.insert(*fe, c.id.clone());
                         }
-                        out.services.insert(c.id.clone(), ds.clone());
+                        out.insert(c.id.clone(), ds.clone());
                     }
                 }
                 (Outcome::Accepted, PortPlan::Refused(_)) => unreachable!("refused port accepted"),
@@ -647,6 +739,17 @@ pub fn desired(inputs: &Inputs) -> (Desired, Vec<Refusal>) {
     (out, refusals)
 }
 
+/// Adds the refusal of a port of `obj` to `refusals`, unless the refusal just before it
+/// (at `first` or later: the same service) is the same: the units of a dual-stack port
+/// are refused for the same reason once.
+fn push_port_refusal(refusals: &mut Vec<Refusal>, first: usize, obj: &str, reason: String) {
+    let r = Refusal::new(obj, reason);
+    if refusals.len() > first && refusals.last() == Some(&r) {
+        return;
+    }
+    refusals.push(r);
+}
+
 /// The plan of a Service without a name.
 fn unnamed(ns: &str) -> Plan {
     let obj = object_name("Service", Some(ns), None);
@@ -658,7 +761,7 @@ fn unnamed(ns: &str) -> Plan {
     }
 }
 
-fn node_addrs(inputs: &Inputs) -> BTreeSet<Ipv4Addr> {
+fn node_addrs(inputs: &Inputs) -> BTreeSet<IpAddr> {
     let from_node = inputs
         .nodes
         .iter()
@@ -666,14 +769,14 @@ fn node_addrs(inputs: &Inputs) -> BTreeSet<Ipv4Addr> {
         .filter_map(|n| n.status.as_ref()?.addresses.as_ref())
         .flatten()
         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| a.address.parse::<Ipv4Addr>().ok());
+        .filter_map(|a| a.address.trim().parse::<IpAddr>().ok());
     let cidrs = &inputs.settings.nodeport_cidrs;
     inputs
         .interface_addrs
         .iter()
         .copied()
         .chain(from_node)
-        .filter(|a| !a.is_unspecified() && !a.is_broadcast())
+        .filter(|a| usable_node_addr(*a))
         .filter(|a| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(*a)))
         .collect()
 }
@@ -711,6 +814,7 @@ fn plan_service(
     if spec.cluster_ip.as_deref() == Some("None") {
         return plan; // headless: kube-proxy skips it too
     }
+    let families = families(spec, &obj, refusals);
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.len() > settings.max_ports_per_service {
         refuse(
@@ -743,6 +847,7 @@ fn plan_service(
             let range = &settings.nodeport_range;
             match valid_port(hc).filter(|p| range.contains(p)) {
                 Some(port) => {
+                    // Both families' endpoints: one health check serves the service.
                     let local_endpoints = slices
                         .iter()
                         .flat_map(|s| &s.endpoints)
@@ -772,16 +877,14 @@ fn plan_service(
         _ => {}
     }
 
-    // Addresses that take `port` traffic.
+    // Addresses that take `port` traffic, both families (each unit takes its own).
     let mut ips = BTreeSet::new();
-    let mut add_ip =
-        |refusals: &mut Vec<Refusal>, field: &str, s: &str| match s.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => {
-                ips.insert(ip);
-            }
-            Ok(std::net::IpAddr::V6(_)) => {}
-            Err(_) => refuse(refusals, format!("{field} {s:?} is not an IP address")),
-        };
+    let mut add_ip = |refusals: &mut Vec<Refusal>, field: &str, s: &str| match s.parse::<IpAddr>() {
+        Ok(ip) => {
+            ips.insert(ip);
+        }
+        Err(_) => refuse(refusals, format!("{field} {s:?} is not an IP address")),
+    };
     for ip in spec.external_ips.iter().flatten() {
         add_ip(refusals, "externalIPs entry", ip);
     }
@@ -832,6 +935,17 @@ fn plan_service(
                 .clamp(1, MAX_AFFINITY_TIMEOUT_S),
         };
     }
+    let ctx = ServiceCtx {
+        type_,
+        has_node_port,
+        allocate_lb_node_ports: spec.allocate_load_balancer_node_ports,
+        ips: &ips,
+        settings,
+        slices,
+        flags,
+        affinity_timeout_s,
+        source_ranges: &source_ranges,
+    };
 
     for (i, sp) in ports.iter().enumerate() {
         let port_name = sp.name.as_deref().unwrap_or("");
@@ -859,51 +973,70 @@ fn plan_service(
                 .push(refused(format!("port {} is not in 1-65535", sp.port)));
             continue;
         };
-        let id = ServicePortId {
-            namespace: ns.to_string(),
-            name: name.to_string(),
-            port: port_name.to_string(),
-            protocol,
-        };
-        let then = match port_after_id(
-            sp,
-            port,
-            protocol,
-            type_,
-            has_node_port,
-            spec.allocate_load_balancer_node_ports,
-            &ips,
-            settings,
-            slices,
-            local,
-            &what,
-        ) {
-            Err(r) => AfterId::Refused(r),
-            Ok((frontends, _)) if frontends.is_empty() => AfterId::NoFrontend,
-            Ok((frontends, backends)) => AfterId::Frontends {
-                service: backends.map(|backends| DesiredService {
-                    frontends: frontends.clone(),
-                    flags,
-                    affinity_timeout_s,
-                    source_ranges: source_ranges.clone(),
-                    backends,
-                }),
-                frontends,
-            },
-        };
-        plan.ports
-            .push(PortPlan::Claim(Box::new(Candidate { id, what, then })));
+        // One unit per family of the service, each with its own id, frontends and
+        // backends.
+        for &family in &families {
+            let id = ServicePortId {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                port: port_name.to_string(),
+                protocol,
+                family,
+            };
+            let then = match family {
+                Family::V4 => port_unit::<u32>(&ctx, sp, port, protocol, &what),
+                Family::V6 => port_unit::<Ip6>(&ctx, sp, port, protocol, &what),
+            };
+            plan.ports.push(PortPlan::Claim(Box::new(Candidate {
+                id,
+                what: what.clone(),
+                then,
+            })));
+        }
     }
     plan
 }
 
-/// The IPv4 CIDRs of `spec.loadBalancerSourceRanges`. An unparsable entry is refused (and
-/// allows nobody: the list fails closed); IPv6 entries are skipped (IPv4 datapath).
-fn source_ranges(
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
-    refusals: &mut Vec<Refusal>,
-    obj: &str,
-) -> BTreeSet<Ipv4Cidr> {
+/// The IP families of a service, in order: `spec.ipFamilies` (an unknown entry is refused,
+/// naming the field, and the other families are still served); without it, the families
+/// of `spec.clusterIPs`/`spec.clusterIP`; without those (or `None`), IPv4.
+fn families(spec: &ServiceSpec, obj: &str, refusals: &mut Vec<Refusal>) -> Vec<Family> {
+    let mut out: Vec<Family> = Vec::new();
+    let add = |out: &mut Vec<Family>, f: Family| {
+        if !out.contains(&f) {
+            out.push(f);
+        }
+    };
+    match spec.ip_families.as_deref() {
+        Some(listed) if !listed.is_empty() => {
+            for (i, f) in listed.iter().enumerate() {
+                match Family::parse(f) {
+                    Some(f) => add(&mut out, f),
+                    None => refusals.push(Refusal::new(
+                        obj,
+                        format!("spec.ipFamilies[{i}] {f:?} is not IPv4 or IPv6 (not served in that family)"),
+                    )),
+                }
+            }
+        }
+        _ => {
+            let cluster_ips = spec.cluster_ips.iter().flatten().map(String::as_str);
+            for ip in cluster_ips.chain(spec.cluster_ip.as_deref()) {
+                if let Ok(ip) = ip.trim().parse::<IpAddr>() {
+                    add(&mut out, Family::of(ip));
+                }
+            }
+            if out.is_empty() {
+                out.push(Family::V4);
+            }
+        }
+    }
+    out
+}
+
+/// The CIDRs of `spec.loadBalancerSourceRanges`, both families (each unit takes its own).
+/// An unparsable entry is refused (and allows nobody: the list fails closed).
+fn source_ranges(spec: &ServiceSpec, refusals: &mut Vec<Refusal>, obj: &str) -> BTreeSet<IpCidr> {
     let mut out = BTreeSet::new();
     for (i, r) in spec
         .load_balancer_source_ranges
@@ -912,10 +1045,7 @@ fn source_ranges(
         .enumerate()
     {
         let r = r.trim();
-        if r.contains(':') {
-            continue;
-        }
-        match r.parse::<Ipv4Cidr>() {
+        match r.parse::<IpCidr>() {
             Ok(c) => {
                 out.insert(c);
             }
@@ -928,49 +1058,56 @@ fn source_ranges(
     out
 }
 
-/// The frontends of one port (nodePort refusals as `Err`), and its backends (a bad
-/// targetPort as `Err`); reasons name the port (`what`).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; the pieces of the service a port depends on"
-)]
-#[expect(
-    clippy::type_complexity,
-    reason = "a private helper; the two levels of refusal are the point"
-)]
-fn port_after_id(
+/// What every unit of a service shares.
+struct ServiceCtx<'a> {
+    type_: &'a str,
+    has_node_port: bool,
+    allocate_lb_node_ports: Option<bool>,
+    /// LoadBalancer, loadBalancerIP and external IPs, both families.
+    ips: &'a BTreeSet<IpAddr>,
+    settings: &'a Settings,
+    /// The service's EndpointSlices, both families, in input order.
+    slices: &'a [&'a ParsedSlice],
+    flags: u16,
+    affinity_timeout_s: u32,
+    /// loadBalancerSourceRanges, both families.
+    source_ranges: &'a BTreeSet<IpCidr>,
+}
+
+/// The unit of one port in family `A`: nodePort refusals, no frontend, or its frontends
+/// and its desired state (a bad targetPort as `Err`); reasons name the port (`what`).
+fn port_unit<A: RawAddr>(
+    svc: &ServiceCtx,
     sp: &k8s_openapi::api::core::v1::ServicePort,
     port: u16,
     protocol: Protocol,
-    type_: &str,
-    has_node_port: bool,
-    allocate_lb_node_ports: Option<bool>,
-    ips: &BTreeSet<Ipv4Addr>,
-    settings: &Settings,
-    slices: &[&ParsedSlice],
-    local: bool,
     what: &str,
-) -> Result<(BTreeSet<FrontendKey>, Result<BTreeSet<Backend>, String>), String> {
+) -> AfterId
+where
+    FrontendKey<A>: Into<AnyFrontend>,
+    DesiredService<A>: Into<Unit>,
+{
     let port_name = sp.name.as_deref().unwrap_or("");
     let proto = protocol.number();
-    let mut frontends = BTreeSet::new();
-    if has_node_port {
+    let mut frontends: BTreeSet<FrontendKey<A>> = BTreeSet::new();
+    if svc.has_node_port {
         match sp.node_port {
-            None | Some(0) if type_ == "LoadBalancer" && allocate_lb_node_ports == Some(false) => {}
+            None | Some(0)
+                if svc.type_ == "LoadBalancer" && svc.allocate_lb_node_ports == Some(false) => {}
             None | Some(0) => {
-                return Err(format!("nodePort not allocated (set spec.ports[].nodePort; manifests have no allocator) ({what})"));
+                return AfterId::Refused(format!("nodePort not allocated (set spec.ports[].nodePort; manifests have no allocator) ({what})"));
             }
             Some(np) => {
-                let range = &settings.nodeport_range;
+                let range = &svc.settings.nodeport_range;
                 let Some(np16) = valid_port(np).filter(|p| range.contains(p)) else {
-                    return Err(format!(
+                    return AfterId::Refused(format!(
                         "nodePort {np} is outside the range {}-{} ({what})",
                         range.start(),
                         range.end()
                     ));
                 };
                 frontends.insert(FrontendKey {
-                    addr: 0,
+                    addr: A::default(),
                     port: np16.to_be(),
                     proto,
                     pad: 0,
@@ -978,26 +1115,29 @@ fn port_after_id(
             }
         }
     }
-    for ip in ips {
+    // Only the addresses of this unit's family; like kube-proxy, an external or
+    // LoadBalancer IP of a family the service does not have is ignored (no unit takes it).
+    for ip in svc.ips.iter().filter_map(|ip| A::from_ip(*ip)) {
         frontends.insert(FrontendKey {
-            addr: addr_raw(*ip),
+            addr: ip,
             port: port.to_be(),
             proto,
             pad: 0,
         });
     }
     if frontends.is_empty() {
-        return Ok((frontends, Ok(BTreeSet::new())));
+        return AfterId::NoFrontend;
     }
+    let keys: Vec<AnyFrontend> = frontends.iter().map(|fe| (*fe).into()).collect();
     let target = match &sp.target_port {
         None => Target::Number(port),
         Some(IntOrString::Int(t)) => match valid_port(*t) {
             Some(t) => Target::Number(t),
             None => {
-                return Ok((
-                    frontends,
-                    Err(format!("targetPort {t} is not in 1-65535 ({what})")),
-                ))
+                return AfterId::Frontends {
+                    frontends: keys,
+                    service: Err(format!("targetPort {t} is not in 1-65535 ({what})")),
+                }
             }
         },
         Some(IntOrString::String(s)) => match s.parse::<u16>() {
@@ -1006,26 +1146,51 @@ fn port_after_id(
             _ => Target::Name(s),
         },
     };
-    let backends = backends(slices, port_name, protocol, &target, local);
-    Ok((frontends, Ok(backends)))
+    let local = svc.flags & SVC_F_LOCAL != 0;
+    // The ranges of this family only. Should the list hold none of this family (but some
+    // of the other), the flag stays set and this unit's LoadBalancer frontends allow no
+    // client: a list meant to restrict access fails closed rather than opening the other
+    // family to everyone. (kube-proxy filters the list per family as well; this choice is
+    // deliberate and documented on `desired`.)
+    let source_ranges = svc
+        .source_ranges
+        .iter()
+        .filter(|c| c.family() == A::FAMILY)
+        .copied()
+        .collect();
+    let ds = DesiredService::<A> {
+        frontends,
+        flags: svc.flags,
+        affinity_timeout_s: svc.affinity_timeout_s,
+        source_ranges,
+        backends: backends(svc.slices, port_name, protocol, &target, local),
+    };
+    AfterId::Frontends {
+        frontends: keys,
+        service: Ok(ds.into()),
+    }
 }
 
 fn valid_port(p: i32) -> Option<u16> {
     u16::try_from(p).ok().filter(|&p| p != 0)
 }
 
-/// Human form of a frontend key for refusals.
-pub fn describe_frontend(fe: &FrontendKey) -> String {
+/// Human form of a frontend key for refusals and errors: `nodePort 30080/TCP` (`IPv6
+/// nodePort ...` for IPv6), `address 192.0.2.1:80/TCP`, `address [2001:db8::1]:80/TCP`.
+pub fn describe_frontend<A: RawAddr>(fe: &FrontendKey<A>) -> String {
     let proto = match fe.proto {
         PROTO_TCP => "TCP".to_string(),
         PROTO_UDP => "UDP".to_string(),
         p => format!("proto {p}"),
     };
     let port = u16::from_be(fe.port);
-    if fe.addr == 0 {
-        format!("nodePort {port}/{proto}")
-    } else {
-        format!("address {}:{port}/{proto}", addr_from_raw(fe.addr))
+    match (fe.addr.is_zero(), A::FAMILY) {
+        (true, Family::V4) => format!("nodePort {port}/{proto}"),
+        (true, Family::V6) => format!("IPv6 nodePort {port}/{proto}"),
+        (false, _) => format!(
+            "address {}/{proto}",
+            crate::family::endpoint_name(fe.addr, fe.port)
+        ),
     }
 }
 
@@ -1034,16 +1199,17 @@ enum Target<'a> {
     Name(&'a str),
 }
 
-fn backends(
+/// The backends of family `A` of a service port.
+fn backends<A: RawAddr>(
     slices: &[&ParsedSlice],
     port_name: &str,
     protocol: Protocol,
     target: &Target,
     local_only: bool,
-) -> BTreeSet<Backend> {
+) -> BTreeSet<Backend<A>> {
     // (endpoint, target port) of every endpoint that passes the Local filter.
     let mut candidates: Vec<(&ParsedEndpoint, u16)> = Vec::new();
-    for slice in slices {
+    for slice in slices.iter().filter(|s| s.family == A::FAMILY) {
         let find = |name: &str| {
             slice
                 .ports
@@ -1073,9 +1239,12 @@ fn backends(
         } else {
             e.serving && e.terminating
         };
+        let Some(addr) = A::from_ip(e.addr) else {
+            continue;
+        };
         if usable && seen.insert((e.addr, port)) {
             out.insert(Backend {
-                addr: addr_raw(e.addr),
+                addr,
                 port: port.to_be(),
                 flags: if e.local { BE_F_LOCAL } else { 0 },
                 pad: 0,
@@ -1300,7 +1469,7 @@ impl Contest {
 #[derive(Default)]
 struct SomeClaims<'a> {
     ids: HashSet<&'a ServicePortId>,
-    frontends: HashMap<FrontendKey, &'a ServicePortId>,
+    frontends: HashMap<AnyFrontend, &'a ServicePortId>,
 }
 
 impl Claims for SomeClaims<'_> {
@@ -1308,7 +1477,7 @@ impl Claims for SomeClaims<'_> {
         self.ids.contains(id)
     }
 
-    fn owner(&self, fe: &FrontendKey) -> Option<&ServicePortId> {
+    fn owner(&self, fe: &AnyFrontend) -> Option<&ServicePortId> {
         self.frontends.get(fe).copied()
     }
 }
@@ -1442,7 +1611,9 @@ impl Model {
             .is_some_and(|(s, n)| s == inputs.settings && n == inputs.node_name);
         if !same {
             let mut changed = std::mem::take(&mut self.changed);
-            changed.extend(std::mem::take(&mut self.desired.services).into_keys());
+            let old = std::mem::take(&mut self.desired);
+            changed.extend(old.services.into_keys());
+            changed.extend(old.services6.into_keys());
             *self = Self {
                 config: Some((inputs.settings.clone(), inputs.node_name.to_string())),
                 next_handle: self.next_handle,
@@ -1470,9 +1641,10 @@ impl Model {
                 refusals.extend(s.refusals.iter().cloned());
             } else if let Some(r) = self.services.get(h) {
                 refusals.extend(r.plan.refusals.iter().cloned());
+                let first = refusals.len();
                 for o in &r.outcomes {
                     if let Outcome::Refused(reason) = o {
-                        refusals.push(Refusal::new(&r.plan.obj, reason.clone()));
+                        push_port_refusal(&mut refusals, first, &r.plan.obj, reason.clone());
                     }
                 }
             }
@@ -1713,7 +1885,7 @@ impl Model {
             let rec = &self.services[h];
             if rec.outcomes[*i] == Outcome::Accepted && *outcome != Outcome::Accepted {
                 if let PortPlan::Claim(c) = &rec.plan.ports[*i] {
-                    self.desired.services.remove(&c.id);
+                    self.desired.remove(&c.id);
                     self.changed.insert(c.id.clone());
                 }
             }
@@ -1727,7 +1899,7 @@ impl Model {
                         service: Ok(ds), ..
                     } = &c.then
                     {
-                        self.desired.services.insert(c.id.clone(), ds.clone());
+                        self.desired.insert(c.id.clone(), ds.clone());
                         self.changed.insert(c.id.clone());
                     }
                 }
@@ -1768,7 +1940,7 @@ fn withdraw(
             contest.remove(&res, (h, i));
         }
         if rec.outcomes.get(i) == Some(&Outcome::Accepted) {
-            desired.services.remove(&c.id);
+            desired.remove(&c.id);
             changed.insert(c.id.clone());
         }
     }
@@ -1815,6 +1987,14 @@ mod tests {
             name: name.into(),
             port: port.into(),
             protocol,
+            family: Family::V4,
+        }
+    }
+
+    fn id6(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortId {
+        ServicePortId {
+            family: Family::V6,
+            ..id(ns, name, port, protocol)
         }
     }
 
@@ -2328,7 +2508,7 @@ spec:
         let (d, r) = run(&[s], &[]);
         let s = &d.services[&id("default", "lb", "http", Protocol::Tcp)];
         assert_ne!(s.flags & SVC_F_SRC_RANGES, 0);
-        let want: BTreeSet<Ipv4Cidr> = ["198.18.0.0/24", "198.18.7.7/32"]
+        let want: BTreeSet<IpCidr> = ["198.18.0.0/24", "198.18.7.7/32"]
             .iter()
             .map(|c| c.parse().unwrap())
             .collect();
@@ -2530,10 +2710,14 @@ status:
 ",
         );
         let nodes = [n, other];
-        let ifaces: [Ipv4Addr; 3] = [
+        let ifaces: [IpAddr; 6] = [
             "10.1.0.5".parse().unwrap(),
             "192.168.7.1".parse().unwrap(),
-            Ipv4Addr::UNSPECIFIED,
+            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            "2001:db8:7::1".parse().unwrap(),
+            // Link-local and loopback IPv6 addresses never take nodePorts.
+            "fe80::1".parse().unwrap(),
+            "::1".parse().unwrap(),
         ];
         let settings = Settings::default();
         let inputs = |settings| Inputs {
@@ -2545,20 +2729,27 @@ status:
             settings,
         };
         let (d, _) = desired(&inputs(&settings));
-        let want: BTreeSet<Ipv4Addr> = ["10.1.0.5", "192.168.7.1", "203.0.113.5"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        let want: BTreeSet<IpAddr> = [
+            "10.1.0.5",
+            "192.168.7.1",
+            "203.0.113.5",
+            "fd00::5",
+            "2001:db8:7::1",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
         assert_eq!(d.node_addrs, want);
         let narrowed = Settings {
             nodeport_cidrs: vec![
                 "10.0.0.0/8".parse().unwrap(),
                 "203.0.113.5".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
             ],
             ..Settings::default()
         };
         let (d, _) = desired(&inputs(&narrowed));
-        let want: BTreeSet<Ipv4Addr> = ["10.1.0.5", "203.0.113.5"]
+        let want: BTreeSet<IpAddr> = ["10.1.0.5", "203.0.113.5", "2001:db8:7::1"]
             .iter()
             .map(|s| s.parse().unwrap())
             .collect();
@@ -2567,15 +2758,15 @@ status:
 
     #[test]
     fn cidr_parse() {
-        let c: Ipv4Cidr = "10.1.2.3/16".parse().unwrap();
+        let c: IpCidr = "10.1.2.3/16".parse().unwrap();
         assert_eq!(c.to_string(), "10.1.0.0/16");
         assert!(c.contains("10.1.255.1".parse().unwrap()));
         assert!(!c.contains("10.2.0.1".parse().unwrap()));
-        let all: Ipv4Cidr = "0.0.0.0/0".parse().unwrap();
+        let all: IpCidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("1.2.3.4".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<Ipv4Cidr>().is_err());
-        assert!("10.0.0/8".parse::<Ipv4Cidr>().is_err());
-        assert!("10.0.0.0/x".parse::<Ipv4Cidr>().is_err());
+        assert!("10.0.0.0/33".parse::<IpCidr>().is_err());
+        assert!("10.0.0/8".parse::<IpCidr>().is_err());
+        assert!("10.0.0.0/x".parse::<IpCidr>().is_err());
     }
 
     #[test]
@@ -2627,6 +2818,339 @@ endpoints:
 - {addresses: [10.0.0.3], nodeName: node-a, conditions: {ready: false}}
 - {addresses: [10.0.0.4], nodeName: node-b}
 ";
+
+    fn np6(port: u16, proto: u8) -> FrontendKey6 {
+        FrontendKey6 {
+            addr: [0; 4],
+            port: port.to_be(),
+            proto,
+            pad: 0,
+        }
+    }
+
+    fn ext6(ip: &str, port: u16, proto: u8) -> FrontendKey6 {
+        FrontendKey6 {
+            addr: crate::family::addr6_raw(ip.parse().unwrap()),
+            port: port.to_be(),
+            proto,
+            pad: 0,
+        }
+    }
+
+    fn be6(ip: &str, port: u16, local: bool) -> nodeport_common::Backend6 {
+        nodeport_common::Backend6 {
+            addr: crate::family::addr6_raw(ip.parse().unwrap()),
+            port: port.to_be(),
+            flags: if local { BE_F_LOCAL } else { 0 },
+            pad: 0,
+        }
+    }
+
+    /// Service `web` (port `http` 80 -> 8080, nodePort 30080) with `extra` spec lines.
+    fn web_with(extra: &str) -> Service {
+        svc(&format!(
+            "
+metadata: {{name: web, namespace: default}}
+spec:
+  type: LoadBalancer
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}
+{extra}"
+        ))
+    }
+
+    const WEB_SLICE6: &str = "
+metadata:
+  name: web-v6
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv6
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: ['fd00:1::1']
+  nodeName: node-a
+- addresses: ['fd00:2::1']
+  nodeName: node-b
+- addresses: ['fd00:2::2']
+  nodeName: node-b
+  conditions: {ready: false}
+";
+
+    const WEB_SLICE_FQDN: &str = "
+metadata:
+  name: web-fqdn
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: FQDN
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [example.com]
+";
+
+    #[test]
+    fn service_port_id_display_marks_ipv6() {
+        assert_eq!(
+            id6("default", "web", "http", Protocol::Tcp).to_string(),
+            "default/web:http/TCP/IPv6"
+        );
+        assert_eq!(
+            id6("ns", "dns", "", Protocol::Udp).to_string(),
+            "ns/dns/UDP/IPv6"
+        );
+    }
+
+    #[test]
+    fn dual_stack_service_gets_one_unit_per_family() {
+        let s = web_with(
+            "  ipFamilies: [IPv6, IPv4]
+  externalIPs: [198.18.9.1, '2001:db8::9']
+",
+        );
+        let slices = [slice(WEB_SLICE), slice(WEB_SLICE6), slice(WEB_SLICE_FQDN)];
+        let (d, r) = run(&[s], &slices);
+        assert!(r.is_empty(), "{r:?}");
+        let v4 = &d.services[&id("default", "web", "http", Protocol::Tcp)];
+        assert_eq!(
+            v4.frontends,
+            BTreeSet::from([np(30080, PROTO_TCP), ext("198.18.9.1", 80, PROTO_TCP)])
+        );
+        assert_eq!(
+            v4.backends,
+            BTreeSet::from([be("10.0.1.1", 8080, true), be("10.0.2.1", 8080, false)])
+        );
+        let v6 = &d.services6[&id6("default", "web", "http", Protocol::Tcp)];
+        assert_eq!(
+            v6.frontends,
+            BTreeSet::from([np6(30080, PROTO_TCP), ext6("2001:db8::9", 80, PROTO_TCP)])
+        );
+        assert_eq!(
+            v6.backends,
+            BTreeSet::from([be6("fd00:1::1", 8080, true), be6("fd00:2::1", 8080, false)])
+        );
+        assert_eq!((d.services.len(), d.services6.len()), (1, 1));
+        assert_eq!(d.service_count(), 2);
+    }
+
+    #[test]
+    fn ipv6_only_service_has_no_ipv4_unit() {
+        let s = web_with(
+            "  ipFamilies: [IPv6]
+  externalIPs: [198.18.9.1, '2001:db8::9']
+",
+        );
+        let (d, r) = run(&[s], &[slice(WEB_SLICE), slice(WEB_SLICE6)]);
+        assert!(r.is_empty(), "{r:?}");
+        assert!(d.services.is_empty(), "{:?}", d.services);
+        let v6 = &d.services6[&id6("default", "web", "http", Protocol::Tcp)];
+        // The IPv4 external IP is ignored (no IPv4 unit takes it), as kube-proxy does.
+        assert_eq!(
+            v6.frontends,
+            BTreeSet::from([np6(30080, PROTO_TCP), ext6("2001:db8::9", 80, PROTO_TCP)])
+        );
+        assert_eq!(v6.backends.len(), 2);
+    }
+
+    #[test]
+    fn families_come_from_cluster_ips_without_ip_families() {
+        let (d, _) = run(&[web_with("  clusterIP: 'fd00:96::10'\n")], &[]);
+        assert!(d.services.is_empty());
+        assert!(d
+            .services6
+            .contains_key(&id6("default", "web", "http", Protocol::Tcp)));
+        let (d, _) = run(
+            &[web_with(
+                "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00:96::10']\n",
+            )],
+            &[],
+        );
+        assert_eq!((d.services.len(), d.services6.len()), (1, 1));
+        // Neither: IPv4, as before.
+        let (d, _) = run(&[web_with("")], &[]);
+        assert_eq!((d.services.len(), d.services6.len()), (1, 0));
+    }
+
+    #[test]
+    fn lb_ips_of_a_family_become_frontends_only_when_the_family_is_enabled() {
+        let status = "status:
+  loadBalancer:
+    ingress: [{ip: 198.18.5.1}, {ip: '2001:db8:5::1'}]
+";
+        let v4_only = svc(&format!(
+            "{}  loadBalancerIP: '2001:db8:5::2'\n{status}",
+            WEB.replace("NodePort", "LoadBalancer")
+        ));
+        let (d, r) = run(&[v4_only], &[]);
+        assert!(r.is_empty(), "{r:?}");
+        assert!(d.services6.is_empty());
+        assert_eq!(
+            d.services[&id("default", "web", "http", Protocol::Tcp)].frontends,
+            BTreeSet::from([np(30080, PROTO_TCP), ext("198.18.5.1", 80, PROTO_TCP)])
+        );
+        let dual = svc(&format!(
+            "{}  ipFamilies: [IPv4, IPv6]\n  loadBalancerIP: '2001:db8:5::2'\n{status}",
+            WEB.replace("NodePort", "LoadBalancer")
+        ));
+        let (d, _) = run(&[dual], &[]);
+        assert_eq!(
+            d.services6[&id6("default", "web", "http", Protocol::Tcp)].frontends,
+            BTreeSet::from([
+                np6(30080, PROTO_TCP),
+                ext6("2001:db8:5::1", 80, PROTO_TCP),
+                ext6("2001:db8:5::2", 80, PROTO_TCP)
+            ])
+        );
+    }
+
+    #[test]
+    fn source_ranges_go_to_the_unit_of_their_family() {
+        let dual = web_with(
+            "  ipFamilies: [IPv4, IPv6]
+  loadBalancerSourceRanges: [198.18.0.0/24, '2001:db8:1::/48']
+",
+        );
+        let (d, r) = run(&[dual], &[]);
+        assert!(r.is_empty(), "{r:?}");
+        let v4 = &d.services[&id("default", "web", "http", Protocol::Tcp)];
+        let v6 = &d.services6[&id6("default", "web", "http", Protocol::Tcp)];
+        let cidrs =
+            |l: &[&str]| -> BTreeSet<IpCidr> { l.iter().map(|c| c.parse().unwrap()).collect() };
+        assert_eq!(v4.source_ranges, cidrs(&["198.18.0.0/24"]));
+        assert_eq!(v6.source_ranges, cidrs(&["2001:db8:1::/48"]));
+        assert_ne!(v4.flags & SVC_F_SRC_RANGES, 0);
+        assert_ne!(v6.flags & SVC_F_SRC_RANGES, 0);
+        // Only IPv4 ranges: the IPv6 unit keeps the flag with no range (allows nobody).
+        let v4_ranges = web_with(
+            "  ipFamilies: [IPv4, IPv6]
+  loadBalancerSourceRanges: [198.18.0.0/24]
+",
+        );
+        let (d, _) = run(&[v4_ranges], &[]);
+        let v6 = &d.services6[&id6("default", "web", "http", Protocol::Tcp)];
+        assert_ne!(v6.flags & SVC_F_SRC_RANGES, 0);
+        assert!(v6.source_ranges.is_empty());
+    }
+
+    #[test]
+    fn unknown_family_is_refused_by_name_and_the_other_still_served() {
+        let s = web_with("  ipFamilies: [IPv6, IPv5]\n");
+        let (d, r) = run(&[s], &[slice(WEB_SLICE6)]);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].object, "Service default/web");
+        assert!(
+            r[0].reason.contains("spec.ipFamilies[1]") && r[0].reason.contains("IPv5"),
+            "{r:?}"
+        );
+        assert!(d.services.is_empty());
+        assert_eq!(
+            d.services6[&id6("default", "web", "http", Protocol::Tcp)]
+                .backends
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn local_policy_with_ipv6_local_endpoints() {
+        let s = web_with(
+            "  ipFamilies: [IPv4, IPv6]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30100
+",
+        );
+        let (d, r) = run(&[s], &[slice(WEB_SLICE), slice(WEB_SLICE6)]);
+        assert!(r.is_empty(), "{r:?}");
+        let v6 = &d.services6[&id6("default", "web", "http", Protocol::Tcp)];
+        assert_ne!(v6.flags & SVC_F_LOCAL, 0);
+        let table: Vec<_> = v6.table_backends().copied().collect();
+        assert_eq!(table, vec![be6("fd00:1::1", 8080, true)]);
+        // The other node's serving endpoint stays programmed for old flows.
+        assert!(v6.backends.contains(&be6("fd00:2::1", 8080, false)));
+        // One local ready endpoint of each family.
+        assert_eq!(d.health_checks[&30100], hc("default", "web", 2));
+    }
+
+    #[test]
+    fn a_refusal_shared_by_both_units_is_reported_once() {
+        let s = svc("
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  ipFamilies: [IPv4, IPv6]
+  ports: [{name: http, port: 80, nodePort: 99}]
+");
+        let (d, r) = run(std::slice::from_ref(&s), &[]);
+        assert_eq!(d.service_count(), 0);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].reason.contains("nodePort 99"), "{r:?}");
+        let mut m = Model::new();
+        let (_, r2) = m.update(&Inputs {
+            services: &[s],
+            slices: &[],
+            nodes: &[],
+            node_name: "node-a",
+            interface_addrs: &[],
+            settings: &Settings::default(),
+        });
+        assert_eq!(r2, r);
+    }
+
+    #[test]
+    fn an_address_of_the_other_family_in_a_slice_is_refused() {
+        let bad = WEB_SLICE6.replace("'fd00:2::2'", "10.9.9.9");
+        let s = web_with("  ipFamilies: [IPv6]\n");
+        let (d, r) = run(&[s], &[slice(&bad)]);
+        assert!(
+            r.iter().any(|r| r.object == "EndpointSlice default/web-v6"
+                && r.reason.contains("\"10.9.9.9\" is not an IPv6 address")),
+            "{r:?}"
+        );
+        assert_eq!(
+            d.services6[&id6("default", "web", "http", Protocol::Tcp)]
+                .backends
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn model_tracks_dual_stack_changes() {
+        let s = web_with("  ipFamilies: [IPv4, IPv6]\n");
+        let slices = [slice(WEB_SLICE), slice(WEB_SLICE6)];
+        let settings = Settings::default();
+        let inputs = |services, slices| Inputs {
+            services,
+            slices,
+            nodes: &[],
+            node_name: "node-a",
+            interface_addrs: &[],
+            settings: &settings,
+        };
+        let mut m = Model::by_content();
+        let (got, _) = m.update(&inputs(std::slice::from_ref(&s), &slices));
+        assert_eq!(*got, desired(&inputs(std::slice::from_ref(&s), &slices)).0);
+        let c = m.take_changes();
+        assert_eq!(
+            c.services,
+            BTreeSet::from([
+                id("default", "web", "http", Protocol::Tcp),
+                id6("default", "web", "http", Protocol::Tcp)
+            ])
+        );
+        // Only the IPv6 slice goes: the model reports the IPv6 unit.
+        let (got, _) = m.update(&inputs(std::slice::from_ref(&s), &slices[..1]));
+        assert!(got.services6[&id6("default", "web", "http", Protocol::Tcp)]
+            .backends
+            .is_empty());
+        let c = m.take_changes();
+        assert!(c
+            .services
+            .contains(&id6("default", "web", "http", Protocol::Tcp)));
+        // IPv6 dropped from the families: the IPv6 unit is gone.
+        let v4 = web_with("  ipFamilies: [IPv4]\n");
+        let (got, _) = m.update(&inputs(std::slice::from_ref(&v4), &slices));
+        assert!(got.services6.is_empty());
+        assert_eq!(got.services.len(), 1);
+    }
 
     fn hc(ns: &str, name: &str, local_endpoints: usize) -> HealthCheck {
         HealthCheck {

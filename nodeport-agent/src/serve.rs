@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -107,10 +107,50 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     )
 }
 
+/// A listener on `addr`. On an unspecified address (`0.0.0.0` or `[::]`) it takes both
+/// families, as Go's listeners (kube-proxy's) do for `0.0.0.0`: a `[::]` socket with
+/// IPV6_V6ONLY off (whatever `net.ipv6.bindv6only` says); on a node without IPv6 it falls
+/// back to `0.0.0.0`. A specific address takes its own family. Must be called within a
+/// tokio runtime.
+pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let addr = if addr.ip().is_unspecified() {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, addr.port()))
+    } else {
+        addr
+    };
+    let bind = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
+        let sock = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(a) => {
+                let sock = tokio::net::TcpSocket::new_v6()?;
+                if a.ip().is_unspecified() {
+                    nix::sys::socket::setsockopt(
+                        &sock,
+                        nix::sys::socket::sockopt::Ipv6V6Only,
+                        &false,
+                    )
+                    .map_err(std::io::Error::from)?;
+                }
+                sock
+            }
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(addr)?;
+        sock.listen(1024)
+    };
+    match bind(addr) {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EAFNOSUPPORT)
+                && addr.ip() == Ipv6Addr::UNSPECIFIED =>
+        {
+            bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port())))
+        }
+        other => other,
+    }
+}
+
 async fn serve(addr: SocketAddr, app: Router) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))?;
+    let listener = listen(addr).map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(%addr, "HTTP server stopped: {e}");
@@ -198,7 +238,8 @@ async fn check(State(s): State<Arc<CheckState>>) -> impl IntoResponse {
 }
 
 /// The health check servers of `externalTrafficPolicy: Local` services, one listener on
-/// `0.0.0.0:<healthCheckNodePort>` each, like kube-proxy.
+/// `[::]:<healthCheckNodePort>` each (dual-stack: IPv4 and IPv6 load balancers), like
+/// kube-proxy's `0.0.0.0` and `::` ones.
 #[derive(Clone)]
 pub struct HealthChecks {
     health: Arc<Health>,
@@ -235,8 +276,8 @@ impl HealthChecks {
             let app = Router::new().fallback(check).with_state(state.clone());
             let service = format!("{}/{}", hc.namespace, hc.name);
             let task = tokio::spawn(async move {
-                let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-                let listener = match tokio::net::TcpListener::bind(addr).await {
+                let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+                let listener = match listen(addr) {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::error!(
@@ -333,6 +374,35 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("port {port}: never {want:?}");
+    }
+
+    #[tokio::test]
+    async fn unspecified_listener_takes_both_families() {
+        // `0.0.0.0`, the default of --health-addr and --metrics-addr.
+        let l = listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accept = tokio::spawn(async move {
+            for _ in 0..2 {
+                let _ = l.accept().await;
+            }
+        });
+        tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .expect("an IPv4 client reaches the unspecified listener");
+        match tokio::net::TcpStream::connect((Ipv6Addr::LOCALHOST, port)).await {
+            Ok(_) => {}
+            // Only when this machine has no IPv6 at all (then the listener is 0.0.0.0).
+            Err(e) if no_ipv6() => {
+                eprintln!("SKIPPED the IPv6 half: no IPv6 loopback here ({e})");
+            }
+            Err(e) => panic!("an IPv6 client cannot reach the unspecified listener: {e}"),
+        }
+        accept.abort();
+    }
+
+    /// Whether IPv6 is missing here (binding `[::1]` fails).
+    fn no_ipv6() -> bool {
+        std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_err()
     }
 
     #[tokio::test]

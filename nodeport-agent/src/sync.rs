@@ -11,37 +11,53 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use nodeport_common::{Backend, FrontendKey, Service, BACKEND_NONE, SVC_F_SRC_RANGES};
+use nodeport_common::{
+    Backend, Backend6, FrontendKey, FrontendKey6, Ip6, Service, BACKEND_NONE, SVC_F_SRC_RANGES,
+};
 
 use crate::error::{Error, Result};
+use crate::family::{endpoint_name, Family, IpCidr};
 use crate::maglev;
 use crate::model::{
-    addr_from_raw, addr_raw, describe_frontend, Changes, Desired, DesiredService, Ipv4Cidr,
-    ServicePortId,
+    describe_frontend, Changes, Desired, DesiredFamily, DesiredService, ServicePortId,
 };
 
 /// Writes to the datapath maps. Every method is one map operation (or, for
 /// [`Maps::write_slots`], one range of the NP_MAGLEV array); none of them may leave a map
-/// half-updated for a single key.
+/// half-updated for a single key. The `*6` methods are the same for the IPv6 maps; backend
+/// ids are one space over NP_BE and NP_BE6 (an id is in use in one of them at a time).
 pub trait Maps {
     /// NP_BE: insert or replace backend `id`.
     fn set_backend(&mut self, id: u32, be: &Backend) -> Result<()>;
     /// NP_BE: remove backend `id`.
     fn delete_backend(&mut self, id: u32) -> Result<()>;
+    /// NP_BE6: insert or replace backend `id`.
+    fn set_backend6(&mut self, id: u32, be: &Backend6) -> Result<()>;
+    /// NP_BE6: remove backend `id`.
+    fn delete_backend6(&mut self, id: u32) -> Result<()>;
     /// NP_MAGLEV: write `ids` to slots `offset..offset + ids.len()`.
     fn write_slots(&mut self, offset: u32, ids: &[u32]) -> Result<()>;
     /// NP_SVC: insert or replace a frontend.
     fn set_service(&mut self, key: &FrontendKey, val: &Service) -> Result<()>;
     /// NP_SVC: remove a frontend.
     fn delete_service(&mut self, key: &FrontendKey) -> Result<()>;
+    /// NP_SVC6: insert or replace a frontend.
+    fn set_service6(&mut self, key: &FrontendKey6, val: &Service) -> Result<()>;
+    /// NP_SVC6: remove a frontend.
+    fn delete_service6(&mut self, key: &FrontendKey6) -> Result<()>;
     /// NP_NODEADDR: add an address of this node (raw network order).
     fn set_node_addr(&mut self, addr: u32) -> Result<()>;
     /// NP_NODEADDR: remove an address of this node.
     fn delete_node_addr(&mut self, addr: u32) -> Result<()>;
-    /// NP_SRCRANGE: allow `cidr` on the LoadBalancer/external-IP frontends of `svc_id`.
-    fn set_src_range(&mut self, svc_id: u32, cidr: Ipv4Cidr) -> Result<()>;
-    /// NP_SRCRANGE: remove an allowed range.
-    fn delete_src_range(&mut self, svc_id: u32, cidr: Ipv4Cidr) -> Result<()>;
+    /// NP_NODEADDR6: add an address of this node (raw network order).
+    fn set_node_addr6(&mut self, addr: Ip6) -> Result<()>;
+    /// NP_NODEADDR6: remove an address of this node.
+    fn delete_node_addr6(&mut self, addr: Ip6) -> Result<()>;
+    /// NP_SRCRANGE (an IPv4 `cidr`) or NP_SRCRANGE6 (IPv6): allow `cidr` on the
+    /// LoadBalancer/external-IP frontends of `svc_id`.
+    fn set_src_range(&mut self, svc_id: u32, cidr: IpCidr) -> Result<()>;
+    /// NP_SRCRANGE or NP_SRCRANGE6: remove an allowed range.
+    fn delete_src_range(&mut self, svc_id: u32, cidr: IpCidr) -> Result<()>;
     /// NP_MAGLEV: read slots `offset..offset + len`; `None` when they cannot be read (the
     /// default). Only used after [`Reconciler::restore`]: a table found in the maps that is
     /// exactly the one the desired state needs is then adopted instead of written again.
@@ -56,12 +72,98 @@ pub trait Maps {
 pub struct MapSnapshot {
     /// NP_NODEADDR keys.
     pub node_addrs: Vec<u32>,
-    /// NP_BE: backend id and value.
+    /// NP_BE: backend id and value (ids holding all zero left out).
     pub backends: Vec<(u32, Backend)>,
     /// NP_SVC: frontend and value.
     pub services: Vec<(FrontendKey, Service)>,
-    /// NP_SRCRANGE: service id and allowed range.
-    pub src_ranges: Vec<(u32, Ipv4Cidr)>,
+    /// NP_NODEADDR6 keys.
+    pub node_addrs6: Vec<Ip6>,
+    /// NP_BE6: backend id and value (ids holding all zero left out).
+    pub backends6: Vec<(u32, Backend6)>,
+    /// NP_SVC6: frontend and value.
+    pub services6: Vec<(FrontendKey6, Service)>,
+    /// NP_SRCRANGE and NP_SRCRANGE6: service id and allowed range.
+    pub src_ranges: Vec<(u32, IpCidr)>,
+}
+
+impl MapSnapshot {
+    /// Whether the maps held nothing the reconciler adopts.
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty()
+            && self.services.is_empty()
+            && self.backends6.is_empty()
+            && self.services6.is_empty()
+            && self.src_ranges.is_empty()
+    }
+}
+
+/// What differs between the families for the reconciler: which maps (through [`Maps`]),
+/// which part of [`Desired`] and of the snapshot, which state. Everything else is written
+/// once, generic over this.
+trait SyncAddr: DesiredFamily {
+    fn set_backend(maps: &mut impl Maps, id: u32, be: &Backend<Self>) -> Result<()>;
+    fn delete_backend(maps: &mut impl Maps, id: u32) -> Result<()>;
+    fn set_service(maps: &mut impl Maps, key: &FrontendKey<Self>, val: &Service) -> Result<()>;
+    fn delete_service(maps: &mut impl Maps, key: &FrontendKey<Self>) -> Result<()>;
+    fn set_node_addr(maps: &mut impl Maps, addr: Self) -> Result<()>;
+    fn delete_node_addr(maps: &mut impl Maps, addr: Self) -> Result<()>;
+    /// The snapshot's (node addresses, backends, frontends) of this family.
+    #[expect(clippy::type_complexity, reason = "three plain slices of the snapshot")]
+    fn snapshot(
+        snap: &MapSnapshot,
+    ) -> (
+        &[Self],
+        &[(u32, Backend<Self>)],
+        &[(FrontendKey<Self>, Service)],
+    );
+}
+
+impl SyncAddr for u32 {
+    fn set_backend(maps: &mut impl Maps, id: u32, be: &Backend) -> Result<()> {
+        maps.set_backend(id, be)
+    }
+    fn delete_backend(maps: &mut impl Maps, id: u32) -> Result<()> {
+        maps.delete_backend(id)
+    }
+    fn set_service(maps: &mut impl Maps, key: &FrontendKey, val: &Service) -> Result<()> {
+        maps.set_service(key, val)
+    }
+    fn delete_service(maps: &mut impl Maps, key: &FrontendKey) -> Result<()> {
+        maps.delete_service(key)
+    }
+    fn set_node_addr(maps: &mut impl Maps, addr: u32) -> Result<()> {
+        maps.set_node_addr(addr)
+    }
+    fn delete_node_addr(maps: &mut impl Maps, addr: u32) -> Result<()> {
+        maps.delete_node_addr(addr)
+    }
+    fn snapshot(snap: &MapSnapshot) -> (&[u32], &[(u32, Backend)], &[(FrontendKey, Service)]) {
+        (&snap.node_addrs, &snap.backends, &snap.services)
+    }
+}
+
+impl SyncAddr for Ip6 {
+    fn set_backend(maps: &mut impl Maps, id: u32, be: &Backend6) -> Result<()> {
+        maps.set_backend6(id, be)
+    }
+    fn delete_backend(maps: &mut impl Maps, id: u32) -> Result<()> {
+        maps.delete_backend6(id)
+    }
+    fn set_service(maps: &mut impl Maps, key: &FrontendKey6, val: &Service) -> Result<()> {
+        maps.set_service6(key, val)
+    }
+    fn delete_service(maps: &mut impl Maps, key: &FrontendKey6) -> Result<()> {
+        maps.delete_service6(key)
+    }
+    fn set_node_addr(maps: &mut impl Maps, addr: Ip6) -> Result<()> {
+        maps.set_node_addr6(addr)
+    }
+    fn delete_node_addr(maps: &mut impl Maps, addr: Ip6) -> Result<()> {
+        maps.delete_node_addr6(addr)
+    }
+    fn snapshot(snap: &MapSnapshot) -> (&[Ip6], &[(u32, Backend6)], &[(FrontendKey6, Service)]) {
+        (&snap.node_addrs6, &snap.backends6, &snap.services6)
+    }
 }
 
 /// A range of NP_MAGLEV slots.
@@ -234,45 +336,46 @@ impl IdPool {
 }
 
 /// A backend as the reconciler knows it: (address, port), raw network order.
-type BeKey = (u32, u16);
+type BeKey<A> = (A, u16);
 
-fn be_key(b: &Backend) -> BeKey {
+fn be_key<A: SyncAddr>(b: &Backend<A>) -> BeKey<A> {
     (b.addr, b.port)
 }
 
-fn be_name((addr, port): BeKey) -> String {
-    format!("{}:{}", addr_from_raw(addr), u16::from_be(port))
+/// `10.0.0.1:80`, `[2001:db8::1]:80`: also what the Maglev permutation of a backend hashes.
+fn be_name<A: SyncAddr>((addr, port): BeKey<A>) -> String {
+    endpoint_name(addr, port)
 }
 
 /// A Maglev table written to NP_MAGLEV.
 #[derive(Clone, Debug)]
-struct Table {
+struct Table<A> {
     region: Region,
     /// The backends it was built from, sorted.
-    backends: Vec<BeKey>,
+    backends: Vec<BeKey<A>>,
 }
 
 /// What is programmed for one service port.
 #[derive(Clone, Debug)]
-struct SvcState {
+struct SvcState<A: SyncAddr> {
     svc_id: u32,
     /// The latest table, the one frontends are flipped to; `None` when the service has no
     /// backend (its frontends carry `table_size == 0`).
-    table: Option<Table>,
+    table: Option<Table<A>>,
     /// Older tables that some frontend may still point at (a flip or delete failed).
-    stale: Vec<Table>,
+    stale: Vec<Table<A>>,
     /// The value programmed under each frontend of this service.
-    frontends: BTreeMap<FrontendKey, Service>,
+    frontends: BTreeMap<FrontendKey<A>, Service>,
 }
 
-impl SvcState {
-    fn table_keys(&self) -> &[BeKey] {
+impl<A: SyncAddr> SvcState<A> {
+    fn table_keys(&self) -> &[BeKey<A>] {
         self.table.as_ref().map_or(&[], |t| t.backends.as_slice())
     }
 }
 
 /// The NP_MAGLEV slots of a table of `size` over `keys` (sorted), whose NP_BE ids are `ids`.
-fn build_table(keys: &[BeKey], ids: &[u32], size: u32) -> Vec<u32> {
+fn build_table<A: SyncAddr>(keys: &[BeKey<A>], ids: &[u32], size: u32) -> Vec<u32> {
     let names: Vec<String> = keys.iter().map(|k| be_name(*k)).collect();
     let name_refs: Vec<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
     maglev::build(&name_refs, size)
@@ -283,9 +386,13 @@ fn build_table(keys: &[BeKey], ids: &[u32], size: u32) -> Vec<u32> {
 
 /// The NP_SVC value of frontend `fe` of a service port programmed as `st`, wanting `ds`.
 /// Source ranges apply to LoadBalancer and external IPs, not to nodePorts (as kube-proxy).
-fn service_value(st: &SvcState, ds: &DesiredService, fe: &FrontendKey) -> Service {
+fn service_value<A: SyncAddr>(
+    st: &SvcState<A>,
+    ds: &DesiredService<A>,
+    fe: &FrontendKey<A>,
+) -> Service {
     let region = st.table.as_ref().map(|t| t.region);
-    let flags = if fe.addr == 0 {
+    let flags = if fe.addr.is_zero() {
         ds.flags & !SVC_F_SRC_RANGES
     } else {
         ds.flags
@@ -313,7 +420,7 @@ fn value_region(v: &Service) -> Option<Region> {
 /// found by [`Reconciler::restore`], or the table of a service port that is gone while a
 /// frontend could not be moved off it. Freed once no frontend points into it.
 #[derive(Clone, Debug)]
-struct Orphan {
+struct Orphan<A> {
     /// Reserved in the allocator (clipped to NP_MAGLEV); `None` when wholly outside it.
     block: Option<Region>,
     /// The `(table_off, table_size)` values found pointing into the block (several only when
@@ -321,14 +428,14 @@ struct Orphan {
     members: Vec<Region>,
     /// The backends its slots hold; `None`: unknown (found by a restore), which keeps every
     /// restored backend while the block is alive.
-    backends: Option<Vec<BeKey>>,
+    backends: Option<Vec<BeKey<A>>>,
 }
 
-/// A backend programmed in NP_BE.
+/// A backend programmed in NP_BE (NP_BE6).
 #[derive(Clone, Copy, Debug)]
-struct BeState {
+struct BeState<A: SyncAddr> {
     id: u32,
-    value: Backend,
+    value: Backend<A>,
     /// Found by a restore: a restored table of unknown contents may hold it.
     restored: bool,
 }
@@ -403,35 +510,57 @@ pub struct StateSummary {
 ///
 /// After an agent restart, [`Reconciler::restore`] adopts what the pinned maps hold (see
 /// there), so that the established flows keep their backends.
+///
+/// The IPv4 and IPv6 service ports are reconciled the same way, each family into its own
+/// maps, sharing NP_MAGLEV, the backend ids (one space over NP_BE and NP_BE6) and the
+/// service ids.
 #[derive(Clone, Debug)]
 pub struct Reconciler {
+    sh: Shared,
+    v4: FamilyState<u32>,
+    v6: FamilyState<Ip6>,
+    /// The model and generation of the last [`Reconciler::apply_changes`].
+    hinted: Option<(u64, u64)>,
+}
+
+/// What both families allocate from.
+#[derive(Clone, Debug)]
+struct Shared {
     maglev_slots: u32,
     regions: RegionAllocator,
     be_ids: IdPool,
     svc_ids: IdPool,
-    backends: BTreeMap<BeKey, BeState>,
-    services: BTreeMap<ServicePortId, SvcState>,
+    /// Restored backend ids found in NP_BE and NP_BE6 both: IPv4 keeps the id, and IPv6
+    /// deletes its entry without handing the id back.
+    dup_be_ids: BTreeSet<u32>,
+}
+
+/// What is programmed for the service ports of one family.
+#[derive(Clone, Debug)]
+struct FamilyState<A: SyncAddr> {
+    backends: BTreeMap<BeKey<A>, BeState<A>>,
+    services: BTreeMap<ServicePortId, SvcState<A>>,
     /// Which service port each programmed frontend belongs to.
-    fe_owner: BTreeMap<FrontendKey, ServicePortId>,
-    node_addrs: BTreeSet<u32>,
+    fe_owner: BTreeMap<FrontendKey<A>, ServicePortId>,
+    node_addrs: BTreeSet<A>,
     /// Restored frontends no service port has claimed yet, with their programmed value.
-    orphans: BTreeMap<FrontendKey, Service>,
+    orphans: BTreeMap<FrontendKey<A>, Service>,
     /// Tables no service port owns, by their first member.
-    orphan_tables: BTreeMap<Region, Orphan>,
-    /// Restored NP_BE ids whose (addr, port) another, lower id holds (or id 0).
-    stale_ids: BTreeMap<u32, Backend>,
+    orphan_tables: BTreeMap<Region, Orphan<A>>,
+    /// Restored backend ids whose (addr, port) another, lower id holds (or id 0).
+    stale_ids: BTreeMap<u32, Backend<A>>,
     /// Restored `svc_id`s no service port has taken over yet.
     restored_svc_ids: BTreeSet<u32>,
-    /// NP_SRCRANGE as programmed: (svc_id, range).
-    src_ranges: BTreeSet<(u32, Ipv4Cidr)>,
+    /// NP_SRCRANGE (NP_SRCRANGE6) as programmed: (svc_id, range).
+    src_ranges: BTreeSet<(u32, IpCidr)>,
     /// The service ports of the last desired state (what `refs` counts).
-    last: BTreeMap<ServicePortId, DesiredService>,
+    last: BTreeMap<ServicePortId, DesiredService<A>>,
     /// Per backend: its uses by `last` and by tables.
-    refs: BTreeMap<BeKey, BeRefs>,
+    refs: BTreeMap<BeKey<A>, BeRefs>,
     /// Wanted backends whose programmed value may be wrong (a write failed).
-    be_retry: BTreeSet<BeKey>,
+    be_retry: BTreeSet<BeKey<A>>,
     /// Backends that may be referenced by nothing any more (to delete).
-    be_check: BTreeSet<BeKey>,
+    be_check: BTreeSet<BeKey<A>>,
     /// Service ports whose programmed state may differ from their desired one (a failure,
     /// a stale table, a frontend taken over by another port), or that are gone but still
     /// programmed: visited by every apply.
@@ -441,8 +570,6 @@ pub struct Reconciler {
     /// The next apply must visit everything (after a restore, until the restored leftovers
     /// are gone).
     full: bool,
-    /// The model and generation of the last [`Reconciler::apply_changes`].
-    hinted: Option<(u64, u64)>,
     /// Tests: visit everything on every apply.
     #[cfg(test)]
     always_full: bool,
@@ -475,7 +602,10 @@ impl BeRefs {
 
 /// Whether a table built from `table` is the one `backends` need (one key per (addr, port),
 /// sorted, as [`Reconciler::sync_service`] builds it).
-fn same_keys<'a>(table: &[BeKey], backends: impl Iterator<Item = &'a Backend>) -> bool {
+fn same_keys<'a, A: SyncAddr>(
+    table: &[BeKey<A>],
+    backends: impl Iterator<Item = &'a Backend<A>>,
+) -> bool {
     let mut want = backends.map(be_key);
     let mut prev = None;
     let mut i = 0;
@@ -493,33 +623,20 @@ fn same_keys<'a>(table: &[BeKey], backends: impl Iterator<Item = &'a Backend>) -
 }
 
 impl Reconciler {
-    /// A reconciler for empty maps: NP_MAGLEV of `maglev_slots` slots, NP_BE holding ids
-    /// `1..max_backends`.
+    /// A reconciler for empty maps: NP_MAGLEV of `maglev_slots` slots, NP_BE and NP_BE6
+    /// holding ids `1..max_backends`.
     pub fn new(maglev_slots: u32, max_backends: u32) -> Self {
         Self {
-            maglev_slots,
-            regions: RegionAllocator::new(maglev_slots),
-            be_ids: IdPool::new(max_backends),
-            svc_ids: IdPool::new(u32::MAX),
-            backends: BTreeMap::new(),
-            services: BTreeMap::new(),
-            fe_owner: BTreeMap::new(),
-            node_addrs: BTreeSet::new(),
-            orphans: BTreeMap::new(),
-            orphan_tables: BTreeMap::new(),
-            stale_ids: BTreeMap::new(),
-            restored_svc_ids: BTreeSet::new(),
-            src_ranges: BTreeSet::new(),
-            last: BTreeMap::new(),
-            refs: BTreeMap::new(),
-            be_retry: BTreeSet::new(),
-            be_check: BTreeSet::new(),
-            unsettled: BTreeSet::new(),
-            taken: Vec::new(),
-            full: false,
+            sh: Shared {
+                maglev_slots,
+                regions: RegionAllocator::new(maglev_slots),
+                be_ids: IdPool::new(max_backends),
+                svc_ids: IdPool::new(u32::MAX),
+                dup_be_ids: BTreeSet::new(),
+            },
+            v4: FamilyState::new(),
+            v6: FamilyState::new(),
             hinted: None,
-            #[cfg(test)]
-            always_full: false,
         }
     }
 
@@ -544,76 +661,21 @@ impl Reconciler {
     ///   Overlapping regions are reserved together; the parts outside NP_MAGLEV are ignored;
     /// - backends of restored tables are kept while such a table may still be in use;
     /// - node addresses: the first apply diffs against the restored set.
+    ///
+    /// Both families are restored the same way, each from its own maps. A backend id found
+    /// in NP_BE and NP_BE6 both stays IPv4's; the IPv6 entry is deleted as a stale one.
     pub fn restore(maglev_slots: u32, max_backends: u32, snap: &MapSnapshot) -> Self {
         let mut r = Self::new(maglev_slots, max_backends);
-        r.node_addrs = snap.node_addrs.iter().copied().collect();
-        r.src_ranges = snap.src_ranges.iter().copied().collect();
-        // What the maps hold is not indexed yet: the first apply visits everything.
-        r.full =
-            !snap.backends.is_empty() || !snap.services.is_empty() || !snap.src_ranges.is_empty();
-
-        let mut by_id: BTreeMap<u32, Backend> = BTreeMap::new();
-        for (id, be) in &snap.backends {
-            by_id.entry(*id).or_insert(*be);
-        }
-        for (id, value) in by_id {
-            r.be_ids.reserve(id);
-            if id == BACKEND_NONE || r.backends.contains_key(&be_key(&value)) {
-                r.stale_ids.insert(id, value);
-            } else {
-                r.backends.insert(
-                    be_key(&value),
-                    BeState {
-                        id,
-                        value,
-                        restored: true,
-                    },
-                );
-            }
-        }
-
-        for (fe, value) in &snap.services {
-            r.orphans.entry(*fe).or_insert(*value);
-        }
-        for v in r.orphans.values() {
-            r.svc_ids.reserve(v.svc_id);
-            if v.svc_id != 0 {
-                r.restored_svc_ids.insert(v.svc_id);
-            }
-        }
-
-        // Distinct tables, grouped into blocks of overlapping ones (sorted by offset).
-        let tables: BTreeSet<Region> = r.orphans.values().filter_map(value_region).collect();
-        let mut blocks: Vec<(u64, u64, Vec<Region>)> = Vec::new();
-        for t in tables {
-            let (start, end) = (u64::from(t.offset), u64::from(t.offset) + u64::from(t.size));
-            match blocks.last_mut() {
-                Some(last) if start < last.1 => {
-                    last.1 = last.1.max(end);
-                    last.2.push(t);
-                }
-                _ => blocks.push((start, end, vec![t])),
-            }
-        }
-        let total = u64::from(maglev_slots);
-        for (start, end, members) in blocks {
-            let (start, end) = (start.min(total), end.min(total));
-            let block = (start < end).then(|| Region {
-                offset: start as u32,
-                size: (end - start) as u32,
-            });
-            if let Some(b) = block {
-                r.regions.reserve(b);
-            }
-            r.orphan_tables.insert(
-                members[0],
-                Orphan {
-                    block,
-                    members,
-                    backends: None,
-                },
-            );
-        }
+        let v4_ids: BTreeSet<u32> = snap.backends.iter().map(|(id, _)| *id).collect();
+        r.sh.dup_be_ids = snap
+            .backends6
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| v4_ids.contains(id))
+            .collect();
+        r.v4.restore(&mut r.sh, snap, &BTreeSet::new());
+        let dup = r.sh.dup_be_ids.clone();
+        r.v6.restore(&mut r.sh, snap, &dup);
         r
     }
 
@@ -638,6 +700,8 @@ impl Reconciler {
     /// skipped after one comparison each (the map calls are exactly those of a full pass).
     /// The first apply after a [`Reconciler::restore`] visits everything, and so do the
     /// following ones while restored leftovers (frontends, tables, ids) remain.
+    ///
+    /// Each family goes through these steps in turn, IPv4 first.
     pub fn apply(&mut self, desired: &Desired, maps: &mut impl Maps) -> SyncReport {
         self.hinted = None;
         self.apply_inner(desired, None, maps)
@@ -665,29 +729,160 @@ impl Reconciler {
         hint: Option<&BTreeSet<ServicePortId>>,
         maps: &mut impl Maps,
     ) -> SyncReport {
-        self.regions.release_quarantine();
-        self.be_ids.release_quarantine();
-        self.svc_ids.release_quarantine();
+        self.sh.regions.release_quarantine();
+        self.sh.be_ids.release_quarantine();
+        self.sh.svc_ids.release_quarantine();
         let mut report = SyncReport::default();
+        self.v4
+            .apply(&mut self.sh, desired, hint, maps, &mut report);
+        self.v6
+            .apply(&mut self.sh, desired, hint, maps, &mut report);
+        report
+    }
 
-        self.sync_node_addrs(desired, maps, &mut report);
+    /// Tests: visit every service port on every apply.
+    #[cfg(test)]
+    fn set_always_full(&mut self) {
+        self.v4.always_full = true;
+        self.v6.always_full = true;
+    }
+}
+
+impl<A: SyncAddr> FamilyState<A> {
+    fn new() -> Self {
+        Self {
+            backends: BTreeMap::new(),
+            services: BTreeMap::new(),
+            fe_owner: BTreeMap::new(),
+            node_addrs: BTreeSet::new(),
+            orphans: BTreeMap::new(),
+            orphan_tables: BTreeMap::new(),
+            stale_ids: BTreeMap::new(),
+            restored_svc_ids: BTreeSet::new(),
+            src_ranges: BTreeSet::new(),
+            last: BTreeMap::new(),
+            refs: BTreeMap::new(),
+            be_retry: BTreeSet::new(),
+            be_check: BTreeSet::new(),
+            unsettled: BTreeSet::new(),
+            taken: Vec::new(),
+            full: false,
+            #[cfg(test)]
+            always_full: false,
+        }
+    }
+
+    /// [`Reconciler::restore`] for this family; ids in `foreign` belong to the other
+    /// family: their entries here are stale. Each family reserves and later frees the
+    /// NP_MAGLEV blocks its own restored frontends point at; the tables of the two
+    /// families never overlap unless the pinned maps are corrupt.
+    fn restore(&mut self, sh: &mut Shared, snap: &MapSnapshot, foreign: &BTreeSet<u32>) {
+        let (node_addrs, backends, services) = A::snapshot(snap);
+        let r = self;
+        let maglev_slots = sh.maglev_slots;
+        r.node_addrs = node_addrs.iter().copied().collect();
+        r.src_ranges = snap
+            .src_ranges
+            .iter()
+            .filter(|(_, c)| c.family() == A::FAMILY)
+            .copied()
+            .collect();
+        // What the maps hold is not indexed yet: the first apply visits everything.
+        r.full = !backends.is_empty() || !services.is_empty() || !r.src_ranges.is_empty();
+
+        let mut by_id: BTreeMap<u32, Backend<A>> = BTreeMap::new();
+        for (id, be) in backends {
+            by_id.entry(*id).or_insert(*be);
+        }
+        for (id, value) in by_id {
+            sh.be_ids.reserve(id);
+            if id == BACKEND_NONE
+                || foreign.contains(&id)
+                || r.backends.contains_key(&be_key(&value))
+            {
+                r.stale_ids.insert(id, value);
+            } else {
+                r.backends.insert(
+                    be_key(&value),
+                    BeState {
+                        id,
+                        value,
+                        restored: true,
+                    },
+                );
+            }
+        }
+
+        for (fe, value) in services {
+            r.orphans.entry(*fe).or_insert(*value);
+        }
+        for v in r.orphans.values() {
+            sh.svc_ids.reserve(v.svc_id);
+            if v.svc_id != 0 {
+                r.restored_svc_ids.insert(v.svc_id);
+            }
+        }
+
+        // Distinct tables, grouped into blocks of overlapping ones (sorted by offset).
+        let tables: BTreeSet<Region> = r.orphans.values().filter_map(value_region).collect();
+        let mut blocks: Vec<(u64, u64, Vec<Region>)> = Vec::new();
+        for t in tables {
+            let (start, end) = (u64::from(t.offset), u64::from(t.offset) + u64::from(t.size));
+            match blocks.last_mut() {
+                Some(last) if start < last.1 => {
+                    last.1 = last.1.max(end);
+                    last.2.push(t);
+                }
+                _ => blocks.push((start, end, vec![t])),
+            }
+        }
+        let total = u64::from(maglev_slots);
+        for (start, end, members) in blocks {
+            let (start, end) = (start.min(total), end.min(total));
+            let block = (start < end).then(|| Region {
+                offset: start as u32,
+                size: (end - start) as u32,
+            });
+            if let Some(b) = block {
+                sh.regions.reserve(b);
+            }
+            r.orphan_tables.insert(
+                members[0],
+                Orphan {
+                    block,
+                    members,
+                    backends: None,
+                },
+            );
+        }
+    }
+
+    /// One apply of this family (the quarantines were released by the caller).
+    fn apply(
+        &mut self,
+        sh: &mut Shared,
+        desired: &Desired,
+        hint: Option<&BTreeSet<ServicePortId>>,
+        maps: &mut impl Maps,
+        report: &mut SyncReport,
+    ) {
+        self.sync_node_addrs(desired, maps, report);
         if self.needs_full_pass() {
-            let wanted_backends = self.sync_backends(desired, maps, &mut report);
-            for (id, ds) in &desired.services {
-                if let Err(e) = self.sync_service(id, ds, maps, &mut report) {
+            let wanted_backends = self.sync_backends(sh, desired, maps, report);
+            for (id, ds) in A::services(desired) {
+                if let Err(e) = self.sync_service(sh, id, ds, maps, report) {
                     report.errors.push(Error::Service {
                         service: id.to_string(),
                         source: Box::new(e),
                     });
                 }
             }
-            self.delete_frontends(desired, maps, &mut report);
-            self.delete_backends(&wanted_backends, maps, &mut report);
+            self.delete_frontends(sh, desired, maps, report);
+            self.delete_backends(sh, &wanted_backends, maps, report);
             self.reindex(desired);
         } else {
-            self.apply_incremental(desired, hint, maps, &mut report);
+            self.apply_incremental(sh, desired, hint, maps, report);
         }
-        report
     }
 
     /// Whether the next apply must visit every service port and backend: restored state
@@ -707,9 +902,9 @@ impl Reconciler {
     /// Rebuilds what [`Reconciler::apply_changes`] relies on after a full pass.
     fn reindex(&mut self, desired: &Desired) {
         self.taken.clear();
-        self.last = desired.services.clone();
+        self.last = A::services(desired).clone();
         self.refs.clear();
-        for ds in desired.services.values() {
+        for ds in A::services(desired).values() {
             for b in &ds.backends {
                 let r = self.refs.entry(be_key(b)).or_default();
                 r.users += 1;
@@ -718,7 +913,7 @@ impl Reconciler {
                 }
             }
         }
-        let mut held: Vec<BeKey> = Vec::new();
+        let mut held: Vec<BeKey<A>> = Vec::new();
         for st in self.services.values() {
             for t in st.table.iter().chain(&st.stale) {
                 held.extend_from_slice(&t.backends);
@@ -776,7 +971,7 @@ impl Reconciler {
     /// Whether service port `id` is programmed exactly as `desired` wants (or is gone from
     /// both), so that a pass over it would make no map call.
     fn settled(&self, id: &ServicePortId, desired: &Desired) -> bool {
-        let (ds, st) = match (desired.services.get(id), self.services.get(id)) {
+        let (ds, st) = match (A::services(desired).get(id), self.services.get(id)) {
             (None, None) => return true,
             (Some(ds), Some(st)) => (ds, st),
             _ => return false,
@@ -795,7 +990,7 @@ impl Reconciler {
     }
 
     /// Counts a table's hold on its backends.
-    fn hold(&mut self, keys: &[BeKey]) {
+    fn hold(&mut self, keys: &[BeKey<A>]) {
         for k in keys {
             self.refs.entry(*k).or_default().tables += 1;
         }
@@ -803,7 +998,7 @@ impl Reconciler {
 
     /// Releases a table's hold on its backends; those no longer used are checked for
     /// deletion at the end of the apply.
-    fn unhold(&mut self, keys: &[BeKey]) {
+    fn unhold(&mut self, keys: &[BeKey<A>]) {
         for k in keys {
             if let Some(r) = self.refs.get_mut(k) {
                 r.tables = r.tables.saturating_sub(1);
@@ -815,9 +1010,9 @@ impl Reconciler {
     }
 
     /// A table no frontend points at any more: its region is reusable at the next apply.
-    fn quarantine_table(&mut self, t: Table) {
+    fn quarantine_table(&mut self, sh: &mut Shared, t: Table<A>) {
         self.unhold(&t.backends);
-        self.regions.quarantine.push(t.region);
+        sh.regions.quarantine.push(t.region);
     }
 
     /// The incremental apply: the same map calls as the full pass, in the same order, found
@@ -825,6 +1020,7 @@ impl Reconciler {
     /// whose uses changed.
     fn apply_incremental(
         &mut self,
+        sh: &mut Shared,
         desired: &Desired,
         hint: Option<&BTreeSet<ServicePortId>>,
         maps: &mut impl Maps,
@@ -837,12 +1033,12 @@ impl Reconciler {
         if let Some(hint) = hint {
             changed.extend(
                 hint.iter()
-                    .filter(|id| desired.services.get(*id) != self.last.get(*id))
+                    .filter(|id| A::services(desired).get(*id) != self.last.get(*id))
                     .cloned(),
             );
         } else {
             let mut old = self.last.iter().peekable();
-            for (id, ds) in &desired.services {
+            for (id, ds) in A::services(desired) {
                 loop {
                     match old.peek() {
                         Some((oid, ods)) => match (*oid).cmp(id) {
@@ -873,10 +1069,10 @@ impl Reconciler {
         }
 
         // 2. Backend uses of the changed ports; then new and changed backends.
-        let mut touched: BTreeSet<BeKey> = std::mem::take(&mut self.be_retry);
+        let mut touched: BTreeSet<BeKey<A>> = std::mem::take(&mut self.be_retry);
         let empty = BTreeSet::new();
         for id in changed {
-            let new = desired.services.get(&id);
+            let new = A::services(desired).get(&id);
             let old = self.last.get(&id);
             let new_be = new.map_or(&empty, |d| &d.backends);
             let old_be = old.map_or(&empty, |d| &d.backends);
@@ -918,13 +1114,13 @@ impl Reconciler {
             if r.users == 0 {
                 continue;
             }
-            let value = Backend {
+            let value = Backend::<A> {
                 addr: key.0,
                 port: key.1,
                 flags: r.flags(),
                 pad: 0,
             };
-            if !self.set_backend(key, &value, maps, report) {
+            if !self.set_backend(sh, key, &value, maps, report) {
                 self.be_retry.insert(key);
             }
         }
@@ -940,8 +1136,8 @@ impl Reconciler {
                     .next(),
             };
             let Some(id) = next.cloned() else { break };
-            if let Some(ds) = desired.services.get(&id) {
-                if let Err(e) = self.sync_service(&id, ds, maps, report) {
+            if let Some(ds) = A::services(desired).get(&id) {
+                if let Err(e) = self.sync_service(sh, &id, ds, maps, report) {
                     report.errors.push(Error::Service {
                         service: id.to_string(),
                         source: Box::new(e),
@@ -960,17 +1156,17 @@ impl Reconciler {
             let Some(mut st) = self.services.remove(id) else {
                 continue;
             };
-            let want = desired.services.get(id).map(|d| &d.frontends);
+            let want = A::services(desired).get(id).map(|d| &d.frontends);
             self.delete_gone_frontends(id, &mut st, want, maps, report);
             if want.is_none() && st.frontends.is_empty() {
                 for t in st.table.take().into_iter().chain(st.stale.drain(..)) {
-                    self.quarantine_table(t);
+                    self.quarantine_table(sh, t);
                 }
-                self.retire_svc_id(st.svc_id, maps, report);
+                self.retire_svc_id(sh, st.svc_id, maps, report);
                 continue;
             }
             if !st.stale.is_empty() {
-                let (keep, free): (Vec<Table>, Vec<Table>) =
+                let (keep, free): (Vec<Table<A>>, Vec<Table<A>>) =
                     std::mem::take(&mut st.stale).into_iter().partition(|t| {
                         st.frontends
                             .values()
@@ -978,7 +1174,7 @@ impl Reconciler {
                     });
                 st.stale = keep;
                 for t in free {
-                    self.quarantine_table(t);
+                    self.quarantine_table(sh, t);
                 }
             }
             self.services.insert(id.clone(), st);
@@ -990,10 +1186,10 @@ impl Reconciler {
                 continue;
             }
             if let Some(st) = self.backends.get(&key).copied() {
-                match maps.delete_backend(st.id) {
+                match A::delete_backend(maps, st.id) {
                     Ok(()) => {
                         self.backends.remove(&key);
-                        self.be_ids.retire(st.id);
+                        sh.be_ids.retire(st.id);
                         report.backends_deleted += 1;
                     }
                     Err(e) => {
@@ -1013,7 +1209,7 @@ impl Reconciler {
             }
         }
         debug_assert!(
-            self.last == desired.services,
+            self.last == *A::services(desired),
             "the changes given to apply_changes missed some"
         );
     }
@@ -1024,9 +1220,13 @@ impl Reconciler {
         maps: &mut impl Maps,
         report: &mut SyncReport,
     ) {
-        let want: BTreeSet<u32> = desired.node_addrs.iter().map(|a| addr_raw(*a)).collect();
+        let want: BTreeSet<A> = desired
+            .node_addrs
+            .iter()
+            .filter_map(|a| A::from_ip(*a))
+            .collect();
         for &a in want.difference(&self.node_addrs.clone()) {
-            match maps.set_node_addr(a) {
+            match A::set_node_addr(maps, a) {
                 Ok(()) => {
                     self.node_addrs.insert(a);
                     report.node_addrs_set += 1;
@@ -1040,7 +1240,7 @@ impl Reconciler {
             .copied()
             .collect::<Vec<_>>()
         {
-            match maps.delete_node_addr(a) {
+            match A::delete_node_addr(maps, a) {
                 Ok(()) => {
                     self.node_addrs.remove(&a);
                     report.node_addrs_deleted += 1;
@@ -1053,13 +1253,14 @@ impl Reconciler {
     /// Programs new and changed backends; returns every backend the desired state uses.
     fn sync_backends(
         &mut self,
+        sh: &mut Shared,
         desired: &Desired,
         maps: &mut impl Maps,
         report: &mut SyncReport,
-    ) -> BTreeSet<BeKey> {
+    ) -> BTreeSet<BeKey<A>> {
         // One value per (addr, port); flags of all services using it are merged.
-        let mut want: BTreeMap<BeKey, Backend> = BTreeMap::new();
-        for ds in desired.services.values() {
+        let mut want: BTreeMap<BeKey<A>, Backend<A>> = BTreeMap::new();
+        for ds in A::services(desired).values() {
             for b in &ds.backends {
                 want.entry(be_key(b))
                     .and_modify(|v| v.flags |= b.flags)
@@ -1067,7 +1268,7 @@ impl Reconciler {
             }
         }
         for (&key, value) in &want {
-            self.set_backend(key, value, maps, report);
+            self.set_backend(sh, key, value, maps, report);
         }
         want.into_keys().collect()
     }
@@ -1075,14 +1276,15 @@ impl Reconciler {
     /// Programs backend `key` with `value` unless it already holds it; false on failure.
     fn set_backend(
         &mut self,
-        key: BeKey,
-        value: &Backend,
+        sh: &mut Shared,
+        key: BeKey<A>,
+        value: &Backend<A>,
         maps: &mut impl Maps,
         report: &mut SyncReport,
     ) -> bool {
         match self.backends.get_mut(&key) {
             Some(st) if st.value == *value => true,
-            Some(st) => match maps.set_backend(st.id, value) {
+            Some(st) => match A::set_backend(maps, st.id, value) {
                 Ok(()) => {
                     st.value = *value;
                     report.backends_set += 1;
@@ -1094,14 +1296,14 @@ impl Reconciler {
                 }
             },
             None => {
-                let Some(id) = self.be_ids.alloc() else {
+                let Some(id) = sh.be_ids.alloc() else {
                     report.errors.push(Error::BackendIdsExhausted {
                         backend: be_name(key),
-                        max: self.be_ids.limit.saturating_sub(1),
+                        max: sh.be_ids.limit.saturating_sub(1),
                     });
                     return false;
                 };
-                match maps.set_backend(id, value) {
+                match A::set_backend(maps, id, value) {
                     Ok(()) => {
                         self.backends.insert(
                             key,
@@ -1115,7 +1317,7 @@ impl Reconciler {
                         true
                     }
                     Err(e) => {
-                        self.be_ids.release(id);
+                        sh.be_ids.release(id);
                         report.errors.push(e);
                         false
                     }
@@ -1126,13 +1328,14 @@ impl Reconciler {
 
     fn sync_service(
         &mut self,
+        sh: &mut Shared,
         id: &ServicePortId,
-        ds: &DesiredService,
+        ds: &DesiredService<A>,
         maps: &mut impl Maps,
         report: &mut SyncReport,
     ) -> Result<()> {
         // Sorted by (addr, port); one entry per (addr, port) even if flags differ.
-        let mut keys: Vec<BeKey> = ds.table_backends().map(be_key).collect();
+        let mut keys: Vec<BeKey<A>> = ds.table_backends().map(be_key).collect();
         keys.dedup();
         let ids: Vec<u32> = keys
             .iter()
@@ -1150,13 +1353,13 @@ impl Reconciler {
         let need_table = existing.is_none_or(|s| s.table_keys() != keys.as_slice());
 
         // Step 1: write the new table aside (or adopt a restored one that is right).
-        let new_table: Option<Option<Table>> = if !need_table {
+        let new_table: Option<Option<Table<A>>> = if !need_table {
             None
         } else if keys.is_empty() {
             Some(None)
         } else {
             let size = maglev::table_size(keys.len());
-            let build = |keys: &[BeKey]| build_table(keys, &ids, size);
+            let build = |keys: &[BeKey<A>]| build_table(keys, &ids, size);
             let candidates = if existing.is_none() {
                 self.adoptable_tables(ds, size)
             } else {
@@ -1175,14 +1378,14 @@ impl Reconciler {
             let region = match adopted {
                 Some(r) => r,
                 None => {
-                    let region = self.regions.alloc(size).ok_or(Error::MaglevFull {
+                    let region = sh.regions.alloc(size).ok_or(Error::MaglevFull {
                         service: id.to_string(),
                         size,
-                        total: self.maglev_slots,
+                        total: sh.maglev_slots,
                     })?;
                     let slots = slots.unwrap_or_else(|| build(&keys));
                     if let Err(e) = maps.write_slots(region.offset, &slots) {
-                        self.regions.free(region); // never referenced
+                        sh.regions.free(region); // never referenced
                         return Err(e);
                     }
                     report.tables_written += 1;
@@ -1213,11 +1416,11 @@ impl Reconciler {
                         self.restored_svc_ids.remove(&s);
                         Some(s)
                     }
-                    None => self.svc_ids.alloc(),
+                    None => sh.svc_ids.alloc(),
                 };
                 let Some(svc_id) = svc_id else {
                     if let Some(Some(t)) = new_table {
-                        self.release_table(t);
+                        self.release_table(sh, t);
                     }
                     return Err(Error::ServiceIdsExhausted {
                         service: id.to_string(),
@@ -1255,7 +1458,7 @@ impl Reconciler {
             if st.frontends.get(fe) == Some(&value) {
                 continue;
             }
-            match maps.set_service(fe, &value) {
+            match A::set_service(maps, fe, &value) {
                 Ok(()) => {
                     report.services_set += 1;
                     st.frontends.insert(*fe, value);
@@ -1287,7 +1490,7 @@ impl Reconciler {
 
     /// Restored tables of `size` slots that restored frontends of `ds` point at and that
     /// could be adopted whole (one table, wholly inside NP_MAGLEV).
-    fn adoptable_tables(&self, ds: &DesiredService, size: u32) -> Vec<Region> {
+    fn adoptable_tables(&self, ds: &DesiredService<A>, size: u32) -> Vec<Region> {
         if self.orphan_tables.is_empty() {
             return Vec::new();
         }
@@ -1309,7 +1512,7 @@ impl Reconciler {
 
     /// A table no frontend was pointed at: written aside (free it now) or adopted (back to
     /// the orphans, where it came from).
-    fn release_table(&mut self, t: Table) {
+    fn release_table(&mut self, sh: &mut Shared, t: Table<A>) {
         match self
             .orphans
             .values()
@@ -1327,7 +1530,7 @@ impl Reconciler {
             }
             false => {
                 self.unhold(&t.backends);
-                self.regions.free(t.region);
+                sh.regions.free(t.region);
             }
         }
     }
@@ -1336,23 +1539,24 @@ impl Reconciler {
     /// frees the tables nothing points at any more.
     fn delete_frontends(
         &mut self,
+        sh: &mut Shared,
         desired: &Desired,
         maps: &mut impl Maps,
         report: &mut SyncReport,
     ) {
         // Tables of service ports that are gone, freed below unless still pointed at.
-        let mut dropped: Vec<Table> = Vec::new();
+        let mut dropped: Vec<Table<A>> = Vec::new();
         let ids: Vec<ServicePortId> = self.services.keys().cloned().collect();
         for id in ids {
             let Some(mut st) = self.services.remove(&id) else {
                 continue;
             };
-            let want = desired.services.get(&id).map(|d| &d.frontends);
+            let want = A::services(desired).get(&id).map(|d| &d.frontends);
             self.delete_gone_frontends(&id, &mut st, want, maps, report);
             if want.is_none() && st.frontends.is_empty() {
                 dropped.extend(st.table.take());
                 dropped.append(&mut st.stale);
-                self.retire_svc_id(st.svc_id, maps, report);
+                self.retire_svc_id(sh, st.svc_id, maps, report);
             } else {
                 self.services.insert(id, st);
             }
@@ -1374,11 +1578,11 @@ impl Reconciler {
 
         // Tables no frontend points at any more.
         for st in self.services.values_mut() {
-            let (keep, free): (Vec<Table>, Vec<Table>) = std::mem::take(&mut st.stale)
+            let (keep, free): (Vec<Table<A>>, Vec<Table<A>>) = std::mem::take(&mut st.stale)
                 .into_iter()
                 .partition(|t| live.contains(&t.region));
             st.stale = keep;
-            self.regions
+            sh.regions
                 .quarantine
                 .extend(free.into_iter().map(|t| t.region));
         }
@@ -1393,7 +1597,7 @@ impl Reconciler {
                     },
                 );
             } else {
-                self.regions.quarantine.push(t.region);
+                sh.regions.quarantine.push(t.region);
             }
         }
         let unused: Vec<Region> = self
@@ -1404,7 +1608,7 @@ impl Reconciler {
             .collect();
         for k in unused {
             if let Some(block) = self.orphan_tables.remove(&k).and_then(|o| o.block) {
-                self.regions.quarantine.push(block);
+                sh.regions.quarantine.push(block);
             }
         }
 
@@ -1417,16 +1621,13 @@ impl Reconciler {
             .collect();
         for s in released {
             self.restored_svc_ids.remove(&s);
-            self.retire_svc_id(s, maps, report);
+            self.retire_svc_id(sh, s, maps, report);
         }
     }
 
     /// The ranges programmed for `svc_id`, in order.
-    fn ranges_of(&self, svc_id: u32) -> impl Iterator<Item = Ipv4Cidr> + '_ {
-        let lo = (
-            svc_id,
-            Ipv4Cidr::new(std::net::Ipv4Addr::UNSPECIFIED, 0).expect("/0"),
-        );
+    fn ranges_of(&self, svc_id: u32) -> impl Iterator<Item = IpCidr> + '_ {
+        let lo = (svc_id, IpCidr::min_of(A::FAMILY));
         self.src_ranges
             .range(lo..)
             .take_while(move |(s, _)| *s == svc_id)
@@ -1439,7 +1640,7 @@ impl Reconciler {
     fn sync_src_ranges(
         &mut self,
         svc_id: u32,
-        want: &BTreeSet<Ipv4Cidr>,
+        want: &BTreeSet<IpCidr>,
         add_only: bool,
         maps: &mut impl Maps,
         report: &mut SyncReport,
@@ -1462,7 +1663,7 @@ impl Reconciler {
         if add_only {
             return;
         }
-        let extra: Vec<Ipv4Cidr> = self
+        let extra: Vec<IpCidr> = self
             .ranges_of(svc_id)
             .filter(|c| !want.contains(c))
             .collect();
@@ -1482,9 +1683,15 @@ impl Reconciler {
 
     /// A service id no frontend carries any more: its source ranges go, and the id is
     /// quarantined before reuse.
-    fn retire_svc_id(&mut self, svc_id: u32, maps: &mut impl Maps, report: &mut SyncReport) {
+    fn retire_svc_id(
+        &mut self,
+        sh: &mut Shared,
+        svc_id: u32,
+        maps: &mut impl Maps,
+        report: &mut SyncReport,
+    ) {
         self.sync_src_ranges(svc_id, &BTreeSet::new(), false, maps, report);
-        self.svc_ids.retire(svc_id);
+        sh.svc_ids.retire(svc_id);
     }
 
     /// Deletes the frontends of `st` that `want` (the port's desired frontends, `None` when
@@ -1492,19 +1699,19 @@ impl Reconciler {
     fn delete_gone_frontends(
         &mut self,
         id: &ServicePortId,
-        st: &mut SvcState,
-        want: Option<&BTreeSet<FrontendKey>>,
+        st: &mut SvcState<A>,
+        want: Option<&BTreeSet<FrontendKey<A>>>,
         maps: &mut impl Maps,
         report: &mut SyncReport,
     ) {
-        let gone: Vec<FrontendKey> = st
+        let gone: Vec<FrontendKey<A>> = st
             .frontends
             .keys()
             .filter(|fe| want.is_none_or(|w| !w.contains(fe)))
             .copied()
             .collect();
         for fe in gone {
-            match maps.delete_service(&fe) {
+            match A::delete_service(maps, &fe) {
                 Ok(()) => {
                     st.frontends.remove(&fe);
                     self.fe_owner.remove(&fe);
@@ -1527,19 +1734,18 @@ impl Reconciler {
         if self.orphans.is_empty() {
             return;
         }
-        let wanted: BTreeSet<&FrontendKey> = desired
-            .services
+        let wanted: BTreeSet<&FrontendKey<A>> = A::services(desired)
             .values()
             .flat_map(|d| &d.frontends)
             .collect();
-        let gone: Vec<FrontendKey> = self
+        let gone: Vec<FrontendKey<A>> = self
             .orphans
             .keys()
             .filter(|fe| !wanted.contains(fe))
             .copied()
             .collect();
         for fe in gone {
-            match maps.delete_service(&fe) {
+            match A::delete_service(maps, &fe) {
                 Ok(()) => {
                     self.orphans.remove(&fe);
                     report.services_deleted += 1;
@@ -1555,7 +1761,8 @@ impl Reconciler {
     /// Deletes backends that neither the desired state nor a table still in use references.
     fn delete_backends(
         &mut self,
-        wanted: &BTreeSet<BeKey>,
+        sh: &mut Shared,
+        wanted: &BTreeSet<BeKey<A>>,
         maps: &mut impl Maps,
         report: &mut SyncReport,
     ) {
@@ -1573,7 +1780,7 @@ impl Reconciler {
                 None => unknown = true,
             }
         }
-        let unused: Vec<BeKey> = self
+        let unused: Vec<BeKey<A>> = self
             .backends
             .iter()
             .filter(|(k, st)| {
@@ -1586,10 +1793,10 @@ impl Reconciler {
             let Some(st) = self.backends.get(&key).copied() else {
                 continue;
             };
-            match maps.delete_backend(st.id) {
+            match A::delete_backend(maps, st.id) {
                 Ok(()) => {
                     self.backends.remove(&key);
-                    self.be_ids.retire(st.id);
+                    sh.be_ids.retire(st.id);
                     report.backends_deleted += 1;
                 }
                 Err(e) => report.errors.push(e),
@@ -1599,9 +1806,12 @@ impl Reconciler {
             return;
         }
         for (id, value) in std::mem::take(&mut self.stale_ids) {
-            match maps.delete_backend(id) {
+            match A::delete_backend(maps, id) {
                 Ok(()) => {
-                    self.be_ids.retire(id);
+                    // An id the other family holds too stays that family's.
+                    if !sh.dup_be_ids.remove(&id) {
+                        sh.be_ids.retire(id);
+                    }
                     report.backends_deleted += 1;
                 }
                 Err(e) => {
@@ -1611,29 +1821,63 @@ impl Reconciler {
             }
         }
     }
+}
 
-    /// The backend id of `addr:port` (raw network order), if programmed.
+impl Reconciler {
+    /// The backend id of IPv4 backend `addr:port` (raw network order), if programmed.
     pub fn backend_id(&self, addr: u32, port: u16) -> Option<u32> {
-        self.backends.get(&(addr, port)).map(|b| b.id)
+        self.v4.backends.get(&(addr, port)).map(|b| b.id)
+    }
+
+    /// The backend id of IPv6 backend `addr:port` (raw network order), if programmed.
+    pub fn backend_id6(&self, addr: Ip6, port: u16) -> Option<u32> {
+        self.v6.backends.get(&(addr, port)).map(|b| b.id)
     }
 
     /// The `svc_id` of a service port, if programmed.
     pub fn svc_id(&self, id: &ServicePortId) -> Option<u32> {
-        self.services.get(id).map(|s| s.svc_id)
+        match id.family {
+            Family::V4 => self.v4.services.get(id).map(|s| s.svc_id),
+            Family::V6 => self.v6.services.get(id).map(|s| s.svc_id),
+        }
     }
 
     /// The current table region of a service port (`None`: not programmed, or no backend).
     pub fn table(&self, id: &ServicePortId) -> Option<Region> {
+        match id.family {
+            Family::V4 => self.v4.table(id),
+            Family::V6 => self.v6.table(id),
+        }
+    }
+
+    /// Backends held in NP_BE and NP_BE6 (what `state_summary().backends` counts), in O(1).
+    pub fn backend_count(&self) -> usize {
+        self.v4.backend_count() + self.v6.backend_count()
+    }
+
+    /// Counts of the programmed state, both families.
+    pub fn state_summary(&self) -> StateSummary {
+        let mut sum = StateSummary {
+            slots_free: self.sh.regions.free_slots(),
+            slots_quarantined: self.sh.regions.quarantined_slots(),
+            ..StateSummary::default()
+        };
+        self.v4.add_summary(&mut sum);
+        self.v6.add_summary(&mut sum);
+        sum
+    }
+}
+
+impl<A: SyncAddr> FamilyState<A> {
+    fn table(&self, id: &ServicePortId) -> Option<Region> {
         self.services.get(id)?.table.as_ref().map(|t| t.region)
     }
 
-    /// Counts of the programmed state.
-    /// Backends held in NP_BE (what `state_summary().backends` counts), in O(1).
-    pub fn backend_count(&self) -> usize {
+    fn backend_count(&self) -> usize {
         self.backends.len() + self.stale_ids.len()
     }
 
-    pub fn state_summary(&self) -> StateSummary {
+    fn add_summary(&self, sum: &mut StateSummary) {
         let tables = || {
             self.services
                 .values()
@@ -1645,32 +1889,29 @@ impl Reconciler {
             .filter_map(|o| o.block)
             .map(|b| b.size)
             .sum();
-        StateSummary {
-            node_addrs: self.node_addrs.len(),
-            services: self.services.len(),
-            frontends: self
-                .services
-                .values()
-                .map(|s| s.frontends.len())
-                .sum::<usize>()
-                + self.orphans.len(),
-            backends: self.backend_count(),
-            tables: tables().count() + self.orphan_tables.len(),
-            slots_used: tables().map(|t| t.region.size).sum::<u32>() + orphan_slots,
-            slots_free: self.regions.free_slots(),
-            slots_quarantined: self.regions.quarantined_slots(),
-        }
+        sum.node_addrs += self.node_addrs.len();
+        sum.services += self.services.len();
+        sum.frontends += self
+            .services
+            .values()
+            .map(|s| s.frontends.len())
+            .sum::<usize>()
+            + self.orphans.len();
+        sum.backends += self.backend_count();
+        sum.tables += tables().count() + self.orphan_tables.len();
+        sum.slots_used += tables().map(|t| t.region.size).sum::<u32>() + orphan_slots;
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use nodeport_common::{BACKEND_NONE, BE_F_LOCAL, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY};
 
     use super::*;
-    use crate::model::{DesiredService, Protocol};
+    use crate::family::{addr6_raw, addr_raw};
+    use crate::model::{DesiredService, DesiredService6, Protocol};
 
     #[derive(Clone, Debug, PartialEq, Eq)]
     enum Call {
@@ -1681,17 +1922,37 @@ mod tests {
         Slots(u32, u32),
         SetSvc(FrontendKey, Service),
         DelSvc(FrontendKey),
+        SetAddr6(Ip6),
+        DelAddr6(Ip6),
+        SetBackend6(u32),
+        DelBackend6(u32),
+        SetSvc6(FrontendKey6, Service),
+        DelSvc6(FrontendKey6),
     }
 
     impl Call {
         /// The phase of `apply` the call belongs to.
         fn phase(&self) -> u8 {
             match self {
-                Call::SetAddr(_) | Call::DelAddr(_) => 0,
-                Call::SetBackend(_) => 1,
-                Call::Slots(..) | Call::SetSvc(..) => 2,
-                Call::DelSvc(_) => 3,
-                Call::DelBackend(_) => 4,
+                Call::SetAddr(_) | Call::DelAddr(_) | Call::SetAddr6(_) | Call::DelAddr6(_) => 0,
+                Call::SetBackend(_) | Call::SetBackend6(_) => 1,
+                Call::Slots(..) | Call::SetSvc(..) | Call::SetSvc6(..) => 2,
+                Call::DelSvc(_) | Call::DelSvc6(_) => 3,
+                Call::DelBackend(_) | Call::DelBackend6(_) => 4,
+            }
+        }
+
+        /// The family of the maps the call writes (NP_MAGLEV: `None`).
+        fn family(&self) -> Option<Family> {
+            match self {
+                Call::Slots(..) => None,
+                Call::SetAddr(_)
+                | Call::DelAddr(_)
+                | Call::SetBackend(_)
+                | Call::DelBackend(_)
+                | Call::SetSvc(..)
+                | Call::DelSvc(_) => Some(Family::V4),
+                _ => Some(Family::V6),
             }
         }
     }
@@ -1700,12 +1961,18 @@ mod tests {
     /// fully written (with existing backends) before a frontend points at it, a live
     /// table is never overwritten, and a backend is never deleted while a live table
     /// holds its id.
+    ///
+    /// The IPv6 maps check the same, and that backend ids are one space: an id is never
+    /// in NP_BE and NP_BE6 at once, and a table only holds ids of its family's backends.
     struct FakeMaps {
         backends: BTreeMap<u32, Backend>,
         slots: Vec<u32>,
         services: BTreeMap<FrontendKey, Service>,
         node_addrs: BTreeSet<u32>,
-        src_ranges: BTreeSet<(u32, Ipv4Cidr)>,
+        backends6: BTreeMap<u32, Backend6>,
+        services6: BTreeMap<FrontendKey6, Service>,
+        node_addrs6: BTreeSet<Ip6>,
+        src_ranges: BTreeSet<(u32, IpCidr)>,
         calls: Vec<Call>,
         /// NP_SVC capacity.
         max_services: usize,
@@ -1727,6 +1994,9 @@ mod tests {
                 slots: vec![BACKEND_NONE; slots as usize],
                 services: BTreeMap::new(),
                 node_addrs: BTreeSet::new(),
+                backends6: BTreeMap::new(),
+                services6: BTreeMap::new(),
+                node_addrs6: BTreeSet::new(),
                 src_ranges: BTreeSet::new(),
                 calls: Vec::new(),
                 max_services: usize::MAX,
@@ -1747,16 +2017,21 @@ mod tests {
             self.rng % 1000 < self.fail_rate
         }
 
-        /// Slot ranges frontends point at, clipped to the array.
+        /// Slot ranges frontends (of both families) point at, clipped to the array.
         fn live_regions(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+            self.live_regions_of(self.services.values().chain(self.services6.values()))
+        }
+
+        /// Slot ranges the frontend values `of` point at, clipped to the array.
+        fn live_regions_of<'a>(
+            &self,
+            of: impl Iterator<Item = &'a Service> + 'a,
+        ) -> impl Iterator<Item = (usize, usize)> + 'a {
             let len = self.slots.len();
-            self.services
-                .values()
-                .filter(|v| v.table_size != 0)
-                .map(move |v| {
-                    let off = v.table_off as usize;
-                    (off.min(len), (off + v.table_size as usize).min(len))
-                })
+            of.filter(|v| v.table_size != 0).map(move |v| {
+                let off = v.table_off as usize;
+                (off.min(len), (off + v.table_size as usize).min(len))
+            })
         }
 
         /// What a restarted agent reads from the pinned maps.
@@ -1765,21 +2040,48 @@ mod tests {
                 node_addrs: self.node_addrs.iter().copied().collect(),
                 backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
                 services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+                node_addrs6: self.node_addrs6.iter().copied().collect(),
+                backends6: self.backends6.iter().map(|(k, v)| (*k, *v)).collect(),
+                services6: self.services6.iter().map(|(k, v)| (*k, *v)).collect(),
                 src_ranges: self.src_ranges.iter().copied().collect(),
             }
         }
 
-        /// The backends a frontend's table resolves to, through NP_BE.
-        fn resolve(&self, fe: &FrontendKey) -> BTreeSet<BeKey> {
-            let v = &self.services[fe];
+        /// A backend id may be deleted from the array of family `A`: no live table of
+        /// that family holds it (tables hold ids of their family's backends only).
+        fn check_unused<A: FakeFamily>(&self, id: u32) {
+            for (start, end) in self.live_regions_of(A::frontends(self).values()) {
+                assert!(
+                    !self.slots[start..end].contains(&id),
+                    "backend {id} deleted while a live table holds it"
+                );
+            }
+        }
+
+        /// A frontend may point at `val`: its table was written whole, and every slot holds
+        /// a backend of the frontend's family (`has`).
+        fn check_flip(&self, val: &Service, has: impl Fn(&u32) -> bool) {
+            if val.table_size == 0 {
+                return;
+            }
+            let written = self.written.contains(&(val.table_off, val.table_size));
+            assert!(written, "flip to a table that was never written: {val:?}");
+            let r = val.table_off as usize..(val.table_off + val.table_size) as usize;
+            for id in &self.slots[r] {
+                assert!(has(id), "table {val:?} holds {id}, not of its family");
+            }
+        }
+
+        /// The backends a frontend's table resolves to, through NP_BE (NP_BE6).
+        fn resolve<A: FakeFamily>(&self, fe: &FrontendKey<A>) -> BTreeSet<BeKey<A>> {
+            let v = &A::frontends(self)[fe];
             let r = v.table_off as usize..(v.table_off + v.table_size) as usize;
             self.slots[r]
                 .iter()
                 .map(|id| {
-                    let b = self
-                        .backends
+                    let b = A::backends(self)
                         .get(id)
-                        .expect("slot holds an existing backend id");
+                        .expect("slot holds an existing backend id of the family");
                     (b.addr, b.port)
                 })
                 .collect()
@@ -1787,6 +2089,37 @@ mod tests {
 
         fn take_calls(&mut self) -> Vec<Call> {
             std::mem::take(&mut self.calls)
+        }
+    }
+
+    /// The maps of one family in [`FakeMaps`].
+    trait FakeFamily: SyncAddr {
+        fn frontends(m: &FakeMaps) -> &BTreeMap<FrontendKey<Self>, Service>;
+        fn backends(m: &FakeMaps) -> &BTreeMap<u32, Backend<Self>>;
+        fn node_addrs(m: &FakeMaps) -> &BTreeSet<Self>;
+    }
+
+    impl FakeFamily for u32 {
+        fn frontends(m: &FakeMaps) -> &BTreeMap<FrontendKey, Service> {
+            &m.services
+        }
+        fn backends(m: &FakeMaps) -> &BTreeMap<u32, Backend> {
+            &m.backends
+        }
+        fn node_addrs(m: &FakeMaps) -> &BTreeSet<u32> {
+            &m.node_addrs
+        }
+    }
+
+    impl FakeFamily for Ip6 {
+        fn frontends(m: &FakeMaps) -> &BTreeMap<FrontendKey6, Service> {
+            &m.services6
+        }
+        fn backends(m: &FakeMaps) -> &BTreeMap<u32, Backend6> {
+            &m.backends6
+        }
+        fn node_addrs(m: &FakeMaps) -> &BTreeSet<Ip6> {
+            &m.node_addrs6
         }
     }
 
@@ -1802,6 +2135,7 @@ mod tests {
     impl Maps for FakeMaps {
         fn set_backend(&mut self, id: u32, be: &Backend) -> Result<()> {
             assert_ne!(id, BACKEND_NONE);
+            assert!(!self.backends6.contains_key(&id), "id {id} in NP_BE6 too");
             if let Some(old) = self.backends.get(&id) {
                 assert_eq!(be_key(old), be_key(be), "backend id {id} re-pointed");
             }
@@ -1814,12 +2148,7 @@ mod tests {
         }
 
         fn delete_backend(&mut self, id: u32) -> Result<()> {
-            for (start, end) in self.live_regions() {
-                assert!(
-                    !self.slots[start..end].contains(&id),
-                    "backend {id} deleted while a live table holds it"
-                );
-            }
+            self.check_unused::<u32>(id);
             if self.fails() {
                 return Err(map_err("delete_backend"));
             }
@@ -1841,7 +2170,7 @@ mod tests {
             }
             for id in ids {
                 assert!(
-                    self.backends.contains_key(id),
+                    self.backends.contains_key(id) || self.backends6.contains_key(id),
                     "slot written with unknown backend {id}"
                 );
             }
@@ -1860,11 +2189,7 @@ mod tests {
             {
                 return Err(map_err("insert"));
             }
-            if val.table_size != 0 {
-                // The table must have been written whole before this flip.
-                let written = self.written.contains(&(val.table_off, val.table_size));
-                assert!(written, "flip to a table that was never written: {val:?}");
-            }
+            self.check_flip(val, |id| self.backends.contains_key(id));
             if self.fails() {
                 return Err(map_err("set_service"));
             }
@@ -1891,7 +2216,68 @@ mod tests {
             Ok(())
         }
 
-        fn set_src_range(&mut self, svc_id: u32, cidr: Ipv4Cidr) -> Result<()> {
+        fn set_backend6(&mut self, id: u32, be: &Backend6) -> Result<()> {
+            assert_ne!(id, BACKEND_NONE);
+            assert!(!self.backends.contains_key(&id), "id {id} in NP_BE too");
+            if let Some(old) = self.backends6.get(&id) {
+                assert_eq!(be_key(old), be_key(be), "backend id {id} re-pointed");
+            }
+            if self.fails() {
+                return Err(map_err("set_backend6"));
+            }
+            self.calls.push(Call::SetBackend6(id));
+            self.backends6.insert(id, *be);
+            Ok(())
+        }
+
+        fn delete_backend6(&mut self, id: u32) -> Result<()> {
+            self.check_unused::<Ip6>(id);
+            if self.fails() {
+                return Err(map_err("delete_backend6"));
+            }
+            self.calls.push(Call::DelBackend6(id));
+            assert!(
+                self.backends6.remove(&id).is_some(),
+                "deleting a missing IPv6 backend {id}"
+            );
+            Ok(())
+        }
+
+        fn set_service6(&mut self, key: &FrontendKey6, val: &Service) -> Result<()> {
+            self.check_flip(val, |id| self.backends6.contains_key(id));
+            if self.fails() {
+                return Err(map_err("set_service6"));
+            }
+            self.calls.push(Call::SetSvc6(*key, *val));
+            self.services6.insert(*key, *val);
+            Ok(())
+        }
+
+        fn delete_service6(&mut self, key: &FrontendKey6) -> Result<()> {
+            if self.fails() {
+                return Err(map_err("delete_service6"));
+            }
+            self.calls.push(Call::DelSvc6(*key));
+            assert!(
+                self.services6.remove(key).is_some(),
+                "deleting a missing IPv6 frontend"
+            );
+            Ok(())
+        }
+
+        fn set_node_addr6(&mut self, addr: Ip6) -> Result<()> {
+            self.calls.push(Call::SetAddr6(addr));
+            self.node_addrs6.insert(addr);
+            Ok(())
+        }
+
+        fn delete_node_addr6(&mut self, addr: Ip6) -> Result<()> {
+            self.calls.push(Call::DelAddr6(addr));
+            self.node_addrs6.remove(&addr);
+            Ok(())
+        }
+
+        fn set_src_range(&mut self, svc_id: u32, cidr: IpCidr) -> Result<()> {
             if self.fails() {
                 return Err(map_err("set_src_range"));
             }
@@ -1899,7 +2285,7 @@ mod tests {
             Ok(())
         }
 
-        fn delete_src_range(&mut self, svc_id: u32, cidr: Ipv4Cidr) -> Result<()> {
+        fn delete_src_range(&mut self, svc_id: u32, cidr: IpCidr) -> Result<()> {
             if self.fails() {
                 return Err(map_err("delete_src_range"));
             }
@@ -1937,6 +2323,56 @@ mod tests {
             name: name.into(),
             port: String::new(),
             protocol: Protocol::Tcp,
+            family: Family::V4,
+        }
+    }
+
+    fn sid6(name: &str) -> ServicePortId {
+        ServicePortId {
+            family: Family::V6,
+            ..sid(name)
+        }
+    }
+
+    fn ip6(s: &str) -> Ip6 {
+        addr6_raw(s.parse().expect("test IPv6 address"))
+    }
+
+    fn np6(port: u16) -> FrontendKey6 {
+        FrontendKey6 {
+            addr: [0; 4],
+            port: port.to_be(),
+            proto: PROTO_TCP,
+            pad: 0,
+        }
+    }
+
+    fn ext6(ip: &str, port: u16) -> FrontendKey6 {
+        FrontendKey6 {
+            addr: ip6(ip),
+            port: port.to_be(),
+            proto: PROTO_TCP,
+            pad: 0,
+        }
+    }
+
+    /// Backend `2001:db8::<last>` (IPv6).
+    fn be6(last: u16, port: u16) -> Backend6 {
+        Backend6 {
+            addr: addr6_raw(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last)),
+            port: port.to_be(),
+            flags: 0,
+            pad: 0,
+        }
+    }
+
+    fn dsvc6(frontends: &[FrontendKey6], backends: &[Backend6]) -> DesiredService6 {
+        DesiredService6 {
+            frontends: frontends.iter().copied().collect(),
+            flags: 0,
+            affinity_timeout_s: 0,
+            source_ranges: BTreeSet::new(),
+            backends: backends.iter().copied().collect(),
         }
     }
 
@@ -1979,36 +2415,58 @@ mod tests {
 
     fn state(services: Vec<(&str, DesiredService)>) -> Desired {
         Desired {
-            node_addrs: [Ipv4Addr::new(192, 168, 0, 1)].into(),
+            node_addrs: [IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1))].into(),
             services: services.into_iter().map(|(n, s)| (sid(n), s)).collect(),
-            health_checks: BTreeMap::new(),
+            ..Desired::default()
         }
     }
 
-    /// The maps hold exactly `d`: every frontend resolves to the desired backends.
+    /// `v4` and `v6` service ports, with an address of each family.
+    fn dual_state(v4: Vec<(&str, DesiredService)>, v6: Vec<(&str, DesiredService6)>) -> Desired {
+        let mut d = state(v4);
+        d.node_addrs.insert("2001:db8:ffff::1".parse().unwrap());
+        d.services6 = v6.into_iter().map(|(n, s)| (sid6(n), s)).collect();
+        d
+    }
+
+    /// The maps hold exactly `d`: every frontend resolves to the desired backends, in the
+    /// maps of its family.
     fn verify(d: &Desired, m: &FakeMaps) {
-        let want_addrs: BTreeSet<u32> = d.node_addrs.iter().map(|a| addr_raw(*a)).collect();
-        assert_eq!(m.node_addrs, want_addrs);
+        let mut ranges = BTreeSet::new();
+        verify_family::<u32>(d, m, &mut ranges);
+        verify_family::<Ip6>(d, m, &mut ranges);
+        assert_eq!(
+            m.src_ranges, ranges,
+            "source ranges of the services' ids, no others"
+        );
+    }
+
+    fn verify_family<A: FakeFamily>(
+        d: &Desired,
+        m: &FakeMaps,
+        ranges: &mut BTreeSet<(u32, IpCidr)>,
+    ) {
+        let want_addrs: BTreeSet<A> = d.node_addrs.iter().filter_map(|a| A::from_ip(*a)).collect();
+        assert_eq!(*A::node_addrs(m), want_addrs);
         let mut frontends = BTreeSet::new();
         let mut used = BTreeSet::new();
-        let mut ranges = BTreeSet::new();
-        for (id, ds) in &d.services {
+        for (id, ds) in A::services(d) {
+            assert_eq!(id.family, A::FAMILY, "{id}");
             let svc_id = ds
                 .frontends
                 .first()
-                .and_then(|fe| m.services.get(fe))
+                .and_then(|fe| A::frontends(m).get(fe))
                 .map(|v| v.svc_id);
             if let Some(svc_id) = svc_id {
                 ranges.extend(ds.source_ranges.iter().map(|c| (svc_id, *c)));
             }
-            let keys: BTreeSet<BeKey> = ds.table_backends().map(be_key).collect();
+            let keys: BTreeSet<BeKey<A>> = ds.table_backends().map(be_key).collect();
             for fe in &ds.frontends {
                 frontends.insert(*fe);
-                let v = m
-                    .services
+                let v = A::frontends(m)
                     .get(fe)
                     .unwrap_or_else(|| panic!("{id}: frontend {fe:?} missing"));
-                let flags = if fe.addr == 0 {
+                let flags = if fe.addr.is_zero() {
                     ds.flags & !SVC_F_SRC_RANGES
                 } else {
                     ds.flags
@@ -2022,35 +2480,43 @@ mod tests {
                     "{id}: table resolves to the desired backends"
                 );
                 for b in &ds.backends {
-                    let id = m
-                        .backends
+                    let id = A::backends(m)
                         .iter()
                         .find(|(_, v)| be_key(v) == be_key(b))
                         .map(|(k, _)| *k);
                     let id = id.unwrap_or_else(|| panic!("backend {b:?} missing"));
-                    assert_eq!(m.backends[&id].flags, b.flags);
+                    assert_eq!(A::backends(m)[&id].flags, b.flags);
                     used.insert(id);
                 }
             }
         }
         assert_eq!(
-            m.services.keys().copied().collect::<BTreeSet<_>>(),
+            A::frontends(m).keys().copied().collect::<BTreeSet<_>>(),
             frontends,
-            "no stray frontends"
+            "no stray {} frontends",
+            A::FAMILY
         );
         assert_eq!(
-            m.backends.keys().copied().collect::<BTreeSet<_>>(),
+            A::backends(m).keys().copied().collect::<BTreeSet<_>>(),
             used,
-            "no stray backends"
-        );
-        assert_eq!(
-            m.src_ranges, ranges,
-            "source ranges of the services' ids, no others"
+            "no stray {} backends",
+            A::FAMILY
         );
     }
 
+    /// The calls of each family go in phase order, IPv4's first; a table write counts as
+    /// a call of the family of the next call that has one.
     fn phases_in_order(calls: &[Call]) {
-        let phases: Vec<u8> = calls.iter().map(Call::phase).collect();
+        let mut family = Family::V6;
+        let mut phases: Vec<(Family, u8)> = calls
+            .iter()
+            .rev()
+            .map(|c| {
+                family = c.family().unwrap_or(family);
+                (family, c.phase())
+            })
+            .collect();
+        phases.reverse();
         assert!(
             phases.windows(2).all(|w| w[0] <= w[1]),
             "calls out of order: {calls:?}"
@@ -2108,9 +2574,226 @@ mod tests {
         assert_ne!(r.svc_id(&sid("a")), r.svc_id(&sid("b")));
     }
 
+    /// `a` and `b` in IPv4 (as [`two_services`]) and `a` and `c` in IPv6.
+    fn dual_services() -> Desired {
+        let v4 = two_services().services.into_iter().map(|(id, ds)| {
+            let name = if id.name == "a" { "a" } else { "b" };
+            (name, ds)
+        });
+        dual_state(
+            v4.collect(),
+            vec![
+                (
+                    "a",
+                    dsvc6(
+                        &[np6(30001), ext6("2001:db8:53::1", 53)],
+                        &[be6(1, 80), be6(2, 80)],
+                    ),
+                ),
+                ("c", dsvc6(&[np6(30003)], &[be6(2, 80), be6(3, 8080)])),
+            ],
+        )
+    }
+
+    #[test]
+    fn dual_stack_lands_in_the_maps_of_each_family() {
+        let d = dual_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        verify(&d, &m);
+        phases_in_order(&m.calls);
+        assert_eq!(m.node_addrs6, BTreeSet::from([ip6("2001:db8:ffff::1")]));
+        assert_eq!(m.node_addrs.len(), 1);
+        assert_eq!((m.backends.len(), m.backends6.len()), (4, 3));
+        assert_eq!((m.services.len(), m.services6.len()), (3, 3));
+        // One id space: no id in both arrays (the fake asserts it on every write too).
+        let v4_ids: BTreeSet<u32> = m.backends.keys().copied().collect();
+        let v6_ids: BTreeSet<u32> = m.backends6.keys().copied().collect();
+        assert!(v4_ids.is_disjoint(&v6_ids), "{v4_ids:?} {v6_ids:?}");
+        assert_eq!(
+            r.backend_id6(be6(3, 8080).addr, 8080u16.to_be()),
+            m.backends6
+                .iter()
+                .find(|(_, b)| **b == be6(3, 8080))
+                .map(|(id, _)| *id)
+        );
+        // The IPv4 and IPv6 units of `a` are distinct service ports with their own ids and
+        // tables.
+        let (a4, a6) = (r.svc_id(&sid("a")), r.svc_id(&sid6("a")));
+        assert!(a4.is_some() && a6.is_some() && a4 != a6, "{a4:?} {a6:?}");
+        assert_ne!(r.table(&sid("a")), r.table(&sid6("a")));
+        assert_eq!(m.services6[&np6(30001)].svc_id, a6.unwrap());
+        let summary = r.state_summary();
+        assert_eq!(
+            (summary.services, summary.backends, summary.tables),
+            (4, 7, 4)
+        );
+        assert_eq!(summary.node_addrs, 2);
+        // Nothing to do the second time.
+        m.take_calls();
+        assert_eq!(r.apply(&d, &mut m).calls(), 0);
+    }
+
+    #[test]
+    fn ipv6_changes_touch_only_the_ipv6_maps_and_ids_are_reused_across_families() {
+        let mut d = dual_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        r.apply(&d, &mut m);
+        m.take_calls();
+        // An IPv6 endpoint change: IPv6 calls only.
+        d.services6
+            .get_mut(&sid6("c"))
+            .unwrap()
+            .backends
+            .insert(be6(4, 8080));
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        verify(&d, &m);
+        let calls = m.take_calls();
+        assert!(
+            calls.iter().all(|c| c.family() != Some(Family::V4)),
+            "{calls:?}"
+        );
+        // The IPv6 ports go: their backends leave NP_BE6, and once out of quarantine the
+        // ids serve IPv4 backends.
+        let freed: BTreeSet<u32> = m.backends6.keys().copied().collect();
+        d.services6.clear();
+        assert!(r.apply(&d, &mut m).errors.is_empty());
+        verify(&d, &m);
+        assert!(m.backends6.is_empty() && m.services6.is_empty());
+        assert!(m.node_addrs6.len() == 1, "node addresses are not services");
+        let many: Vec<Backend> = (10..30).map(|i| be(i, 80)).collect();
+        d.services.insert(sid("z"), dsvc(&[np(30009)], &many));
+        assert!(r.apply(&d, &mut m).errors.is_empty());
+        verify(&d, &m);
+        let now: BTreeSet<u32> = m.backends.keys().copied().collect();
+        assert!(freed.is_subset(&now), "freed {freed:?}, in NP_BE {now:?}");
+    }
+
+    #[test]
+    fn ipv6_source_ranges_go_to_the_ipv6_unit() {
+        let cidr = |s: &str| s.parse::<IpCidr>().unwrap();
+        let mut d = dual_services();
+        let a6 = d.services6.get_mut(&sid6("a")).unwrap();
+        a6.flags |= SVC_F_SRC_RANGES;
+        a6.source_ranges = [cidr("2001:db8:1::/48")].into();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        assert!(r.apply(&d, &mut m).errors.is_empty());
+        verify(&d, &m);
+        let a6_id = r.svc_id(&sid6("a")).unwrap();
+        assert_eq!(
+            m.src_ranges,
+            BTreeSet::from([(a6_id, cidr("2001:db8:1::/48"))])
+        );
+        assert_ne!(
+            m.services6[&ext6("2001:db8:53::1", 53)].flags & SVC_F_SRC_RANGES,
+            0
+        );
+        assert_eq!(m.services6[&np6(30001)].flags & SVC_F_SRC_RANGES, 0);
+        // Restored from the maps, then the range goes away.
+        let mut r = Reconciler::restore(SLOTS, 1024, &m.snapshot());
+        let a6 = d.services6.get_mut(&sid6("a")).unwrap();
+        a6.source_ranges.clear();
+        assert!(r.apply(&d, &mut m).errors.is_empty());
+        verify(&d, &m);
+        assert!(m.src_ranges.is_empty());
+    }
+
+    #[test]
+    fn dual_stack_restart_keeps_ids_and_deletes_nothing() {
+        let d = dual_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut old = Reconciler::new(SLOTS, 1024);
+        old.apply(&d, &mut m);
+        m.take_calls();
+        let (backends, backends6) = (m.backends.clone(), m.backends6.clone());
+        let services6 = m.services6.clone();
+        let used = old.state_summary().slots_used;
+
+        let mut r = Reconciler::restore(SLOTS, 1024, &m.snapshot());
+        let summary = r.state_summary();
+        assert_eq!(
+            (
+                summary.frontends,
+                summary.backends,
+                summary.tables,
+                summary.node_addrs
+            ),
+            (6, 7, 4, 2)
+        );
+        assert_eq!(summary.slots_used, used);
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        verify(&d, &m);
+        let calls = m.take_calls();
+        phases_in_order(&calls);
+        assert_eq!(deletions(&calls), [], "nothing deleted");
+        assert!(!calls
+            .iter()
+            .any(|c| matches!(c, Call::SetBackend(_) | Call::SetBackend6(_))));
+        assert_eq!(
+            (m.backends.clone(), m.backends6.clone()),
+            (backends, backends6)
+        );
+        for (fe, v) in &m.services6 {
+            assert_eq!(v.svc_id, services6[fe].svc_id);
+        }
+        assert_eq!(r.svc_id(&sid6("a")), old.svc_id(&sid6("a")));
+        assert_eq!(r.svc_id(&sid6("c")), old.svc_id(&sid6("c")));
+        // New backends after the restart never take a restored id of either family.
+        let mut d2 = d.clone();
+        d2.services6
+            .get_mut(&sid6("c"))
+            .unwrap()
+            .backends
+            .insert(be6(9, 80));
+        d2.services
+            .get_mut(&sid("b"))
+            .unwrap()
+            .backends
+            .insert(be(9, 80));
+        assert!(r.apply(&d2, &mut m).errors.is_empty());
+        verify(&d2, &m);
+        assert_eq!(r.apply(&d2, &mut m).calls(), 0);
+    }
+
+    #[test]
+    fn restore_with_an_id_in_both_arrays_keeps_it_ipv4s() {
+        let d = dual_services();
+        let mut m = FakeMaps::new(SLOTS);
+        Reconciler::new(SLOTS, 1024).apply(&d, &mut m);
+        // A corrupt leftover: NP_BE6 also holds an id NP_BE holds.
+        let shared = *m.backends.keys().next().unwrap();
+        let mut snap = m.snapshot();
+        snap.backends6.push((shared, be6(77, 80)));
+        m.backends6.insert(shared, be6(77, 80));
+        let mut r = Reconciler::restore(SLOTS, 1024, &snap);
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        assert!(
+            !m.backends6.contains_key(&shared),
+            "the stale IPv6 entry goes"
+        );
+        assert!(m.backends.contains_key(&shared), "the IPv4 backend stays");
+        verify(&d, &m);
+        // The id is still IPv4's: many new IPv6 backends never get it.
+        let mut d2 = d.clone();
+        let many: Vec<Backend6> = (100..140).map(|i| be6(i, 80)).collect();
+        d2.services6.insert(sid6("z"), dsvc6(&[np6(30009)], &many));
+        for _ in 0..3 {
+            assert!(r.apply(&d2, &mut m).errors.is_empty());
+        }
+        verify(&d2, &m);
+        assert!(!m.backends6.contains_key(&shared));
+    }
+
     #[test]
     fn source_ranges_follow_the_service() {
-        let cidr = |s: &str| s.parse::<Ipv4Cidr>().unwrap();
+        let cidr = |s: &str| s.parse::<IpCidr>().unwrap();
         let mut d = two_services();
         let a = d.services.get_mut(&sid("a")).unwrap();
         a.flags |= SVC_F_SRC_RANGES;
@@ -2465,7 +3148,7 @@ mod tests {
         m.take_calls();
         let a_id = r.svc_id(&sid("a")).unwrap();
         d.services.remove(&sid("a"));
-        d.node_addrs = [Ipv4Addr::new(192, 168, 0, 2)].into();
+        d.node_addrs = [IpAddr::V4(Ipv4Addr::new(192, 168, 0, 2))].into();
         // Added in the same apply: must not get a's svc_id.
         d.services.insert(sid("c"), dsvc(&[np(30005)], &[]));
         let rep = r.apply(&d, &mut m);
@@ -2634,12 +3317,15 @@ mod tests {
     // ---- Restore after an agent restart ----
 
     /// NP_BE as (addr, port) -> id.
-    fn ids_by_key(m: &FakeMaps) -> BTreeMap<BeKey, u32> {
+    fn ids_by_key(m: &FakeMaps) -> BTreeMap<BeKey<u32>, u32> {
         m.backends.iter().map(|(id, b)| (be_key(b), *id)).collect()
     }
 
     /// What each frontend does, independent of ids and regions.
-    fn content(m: &FakeMaps) -> BTreeMap<FrontendKey, (BTreeSet<BeKey>, u32, u16, u32)> {
+    /// Per frontend: the backends its table resolves to, its table size, flags and svc_id.
+    type Content = BTreeMap<FrontendKey, (BTreeSet<BeKey<u32>>, u32, u16, u32)>;
+
+    fn content(m: &FakeMaps) -> Content {
         m.services
             .iter()
             .map(|(fe, v)| {
@@ -2656,7 +3342,17 @@ mod tests {
     fn deletions(calls: &[Call]) -> Vec<Call> {
         calls
             .iter()
-            .filter(|c| matches!(c, Call::DelAddr(_) | Call::DelBackend(_) | Call::DelSvc(_)))
+            .filter(|c| {
+                matches!(
+                    c,
+                    Call::DelAddr(_)
+                        | Call::DelBackend(_)
+                        | Call::DelSvc(_)
+                        | Call::DelAddr6(_)
+                        | Call::DelBackend6(_)
+                        | Call::DelSvc6(_)
+                )
+            })
             .cloned()
             .collect()
     }
@@ -2777,7 +3473,7 @@ mod tests {
                 ("a", dsvc(&[np(30001)], &[be(2, 80), be(3, 80), be(5, 80)])),
                 ("c", dsvc(&[np(30003)], &[be(4, 8080), be(6, 80)])),
             ]);
-            d2.node_addrs = [Ipv4Addr::new(192, 168, 0, 2)].into();
+            d2.node_addrs = [IpAddr::V4(Ipv4Addr::new(192, 168, 0, 2))].into();
 
             let mut r = Reconciler::restore(SLOTS, 1024, &m.snapshot());
             let rep = r.apply(&d2, &mut m);
@@ -3025,7 +3721,7 @@ mod tests {
             d.services.insert(sid(&name), ds);
         }
         if next(10) == 0 {
-            d.node_addrs = [Ipv4Addr::new(192, 168, 0, 1 + next(2) as u8)].into();
+            d.node_addrs = [IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1 + next(2) as u8))].into();
         }
         d
     }
@@ -3045,7 +3741,7 @@ mod tests {
                 m.max_services = 12;
             }
             let mut full = Reconciler::new(slots, 9);
-            full.always_full = true;
+            full.set_always_full();
             let mut inc = Reconciler::new(slots, 9);
             // Given the changes (and a few more), as by a model.
             let mut hinted = Reconciler::new(slots, 9);
@@ -3069,7 +3765,7 @@ mod tests {
                 if step == 30 {
                     // Restart: both adopt what their maps hold.
                     full = Reconciler::restore(slots, 9, &mf.snapshot());
-                    full.always_full = true;
+                    full.set_always_full();
                     inc = Reconciler::restore(slots, 9, &mi.snapshot());
                     hinted = Reconciler::restore(slots, 9, &mh.snapshot());
                     mf.readable = true;
@@ -3114,7 +3810,9 @@ mod tests {
                     .backends
                     .iter()
                     .map(|b| Backend {
-                        flags: u8::from(addr_from_raw(b.addr).octets()[3].is_multiple_of(3)),
+                        flags: u8::from(
+                            crate::family::addr_from_raw(b.addr).octets()[3].is_multiple_of(3),
+                        ),
                         ..*b
                     })
                     .collect();
@@ -3123,8 +3821,7 @@ mod tests {
             // First everything goes (NP_MAGLEV may be too fragmented otherwise).
             let empty = Desired {
                 node_addrs: d.node_addrs.clone(),
-                services: BTreeMap::new(),
-                health_checks: BTreeMap::new(),
+                ..Desired::default()
             };
             for d in [&empty, &empty, &d, &d, &d] {
                 full.apply(d, &mut mf);

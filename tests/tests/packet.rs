@@ -97,6 +97,7 @@ fn setup() -> Option<Env> {
         backends: 64,
         maglev_slots: 1024,
         conntrack: 1024,
+        ..MapSizes::default()
     };
     let mut dp = Datapath::load(sizes, None).expect("load datapath");
     dp.set_config(&Config {
@@ -956,6 +957,7 @@ fn every_program_passes_the_verifier() {
             backends: 64,
             maglev_slots: 1024,
             conntrack: 1024,
+            ..MapSizes::default()
         },
     ] {
         for variant in [Variant::Plain, Variant::Debug] {

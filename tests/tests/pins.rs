@@ -16,6 +16,7 @@ fn small(conntrack: u32) -> MapSizes {
         backends: 64,
         maglev_slots: 1024,
         conntrack,
+        ..MapSizes::default()
     }
 }
 

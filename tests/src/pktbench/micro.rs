@@ -80,6 +80,7 @@ impl Env {
             backends: 64,
             maglev_slots: 1024,
             conntrack: 65_536,
+            ..MapSizes::default()
         };
         let mut dp = Datapath::load(sizes, None).expect("load datapath");
         dp.set_node_addr(u32::from_ne_bytes(NODE))
