@@ -652,6 +652,13 @@ impl NodeLan {
         ns.ip("route add 198.19.2.0/24 via 198.18.0.12 dev lan0");
         ns.sysctl("net.ipv4.conf.all.forwarding", "1");
         ns.sysctl("net.ipv4.conf.lan0.forwarding", "1");
+        // The same over IPv6: fd00:18::11/64, client ::10 and node2 ::12 as permanent
+        // neighbours, node2's pods (fd00:19:2::/64) via node2.
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+        ns.ip("addr add fd00:18::11/64 dev lan0 nodad");
+        ns.ip("neigh replace fd00:18::10 lladdr 02:00:00:00:00:0a dev lan0 nud permanent");
+        ns.ip("neigh replace fd00:18::12 lladdr 02:00:00:00:00:0c dev lan0 nud permanent");
+        ns.ip("route add fd00:19:2::/64 via fd00:18::12 dev lan0");
         let lan0 = run_in(&ns, || {
             nix::net::if_::if_nametoindex("lan0").expect("lan0 ifindex")
         });

@@ -16,7 +16,8 @@ use nodeport_agent::{
     sync::Maps,
 };
 use nodeport_common::{
-    maps as m, Backend, Config, FrontendKey, Service, BE_F_LOCAL, PROTO_TCP, PROTO_UDP,
+    maps as m, Backend, Backend6, Config, FrontendKey, FrontendKey6, Service, BE_F_LOCAL,
+    PROTO_TCP, PROTO_UDP,
 };
 use tests::netns::{require_root, run_in, Netns, NodeLan};
 
@@ -40,6 +41,23 @@ const SNAT_PORT: u16 = 61_000;
 
 /// An IPv4 address and port.
 type Addr = ([u8; 4], u16);
+
+const CLIENT_6: [u8; 16] = v6(0x18, 0x10);
+const NODE1_6: [u8; 16] = v6(0x18, 0x11);
+const NODE2_6: [u8; 16] = v6(0x18, 0x12);
+const POD_REMOTE_6: [u8; 16] = [0xfd, 0, 0, 0x19, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a];
+
+/// fd00:<net>::<host>
+const fn v6(net: u8, host: u8) -> [u8; 16] {
+    [0xfd, 0, 0, net, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, host]
+}
+
+/// Raw network-order words of an IPv6 address, as in map keys.
+fn ip6(a: [u8; 16]) -> [u32; 4] {
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
+    })
+}
 
 fn raw(a: [u8; 4]) -> u32 {
     u32::from_ne_bytes(a)
@@ -102,6 +120,7 @@ fn setup() -> Option<Env> {
     let mut dp = Datapath::load(sizes, None).expect("load datapath");
     dp.set_config(&Config {
         snat_addr: raw(NODE1),
+        snat_addr6: ip6(NODE1_6),
         snat_port_min: SNAT_PORT,
         snat_port_max: SNAT_PORT,
         ..Config::default()
@@ -120,6 +139,34 @@ fn setup() -> Option<Env> {
     service(30082, PROTO_TCP, 40, &[3], &mut dp, 5); // gateway without neighbour
     service(30083, PROTO_TCP, 50, &[4], &mut dp, 6); // blackholed backend
     service(30084, PROTO_TCP, 60, &[], &mut dp, 7); // no endpoints
+                                                    // IPv6: node1 fd00:18::11 with the same SNAT port; backend 5 is node2's pod.
+    dp.set_node_addr6(ip6(NODE1_6)).expect("node addr6");
+    dp.set_backend6(
+        5,
+        &Backend6 {
+            addr: ip6(POD_REMOTE_6),
+            port: 80u16.to_be(),
+            flags: 0,
+            pad: 0,
+        },
+    )
+    .unwrap();
+    dp.write_slots(70, &[5]).expect("write slots");
+    dp.set_service6(
+        &FrontendKey6 {
+            addr: [0; 4],
+            port: 30080u16.to_be(),
+            proto: PROTO_UDP,
+            pad: 0,
+        },
+        &Service {
+            table_off: 70,
+            table_size: 1,
+            svc_id: 8,
+            ..Default::default()
+        },
+    )
+    .expect("set service6");
     Some(Env {
         ns,
         _peer: peer,
@@ -987,4 +1034,171 @@ fn every_program_passes_the_verifier() {
             }
         }
     }
+}
+
+fn udp6(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    hops: u8,
+) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ipv6(src.0, dst.0, hops)
+        .udp(src.1, dst.1)
+        .write(&mut v, b"ping")
+        .unwrap();
+    v
+}
+
+/// An ICMPv6 error quoting `quoted` (a frame): packet too big with `mtu`, else port
+/// unreachable. etherparse computes the checksum, pseudo-header included.
+fn icmp6_error(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    (src, dst): ([u8; 16], [u8; 16]),
+    hops: u8,
+    mtu: Option<u32>,
+    quoted: &[u8],
+) -> Vec<u8> {
+    use etherparse::{icmpv6::DestUnreachableCode, Icmpv6Type};
+    let t = match mtu {
+        Some(mtu) => Icmpv6Type::PacketTooBig { mtu },
+        None => Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port),
+    };
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ipv6(src, dst, hops)
+        .icmpv6(t)
+        .write(&mut v, &quoted[14..])
+        .unwrap();
+    v
+}
+
+#[test]
+fn ipv6_remote_backend_reply_and_icmpv6_errors() {
+    let Some(mut env) = setup() else { return };
+    // client:5353 -> [node1]:30080 -> [node1]:61000 -> pod on node2, hop limit - 1.
+    let from_client = udp6(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT_6, 5353),
+        (NODE1_6, 30080),
+        64,
+    );
+    let towards_pod = udp6(
+        NODE1_MAC,
+        NODE2_MAC,
+        (NODE1_6, SNAT_PORT),
+        (POD_REMOTE_6, 80),
+        63,
+    );
+    case!(
+        env,
+        "udp6 to remote backend",
+        "xdp",
+        from_client.clone(),
+        XDP_TX,
+        towards_pod.clone(),
+        "tx"
+    );
+    case!(
+        env,
+        "udp6 reply from the backend",
+        "xdp",
+        udp6(
+            NODE2_MAC,
+            NODE1_MAC,
+            (POD_REMOTE_6, 80),
+            (NODE1_6, SNAT_PORT),
+            64
+        ),
+        XDP_TX,
+        udp6(
+            NODE1_MAC,
+            CLIENT_MAC,
+            (NODE1_6, 30080),
+            (CLIENT_6, 5353),
+            63
+        ),
+        "tx"
+    );
+    let icmp_before = env.stat("event_icmp_nat");
+    // The quoted packet keeps the hop limit it had when quoted.
+    let as_client_sent = udp6(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT_6, 5353),
+        (NODE1_6, 30080),
+        63,
+    );
+    // Packet too big from a router between node and backend (node2), about the forwarded
+    // packet: to the client, quoting its own packet; the router stays the source. The
+    // ICMPv6 checksum covers the outer addresses too.
+    case!(
+        env,
+        "packet too big about a forwarded packet",
+        "xdp",
+        icmp6_error(
+            NODE2_MAC,
+            NODE1_MAC,
+            (NODE2_6, NODE1_6),
+            64,
+            Some(1400),
+            &towards_pod
+        ),
+        XDP_TX,
+        icmp6_error(
+            NODE1_MAC,
+            CLIENT_MAC,
+            (NODE2_6, CLIENT_6),
+            63,
+            Some(1400),
+            &as_client_sent
+        ),
+        "tx"
+    );
+    // Port unreachable from the backend itself: the client hears it from the frontend.
+    case!(
+        env,
+        "port unreachable from the backend",
+        "xdp",
+        icmp6_error(
+            NODE2_MAC,
+            NODE1_MAC,
+            (POD_REMOTE_6, NODE1_6),
+            63,
+            None,
+            &towards_pod
+        ),
+        XDP_TX,
+        icmp6_error(
+            NODE1_MAC,
+            CLIENT_MAC,
+            (NODE1_6, CLIENT_6),
+            62,
+            None,
+            &as_client_sent
+        ),
+        "tx"
+    );
+    assert_eq!(env.stat("event_icmp_nat"), icmp_before + 2);
+
+    // An extension header before the transport header: passed to the stack untouched
+    // (hop-by-hop with a PadN option, in front of the same UDP packet).
+    let mut hbh = from_client.clone();
+    hbh[14 + 6] = 0; // next header: hop-by-hop
+    let payload_len = u16::from_be_bytes([hbh[14 + 4], hbh[14 + 5]]) + 8;
+    hbh[14 + 4..14 + 6].copy_from_slice(&payload_len.to_be_bytes());
+    hbh.splice(54..54, [17, 0, 1, 4, 0, 0, 0, 0]);
+    case!(
+        env,
+        "ipv6 hop-by-hop header",
+        "xdp",
+        hbh.clone(),
+        XDP_PASS,
+        hbh,
+        "pass_ipv6_ext"
+    );
 }
