@@ -601,7 +601,7 @@ impl BeRefs {
 }
 
 /// Whether a table built from `table` is the one `backends` need (one key per (addr, port),
-/// sorted, as [`Reconciler::sync_service`] builds it).
+/// sorted, as `FamilyState::sync_service` builds it).
 fn same_keys<'a, A: SyncAddr>(
     table: &[BeKey<A>],
     backends: impl Iterator<Item = &'a Backend<A>>,
