@@ -855,22 +855,44 @@ impl MapReader {
         })
     }
 
+    /// Every entry of the pinned hash map `name` (`kind`: `Map::HashMap` or
+    /// `Map::LruHashMap`).
+    fn hash_entries<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &str,
+        kind: fn(MapData) -> Map,
+    ) -> Result<Vec<(K, V)>> {
+        let map: HashMap<MapData, K, V> =
+            HashMap::try_from(kind(open_pinned(&self.dir, name)?)).map_err(|e| kerr(name, e))?;
+        map.iter().map(|kv| kv.map_err(|e| kerr(name, e))).collect()
+    }
+
+    /// Every programmed backend of the pinned array `name` (NP_BE or NP_BE6).
+    fn backend_entries<A: RawAddr>(&self, name: &str) -> Result<Vec<(u32, Backend<A>)>> {
+        let map: Array<MapData, Backend<A>> =
+            Array::try_from(Map::Array(open_pinned(&self.dir, name)?))
+                .map_err(|e| kerr(name, e))?;
+        programmed_backends(&map, name)
+    }
+
+    /// `read` when the IPv6 map `name` is pinned; empty when not (pinned by an agent of
+    /// before IPv6: the IPv4 views still work).
+    fn v6<T>(&self, name: &str, read: impl FnOnce() -> Result<Vec<T>>) -> Result<Vec<T>> {
+        if self.dir.join(name).exists() {
+            read()
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
     /// Every frontend and its service entry (NP_SVC).
     pub fn services(&self) -> Result<Vec<(FrontendKey, Service)>> {
-        let map: HashMap<MapData, FrontendKey, Service> =
-            HashMap::try_from(Map::HashMap(open_pinned(&self.dir, m::MAP_SERVICES)?))
-                .map_err(|e| kerr(m::MAP_SERVICES, e))?;
-        map.iter()
-            .map(|kv| kv.map_err(|e| kerr(m::MAP_SERVICES, e)))
-            .collect()
+        self.hash_entries(m::MAP_SERVICES, Map::HashMap)
     }
 
     /// Every backend by id (NP_BE).
     pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
-        let map: Array<MapData, Backend> =
-            Array::try_from(Map::Array(open_pinned(&self.dir, m::MAP_BACKENDS)?))
-                .map_err(|e| kerr(m::MAP_BACKENDS, e))?;
-        programmed_backends(&map, m::MAP_BACKENDS)
+        self.backend_entries(m::MAP_BACKENDS)
     }
 
     /// The backend ids of `len` Maglev slots from `offset` (NP_MAGLEV, two per element).
@@ -926,36 +948,21 @@ impl MapReader {
 
     /// Every IPv6 frontend and its service entry (NP_SVC6).
     pub fn services6(&self) -> Result<Vec<(FrontendKey6, Service)>> {
-        let Some(data) = self.open_v6(m::MAP_SERVICES6)? else {
-            return Ok(Vec::new());
-        };
-        let map: HashMap<MapData, FrontendKey6, Service> =
-            HashMap::try_from(Map::HashMap(data)).map_err(|e| kerr(m::MAP_SERVICES6, e))?;
-        map.iter()
-            .map(|kv| kv.map_err(|e| kerr(m::MAP_SERVICES6, e)))
-            .collect()
+        self.v6(m::MAP_SERVICES6, || {
+            self.hash_entries(m::MAP_SERVICES6, Map::HashMap)
+        })
     }
 
     /// Every IPv6 backend by id (NP_BE6).
     pub fn backends6(&self) -> Result<Vec<(u32, Backend6)>> {
-        let Some(data) = self.open_v6(m::MAP_BACKENDS6)? else {
-            return Ok(Vec::new());
-        };
-        let map: Array<MapData, Backend6> =
-            Array::try_from(Map::Array(data)).map_err(|e| kerr(m::MAP_BACKENDS6, e))?;
-        programmed_backends(&map, m::MAP_BACKENDS6)
+        self.v6(m::MAP_BACKENDS6, || self.backend_entries(m::MAP_BACKENDS6))
     }
 
     /// Every IPv6 conntrack entry (NP_CT6).
     pub fn conntrack6(&self) -> Result<Vec<(FlowKey6, CtEntry6)>> {
-        let Some(data) = self.open_v6(m::MAP_CONNTRACK6)? else {
-            return Ok(Vec::new());
-        };
-        let map: HashMap<MapData, FlowKey6, CtEntry6> =
-            HashMap::try_from(Map::LruHashMap(data)).map_err(|e| kerr(m::MAP_CONNTRACK6, e))?;
-        map.iter()
-            .map(|kv| kv.map_err(|e| kerr(m::MAP_CONNTRACK6, e)))
-            .collect()
+        self.v6(m::MAP_CONNTRACK6, || {
+            self.hash_entries(m::MAP_CONNTRACK6, Map::LruHashMap)
+        })
     }
 
     /// (entries, capacity) of NP_CT6 and NP_RNAT6; `None` without IPv6 maps.

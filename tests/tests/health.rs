@@ -102,6 +102,16 @@ fn health_check_node_port_reports_local_endpoints() {
         );
         let a = get(&tb, node).unwrap();
         assert_eq!(a.content_type, "application/json", "{node}");
+        // The same server on the node's IPv6 address: a load balancer checking over IPv6
+        // gets the same answer.
+        let a6 = SocketAddr::new(tb.cluster().node_ip6(node).into(), HEALTH_PORT);
+        let six = run_in(tb.cluster().client(), || get_here(a6))
+            .unwrap_or_else(|e| panic!("{node} over IPv6: {e}"));
+        assert_eq!(
+            (six.code, &six.body),
+            (200, &want_body(n, true)),
+            "{node} over IPv6"
+        );
     }
 
     // node2 loses its only endpoint: its health check fails, node1's does not.
