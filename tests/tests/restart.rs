@@ -1,6 +1,6 @@
 //! Restart safety: SIGKILL the agent of a node while TCP connections run through its
-//! nodePort, start it again, and check that the connections never notice and that no map
-//! entry was lost. The pinned links keep the programs attached while no agent runs; the
+//! nodePort (a dual-stack Service: over IPv4 and IPv6), start it again, and check that the
+//! connections never notice and that no map entry of either family was lost. The pinned links keep the programs attached while no agent runs; the
 //! pinned maps keep conntrack; the restarted agent adopts the backend ids it finds.
 
 use std::{
@@ -11,9 +11,10 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use nodeport_common::{maps as m, Backend, CtEntry, FlowKey};
+use nodeport_common::{maps as m, Backend, Backend6, CtEntry, CtEntry6, FlowKey, FlowKey6};
 use tests::{
     client::{self, EchoReply, KeepAliveConn},
+    manifests::IpFamily,
     netns::require_root,
     testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
 };
@@ -34,16 +35,25 @@ fn hash_map<K: aya::Pod, V: aya::Pod>(pin: &Path, name: &str, lru: bool) -> Hash
     HashMap::try_from(map).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-/// Conntrack keys and backends (id -> backend) as pinned under `pin`.
-fn map_state(pin: &Path) -> (BTreeSet<FlowKey>, BTreeMap<u32, Backend>) {
+/// What the pinned maps under `pin` hold, both families.
+#[derive(Debug, PartialEq)]
+struct MapState {
+    conntrack: BTreeSet<FlowKey>,
+    conntrack6: BTreeSet<FlowKey6>,
+    backends: BTreeMap<u32, Backend>,
+    backends6: BTreeMap<u32, Backend6>,
+}
+
+fn map_state(pin: &Path) -> MapState {
     let ct: HashMap<MapData, FlowKey, CtEntry> = hash_map(pin, m::MAP_CONNTRACK, true);
-    let keys = ct.keys().map(|k| k.expect("conntrack key")).collect();
-    let backends = nodeport_agent::datapath::MapReader::open(pin)
-        .and_then(|r| r.backends())
-        .expect("NP_BE")
-        .into_iter()
-        .collect();
-    (keys, backends)
+    let ct6: HashMap<MapData, FlowKey6, CtEntry6> = hash_map(pin, m::MAP_CONNTRACK6, true);
+    let reader = nodeport_agent::datapath::MapReader::open(pin).expect("open pins");
+    MapState {
+        conntrack: ct.keys().map(|k| k.expect("conntrack key")).collect(),
+        conntrack6: ct6.keys().map(|k| k.expect("conntrack6 key")).collect(),
+        backends: reader.backends().expect("NP_BE").into_iter().collect(),
+        backends6: reader.backends6().expect("NP_BE6").into_iter().collect(),
+    }
 }
 
 #[test]
@@ -51,41 +61,49 @@ fn sigkill_and_restart_keeps_connections_and_map_entries() {
     if !require_root() {
         return;
     }
-    let mut tb =
-        Testbed::serving(TestbedOptions::standard(echo_bin()).with_agent(default_agent_path()));
+    let mut opts = TestbedOptions::standard(echo_bin()).with_agent(default_agent_path());
+    opts.service = opts.service.with_families(&[IpFamily::V4, IpFamily::V6]);
+    let mut tb = Testbed::serving(opts);
     // A pod added after the first sync gets the next backend id, so the ids in the maps are
     // no longer in address order: an agent that renumbered from scratch after the restart
     // would hand pb1's id to pa3 and break the flows bound to it.
     tb.add_pod("node1", "pa3", Ipv4Addr::new(198, 19, 1, 9));
-    let addr = tb.nodeport_addr("node1");
-    let served = poll_until(AGENT_WAIT, Duration::from_millis(100), || {
-        client::http_get_many(tb.cluster().client(), addr, 10)
-            .into_iter()
-            .flatten()
-            .any(|r| r.from == "pa3")
-    });
-    assert!(served, "pa3 never served\n{}", tb.agent_logs());
-
-    // Long-lived connections through node1 until both kinds of backend are held: local
-    // pods (pa1, pa2, pa3: client address kept) and pb1 on node2 (source-NATed).
-    let mut conns: Vec<(KeepAliveConn, EchoReply)> = Vec::new();
-    for _ in 0..40 {
-        let mut c = KeepAliveConn::connect(tb.cluster().client(), addr).expect("connect");
-        let first = c.request().expect("first request");
-        conns.push((c, first));
-        let froms: BTreeSet<&str> = conns.iter().map(|(_, r)| r.from.as_str()).collect();
-        if froms.contains("pb1")
-            && (froms.contains("pa1") || froms.contains("pa2"))
-            && conns.len() >= 8
-        {
-            break;
-        }
+    let addrs = [tb.nodeport_addr("node1"), tb.nodeport_addr6("node1")];
+    for addr in addrs {
+        let served = poll_until(AGENT_WAIT, Duration::from_millis(100), || {
+            client::http_get_many(tb.cluster().client(), addr, 10)
+                .into_iter()
+                .flatten()
+                .any(|r| r.from == "pa3")
+        });
+        assert!(served, "pa3 never served on {addr}\n{}", tb.agent_logs());
     }
-    let froms: BTreeSet<String> = conns.iter().map(|(_, r)| r.from.clone()).collect();
-    assert!(
-        froms.contains("pb1") && froms.len() >= 2,
-        "no mix of local and remote backends: {froms:?}"
-    );
+
+    // Long-lived connections through node1, in each family until both kinds of backend
+    // are held: local pods (pa1, pa2, pa3: client address kept) and pb1 on node2
+    // (source-NATed).
+    let mut conns: Vec<(KeepAliveConn, EchoReply)> = Vec::new();
+    for addr in addrs {
+        let mut mine: Vec<(KeepAliveConn, EchoReply)> = Vec::new();
+        for _ in 0..40 {
+            let mut c = KeepAliveConn::connect(tb.cluster().client(), addr).expect("connect");
+            let first = c.request().expect("first request");
+            mine.push((c, first));
+            let froms: BTreeSet<&str> = mine.iter().map(|(_, r)| r.from.as_str()).collect();
+            if froms.contains("pb1")
+                && (froms.contains("pa1") || froms.contains("pa2"))
+                && mine.len() >= 8
+            {
+                break;
+            }
+        }
+        let froms: BTreeSet<String> = mine.iter().map(|(_, r)| r.from.clone()).collect();
+        assert!(
+            froms.contains("pb1") && froms.len() >= 2,
+            "{addr}: no mix of local and remote backends: {froms:?}"
+        );
+        conns.extend(mine);
+    }
 
     let check = |tb: &Testbed, conns: &mut Vec<(KeepAliveConn, EchoReply)>, when: &str| {
         for (c, first) in conns.iter_mut() {
@@ -107,22 +125,27 @@ fn sigkill_and_restart_keeps_connections_and_map_entries() {
         .expect("node1 agent")
         .pin_path()
         .to_path_buf();
-    let (ct_before, be_before) = map_state(&pin);
+    let before = map_state(&pin);
     assert!(
-        ct_before.len() >= conns.len(),
-        "conntrack holds {} entries for {} connections",
-        ct_before.len(),
+        before.conntrack.len() + before.conntrack6.len() >= conns.len()
+            && !before.conntrack6.is_empty()
+            && !before.backends6.is_empty(),
+        "conntrack holds {} + {} (IPv6) entries for {} connections",
+        before.conntrack.len(),
+        before.conntrack6.len(),
         conns.len()
     );
 
     tb.kill_agent("node1");
     // No agent runs now: the pinned links keep the datapath serving.
     check(&tb, &mut conns, "while the agent is dead");
-    let fresh = client::http_get(tb.cluster().client(), addr);
-    assert!(
-        fresh.is_ok(),
-        "new connection while the agent is dead: {fresh:?}"
-    );
+    for addr in addrs {
+        let fresh = client::http_get(tb.cluster().client(), addr);
+        assert!(
+            fresh.is_ok(),
+            "new connection to {addr} while the agent is dead: {fresh:?}"
+        );
+    }
 
     tb.restart_agent("node1");
     let synced = poll_until(AGENT_WAIT, Duration::from_millis(100), || {
@@ -136,23 +159,27 @@ fn sigkill_and_restart_keeps_connections_and_map_entries() {
     );
 
     check(&tb, &mut conns, "after the restart");
-    for _ in 0..10 {
-        let r = client::http_get(tb.cluster().client(), addr);
-        assert!(
-            r.is_ok(),
-            "new connection after the restart: {r:?}\n{}",
-            tb.agent_logs()
-        );
+    for addr in addrs {
+        for _ in 0..10 {
+            let r = client::http_get(tb.cluster().client(), addr);
+            assert!(
+                r.is_ok(),
+                "new connection to {addr} after the restart: {r:?}\n{}",
+                tb.agent_logs()
+            );
+        }
     }
 
-    let (ct_after, be_after) = map_state(&pin);
-    let lost: Vec<_> = ct_before.difference(&ct_after).collect();
+    let after = map_state(&pin);
+    let lost: Vec<_> = before.conntrack.difference(&after.conntrack).collect();
+    let lost6: Vec<_> = before.conntrack6.difference(&after.conntrack6).collect();
     assert!(
-        lost.is_empty(),
-        "conntrack entries lost across the restart: {lost:?}"
+        lost.is_empty() && lost6.is_empty(),
+        "conntrack entries lost across the restart: {lost:?} {lost6:?}"
     );
     assert_eq!(
-        be_before, be_after,
+        (&before.backends, &before.backends6),
+        (&after.backends, &after.backends6),
         "backend ids changed across the restart"
     );
     drop(conns);
