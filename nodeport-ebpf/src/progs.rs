@@ -71,6 +71,10 @@ struct Verdict(u64);
 impl Verdict {
     /// Not ours / not handled here.
     const NONE: Verdict = Verdict(u64::MAX);
+    /// No live flow: the frontends decide (with a new choice for a flow whose backend is
+    /// gone, `RESELECT`).
+    const OPEN: Verdict = Verdict(u64::MAX - 1);
+    const RESELECT: Verdict = Verdict(u64::MAX - 2);
 
     #[inline(always)]
     fn new(action: u32, stat: Stat) -> Verdict {
@@ -89,6 +93,23 @@ impl Verdict {
         self.0 == u64::MAX
     }
     #[inline(always)]
+    fn open(reselect: bool) -> Verdict {
+        if reselect {
+            Verdict::RESELECT
+        } else {
+            Verdict::OPEN
+        }
+    }
+    /// For `OPEN`/`RESELECT`: whether to reselect.
+    #[inline(always)]
+    fn reselect(self) -> Option<bool> {
+        match self.0 {
+            x if x == Verdict::OPEN.0 => Some(false),
+            x if x == Verdict::RESELECT.0 => Some(true),
+            _ => None,
+        }
+    }
+    #[inline(always)]
     fn action(self) -> u32 {
         (self.0 >> 32) as u32
     }
@@ -101,14 +122,8 @@ impl Verdict {
 #[inline(always)]
 fn xdp_program<const DEBUG: bool>(ctx: &XdpContext) -> u32 {
     let v = match ether(&bounds(ctx)) {
-        Ok(Ether::Ipv4) => match xdp_family::<V4>(ctx) {
-            v if v.is_none() => xdp_icmp::<V4>(ctx),
-            v => v,
-        },
-        Ok(Ether::Ipv6) => match xdp_family::<V6>(ctx) {
-            v if v.is_none() => xdp_icmp::<V6>(ctx),
-            v => v,
-        },
+        Ok(Ether::Ipv4) => xdp_family::<V4>(ctx),
+        Ok(Ether::Ipv6) => xdp_family::<V6>(ctx),
         Err(stat) => Verdict::new(xdp_action::XDP_PASS, stat),
     };
     count_index(v.stat());
@@ -118,33 +133,82 @@ fn xdp_program<const DEBUG: bool>(ctx: &XdpContext) -> u32 {
     v.action()
 }
 
-/// A family's TCP/UDP path; `None` for other protocols (maybe an ICMP error). The flow,
-/// the choice for a new flow and the decision live in this frame; the steps fill them
-/// through pointers (returned by value, each took a second copy here).
-#[inline(never)]
+/// A family's path: established flows and replies in one BPF function; new flows, and
+/// ICMP errors, in functions of their own called from the program (so their frames do
+/// not add to the first one's).
+#[inline(always)]
 fn xdp_family<F: Family>(ctx: &XdpContext) -> Verdict {
+    let v = xdp_known::<F>(ctx);
+    if v.is_none() {
+        xdp_icmp::<F>(ctx)
+    } else if let Some(reselect) = v.reselect() {
+        xdp_new::<F>(ctx, reselect)
+    } else {
+        v
+    }
+}
+
+/// Parse and the conntrack half of the decision, carried out when it decides (the
+/// established-flow path). IPv4 runs it inline; IPv6's keys and values need the steps
+/// as functions of their own to fit the stack. `Verdict::NONE`: not TCP or UDP;
+/// `Verdict::open`: no live flow.
+#[inline(never)]
+fn xdp_known<F: Family>(ctx: &XdpContext) -> Verdict {
     let mut f = MaybeUninit::uninit();
-    match xdp_parse::<F>(ctx, &mut f) {
+    let parsed = if F::IS_V6 {
+        xdp_parse::<F>(ctx, &mut f)
+    } else {
+        parse_into::<F>(ctx, &mut f)
+    };
+    match parsed {
         Ok(()) => {}
         Err(Stat::PassOtherProto) => return Verdict::NONE,
         Err(stat) => return Verdict::new(xdp_action::XDP_PASS, stat),
     }
+    // SAFETY: the parse wrote the flow when it returned Ok.
+    let f = unsafe { f.assume_init_ref() };
+    let mut d = Decision::Drop(Stat::PassNoMatch);
+    let open = if F::IS_V6 {
+        known_step::<F>(f, &mut d)
+    } else {
+        known_into::<F>(f, &mut d)
+    };
+    match open {
+        Some(reselect) => Verdict::open(reselect),
+        None if F::IS_V6 => xdp_act::<F>(ctx, f, &d),
+        None => xdp_act_inline::<F>(ctx, &bounds(ctx), f, &d),
+    }
+}
+
+/// A new flow (or one whose backend is gone): the frontends decide, in steps.
+#[inline(never)]
+fn xdp_new<F: Family>(ctx: &XdpContext, reselect: bool) -> Verdict {
+    let mut f = MaybeUninit::uninit();
+    if xdp_parse::<F>(ctx, &mut f).is_err() {
+        return Verdict::new(xdp_action::XDP_PASS, Stat::PassMalformed);
+    }
     // SAFETY: xdp_parse wrote the flow when it returned Ok.
     let f = unsafe { f.assume_init_ref() };
     let mut d = Decision::Drop(Stat::PassNoMatch);
-    if !decide::<F>(f, &mut d) {
+    if !open_decide::<F>(f, reselect, &mut d) {
         return Verdict::new(xdp_action::XDP_PASS, Stat::PassNoMatch);
     }
     xdp_act::<F>(ctx, f, &d)
 }
 
-/// The decision into `d`, as steps in BPF functions of their own (XDP and TC). False:
-/// the packet is not ours.
+/// The whole decision into `d`, as steps in BPF functions of their own (TC). False: the
+/// packet is not ours.
 #[inline(always)]
 fn decide<F: Family>(f: &Flow<F::A>, d: &mut Decision<F::A>) -> bool {
-    let Some(reselect) = known_step::<F>(f, d) else {
-        return true;
-    };
+    match known_step::<F>(f, d) {
+        None => true,
+        Some(reselect) => open_decide::<F>(f, reselect, d),
+    }
+}
+
+/// The frontend half of the decision into `d`: backend choice, SNAT port, binding.
+#[inline(always)]
+fn open_decide<F: Family>(f: &Flow<F::A>, reselect: bool, d: &mut Decision<F::A>) -> bool {
     // Not zeroed first: LLVM makes that a memset loop, which the verifier refuses without
     // CAP_PERFMON. `open` writes every field when it returns Ok.
     let mut choice = MaybeUninit::uninit();
@@ -167,13 +231,24 @@ fn decide<F: Family>(f: &Flow<F::A>, d: &mut Decision<F::A>) -> bool {
 
 #[inline(never)]
 fn xdp_parse<F: Family>(ctx: &XdpContext, f: &mut MaybeUninit<Flow<F::A>>) -> Result<(), Stat> {
+    parse_into::<F>(ctx, f)
+}
+
+#[inline(always)]
+fn parse_into<F: Family>(ctx: &XdpContext, f: &mut MaybeUninit<Flow<F::A>>) -> Result<(), Stat> {
     f.write(parse::<F, false>(&bounds(ctx))?);
     Ok(())
 }
 
-/// `lb::known`: `None` when it decided (into `d`), else whether to reselect.
+/// `lb::known` as a step of its own.
 #[inline(never)]
 fn known_step<F: Family>(f: &Flow<F::A>, d: &mut Decision<F::A>) -> Option<bool> {
+    known_into::<F>(f, d)
+}
+
+/// `lb::known`: `None` when it decided (into `d`), else whether to reselect.
+#[inline(always)]
+fn known_into<F: Family>(f: &Flow<F::A>, d: &mut Decision<F::A>) -> Option<bool> {
     match known::<F>(f, &config()) {
         Known::Decided(decided) => {
             *d = decided;
@@ -210,10 +285,20 @@ fn bind_step<F: Family>(f: &Flow<F::A>, choice: &Choice<F::A>, d: &mut Decision<
     0
 }
 
-/// Carry out a decision in XDP.
+/// Carry out a decision in XDP, as a step of its own.
 #[inline(never)]
 fn xdp_act<F: Family>(ctx: &XdpContext, f: &Flow<F::A>, decision: &Decision<F::A>) -> Verdict {
-    let b = &bounds(ctx);
+    xdp_act_inline::<F>(ctx, &bounds(ctx), f, decision)
+}
+
+/// Carry out a decision in XDP.
+#[inline(always)]
+fn xdp_act_inline<F: Family>(
+    ctx: &XdpContext,
+    b: &Bounds,
+    f: &Flow<F::A>,
+    decision: &Decision<F::A>,
+) -> Verdict {
     Verdict::of(match decision {
         Decision::Drop(stat) => (xdp_action::XDP_DROP, *stat),
         Decision::ToLocal(nat) => {
