@@ -17,6 +17,7 @@ use std::{
 use clap::Parser;
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use tests::{
+    manifests::IpFamily,
     netns::{cleanup_leftovers, require_root},
     testbed::{Testbed, TestbedOptions},
 };
@@ -85,6 +86,8 @@ fn main() -> ExitCode {
             .with_file_name("np-echo")
     });
     let mut opts = TestbedOptions::standard(echo);
+    // A dual-stack Service: the same nodePort over IPv4 and IPv6.
+    opts.service = opts.service.with_families(&IpFamily::BOTH);
     opts.agent = args.agent.clone();
     opts.agent_args = args.agent_args.clone();
 
@@ -133,20 +136,27 @@ fn main() -> ExitCode {
     }
     let c = tb.cluster();
     println!("\nTry (TCP, HTTP):");
-    for n in c.nodes() {
-        println!(
-            "  sudo ip netns exec {client} curl -s http://{}/",
-            tb.nodeport_addr(&n.name)
-        );
+    for f in IpFamily::BOTH {
+        for n in c.nodes() {
+            println!(
+                "  sudo ip netns exec {client} curl -s http://{}/",
+                tb.nodeport_addr_in(&n.name, f)
+            );
+        }
     }
     println!("Try (UDP):");
-    for n in c.nodes() {
-        let a = tb.nodeport_addr(&n.name);
-        println!(
-            "  echo hi | sudo ip netns exec {client} socat -t1 - UDP:{}:{}",
-            a.ip(),
-            a.port()
-        );
+    for f in IpFamily::BOTH {
+        for n in c.nodes() {
+            let a = tb.nodeport_addr_in(&n.name, f);
+            let host = match a.ip() {
+                std::net::IpAddr::V4(ip) => ip.to_string(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            };
+            println!(
+                "  echo hi | sudo ip netns exec {client} socat -t1 - UDP:{host}:{}",
+                a.port()
+            );
+        }
     }
     println!("A pod directly, from a node:");
     if let (Some(n), Some(p)) = (c.nodes().first(), c.pods().last()) {
