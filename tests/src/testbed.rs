@@ -40,6 +40,18 @@ pub fn default_agent_path() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target/release/nodeport-agent"))
 }
 
+/// [`default_agent_path`], which must exist (a clear message when the agent was not built).
+pub fn built_agent_path() -> PathBuf {
+    let p = default_agent_path();
+    assert!(
+        p.is_file(),
+        "nodeport agent {} not found: build it with `cargo build --release -p nodeport-agent` \
+         or set NODEPORT_AGENT to its path",
+        p.display()
+    );
+    p
+}
+
 /// The echo server binary: `NP_ECHO` (set by `cargo xtask test`), else `built` (tests pass
 /// `env!("CARGO_BIN_EXE_np-echo")`, the one cargo built for them).
 pub fn echo_path(built: &str) -> PathBuf {

@@ -17,7 +17,7 @@ use tests::{
     client::{self, EchoReply, KeepAliveConn},
     cluster::{Cluster, ClusterSpec, PodShape},
     netns::{list_np_namespaces, require_root, run_id},
-    testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
+    testbed::{built_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
 };
 
 /// New connections per node address where a test wants every backend reached.
@@ -29,20 +29,9 @@ fn echo_bin() -> PathBuf {
     echo_path(env!("CARGO_BIN_EXE_np-echo"))
 }
 
-fn agent_bin() -> PathBuf {
-    let p = default_agent_path();
-    assert!(
-        p.is_file(),
-        "nodeport agent {} not found: build it with `cargo build --release -p nodeport-agent` \
-         or set NODEPORT_AGENT to its path",
-        p.display()
-    );
-    p
-}
-
 /// The standard cluster with agents, waiting until the service answers through every node.
 fn start_with_agent() -> Testbed {
-    let agent = agent_bin();
+    let agent = built_agent_path();
     let mut tb = Testbed::start(TestbedOptions::standard(echo_bin()).with_agent(agent));
     if let Err(e) = tb.wait_for_service(AGENT_WAIT) {
         panic!("{e}");

@@ -18,7 +18,7 @@ use tests::{
     cluster::{Cluster, IpFamily, PodShape},
     manifests::{LoadBalancer, Protocol, Service, ServicePort},
     netns::{require_root, Netns},
-    testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
+    testbed::{built_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
 };
 
 const V4: IpFamily = IpFamily::V4;
@@ -32,20 +32,9 @@ fn echo_bin() -> PathBuf {
     echo_path(env!("CARGO_BIN_EXE_np-echo"))
 }
 
-fn agent_bin() -> PathBuf {
-    let p = default_agent_path();
-    assert!(
-        p.is_file(),
-        "nodeport agent {} not found: build it with `cargo build --release -p nodeport-agent` \
-         or set NODEPORT_AGENT to its path",
-        p.display()
-    );
-    p
-}
-
 /// The standard cluster with agents and `service`, not yet waited for.
 fn start(service: Service) -> Testbed {
-    let mut opts = TestbedOptions::standard(echo_bin()).with_agent(agent_bin());
+    let mut opts = TestbedOptions::standard(echo_bin()).with_agent(built_agent_path());
     opts.service = service;
     Testbed::start(opts)
 }
