@@ -193,7 +193,11 @@ fn xdp_new<F: Family>(ctx: &XdpContext, reselect: bool) -> Verdict {
     if !open_decide::<F>(f, reselect, &mut d) {
         return Verdict::new(xdp_action::XDP_PASS, Stat::PassNoMatch);
     }
-    xdp_act::<F>(ctx, f, &d)
+    if F::IS_V6 {
+        xdp_act::<F>(ctx, f, &d)
+    } else {
+        xdp_act_inline::<F>(ctx, &bounds(ctx), f, &d)
+    }
 }
 
 /// The whole decision into `d`, as steps in BPF functions of their own (TC). False: the
@@ -211,17 +215,29 @@ fn decide<F: Family>(f: &Flow<F::A>, d: &mut Decision<F::A>) -> bool {
 fn open_decide<F: Family>(f: &Flow<F::A>, reselect: bool, d: &mut Decision<F::A>) -> bool {
     // Not zeroed first: LLVM makes that a memset loop, which the verifier refuses without
     // CAP_PERFMON. `open` writes every field when it returns Ok.
+    // IPv4 runs the steps inline; IPv6's need frames of their own.
     let mut choice = MaybeUninit::uninit();
-    match open_step::<F>(f, reselect, &mut choice) {
+    let opened = if F::IS_V6 {
+        open_step::<F>(f, reselect, &mut choice)
+    } else {
+        open::<F>(f, reselect, &mut choice)
+    };
+    match opened {
         None => return false,
         Some(Err(stat)) => *d = Decision::Drop(stat),
         Some(Ok(())) => {
-            // SAFETY: initialised by open_step's Ok.
+            // SAFETY: initialised by open's Ok.
             let choice = unsafe { choice.assume_init_mut() };
-            match snat_step::<F>(f, choice) {
-                Ok(()) => {
+            let sourced = if F::IS_V6 {
+                snat_step::<F>(f, choice)
+            } else {
+                snat::<F>(f, choice)
+            };
+            match sourced {
+                Ok(()) if F::IS_V6 => {
                     bind_step::<F>(f, choice, d);
                 }
+                Ok(()) => bind_into::<F>(f, choice, d),
                 Err(stat) => *d = Decision::Drop(stat),
             }
         }
@@ -275,6 +291,12 @@ fn snat_step<F: Family>(f: &Flow<F::A>, choice: &mut Choice<F::A>) -> Result<(),
 
 #[inline(never)]
 fn bind_step<F: Family>(f: &Flow<F::A>, choice: &Choice<F::A>, d: &mut Decision<F::A>) -> u32 {
+    bind_into::<F>(f, choice, d);
+    0
+}
+
+#[inline(always)]
+fn bind_into<F: Family>(f: &Flow<F::A>, choice: &Choice<F::A>, d: &mut Decision<F::A>) {
     // Each variant written in place: a `Decision` built aside and copied would copy the
     // unwritten bytes of `Drop`, and the verifier refuses reads of uninitialised stack.
     match bind::<F>(f, choice) {
@@ -282,7 +304,6 @@ fn bind_step<F: Family>(f: &Flow<F::A>, choice: &Choice<F::A>, d: &mut Decision<
         Ok((nat, false)) => *d = Decision::ToRemote(nat),
         Err(stat) => *d = Decision::Drop(stat),
     }
-    0
 }
 
 /// Carry out a decision in XDP, as a step of its own.
