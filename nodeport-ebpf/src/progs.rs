@@ -2,13 +2,14 @@
 //! picks the family; everything after is one generic path instantiated for IPv4 ([`V4`])
 //! and IPv6 ([`V6`]).
 //!
-//! A family's path is a chain of BPF functions, each with its own stack frame: inlined
+//! A family's path is split into BPF functions, each with its own stack frame: inlined
 //! together, IPv6's keys and values took the frame past the verifier's 512 bytes (the
-//! limit holds for the frames of a call chain added up). The program calls the family's
-//! function, which parses once and keeps the flow and the decision in its frame; it calls
-//! the steps one after the other: the conntrack half of the decision (established flows,
-//! replies), for new flows the backend choice, the SNAT port search and the binding, and
-//! last carrying the decision out. ICMP errors take their own function.
+//! limit holds for the frames of a call chain added up). XDP calls, one after the other,
+//! the conntrack half of the decision (established flows and replies, carried out in the
+//! same function), the frontend half for new flows (backend choice, SNAT port search,
+//! binding, carrying out) and ICMP errors; TC the same halves from one function. IPv4
+//! runs each half inline; IPv6 runs each step as a function of its own (`*_step`,
+//! `xdp_act`), the flow and the decision kept in the caller's frame.
 //!
 //! XDP and TC ingress exist twice: the plain programs, and `_debug` variants that can log
 //! every packet through aya-log when the runtime switch (`CFG_F_DEBUG`) is on. aya-log's
