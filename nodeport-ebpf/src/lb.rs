@@ -220,6 +220,10 @@ pub struct Choice<A: Addr> {
     /// gave the flow a source of this node (remote backend).
     pub snat_addr: A,
     pub snat_port: u16,
+    /// The flow hash (Maglev slot, SNAT port search start) and the time of the choice,
+    /// computed once for the three steps.
+    pub hash: u32,
+    pub now_ns: u64,
 }
 
 /// The second half of the decision (see [`known`]): the frontend and the backend for a
@@ -241,6 +245,7 @@ pub fn open<F: Family>(
         return Some(Err(Stat::DropNoBackend));
     }
     let now = now_ns();
+    let hash = flow_hash(f.saddr.fold(), f.sport, f.dport, f.proto);
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
     let akey = AffinityKey {
         client_addr: f.saddr,
@@ -258,7 +263,6 @@ pub fn open<F: Family>(
             id
         }
         None => {
-            let hash = flow_hash(f.saddr.fold(), f.sport, f.dport, f.proto);
             let slot = svc.table_off.wrapping_add(hash % svc.table_size);
             let pair = MAGLEV.get(slot / MAGLEV_SLOTS_PER_ENTRY)?;
             pair[(slot & 1) as usize]
@@ -271,6 +275,8 @@ pub fn open<F: Family>(
         backend_id,
         snat_addr: f.saddr,
         snat_port: f.sport,
+        hash,
+        now_ns: now,
     });
     Some(Ok(()))
 }
@@ -313,8 +319,7 @@ pub fn snat<F: Family>(f: &Flow<F::A>, c: &mut Choice<F::A>) -> Result<(), Stat>
     } else {
         F::snat_addr(&cfg)
     };
-    let hash = flow_hash(f.saddr.fold(), f.sport, f.dport, f.proto);
-    c.snat_port = alloc_snat_port::<F>(f, &cfg, &be, snat_addr, hash, now_ns())
+    c.snat_port = alloc_snat_port::<F>(f, &cfg, &be, snat_addr, c.hash, c.now_ns)
         .ok_or(Stat::DropSnatExhausted)?;
     c.snat_addr = snat_addr;
     Ok(())
@@ -327,7 +332,7 @@ pub fn snat<F: Family>(f: &Flow<F::A>, c: &mut Choice<F::A>) -> Result<(), Stat>
 pub fn bind<F: Family>(f: &Flow<F::A>, c: &Choice<F::A>) -> Result<(Nat<F::A>, bool), Stat> {
     let (be, local) = chosen_backend::<F>(c).ok_or(Stat::DropNoBackend)?;
     let id = c.backend_id;
-    let now = now_ns();
+    let now = c.now_ns;
     let affinity = c.svc_flags & SVC_F_AFFINITY != 0;
     let mut entry = CtEntry {
         last_seen_ns: now,

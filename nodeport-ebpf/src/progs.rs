@@ -134,25 +134,26 @@ fn xdp_program<const DEBUG: bool>(ctx: &XdpContext) -> u32 {
     v.action()
 }
 
-/// A family's path: established flows and replies in one BPF function; new flows, and
-/// ICMP errors, in functions of their own called from the program (so their frames do
-/// not add to the first one's).
+/// A family's path. IPv4 parses, decides and acts in one BPF function. IPv6 returns from
+/// it when the frontends must decide (a new flow), and that half runs from the program
+/// (`xdp_new`), so its steps' frames do not add to the first half's. ICMP errors take a
+/// function of their own.
 #[inline(always)]
 fn xdp_family<F: Family>(ctx: &XdpContext) -> Verdict {
     let v = xdp_known::<F>(ctx);
     if v.is_none() {
-        xdp_icmp::<F>(ctx)
-    } else if let Some(reselect) = v.reselect() {
-        xdp_new::<F>(ctx, reselect)
-    } else {
-        v
+        return xdp_icmp::<F>(ctx);
+    }
+    match v.reselect() {
+        Some(reselect) if F::IS_V6 => xdp_new::<F>(ctx, reselect),
+        _ => v,
     }
 }
 
-/// Parse and the conntrack half of the decision, carried out when it decides (the
-/// established-flow path). IPv4 runs it inline; IPv6's keys and values need the steps
-/// as functions of their own to fit the stack. `Verdict::NONE`: not TCP or UDP;
-/// `Verdict::open`: no live flow.
+/// Parse, the conntrack half of the decision, for IPv4 also the frontend half, and
+/// acting on it. IPv6 runs each step as a function of its own (its keys and values do not
+/// fit one frame). `Verdict::NONE`: not TCP or UDP; `Verdict::open` (IPv6 only): no live
+/// flow.
 #[inline(never)]
 fn xdp_known<F: Family>(ctx: &XdpContext) -> Verdict {
     let mut f = MaybeUninit::uninit();
@@ -175,13 +176,21 @@ fn xdp_known<F: Family>(ctx: &XdpContext) -> Verdict {
         known_into::<F>(f, &mut d)
     };
     match open {
-        Some(reselect) => Verdict::open(reselect),
+        // IPv6: the frontend half runs from the program (`xdp_new`), so its steps' frames
+        // do not add to this one's.
+        Some(reselect) if F::IS_V6 => Verdict::open(reselect),
+        Some(reselect) => {
+            if !open_decide::<F>(f, reselect, &mut d) {
+                return Verdict::new(xdp_action::XDP_PASS, Stat::PassNoMatch);
+            }
+            xdp_act_inline::<F>(ctx, &bounds(ctx), f, &d)
+        }
         None if F::IS_V6 => xdp_act::<F>(ctx, f, &d),
         None => xdp_act_inline::<F>(ctx, &bounds(ctx), f, &d),
     }
 }
 
-/// A new flow (or one whose backend is gone): the frontends decide, in steps.
+/// IPv6's new flows (or flows whose backend is gone): the frontends decide, in steps.
 #[inline(never)]
 fn xdp_new<F: Family>(ctx: &XdpContext, reselect: bool) -> Verdict {
     let mut f = MaybeUninit::uninit();
