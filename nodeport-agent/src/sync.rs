@@ -947,8 +947,7 @@ impl<A: SyncAddr> FamilyState<A> {
             .copied()
             .collect();
         self.refs.retain(|_, r| !r.unused());
-        let ids: BTreeSet<&ServicePortId> = desired
-            .services
+        let ids: BTreeSet<&ServicePortId> = A::services(desired)
             .keys()
             .chain(self.services.keys())
             .collect();
@@ -3697,6 +3696,24 @@ mod tests {
         let mut d = prev.clone();
         for _ in 0..=next(3) {
             let name = format!("s{}", next(12));
+            if next(3) == 0 {
+                // An IPv6 unit (its own state in the reconciler, shared ids and slots).
+                if next(5) == 0 {
+                    d.services6.remove(&sid6(&name));
+                    continue;
+                }
+                let frontends: Vec<FrontendKey6> = (0..=next(2))
+                    .map(|_| match next(3) {
+                        0 => ext6(&format!("2001:db8:5::{}", 1 + next(3)), 53),
+                        _ => np6(30000 + next(16) as u16),
+                    })
+                    .collect();
+                let backends: Vec<Backend6> =
+                    (0..next(6)).map(|_| be6(1 + next(10) as u16, 80)).collect();
+                d.services6
+                    .insert(sid6(&name), dsvc6(&frontends, &backends));
+                continue;
+            }
             if next(5) == 0 {
                 d.services.remove(&sid(&name));
                 continue;
@@ -3758,6 +3775,12 @@ mod tests {
                         .keys()
                         .chain(d.services.keys())
                         .filter(|id| prev.services.get(*id) != d.services.get(*id))
+                        .chain(
+                            prev.services6
+                                .keys()
+                                .chain(d.services6.keys())
+                                .filter(|id| prev.services6.get(*id) != d.services6.get(*id)),
+                        )
                         .cloned()
                         .collect(),
                 };
@@ -3791,6 +3814,9 @@ mod tests {
                 assert_eq!(full.state_summary(), inc.state_summary(), "{ctx}");
                 assert_eq!(mf.services, mi.services, "{ctx}");
                 assert_eq!(mf.backends, mi.backends, "{ctx}");
+                assert_eq!(mh.services6, mi.services6, "{ctx}: hinted");
+                assert_eq!(mf.services6, mi.services6, "{ctx}");
+                assert_eq!(mf.backends6, mi.backends6, "{ctx}");
             }
             // Without failures both converge to exactly the desired state.
             for m in [&mut mf, &mut mi] {
@@ -3799,6 +3825,8 @@ mod tests {
             }
             // (Room for every table and backend, each frontend wanted once, one flag value
             // per backend.)
+            // (The convergence check below is for IPv4 units; IPv6 ones share its slots.)
+            d.services6.clear();
             d.services = d.services.into_iter().take(3).collect();
             for ds in d.services.values_mut() {
                 ds.backends = ds.backends.iter().take(2).copied().collect();
