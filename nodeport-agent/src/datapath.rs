@@ -603,36 +603,17 @@ impl Datapath {
 
     /// What the maps hold now (after a restart: what the earlier run programmed).
     pub fn snapshot(&self) -> Result<MapSnapshot> {
-        let mut snap = MapSnapshot::default();
-        for item in self.node_addrs.iter() {
-            snap.node_addrs
-                .push(item.map_err(|e| kerr(m::MAP_NODE_ADDRS, e))?.0);
-        }
-        snap.backends = programmed_backends(&self.backends, m::MAP_BACKENDS)?;
-        for item in self.services.iter() {
-            snap.services
-                .push(item.map_err(|e| kerr(m::MAP_SERVICES, e))?);
-        }
-        for item in self.node_addrs6.iter() {
-            snap.node_addrs6
-                .push(item.map_err(|e| kerr(m::MAP_NODE_ADDRS6, e))?.0);
-        }
-        snap.backends6 = programmed_backends(&self.backends6, m::MAP_BACKENDS6)?;
-        for item in self.services6.iter() {
-            snap.services6
-                .push(item.map_err(|e| kerr(m::MAP_SERVICES6, e))?);
-        }
-        for key in self.src_ranges.keys() {
-            let key = key.map_err(|e| kerr(m::MAP_SRC_RANGES, e))?;
-            let (svc_id, cidr) = src_range_of(&key);
-            snap.src_ranges.extend(cidr.map(|c| (svc_id, c)));
-        }
-        for key in self.src_ranges6.keys() {
-            let key = key.map_err(|e| kerr(m::MAP_SRC_RANGES6, e))?;
-            let (svc_id, cidr) = src_range_of(&key);
-            snap.src_ranges.extend(cidr.map(|c| (svc_id, c)));
-        }
-        Ok(snap)
+        let mut src_ranges = src_ranges_of(&self.src_ranges, m::MAP_SRC_RANGES)?;
+        src_ranges.extend(src_ranges_of(&self.src_ranges6, m::MAP_SRC_RANGES6)?);
+        Ok(MapSnapshot {
+            node_addrs: keys(entries(&self.node_addrs, m::MAP_NODE_ADDRS)?),
+            backends: programmed_backends(&self.backends, m::MAP_BACKENDS)?,
+            services: entries(&self.services, m::MAP_SERVICES)?,
+            node_addrs6: keys(entries(&self.node_addrs6, m::MAP_NODE_ADDRS6)?),
+            backends6: programmed_backends(&self.backends6, m::MAP_BACKENDS6)?,
+            services6: entries(&self.services6, m::MAP_SERVICES6)?,
+            src_ranges,
+        })
     }
 
     /// Counters summed over CPUs, by name.
@@ -786,6 +767,32 @@ fn src_range_key<A: RawAddr>(svc_id: u32, cidr: IpCidr) -> LpmKey<SrcRange<A>> {
     )
 }
 
+/// The keys of `(key, value)` pairs.
+fn keys<K, V>(entries: Vec<(K, V)>) -> Vec<K> {
+    entries.into_iter().map(|(k, _)| k).collect()
+}
+
+/// Every entry of a hash map (plain or LRU) named `name`.
+fn entries<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &str,
+) -> Result<Vec<(K, V)>> {
+    map.iter().map(|kv| kv.map_err(|e| kerr(name, e))).collect()
+}
+
+/// Every (service id, range) of an NP_SRCRANGE(6) trie named `name`.
+fn src_ranges_of<A: RawAddr>(
+    trie: &LpmTrie<MapData, SrcRange<A>, u32>,
+    name: &str,
+) -> Result<Vec<(u32, IpCidr)>> {
+    let mut out = Vec::new();
+    for key in trie.keys() {
+        let (svc_id, cidr) = src_range_of(&key.map_err(|e| kerr(name, e))?);
+        out.extend(cidr.map(|c| (svc_id, c)));
+    }
+    Ok(out)
+}
+
 /// The service id and range of an NP_SRCRANGE(6) key (`None` for a malformed prefix).
 fn src_range_of<A: RawAddr>(key: &LpmKey<SrcRange<A>>) -> (u32, Option<IpCidr>) {
     let data = key.data();
@@ -864,7 +871,7 @@ impl MapReader {
     ) -> Result<Vec<(K, V)>> {
         let map: HashMap<MapData, K, V> =
             HashMap::try_from(kind(open_pinned(&self.dir, name)?)).map_err(|e| kerr(name, e))?;
-        map.iter().map(|kv| kv.map_err(|e| kerr(name, e))).collect()
+        entries(&map, name)
     }
 
     /// Every programmed backend of the pinned array `name` (NP_BE or NP_BE6).

@@ -2,7 +2,7 @@
 //! maps equal to the desired state computed from Services, EndpointSlices and Nodes.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -15,7 +15,7 @@ use nodeport_agent::{
     datapath::{
         monotonic_coarse_ns, Datapath, EbpfLog, MapReader, MapSizes, Variant, XdpAttachMode,
     },
-    family::{addr6_raw, addr_raw},
+    family::{usable_node_addr, RawAddr},
     inspect,
     kube_source::{self, KubeStats, WatchOptions},
     manifests,
@@ -249,26 +249,18 @@ fn interface_addrs() -> Vec<IpAddr> {
     out
 }
 
-/// First IPv4 address of `iface`: the SNAT source for LoadBalancer/external IP frontends.
-fn iface_addr(iface: &str) -> Option<Ipv4Addr> {
+/// The first usable address of family `A` on `iface` (for IPv6 not link-local, loopback or
+/// multicast), raw; zero when it has none: the SNAT source for LoadBalancer/external IP
+/// frontends that are not node addresses.
+fn iface_snat_addr<A: RawAddr>(iface: &str) -> A {
     nix::ifaddrs::getifaddrs()
-        .ok()?
+        .into_iter()
+        .flatten()
         .filter(|ifa| ifa.interface_name == iface)
-        .find_map(|ifa| ifa.address?.as_sockaddr_in().map(|sin| sin.ip()))
-}
-
-/// First global IPv6 address of `iface` (not link-local, loopback, unspecified or
-/// multicast): the SNAT source for IPv6 LoadBalancer/external IP frontends.
-fn iface_addr6(iface: &str) -> Option<Ipv6Addr> {
-    nix::ifaddrs::getifaddrs()
-        .ok()?
-        .filter(|ifa| ifa.interface_name == iface)
-        .filter_map(|ifa| ifa.address?.as_sockaddr_in6().map(|sin6| sin6.ip()))
-        .find(|ip| is_global6(*ip))
-}
-
-fn is_global6(ip: Ipv6Addr) -> bool {
-    !ip.is_unicast_link_local() && !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast()
+        .filter_map(|ifa| ifaddr_ip(&ifa))
+        .filter(|ip| usable_node_addr(*ip))
+        .find_map(A::from_ip)
+        .unwrap_or_default()
 }
 
 /// Forward the datapath's aya-log records to the log facade.
@@ -344,13 +336,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for (name, why) in &pins.replaced {
         warn!(map = %name, "replacing pinned map: {why}; its entries are lost");
     }
-    let snat_addr = iface_addr(&args.interfaces[0]).map(addr_raw).unwrap_or(0);
-    let snat_addr6 = iface_addr6(&args.interfaces[0])
-        .map(addr6_raw)
-        .unwrap_or([0; 4]);
     dp.set_config(&Config {
-        snat_addr,
-        snat_addr6,
+        snat_addr: iface_snat_addr(&args.interfaces[0]),
+        snat_addr6: iface_snat_addr(&args.interfaces[0]),
         flags: if args.debug_datapath { CFG_F_DEBUG } else { 0 },
         snat_port_min: lo,
         snat_port_max: hi,

@@ -199,15 +199,11 @@ pub struct Desired {
 /// The part of [`Desired`] of one family, for code written once for both.
 pub trait DesiredFamily: RawAddr {
     fn services(d: &Desired) -> &BTreeMap<ServicePortId, DesiredService<Self>>;
-    fn services_mut(d: &mut Desired) -> &mut BTreeMap<ServicePortId, DesiredService<Self>>;
 }
 
 impl DesiredFamily for u32 {
     fn services(d: &Desired) -> &BTreeMap<ServicePortId, DesiredService> {
         &d.services
-    }
-    fn services_mut(d: &mut Desired) -> &mut BTreeMap<ServicePortId, DesiredService> {
-        &mut d.services
     }
 }
 
@@ -215,17 +211,9 @@ impl DesiredFamily for Ip6 {
     fn services(d: &Desired) -> &BTreeMap<ServicePortId, DesiredService6> {
         &d.services6
     }
-    fn services_mut(d: &mut Desired) -> &mut BTreeMap<ServicePortId, DesiredService6> {
-        &mut d.services6
-    }
 }
 
 impl Desired {
-    /// The service ports of family `A`.
-    pub fn of<A: DesiredFamily>(&self) -> &BTreeMap<ServicePortId, DesiredService<A>> {
-        A::services(self)
-    }
-
     /// Service ports of both families.
     pub fn service_count(&self) -> usize {
         self.services.len() + self.services6.len()
@@ -237,11 +225,6 @@ impl Desired {
             Family::V4 => self.services.contains_key(id),
             Family::V6 => self.services6.contains_key(id),
         }
-    }
-
-    /// The ids of every service port, IPv4 first.
-    pub fn ids(&self) -> impl Iterator<Item = &ServicePortId> {
-        self.services.keys().chain(self.services6.keys())
     }
 
     fn remove(&mut self, id: &ServicePortId) {

@@ -536,7 +536,7 @@ struct Shared {
 }
 
 /// What is programmed for the service ports of one family.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 struct FamilyState<A: SyncAddr> {
     backends: BTreeMap<BeKey<A>, BeState<A>>,
     services: BTreeMap<ServicePortId, SvcState<A>>,
@@ -634,8 +634,8 @@ impl Reconciler {
                 svc_ids: IdPool::new(u32::MAX),
                 dup_be_ids: BTreeSet::new(),
             },
-            v4: FamilyState::new(),
-            v6: FamilyState::new(),
+            v4: FamilyState::default(),
+            v6: FamilyState::default(),
             hinted: None,
         }
     }
@@ -749,29 +749,6 @@ impl Reconciler {
 }
 
 impl<A: SyncAddr> FamilyState<A> {
-    fn new() -> Self {
-        Self {
-            backends: BTreeMap::new(),
-            services: BTreeMap::new(),
-            fe_owner: BTreeMap::new(),
-            node_addrs: BTreeSet::new(),
-            orphans: BTreeMap::new(),
-            orphan_tables: BTreeMap::new(),
-            stale_ids: BTreeMap::new(),
-            restored_svc_ids: BTreeSet::new(),
-            src_ranges: BTreeSet::new(),
-            last: BTreeMap::new(),
-            refs: BTreeMap::new(),
-            be_retry: BTreeSet::new(),
-            be_check: BTreeSet::new(),
-            unsettled: BTreeSet::new(),
-            taken: Vec::new(),
-            full: false,
-            #[cfg(test)]
-            always_full: false,
-        }
-    }
-
     /// [`Reconciler::restore`] for this family; ids in `foreign` belong to the other
     /// family: their entries here are stale. Each family reserves and later frees the
     /// NP_MAGLEV blocks its own restored frontends point at; the tables of the two
@@ -1829,6 +1806,7 @@ impl Reconciler {
     }
 
     /// The backend id of IPv6 backend `addr:port` (raw network order), if programmed.
+    #[cfg(test)]
     pub fn backend_id6(&self, addr: Ip6, port: u16) -> Option<u32> {
         self.v6.backends.get(&(addr, port)).map(|b| b.id)
     }
