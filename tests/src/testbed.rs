@@ -9,6 +9,7 @@
 //! `--kubeconfig PATH` instead of `--manifests DIR`.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     path::{Path, PathBuf},
     thread,
@@ -16,7 +17,7 @@ use std::{
 };
 
 use crate::{
-    client,
+    client::{self, EchoReply},
     cluster::{Cluster, ClusterSpec, IpFamily},
     manifests::{Manifests, Protocol, Service, SAMPLE_NODE_PORT},
     netns::{ensure_bpffs, Child, PinPath, TempDir},
@@ -40,16 +41,65 @@ pub fn default_agent_path() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target/release/nodeport-agent"))
 }
 
-/// [`default_agent_path`], which must exist (a clear message when the agent was not built).
-pub fn built_agent_path() -> PathBuf {
-    let p = default_agent_path();
+/// All replies of a batch, panicking (with the agents' logs) on the first error.
+pub fn all_ok(tb: &Testbed, what: &str, rs: Vec<client::Result<EchoReply>>) -> Vec<EchoReply> {
+    let n = rs.len();
+    rs.into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.unwrap_or_else(|e| panic!("{what}: request {i}/{n} failed: {e}\n{}", tb.agent_logs()))
+        })
+        .collect()
+}
+
+/// The pods that answered.
+pub fn backends(rs: &[EchoReply]) -> BTreeSet<String> {
+    rs.iter().map(|r| r.from.clone()).collect()
+}
+
+/// A set of pod names.
+pub fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// Under `externalTrafficPolicy: Cluster`, entering through `node`: a backend on `node`
+/// sees the client's own address, a backend elsewhere sees `node`'s address (SNAT), in the
+/// family of the request. Both kinds must occur.
+pub fn assert_cluster_policy_addresses(
+    c: &Cluster,
+    node: &str,
+    family: IpFamily,
+    rs: &[EchoReply],
+) {
+    let (mut local, mut remote) = (0, 0);
+    for r in rs {
+        let backend_node = c.pod_node(&r.from);
+        if backend_node == node {
+            local += 1;
+            assert_eq!(
+                r.client_ip,
+                c.client_addr(family),
+                "{} backend {} on {node} (the receiving node) must see the client's address",
+                family.as_str(),
+                r.from
+            );
+        } else {
+            remote += 1;
+            assert_eq!(
+                r.client_ip,
+                c.node(node).addr(family),
+                "{} backend {} on {backend_node} must see {node}'s address (SNAT), not the \
+                 client's",
+                family.as_str(),
+                r.from
+            );
+        }
+    }
     assert!(
-        p.is_file(),
-        "nodeport agent {} not found: build it with `cargo build --release -p nodeport-agent` \
-         or set NODEPORT_AGENT to its path",
-        p.display()
+        local > 0 && remote > 0,
+        "via {node} ({}): {local} local and {remote} remote answers; want both",
+        family.as_str()
     );
-    p
 }
 
 /// The echo server binary: `NP_ECHO` (set by `cargo xtask test`), else `built` (tests pass
@@ -314,6 +364,23 @@ impl Testbed {
 
     pub fn agents(&self) -> &[Agent] {
         &self.agents
+    }
+
+    /// The datapath counter `name` of `node`'s agent, summed over CPUs (read from its pins).
+    pub fn counter(&self, node: &str, name: &str) -> u64 {
+        let agent = self
+            .agents()
+            .iter()
+            .find(|a| a.node == node)
+            .unwrap_or_else(|| panic!("no agent on {node}"));
+        let counters = nodeport_agent::datapath::MapReader::open(agent.pin_path())
+            .and_then(|m| m.counters())
+            .unwrap_or_else(|e| panic!("{node}: reading counters: {e}"));
+        counters
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("{node}: no counter {name} in {counters:?}"))
+            .1
     }
 
     pub fn agent_log(&self, node: &str) -> String {

@@ -15,9 +15,12 @@ use std::{
 
 use tests::{
     client::{self, EchoReply, KeepAliveConn},
-    cluster::{Cluster, ClusterSpec, PodShape},
+    cluster::{Cluster, ClusterSpec, IpFamily, PodShape},
     netns::{list_np_namespaces, require_root, run_id},
-    testbed::{built_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
+    testbed::{
+        all_ok, assert_cluster_policy_addresses, default_agent_path, echo_path, names, poll_until,
+        Testbed, TestbedOptions,
+    },
 };
 
 /// New connections per node address where a test wants every backend reached.
@@ -31,7 +34,7 @@ fn echo_bin() -> PathBuf {
 
 /// The standard cluster with agents, waiting until the service answers through every node.
 fn start_with_agent() -> Testbed {
-    let agent = built_agent_path();
+    let agent = default_agent_path();
     let mut tb = Testbed::start(TestbedOptions::standard(echo_bin()).with_agent(agent));
     if let Err(e) = tb.wait_for_service(AGENT_WAIT) {
         panic!("{e}");
@@ -50,27 +53,12 @@ fn finish(tb: Testbed) {
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
 }
 
-/// All replies, panicking (with the agents' logs) on the first error.
-fn all_ok(tb: &Testbed, what: &str, rs: Vec<client::Result<EchoReply>>) -> Vec<EchoReply> {
-    let n = rs.len();
-    rs.into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.unwrap_or_else(|e| panic!("{what}: request {i}/{n} failed: {e}\n{}", tb.agent_logs()))
-        })
-        .collect()
-}
-
 fn tally(rs: &[EchoReply]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for r in rs {
         *m.entry(r.from.clone()).or_insert(0) += 1;
     }
     m
-}
-
-fn names(list: &[&str]) -> BTreeSet<String> {
-    list.iter().map(|s| s.to_string()).collect()
 }
 
 #[test]
@@ -129,31 +117,7 @@ fn remote_backend_sees_receiving_node_address() {
             &format!("udp via {node}"),
             client::udp_request_many(c.client(), addr, CONNS / 2),
         ));
-        let (mut local, mut remote) = (0, 0);
-        for r in &replies {
-            let backend_node = c.pod_node(&r.from);
-            if backend_node == node {
-                local += 1;
-                assert_eq!(
-                    r.client_ipv4(),
-                    c.client_ip(),
-                    "local backend {} via {node} must see the client address: {r:?}",
-                    r.from
-                );
-            } else {
-                remote += 1;
-                assert_eq!(
-                    r.client_ipv4(),
-                    c.node_ip(node),
-                    "remote backend {} (on {backend_node}) via {node} must see {node}'s address: {r:?}",
-                    r.from
-                );
-            }
-        }
-        assert!(
-            local > 0 && remote > 0,
-            "via {node}: {local} local and {remote} remote answers"
-        );
+        assert_cluster_policy_addresses(c, node, IpFamily::V4, &replies);
     }
     finish(tb);
 }

@@ -7,7 +7,6 @@
 //! need the agent to serve IPv6 (Service `spec.ipFamilies`, `addressType: IPv6` slices).
 
 use std::{
-    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::Duration,
@@ -15,10 +14,13 @@ use std::{
 
 use tests::{
     client::{self, EchoReply},
-    cluster::{Cluster, IpFamily, PodShape},
+    cluster::{IpFamily, PodShape},
     manifests::{LoadBalancer, Protocol, Service, ServicePort},
     netns::{require_root, Netns},
-    testbed::{built_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
+    testbed::{
+        all_ok, assert_cluster_policy_addresses, backends, default_agent_path, echo_path, names,
+        poll_until, Testbed, TestbedOptions,
+    },
 };
 
 const V4: IpFamily = IpFamily::V4;
@@ -34,7 +36,7 @@ fn echo_bin() -> PathBuf {
 
 /// The standard cluster with agents and `service`, not yet waited for.
 fn start(service: Service) -> Testbed {
-    let mut opts = TestbedOptions::standard(echo_bin()).with_agent(built_agent_path());
+    let mut opts = TestbedOptions::standard(echo_bin()).with_agent(default_agent_path());
     opts.service = service;
     Testbed::start(opts)
 }
@@ -51,60 +53,6 @@ fn serving(service: Service) -> Testbed {
 /// `sample-nodeport` (TCP and UDP on nodePort 30080) for IPv6 only.
 fn ipv6_only() -> Service {
     Service::sample_nodeport_with_udp().with_families(&[V6])
-}
-
-/// All replies, panicking (with the agents' logs) on the first error.
-fn all_ok(tb: &Testbed, what: &str, rs: Vec<client::Result<EchoReply>>) -> Vec<EchoReply> {
-    let n = rs.len();
-    rs.into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.unwrap_or_else(|e| panic!("{what}: request {i}/{n} failed: {e}\n{}", tb.agent_logs()))
-        })
-        .collect()
-}
-
-fn backends(rs: &[EchoReply]) -> BTreeSet<String> {
-    rs.iter().map(|r| r.from.clone()).collect()
-}
-
-fn names(list: &[&str]) -> BTreeSet<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
-/// Under `externalTrafficPolicy: Cluster`, entering through `node`: a backend on `node`
-/// sees the client's own address, a backend elsewhere sees `node`'s address (SNAT), in the
-/// family of the request. Both kinds must occur.
-fn assert_cluster_policy_addresses(c: &Cluster, node: &str, family: IpFamily, rs: &[EchoReply]) {
-    let (mut local, mut remote) = (0, 0);
-    for r in rs {
-        let backend_node = c.pod_node(&r.from);
-        if backend_node == node {
-            local += 1;
-            assert_eq!(
-                r.client_ip,
-                c.client_addr(family),
-                "{} backend {} on {node} (the receiving node) must see the client's address",
-                family.as_str(),
-                r.from
-            );
-        } else {
-            remote += 1;
-            assert_eq!(
-                r.client_ip,
-                c.node(node).addr(family),
-                "{} backend {} on {backend_node} must see {node}'s address (SNAT), not the \
-                 client's",
-                family.as_str(),
-                r.from
-            );
-        }
-    }
-    assert!(
-        local > 0 && remote > 0,
-        "via {node} ({}): {local} local and {remote} remote answers; want both",
-        family.as_str()
-    );
 }
 
 /// Whether `ping -6` from `from` reaches `to` (one echo request, 2 s).
@@ -227,7 +175,8 @@ fn ipv6_local_policy_keeps_the_client_address_and_drops_without_local_endpoint()
     if !require_root() {
         return;
     }
-    let mut svc = ipv6_only();
+    // Dual stack, so that pb1 keeps an IPv4 endpoint when its IPv6 one goes.
+    let mut svc = Service::sample_nodeport_with_udp().with_families(&[V4, V6]);
     svc.external_traffic_policy = Some("Local".into());
     let mut tb = serving(svc);
     let client_ip = IpAddr::from(tb.cluster().client_ip6());
@@ -273,14 +222,19 @@ fn ipv6_local_policy_keeps_the_client_address_and_drops_without_local_endpoint()
         err.is_timeout(),
         "{node2} without a local endpoint must drop (client times out), got: {err}"
     );
+    let udp = client::udp_request(tb.cluster().client(), node2);
     assert!(
-        client::udp_request(tb.cluster().client(), node2).is_err(),
-        "{node2} answered UDP without a local IPv6 endpoint"
+        udp.as_ref().is_err_and(|e| e.is_timeout()),
+        "{node2} without a local endpoint must drop UDP (no answer), got: {udp:?}"
     );
-    // node1 is unaffected.
+    // node1 is unaffected, and so is node2's IPv4 side, where pb1 is still an endpoint.
     let r = client::http_get(tb.cluster().client(), tb.nodeport_addr6("node1"))
         .unwrap_or_else(|e| panic!("node1 after node2 lost its endpoint: {e}"));
     assert_eq!(r.client_ip, client_ip);
+    let v4 = tb.nodeport_addr("node2");
+    let r = client::http_get(tb.cluster().client(), v4)
+        .unwrap_or_else(|e| panic!("{v4} after pb1 lost only its IPv6 endpoint: {e}"));
+    assert_eq!(r.from, "pb1", "{v4}: under Local, node2's own endpoint");
 }
 
 /// A dual-stack Service (`ipFamilies: [IPv4, IPv6]`): one nodePort answers on the IPv4 and
@@ -300,7 +254,27 @@ fn dual_stack_nodeport_serves_each_family_from_its_own_slices() {
     tb.wait_for_service(AGENT_WAIT)
         .unwrap_or_else(|e| panic!("{e}"));
     let c = tb.cluster();
-    for (family, want) in [(V4, names(&["pa1", "pb1"])), (V6, names(&["pa2", "pb1"]))] {
+    let wanted = [(V4, names(&["pa1", "pb1"])), (V6, names(&["pa2", "pb1"]))];
+    // The agents started on the full slices: wait until each family serves the trimmed
+    // ones, on both nodes.
+    for (family, want) in &wanted {
+        for node in ["node1", "node2"] {
+            let addr = tb.nodeport_addr_in(node, *family);
+            let settled = poll_until(AGENT_WAIT, Duration::from_millis(200), || {
+                let rs: Vec<EchoReply> = client::http_get_many(c.client(), addr, CONNS)
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                backends(&rs) == *want
+            });
+            assert!(
+                settled,
+                "{addr}: never served exactly {want:?}\n{}",
+                tb.agent_logs()
+            );
+        }
+    }
+    for (family, want) in wanted {
         for node in ["node1", "node2"] {
             let addr = tb.nodeport_addr_in(node, family);
             let what = format!("{} {addr} via {node}", family.as_str());
@@ -390,10 +364,17 @@ fn ipv6_load_balancer_ip_and_source_ranges() {
         "{lb} still serves fd00:18::10 with only fd00:99::/64 allowed\n{}",
         tb.agent_logs()
     );
+    let drops = tb.counter("node1", "drop_source_range");
     let err = client::http_get(tb.cluster().client(), lb).expect_err("dropped");
     assert!(
         err.is_timeout(),
         "{lb}: a client outside the ranges must be dropped (timeout), got: {err}"
+    );
+    // Dropped by the source-range check, not lost some other way (say, a frontend gone
+    // and the packet routed into an unresolved neighbour).
+    assert!(
+        tb.counter("node1", "drop_source_range") > drops,
+        "{lb}: the timeout was not a source-range drop"
     );
     client::http_get(tb.cluster().client(), node_port).unwrap_or_else(|e| {
         panic!("loadBalancerSourceRanges must not apply to the nodePort {node_port}: {e}")

@@ -2,13 +2,16 @@
 //! `spec.externalIPs` are frontends on the service `port`, balanced like nodePorts. The
 //! client reaches them through node1 (a /32 route, as an upstream router would send them).
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use tests::{
     client,
-    manifests::write_atomic,
+    manifests::{write_atomic, IpFamily},
     netns::require_root,
-    testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
+    testbed::{
+        all_ok, assert_cluster_policy_addresses, backends, default_agent_path, echo_path, names,
+        poll_until, Testbed, TestbedOptions,
+    },
 };
 
 fn echo_bin() -> PathBuf {
@@ -71,7 +74,6 @@ fn load_balancer_and_external_ips_are_frontends_on_the_service_port() {
             .client()
             .ip(&format!("route add {ip}/32 via 198.18.0.11"));
     }
-    let client_ip = tb.cluster().client_ip().to_string();
     for frontend in [
         "198.18.0.100:8080",
         "198.18.0.101:8080",
@@ -82,29 +84,20 @@ fn load_balancer_and_external_ips_are_frontends_on_the_service_port() {
             client::http_get(tb.cluster().client(), addr).is_ok()
         });
         assert!(up, "{frontend} never answered\n{}", tb.agent_logs());
-        // Both endpoints are reached; the one on node1 (where the traffic enters for the LB
-        // addresses) sees the client, the one on the other node sees node1's address.
-        let mut seen: BTreeMap<String, String> = BTreeMap::new();
-        for r in client::http_get_many(tb.cluster().client(), addr, 40) {
-            let r = r.unwrap_or_else(|e| panic!("{frontend}: {e}\n{}", tb.agent_logs()));
-            seen.insert(r.from, r.client_ip.to_string());
-        }
-        let entry = if frontend.starts_with("198.18.0.12") {
-            "198.18.0.12"
-        } else {
-            "198.18.0.11"
-        };
-        let (local, remote) = if entry == "198.18.0.11" {
-            ("pa1", "pb1")
-        } else {
-            ("pb1", "pa1")
-        };
-        assert_eq!(seen.get(local), Some(&client_ip), "{frontend}: {seen:?}");
-        assert_eq!(
-            seen.get(remote).map(String::as_str),
-            Some(entry),
-            "{frontend}: {seen:?}"
+        // Both endpoints are reached; the one on the node where the traffic enters (node1
+        // for the LB addresses) sees the client, the other one that node's address.
+        let rs = all_ok(
+            &tb,
+            frontend,
+            client::http_get_many(tb.cluster().client(), addr, 40),
         );
+        assert_eq!(backends(&rs), names(&["pa1", "pb1"]), "{frontend}");
+        let entry = if frontend.starts_with("198.18.0.12") {
+            "node2"
+        } else {
+            "node1"
+        };
+        assert_cluster_policy_addresses(tb.cluster(), entry, IpFamily::V4, &rs);
     }
 }
 
@@ -169,15 +162,10 @@ fn source_ranges_guard_the_load_balancer_ips_only() {
         answers(node_port),
         "source ranges must not apply to the nodePort"
     );
-    let node1 = tb.agents().iter().find(|a| a.node == "node1").unwrap();
-    let counters = nodeport_agent::datapath::MapReader::open(node1.pin_path())
-        .and_then(|m| m.counters())
-        .expect("read counters");
-    let drops = counters
-        .iter()
-        .find(|(n, _)| *n == "drop_source_range")
-        .map_or(0, |(_, v)| *v);
-    assert!(drops > 0, "drops not counted: {counters:?}");
+    assert!(
+        tb.counter("node1", "drop_source_range") > 0,
+        "source-range drops not counted on node1"
+    );
 
     // A prefix covering the client (longest-prefix match inside a wider list) and then no
     // list at all: served again.

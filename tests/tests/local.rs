@@ -52,6 +52,13 @@ fn local_policy_keeps_the_client_address_and_stays_on_the_node() {
         "node2 still answers without a local endpoint\n{}",
         tb.agent_logs()
     );
+    // Dropped (the client times out), not refused by node2's own stack.
+    let err = client::http_get(tb.cluster().client(), tb.nodeport_addr("node2"))
+        .expect_err("node2 answered");
+    assert!(
+        err.is_timeout(),
+        "node2 without a local endpoint must drop (client times out), got: {err}"
+    );
     // node1 is unaffected.
     assert!(client::http_get(tb.cluster().client(), tb.nodeport_addr("node1")).is_ok());
 }
