@@ -453,6 +453,9 @@ pub struct SyncReport {
     pub slots_written: u64,
     pub services_set: usize,
     pub services_deleted: usize,
+    /// loadBalancerSourceRanges entries (NP_SRCRANGE, NP_SRCRANGE6).
+    pub src_ranges_set: usize,
+    pub src_ranges_deleted: usize,
     /// Failures, each naming its service, frontend, backend or address. The rest of the
     /// state was still programmed; a failed part is retried by the next apply.
     pub errors: Vec<Error>,
@@ -468,6 +471,8 @@ impl SyncReport {
             + self.tables_written
             + self.services_set
             + self.services_deleted
+            + self.src_ranges_set
+            + self.src_ranges_deleted
     }
 }
 
@@ -475,7 +480,8 @@ impl fmt::Display for SyncReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "node addrs +{} -{}, backends +{} -{}, tables {} ({} slots), frontends +{} -{}, {} errors",
+            "node addrs +{} -{}, backends +{} -{}, tables {} ({} slots), frontends +{} -{}, \
+             source ranges +{} -{}, {} errors",
             self.node_addrs_set,
             self.node_addrs_deleted,
             self.backends_set,
@@ -484,6 +490,8 @@ impl fmt::Display for SyncReport {
             self.slots_written,
             self.services_set,
             self.services_deleted,
+            self.src_ranges_set,
+            self.src_ranges_deleted,
             self.errors.len()
         )
     }
@@ -1628,6 +1636,7 @@ impl<A: SyncAddr> FamilyState<A> {
             match maps.set_src_range(svc_id, *c) {
                 Ok(()) => {
                     self.src_ranges.insert((svc_id, *c));
+                    report.src_ranges_set += 1;
                 }
                 Err(e) => report.errors.push(Error::SourceRange {
                     svc_id,
@@ -1647,6 +1656,7 @@ impl<A: SyncAddr> FamilyState<A> {
             match maps.delete_src_range(svc_id, c) {
                 Ok(()) => {
                     self.src_ranges.remove(&(svc_id, c));
+                    report.src_ranges_deleted += 1;
                 }
                 Err(e) => report.errors.push(Error::SourceRange {
                     svc_id,
@@ -2779,7 +2789,10 @@ mod tests {
         let mut r = Reconciler::new(SLOTS, 1024);
         let rep = r.apply(&d, &mut m);
         assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+        assert_eq!(rep.src_ranges_set, 2, "{rep}");
         verify(&d, &m);
+        // Nothing to do the second time, ranges included.
+        assert_eq!(r.apply(&d, &mut m).calls(), 0);
         // Only the external-IP frontend checks the ranges; the nodePort does not.
         assert_ne!(
             m.services[&ext([192, 0, 2, 1], 53)].flags & SVC_F_SRC_RANGES,
@@ -2791,7 +2804,13 @@ mod tests {
         // A changed list: the new range goes in, the old one out.
         let a = d.services.get_mut(&sid("a")).unwrap();
         a.source_ranges = [cidr("198.18.0.0/24"), cidr("198.19.0.0/16")].into();
-        assert!(r.apply(&d, &mut m).errors.is_empty());
+        let rep = r.apply(&d, &mut m);
+        assert!(rep.errors.is_empty());
+        assert_eq!(
+            (rep.src_ranges_set, rep.src_ranges_deleted),
+            (1, 1),
+            "{rep}"
+        );
         verify(&d, &m);
 
         // A restarted agent finds a range that is no longer wanted and removes it.
