@@ -139,7 +139,8 @@ fn setup() -> Option<Env> {
     service(30082, PROTO_TCP, 40, &[3], &mut dp, 5); // gateway without neighbour
     service(30083, PROTO_TCP, 50, &[4], &mut dp, 6); // blackholed backend
     service(30084, PROTO_TCP, 60, &[], &mut dp, 7); // no endpoints
-                                                    // IPv6: node1 fd00:18::11 with the same SNAT port; backend 5 is node2's pod.
+
+    // IPv6: node1 fd00:18::11 with the same SNAT port; backend 5 is node2's pod.
     dp.set_node_addr6(ip6(NODE1_6)).expect("node addr6");
     dp.set_backend6(
         5,

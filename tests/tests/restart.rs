@@ -1,7 +1,8 @@
 //! Restart safety: SIGKILL the agent of a node while TCP connections run through its
 //! nodePort (a dual-stack Service: over IPv4 and IPv6), start it again, and check that the
-//! connections never notice and that no map entry of either family was lost. The pinned links keep the programs attached while no agent runs; the
-//! pinned maps keep conntrack; the restarted agent adopts the backend ids it finds.
+//! connections never notice and that no map entry of either family was lost. The pinned
+//! links keep the programs attached while no agent runs; the pinned maps keep conntrack;
+//! the restarted agent adopts the backend ids it finds.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
