@@ -1,6 +1,9 @@
 //! Settings and counters of the benchmark programs (nodeport-ebpf/src/bench.rs): the packet
 //! generator, the bare forwarder and the sink of `np-pktbench`. The agent never loads these
 //! programs nor writes these maps.
+//!
+//! Frames circulate: a fixed population, injected once, goes generator -> node -> sink ->
+//! back to the generator, which rewrites every header of every frame on each lap.
 
 /// Program names.
 pub const PROG_GEN: &str = "bench_gen";
@@ -11,15 +14,21 @@ pub const PROG_SINK: &str = "bench_sink";
 pub const MAP_GEN: &str = "NPB_GEN";
 pub const MAP_FWD: &str = "NPB_FWD";
 pub const MAP_CNT: &str = "NPB_CNT";
+pub const MAP_SINK: &str = "NPB_SINK";
 
 /// NPB_CNT slots (per-CPU u64).
 /// Frames the generator wrote; also its sequence number (run it pinned to one CPU).
 pub const CNT_GEN: u32 = 0;
 /// Frames the bare forwarder redirected.
 pub const CNT_FWD: u32 = 1;
-/// Frames the sink counted and dropped.
+/// Frames the sink counted (and returned to the generator or dropped).
 pub const CNT_SINK: u32 = 2;
-pub const CNT_SLOTS: u32 = 3;
+/// Frames the generator dropped because it was told to stop (the population draining).
+pub const CNT_GEN_STOPPED: u32 = 3;
+pub const CNT_SLOTS: u32 = 4;
+
+/// Generator flag: drop every arriving frame (ends a run: the population drains).
+pub const GEN_F_STOP: u32 = 1;
 
 /// NPB_GEN value (array of one): what the generator writes into every frame.
 ///
@@ -52,6 +61,10 @@ pub struct GenConfig {
     pub dst_port: u16,
     /// How many destination ports (services), >= 1.
     pub dst_ports: u16,
+    /// Where written frames go: the generator's veth towards the node (XDP_REDIRECT).
+    pub out_ifindex: u32,
+    /// `GEN_F_*`.
+    pub flags: u32,
 }
 
 /// Forwarder flag: rewrite the Ethernet addresses (else redirect the frame untouched).
@@ -70,8 +83,22 @@ pub struct FwdConfig {
     pub dst_mac: [u8; 6],
 }
 
-const _: () = assert!(core::mem::size_of::<GenConfig>() == 60);
+/// Sink flag: send counted frames back to the generator (else drop them).
+pub const SINK_F_RETURN: u32 = 1;
+
+/// NPB_SINK value (array of one): what the sink does with the frames it counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SinkConfig {
+    /// The sink's veth back to the generator (in the sink's namespace).
+    pub ifindex: u32,
+    /// `SINK_F_*`.
+    pub flags: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<GenConfig>() == 68);
 const _: () = assert!(core::mem::size_of::<FwdConfig>() == 20);
+const _: () = assert!(core::mem::size_of::<SinkConfig>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -79,4 +106,5 @@ mod pod {
     // SAFETY: repr(C), Copy, integers and byte arrays, explicit padding (sizes asserted).
     unsafe impl aya::Pod for GenConfig {}
     unsafe impl aya::Pod for FwdConfig {}
+    unsafe impl aya::Pod for SinkConfig {}
 }

@@ -1,21 +1,26 @@
-//! Benchmark programs of `np-pktbench`, never loaded by the agent: `bench_gen`, a packet
-//! generator run through BPF_PROG_TEST_RUN with XDP live frames; `bench_fwd`, the bare
-//! XDP forwarder (rewrite MACs, redirect: the machine's limit); `bench_sink`, which counts
-//! and drops. Settings and counter slots: nodeport_common::bench.
+//! Benchmark programs of `np-pktbench`, never loaded by the agent. Frames circulate through
+//! three namespaces: `bench_gen`, attached to the generator's return veth, writes every
+//! header of each arriving frame and redirects it towards the node; the node (the bare
+//! forwarder `bench_fwd`, nodeport, or netfilter) sends it to the sink; `bench_sink`
+//! counts it and redirects it back to the generator (or drops it). A population injected
+//! once thus runs with no per-packet syscall. Settings and counter slots:
+//! nodeport_common::bench.
 //!
-//! Live frames recycle their pages without resetting them (net/bpf/test_run.c,
-//! xdp_test_run_init_page runs once per page), and the node may rewrite a frame in place
-//! (DNAT), so the generator writes every header of every frame, checksums included.
+//! The frames are recycled and the node rewrites them in place (DNAT, SNAT), so the
+//! generator writes every header of every frame, checksums included.
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::bpf_redirect,
+    helpers::generated::{bpf_redirect, bpf_xdp_adjust_tail},
     macros::{map, xdp},
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
 use nodeport_common::{
-    bench::{FwdConfig, GenConfig, CNT_FWD, CNT_GEN, CNT_SINK, CNT_SLOTS, FWD_F_REWRITE},
+    bench::{
+        FwdConfig, GenConfig, SinkConfig, CNT_FWD, CNT_GEN, CNT_GEN_STOPPED, CNT_SINK, CNT_SLOTS,
+        FWD_F_REWRITE, GEN_F_STOP, SINK_F_RETURN,
+    },
     PROTO_TCP,
 };
 
@@ -26,6 +31,10 @@ static GEN: Array<GenConfig> = Array::with_max_entries(1, 0);
 /// NPB_FWD: 0 -> where the bare forwarder sends frames.
 #[map(name = "NPB_FWD")]
 static FWD: Array<FwdConfig> = Array::with_max_entries(1, 0);
+
+/// NPB_SINK: 0 -> what the sink does with counted frames.
+#[map(name = "NPB_SINK")]
+static SINK: Array<SinkConfig> = Array::with_max_entries(1, 0);
 
 /// NPB_CNT: slot (`CNT_*`) -> per-CPU frame count.
 #[map(name = "NPB_CNT")]
@@ -233,19 +242,32 @@ fn write_frame(ctx: &XdpContext, cfg: &GenConfig, n: u64) -> bool {
     true
 }
 
-/// The generator: frame `n` of flow `f(n)` (see `GenConfig`), sent out of the device in
-/// the test run's context (`XDP_TX`).
+/// The generator: rewrites the arriving frame as frame `n` of flow `f(n)` (see
+/// `GenConfig`) and redirects it to the node. A frame of another length (the injected
+/// ones are the right length; a stray one the sink returned may not be) is resized first.
 #[xdp]
 pub fn bench_gen(ctx: XdpContext) -> u32 {
     let Some(cfg) = GEN.get(0) else {
         return xdp_action::XDP_ABORTED;
     };
-    let n = bump(CNT_GEN);
-    if write_frame(&ctx, cfg, n) {
-        xdp_action::XDP_TX
-    } else {
-        xdp_action::XDP_ABORTED
+    if cfg.flags & GEN_F_STOP != 0 {
+        bump(CNT_GEN_STOPPED);
+        return xdp_action::XDP_DROP;
     }
+    let len = (ctx.data_end() - ctx.data()) as i32;
+    let want = cfg.frame_len as i32;
+    if len != want {
+        // SAFETY: plain helper call on this program's own context.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, want - len) } != 0 {
+            return xdp_action::XDP_DROP;
+        }
+    }
+    let n = bump(CNT_GEN);
+    if !write_frame(&ctx, cfg, n) {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: plain helper call; the kernel checks the ifindex.
+    unsafe { bpf_redirect(cfg.out_ifindex, 0) as u32 }
 }
 
 /// The bare forwarder: new Ethernet addresses (unless configured to leave the frame
@@ -268,9 +290,23 @@ pub fn bench_fwd(ctx: XdpContext) -> u32 {
     unsafe { bpf_redirect(cfg.ifindex, 0) as u32 }
 }
 
-/// The sink: counts and drops.
+/// The sink: counts, then returns the frame to the generator (or drops it). Multicast
+/// frames (the node's own IPv6 neighbour and listener messages) are dropped uncounted:
+/// they are not the generator's.
 #[xdp]
-pub fn bench_sink(_ctx: XdpContext) -> u32 {
+pub fn bench_sink(ctx: XdpContext) -> u32 {
+    let p = ctx.data();
+    if p + ETH > ctx.data_end() {
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: the frame holds an Ethernet header (checked above).
+    if unsafe { *(p as *const u8) } & 1 != 0 {
+        return xdp_action::XDP_DROP;
+    }
     bump(CNT_SINK);
-    xdp_action::XDP_DROP
+    match SINK.get(0) {
+        // SAFETY: plain helper call; the kernel checks the ifindex.
+        Some(c) if c.flags & SINK_F_RETURN != 0 => unsafe { bpf_redirect(c.ifindex, 0) as u32 },
+        _ => xdp_action::XDP_DROP,
+    }
 }

@@ -1,13 +1,16 @@
 //! The packet benchmark's own checks, fast enough for `cargo xtask test`: the generator
 //! writes well-formed frames (every checksum right, the flow fields as documented) for
-//! all four frame kinds, and a few thousand frames cross generator -> bare XDP forwarder
-//! -> sink, all counted. Privileged: under CI=true they fail instead of skipping.
+//! all four frame kinds, and circulating frames lap generator -> bare XDP forwarder ->
+//! sink -> generator tens of thousands of times, every lap counted, none lost, and the
+//! population drains when told to. Privileged: under CI=true they fail instead of
+//! skipping.
 
 use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
 use nodeport_common::bench::CNT_GEN;
 use tests::{
     netns::{require_root, run_id},
     pktbench::{
+        circulate::POPULATION,
         progs::BenchProgs,
         run::{gen_config, Bed, Kind, Setup, Traffic},
         services::{ServiceSet, NODE_PORT_BASE},
@@ -16,7 +19,7 @@ use tests::{
     testbed::default_agent_path,
 };
 
-const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 
 #[test]
 fn generator_frames_are_well_formed() {
@@ -30,7 +33,7 @@ fn generator_frames_are_well_formed() {
         for n in 0..5u16 {
             let before = progs.count(CNT_GEN);
             let (verdict, frame) = progs.gen_frame(kind.frame_len());
-            assert_eq!(verdict, XDP_TX, "{}: verdict", kind.label());
+            assert_eq!(verdict, XDP_REDIRECT, "{}: verdict", kind.label());
             let seq = before as u16;
             assert_eq!(frame.len(), kind.frame_len());
             assert_eq!(&frame[0..6], &topo::NODE_GEN_MAC);
@@ -101,7 +104,7 @@ fn generator_frames_are_well_formed() {
 }
 
 #[test]
-fn generator_through_bare_forwarder_reaches_the_sink() {
+fn frames_circulate_through_the_bare_forwarder_without_loss() {
     if !require_root() {
         return;
     }
@@ -113,13 +116,31 @@ fn generator_through_bare_forwarder_reaches_the_sink() {
         &default_agent_path(),
     );
     for kind in Kind::ALL {
-        let (sent, delivered) = bed.send(kind, Traffic::NewFlows, 5_000, 0);
-        assert_eq!(sent, 5_000, "{}", kind.label());
+        let want = 50_000;
+        let s = bed.send(kind, Traffic::NewFlows, want, 0);
+        let label = kind.label();
+        // The population was injected once and lapped: far more frames than injected.
+        assert!(
+            s.sent >= want,
+            "{label}: the generator sent {} of {want}",
+            s.sent
+        );
         assert_eq!(
-            delivered,
-            sent,
-            "{}: the sink counted {delivered} of {sent}",
-            kind.label()
+            s.injected, POPULATION,
+            "{label}: frames had to be topped up ({} injected): some were lost",
+            s.injected
+        );
+        // Every frame the generator sent reached the sink, and after the stop the whole
+        // population came back to the generator and was dropped there.
+        assert_eq!(
+            s.delivered, s.sent,
+            "{label}: the sink counted {} of {}",
+            s.delivered, s.sent
+        );
+        assert_eq!(
+            s.drained, POPULATION,
+            "{label}: {} frames drained",
+            s.drained
         );
     }
 }

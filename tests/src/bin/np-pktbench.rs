@@ -1,4 +1,4 @@
-//! `np-pktbench`: the packet-rate benchmark of issue 5 (tests/src/pktbench). Needs root.
+//! `np-pktbench`: the packet-rate benchmark (tests/src/pktbench). Needs root.
 //! Prints a table and writes the report as JSON; `cargo xtask bench` runs it and renders
 //! docs/benchmarks.md from the JSON.
 
@@ -37,9 +37,6 @@ struct Args {
     /// Seconds per measured run (overrides the plan's).
     #[arg(long)]
     seconds: Option<f64>,
-    /// Generator rate in frames per second; 0 for unlimited.
-    #[arg(long, default_value_t = 0)]
-    rate: u64,
     /// CPU that generator, node and sink share.
     #[arg(long, default_value_t = 1)]
     cpu: usize,
@@ -49,6 +46,9 @@ struct Args {
     /// Skip the per-path costs.
     #[arg(long)]
     no_micro: bool,
+    /// Skip the profile of nodeport (perf samples and BPF statistics).
+    #[arg(long)]
+    no_profile: bool,
     /// The agent binary (default: $NODEPORT_AGENT or target/release/nodeport-agent).
     #[arg(long)]
     agent: Option<PathBuf>,
@@ -99,9 +99,9 @@ fn main() -> Result<()> {
         plan.timing.warmup = Duration::from_secs_f64(s / 3.0);
     }
     plan.endpoints = args.endpoints;
-    plan.timing.rate = args.rate;
     plan.timing.cpu = args.cpu;
     plan.micro = !args.no_micro;
+    plan.profile = !args.no_profile;
     let report = matrix::run(&plan);
     matrix::print_summary(&report);
     if let Some(path) = args.json {

@@ -5,7 +5,8 @@
 //! `ip kube-proxy`, the `service-ips` and `service-nodeports` verdict maps, per-service
 //! chains with `numgen random` verdict maps to endpoint chains doing the DNAT, masquerade by
 //! mark). Modelled on kube-proxy's pkg/proxy/iptables and pkg/proxy/nftables for
-//! externalTrafficPolicy Cluster, one port per service; health-check and
+//! externalTrafficPolicy Cluster, a TCP port per service (and a UDP one on the same
+//! nodePort when the set has them); health-check and
 //! firewall chains that NodePort traffic does not cross are left out.
 
 use std::{fmt::Write as _, net::Ipv4Addr, process::Command};
@@ -44,12 +45,17 @@ fn hash16(s: &str) -> String {
     out
 }
 
-fn svc_id(set: &ServiceSet, i: usize) -> String {
-    format!("bench/{}:p", set.name(i))
+/// kube-proxy's name of a service port: `namespace/name:port`.
+fn svc_id(set: &ServiceSet, i: usize, port: &str) -> String {
+    format!("bench/{}:{port}", set.name(i))
 }
 
-fn ep_id(set: &ServiceSet, i: usize, e: usize) -> String {
-    format!("{}:{}:{TARGET_PORT}", svc_id(set, i), set.endpoint(i, e))
+fn ep_id(set: &ServiceSet, i: usize, port: &str, e: usize) -> String {
+    format!(
+        "{}:{}:{TARGET_PORT}",
+        svc_id(set, i, port),
+        set.endpoint(i, e)
+    )
 }
 
 /// kube-proxy's iptables mode, as one `iptables-restore` input (filter and nat tables).
@@ -57,19 +63,19 @@ pub fn iptables_ruleset(set: &ServiceSet) -> String {
     let mut chains = String::new();
     let mut rules = String::new();
     let mut nodeports = String::new();
-    for i in 0..set.count {
-        let id = svc_id(set, i);
+    for (i, (proto, port)) in set.ports() {
+        let id = svc_id(set, i, port);
         let h = hash16(&id);
         let (svc, ext) = (format!("KUBE-SVC-{h}"), format!("KUBE-EXT-{h}"));
         let _ = writeln!(chains, ":{svc} - [0:0]\n:{ext} - [0:0]");
         let cip = cluster_ip(i);
         let _ = writeln!(
             rules,
-            "-A KUBE-SERVICES -d {cip}/32 -p tcp -m comment --comment \"{id} cluster IP\" -m tcp --dport {SERVICE_PORT} -j {svc}"
+            "-A KUBE-SERVICES -d {cip}/32 -p {proto} -m comment --comment \"{id} cluster IP\" -m {proto} --dport {SERVICE_PORT} -j {svc}"
         );
         let _ = writeln!(
             nodeports,
-            "-A KUBE-NODEPORTS -p tcp -m comment --comment \"{id}\" -m tcp --dport {} -j {ext}",
+            "-A KUBE-NODEPORTS -p {proto} -m comment --comment \"{id}\" -m {proto} --dport {} -j {ext}",
             set.node_port(i)
         );
         let _ = writeln!(
@@ -78,11 +84,11 @@ pub fn iptables_ruleset(set: &ServiceSet) -> String {
         );
         let _ = writeln!(
             rules,
-            "-A {svc} ! -s {POD_CIDR} -d {cip}/32 -p tcp -m comment --comment \"{id} cluster IP\" -m tcp --dport {SERVICE_PORT} -j KUBE-MARK-MASQ"
+            "-A {svc} ! -s {POD_CIDR} -d {cip}/32 -p {proto} -m comment --comment \"{id} cluster IP\" -m {proto} --dport {SERVICE_PORT} -j KUBE-MARK-MASQ"
         );
         for e in 0..set.endpoints {
             let ep = set.endpoint(i, e);
-            let sep = format!("KUBE-SEP-{}", hash16(&ep_id(set, i, e)));
+            let sep = format!("KUBE-SEP-{}", hash16(&ep_id(set, i, port, e)));
             let _ = writeln!(chains, ":{sep} - [0:0]");
             let left = set.endpoints - e;
             let pick = if left > 1 {
@@ -99,7 +105,7 @@ pub fn iptables_ruleset(set: &ServiceSet) -> String {
             );
             let _ = writeln!(
                 rules,
-                "-A {sep} -s {ep}/32 -m comment --comment \"{id}\" -j KUBE-MARK-MASQ\n-A {sep} -p tcp -m comment --comment \"{id}\" -m tcp -j DNAT --to-destination {ep}:{TARGET_PORT}"
+                "-A {sep} -s {ep}/32 -m comment --comment \"{id}\" -j KUBE-MARK-MASQ\n-A {sep} -p {proto} -m comment --comment \"{id}\" -m {proto} -j DNAT --to-destination {ep}:{TARGET_PORT}"
             );
         }
     }
@@ -133,29 +139,29 @@ pub fn nft_ruleset(set: &ServiceSet, node_addr: Ipv4Addr) -> String {
     let mut chains = String::new();
     let mut service_ips = Vec::new();
     let mut nodeports = Vec::new();
-    for i in 0..set.count {
-        let id = svc_id(set, i);
+    for (i, (proto, port)) in set.ports() {
+        let id = svc_id(set, i, port);
         let h = &hash16(&id)[..8];
-        let name = format!("bench/{}/tcp/p", set.name(i));
+        let name = format!("bench/{}/{proto}/{port}", set.name(i));
         let svc = format!("service-{h}-{name}");
         let ext = format!("external-{h}-{name}");
         let cip = cluster_ip(i);
-        service_ips.push(format!("{cip} . tcp . {SERVICE_PORT} : goto {svc}"));
-        nodeports.push(format!("tcp . {} : goto {ext}", set.node_port(i)));
+        service_ips.push(format!("{cip} . {proto} . {SERVICE_PORT} : goto {svc}"));
+        nodeports.push(format!("{proto} . {} : goto {ext}", set.node_port(i)));
         let mut vmap = Vec::new();
         for e in 0..set.endpoints {
             let ep = set.endpoint(i, e);
-            let eh = &hash16(&ep_id(set, i, e))[..8];
+            let eh = &hash16(&ep_id(set, i, port, e))[..8];
             let epc = format!("endpoint-{eh}-{name}__{ep}/{TARGET_PORT}");
             vmap.push(format!("{e} : goto {epc}"));
             let _ = writeln!(
                 chains,
-                "  chain {epc} {{\n    ip saddr {ep} jump mark-for-masquerade\n    meta l4proto tcp dnat to {ep}:{TARGET_PORT}\n  }}"
+                "  chain {epc} {{\n    ip saddr {ep} jump mark-for-masquerade\n    meta l4proto {proto} dnat to {ep}:{TARGET_PORT}\n  }}"
             );
         }
         let _ = writeln!(
             chains,
-            "  chain {svc} {{\n    ip daddr {cip} tcp dport {SERVICE_PORT} ip saddr != {POD_CIDR} jump mark-for-masquerade\n    numgen random mod {} vmap {{ {} }}\n  }}",
+            "  chain {svc} {{\n    ip daddr {cip} {proto} dport {SERVICE_PORT} ip saddr != {POD_CIDR} jump mark-for-masquerade\n    numgen random mod {} vmap {{ {} }}\n  }}",
             set.endpoints,
             vmap.join(", ")
         );

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::{
     netns::run_id,
     pktbench::{
-        micro,
+        circulate, micro, profile,
         run::{Bed, Kind, Measurement, Setup, Timing, Traffic},
         services::{self, ServiceSet},
     },
@@ -26,6 +26,10 @@ pub struct Plan {
     pub agent: PathBuf,
     /// Also the datapath's per-path costs.
     pub micro: bool,
+    /// Also where nodeport's time goes (perf and BPF run-time statistics), at
+    /// `profile_services` services.
+    pub profile: bool,
+    pub profile_services: usize,
 }
 
 impl Plan {
@@ -39,6 +43,7 @@ impl Plan {
             } else {
                 vec![1, 1_000, 10_000]
             },
+            // The ceiling comes first: every other figure is read against it.
             setups: vec![
                 Setup::Ceiling,
                 Setup::Bare,
@@ -52,38 +57,32 @@ impl Plan {
                 duration: Duration::from_secs_f64(secs),
                 max_frames: 200_000_000,
                 cpu: 1,
-                rate: 0,
             },
             agent,
             micro: true,
+            profile: true,
+            profile_services: 1_000,
         }
     }
 }
 
-/// nodeport's packet rate over the others', same service count and traffic, same run.
+/// nodeport against the others, same service count, traffic and frame kind, same run:
+/// packet rates (nodeport's over the other's) and node costs (the other's ns/pkt over
+/// nodeport's, both with the ceiling subtracted: how many times cheaper nodeport is).
 #[derive(Clone, Debug, Serialize)]
 pub struct Ratio {
     pub services: usize,
     pub traffic: Traffic,
+    pub kind: Kind,
+    pub node_ns: Option<f64>,
     pub vs_bare: Option<f64>,
     pub vs_iptables: Option<f64>,
     pub vs_nftables: Option<f64>,
+    pub cost_iptables: Option<f64>,
+    pub cost_nftables: Option<f64>,
 }
 
-/// Whether the generator outran everything it fed: its rate alone over the fastest of the
-/// configurations (bare forwarder, nodeport, iptables, nftables; the ceiling run is the
-/// generator's own floor, not a configuration).
-#[derive(Clone, Debug, Serialize)]
-pub struct Headroom {
-    pub generator_pps: f64,
-    pub fastest_pps: f64,
-    pub ceiling_pps: Option<f64>,
-    pub ratio: f64,
-    /// ratio >= 1.5.
-    pub ok: bool,
-}
-
-/// A target of issue 5, reported, never asserted.
+/// A target, reported, never asserted.
 #[derive(Clone, Debug, Serialize)]
 pub struct Target {
     pub what: String,
@@ -99,115 +98,135 @@ pub struct Report {
     pub warmup_s: f64,
     pub duration_s: f64,
     pub cpu: usize,
-    pub rate: u64,
-    /// Generator only, one row per frame kind.
-    pub generator: Vec<Measurement>,
+    /// How the frames were generated (one line, for the report).
+    pub method: String,
     pub measurements: Vec<Measurement>,
     pub ratios: Vec<Ratio>,
-    pub headroom: Option<Headroom>,
     pub targets: Vec<Target>,
+    pub profile: Vec<profile::Profile>,
     pub micro: Option<micro::MicroReport>,
 }
 
-fn find(ms: &[Measurement], setup: Setup, services: usize, traffic: Traffic) -> Option<f64> {
-    ms.iter()
-        .find(|m| {
-            m.setup == setup
-                && (m.services == services || !setup.uses_services())
-                && m.traffic == traffic
-                && m.kind == Kind::V4_TCP
+/// The measurement of `setup` at `services` (any count for setups that have no services)
+/// with `traffic` (any, for the ceiling and the bare forwarder) and `kind`.
+fn find(
+    ms: &[Measurement],
+    setup: Setup,
+    services: usize,
+    traffic: Traffic,
+    kind: Kind,
+) -> Option<&Measurement> {
+    ms.iter().find(|m| {
+        m.setup == setup
+            && m.kind == kind
+            && (!setup.uses_services() || (m.services == services && m.traffic == traffic))
+    })
+}
+
+/// The frame kinds a configuration is measured with: all four for the forwarders; what
+/// the set serves for nodeport; IPv4 for kube-proxy's rules (IPv4 only here).
+fn kinds(setup: Setup, set: &ServiceSet) -> Vec<Kind> {
+    Kind::ALL
+        .into_iter()
+        .filter(|k| match setup {
+            Setup::Ceiling | Setup::Bare => true,
+            Setup::Nodeport => (!k.udp || set.udp) && (!k.ipv6 || set.dual_stack),
+            Setup::Iptables | Setup::Nftables => !k.ipv6 && (!k.udp || set.udp),
         })
-        .map(|m| m.pps)
+        .collect()
 }
 
 /// Runs the plan; prints each figure as it comes.
 pub fn run(plan: &Plan) -> Report {
     let t = plan.timing;
-    let mut generator = Vec::new();
-    {
-        let bed = &mut Bed::new(
-            &run_id(),
-            Setup::GenOnly,
-            ServiceSet::new(1),
-            Traffic::NewFlows,
-            &plan.agent,
-        );
-        for kind in Kind::ALL {
-            let m = bed.measure(kind, Traffic::NewFlows, t);
-            print_row(&m);
-            generator.push(m);
-        }
-    }
-    let mut measurements = Vec::new();
+    let mut measurements: Vec<Measurement> = Vec::new();
+    let mut profiles = Vec::new();
+    println!(
+        "frames circulate generator -> node -> sink -> generator on CPU {}",
+        t.cpu
+    );
     for &setup in &plan.setups {
         let counts: &[usize] = if setup.uses_services() {
             &plan.service_counts
         } else {
             &[1]
         };
+        let traffics: &[Traffic] = if setup.uses_services() {
+            &[Traffic::Established, Traffic::NewFlows]
+        } else {
+            &[Traffic::Established]
+        };
         for &n in counts {
             // A fresh node per traffic kind: each configuration gets the conntrack
             // timeouts of that kind (see `run::flow_timeouts`).
-            for traffic in [Traffic::Established, Traffic::NewFlows] {
-                let set = ServiceSet::with_endpoints(n, plan.endpoints);
+            for &traffic in traffics {
+                let set = ServiceSet::for_bench(n, plan.endpoints);
                 let mut bed = Bed::new(&run_id(), setup, set, traffic, &plan.agent);
-                let m = bed.measure(Kind::V4_TCP, traffic, t);
-                print_row(&m);
-                measurements.push(m);
+                for kind in kinds(setup, &set) {
+                    let mut m = bed.measure(kind, traffic, t);
+                    m.node_ns = node_ns(&measurements, &m);
+                    print_row(&m);
+                    measurements.push(m);
+                }
+                if plan.profile && setup == Setup::Nodeport && n == plan.profile_services {
+                    profiles.push(profile::run(&mut bed, traffic, t));
+                }
             }
         }
     }
     let micro = plan.micro.then(micro::run);
-    report(plan, generator, measurements, micro)
+    report(plan, measurements, profiles, micro)
+}
+
+/// A measurement's ns/pkt minus the ceiling's for the same frame kind.
+fn node_ns(ms: &[Measurement], m: &Measurement) -> Option<f64> {
+    if m.setup == Setup::Ceiling {
+        return None;
+    }
+    let c = find(ms, Setup::Ceiling, 1, m.traffic, m.kind)?;
+    Some(m.ns_per_packet - c.ns_per_packet)
 }
 
 fn report(
     plan: &Plan,
-    generator: Vec<Measurement>,
     measurements: Vec<Measurement>,
+    profile: Vec<profile::Profile>,
     micro: Option<micro::MicroReport>,
 ) -> Report {
     let ms = &measurements;
     let mut ratios = Vec::new();
     for &n in &plan.service_counts {
         for traffic in [Traffic::Established, Traffic::NewFlows] {
-            let Some(np) = find(ms, Setup::Nodeport, n, traffic) else {
-                continue;
-            };
-            let over = |s: Setup| find(ms, s, n, traffic).map(|o| np / o);
-            ratios.push(Ratio {
-                services: n,
-                traffic,
-                vs_bare: over(Setup::Bare),
-                vs_iptables: over(Setup::Iptables),
-                vs_nftables: over(Setup::Nftables),
-            });
+            for kind in Kind::ALL {
+                let Some(np) = find(ms, Setup::Nodeport, n, traffic, kind) else {
+                    continue;
+                };
+                let other = |s: Setup| find(ms, s, n, traffic, kind);
+                let pps = |s: Setup| other(s).map(|o| np.pps / o.pps);
+                let cost = |s: Setup| match (other(s).and_then(|o| o.node_ns), np.node_ns) {
+                    (Some(o), Some(me)) if me > 0.0 => Some(o / me),
+                    _ => None,
+                };
+                ratios.push(Ratio {
+                    services: n,
+                    traffic,
+                    kind,
+                    node_ns: np.node_ns,
+                    vs_bare: pps(Setup::Bare),
+                    vs_iptables: pps(Setup::Iptables),
+                    vs_nftables: pps(Setup::Nftables),
+                    cost_iptables: cost(Setup::Iptables),
+                    cost_nftables: cost(Setup::Nftables),
+                });
+            }
         }
     }
-    let fastest = ms
-        .iter()
-        .filter(|m| m.setup != Setup::Ceiling)
-        .map(|m| m.pps)
-        .fold(0.0, f64::max);
-    let ceiling = ms
-        .iter()
-        .filter(|m| m.setup == Setup::Ceiling)
-        .map(|m| m.pps)
-        .reduce(f64::max);
-    let headroom = generator
-        .iter()
-        .find(|m| m.kind == Kind::V4_TCP)
-        .map(|g| Headroom {
-            generator_pps: g.pps,
-            fastest_pps: fastest,
-            ceiling_pps: ceiling,
-            ratio: g.pps / fastest,
-            ok: g.pps >= 1.5 * fastest,
-        });
+    let v4tcp = |r: &&Ratio| r.kind == Kind::V4_TCP;
     let mut targets = Vec::new();
     for traffic in [Traffic::Established, Traffic::NewFlows] {
         let worst = ratios
             .iter()
+            .filter(v4tcp)
             .filter(|r| r.traffic == traffic)
             .filter_map(|r| r.vs_bare)
             .reduce(f64::min);
@@ -224,6 +243,7 @@ fn report(
     for traffic in [Traffic::NewFlows, Traffic::Established] {
         let v = ratios
             .iter()
+            .filter(v4tcp)
             .find(|r| r.services == 1_000 && r.traffic == traffic)
             .and_then(|r| r.vs_iptables);
         targets.push(Target {
@@ -238,10 +258,8 @@ fn report(
     }
     let most = plan.service_counts.iter().copied().max().unwrap_or(1);
     for traffic in [Traffic::NewFlows, Traffic::Established] {
-        let v = match (
-            find(ms, Setup::Nodeport, 1, traffic),
-            find(ms, Setup::Nodeport, most, traffic),
-        ) {
+        let pps = |n| find(ms, Setup::Nodeport, n, traffic, Kind::V4_TCP).map(|m| m.pps);
+        let v = match (pps(1), pps(most)) {
             (Some(a), Some(b)) if most > 1 => Some(b / a),
             _ => None,
         };
@@ -261,12 +279,15 @@ fn report(
         warmup_s: plan.timing.warmup.as_secs_f64(),
         duration_s: plan.timing.duration.as_secs_f64(),
         cpu: plan.timing.cpu,
-        rate: plan.timing.rate,
-        generator,
+        method: format!(
+            "{} frames circulate generator -> node -> sink -> generator (XDP_REDIRECT over three veth pairs, rewritten by the generator on every lap, topped up by AF_PACKET sends when the node drops some), all on CPU {} in lock step; node ns/pkt = ns/pkt - the ceiling's (untouched redirect) for the same frame kind",
+            circulate::POPULATION,
+            plan.timing.cpu
+        ),
         measurements,
         ratios,
-        headroom,
         targets,
+        profile,
         micro,
     }
 }
@@ -280,15 +301,17 @@ pub fn traffic_label(t: Traffic) -> &'static str {
 
 fn print_row(m: &Measurement) {
     println!(
-        "  {:<30} {:>6} svc  {:<18} {:<13} {:>7.3} Mpps  {:>7.1} ns/pkt  (sent {}, delivered {}, idle before {:.0}%)",
+        "  {:<30} {:>6} svc  {:<18} {:<13} {:>7.3} Mpps  {:>7.1} ns/pkt  node {:>7}  (sent {}, delivered {}, injected {}, idle before {:.0}%)",
         m.setup.label(),
         m.services,
         traffic_label(m.traffic),
         m.kind.label(),
         m.pps / 1e6,
         m.ns_per_packet,
+        m.node_ns.map_or("-".into(), |v| format!("{v:.1} ns")),
         m.sent,
         m.delivered,
+        m.injected,
         m.idle_before * 100.0
     );
     if !m.datapath.is_empty() {
@@ -299,37 +322,31 @@ fn print_row(m: &Measurement) {
 
 /// The summary printed at the end.
 pub fn print_summary(r: &Report) {
-    println!("\nratios (nodeport pps over the other's, same run):");
+    let f = |v: Option<f64>, d: usize| v.map_or("n/a".to_string(), |v| format!("{v:.d$}"));
+    println!("\nnodeport against the others (same run; pps: nodeport's over theirs; cost: their node ns over nodeport's):");
     for x in &r.ratios {
-        let f = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.2}"));
         println!(
-            "  {:>6} svc {:<18} vs bare {}  vs iptables {}  vs nftables {}",
+            "  {:>6} svc {:<18} {:<13} node {:>7} ns  pps vs bare {}  vs iptables {}  vs nftables {}  cost: iptables {}x  nftables {}x",
             x.services,
             traffic_label(x.traffic),
-            f(x.vs_bare),
-            f(x.vs_iptables),
-            f(x.vs_nftables)
+            x.kind.label(),
+            f(x.node_ns, 1),
+            f(x.vs_bare, 2),
+            f(x.vs_iptables, 2),
+            f(x.vs_nftables, 2),
+            f(x.cost_iptables, 2),
+            f(x.cost_nftables, 2)
         );
     }
-    if let Some(h) = &r.headroom {
-        println!(
-            "\ngenerator: {:.2} Mpps alone, {:.3}x the fastest configuration ({:.2} Mpps): {}",
-            h.generator_pps / 1e6,
-            h.ratio,
-            h.fastest_pps / 1e6,
-            if h.ok {
-                "not the bottleneck"
-            } else {
-                "BELOW 1.5x (lock step: costs add on one CPU, see the ceiling run)"
-            }
-        );
+    for p in &r.profile {
+        profile::print(p);
     }
     println!("\ntargets (reported, not asserted):");
     for t in &r.targets {
         println!(
             "  {:<60} {:>8} goal {:<22} {}",
             t.what,
-            t.value.map_or("n/a".into(), |v| format!("{v:.3}")),
+            f(t.value, 3),
             t.goal,
             match t.met {
                 Some(true) => "met",

@@ -1,9 +1,10 @@
 //! Measurements: one configuration of the node (a [`Bed`]: topology, programs, agent or
-//! rules), one traffic kind, one bounded generator run, and the figures it gives. All
-//! three namespaces work in lock step on one CPU (the generator's thread is pinned; the
-//! veth NAPI work it triggers runs in softirq on the same CPU), so the CPU is busy for the
-//! whole run and `ns_per_packet` (elapsed time / delivered frames) is the CPU time per
-//! delivered packet of generator + node + sink (measuring.md).
+//! rules), one traffic kind, one bounded run of circulating frames, and the figures it
+//! gives. All three namespaces work in lock step on one CPU (the injecting thread is
+//! pinned; the veth NAPI work runs in softirq on the same CPU), so the CPU is busy for the
+//! whole run and `ns_per_packet` (busy kernel time / delivered frames) is the CPU time per
+//! delivered packet of generator + node + sink (measuring.md); the ceiling run's figure,
+//! subtracted, leaves the node's own.
 
 use std::{
     path::PathBuf,
@@ -14,16 +15,18 @@ use std::{
 
 use nodeport_agent::datapath::MapReader;
 use nodeport_common::bench::{
-    FwdConfig, GenConfig, CNT_GEN, CNT_SINK, FWD_F_REWRITE, PROG_FWD, PROG_SINK,
+    FwdConfig, GenConfig, SinkConfig, CNT_GEN, CNT_GEN_STOPPED, CNT_SINK, FWD_F_REWRITE, PROG_FWD,
+    PROG_GEN, PROG_SINK, SINK_F_RETURN,
 };
 use serde::Serialize;
 
 use crate::{
     netns::{ensure_bpffs, Child, PinPath, TempDir},
     pktbench::{
+        circulate::{circulate, GenRun, GenStats},
         cpu::wait_for_idle,
         kubeproxy,
-        progs::{BenchProgs, GenRun},
+        progs::BenchProgs,
         services::{self, ServiceSet},
         topo::{self, Topology},
     },
@@ -34,8 +37,6 @@ use crate::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Setup {
-    /// No node work: the node's veth drops on arrival (the generator's own rate).
-    GenOnly,
     /// XDP redirect of untouched frames: the floor every configuration stands on.
     Ceiling,
     /// XDP forwarder rewriting MACs and redirecting: the machine's limit.
@@ -51,7 +52,6 @@ pub enum Setup {
 impl Setup {
     pub fn label(self) -> &'static str {
         match self {
-            Setup::GenOnly => "generator only",
             Setup::Ceiling => "ceiling (untouched redirect)",
             Setup::Bare => "bare XDP forwarder",
             Setup::Nodeport => "nodeport",
@@ -129,10 +129,8 @@ pub fn gen_config(kind: Kind, traffic: Traffic, services: usize) -> GenConfig {
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
     if kind.ipv6 {
-        let s: std::net::Ipv6Addr = "fd00:b:1::".parse().expect("v6");
-        let d: std::net::Ipv6Addr = topo::NODE_ADDR6.parse().expect("v6");
-        src = s.octets();
-        dst = d.octets();
+        src = topo::SRC_BASE6.octets();
+        dst = topo::NODE_ADDR6.octets();
     } else {
         src[..4].copy_from_slice(&topo::SRC_BASE.octets());
         dst[..4].copy_from_slice(&topo::NODE_ADDR.octets());
@@ -152,6 +150,8 @@ pub fn gen_config(kind: Kind, traffic: Traffic, services: usize) -> GenConfig {
         },
         dst_port: services::NODE_PORT_BASE,
         dst_ports: services as u16,
+        out_ifindex: 0,
+        flags: 0,
     }
 }
 
@@ -164,20 +164,28 @@ pub struct Measurement {
     pub kind: Kind,
     pub sent: u64,
     pub delivered: u64,
+    /// Frames injected during the measured run: the population, then one for each frame
+    /// the node dropped.
+    pub injected: u64,
     /// Wall-clock length of the run.
     pub seconds: f64,
     /// Kernel time of the shared CPU during the run.
     pub cpu_seconds: f64,
     /// Delivered at the sink per second of busy CPU: the rate one CPU sustains.
     pub pps: f64,
-    /// Delivered at the sink per wall-clock second (lower: each generator call also
-    /// waits ~25 ms for its page pool's teardown).
+    /// Delivered at the sink per wall-clock second (close to `pps` while the population
+    /// keeps the CPU busy; lower when the node drops frames and the loop waits for
+    /// top-ups).
     pub wall_pps: f64,
     /// CPU time (one CPU, lock step: generator + node + sink) per delivered packet.
     pub ns_per_packet: f64,
     /// Idle share of all CPUs just before the run (other work on the machine disturbs it).
     pub idle_before: f64,
-    /// nodeport only: the datapath's counters that moved during the measured run.
+    /// ns_per_packet minus the ceiling's for the same frame kind: the node's own cost
+    /// (filled in by the matrix; None for the ceiling itself).
+    pub node_ns: Option<f64>,
+    /// nodeport only: the datapath's counters that moved during the run (warm-up and
+    /// drain included).
     pub datapath: Vec<(String, u64)>,
 }
 
@@ -189,8 +197,6 @@ pub struct Timing {
     /// Upper bound on frames per run, whatever the duration.
     pub max_frames: u64,
     pub cpu: usize,
-    /// Frames per second, 0 for unlimited.
-    pub rate: u64,
 }
 
 /// A configured node: dropping it stops the agent, removes pins and folders, then the
@@ -216,7 +222,12 @@ impl Bed {
     ) -> Bed {
         let topo = Topology::new(run_id);
         let mut progs = BenchProgs::load();
+        progs.set_sink(&SinkConfig {
+            ifindex: topo.sink_ret_ifindex,
+            flags: SINK_F_RETURN,
+        });
         progs.attach(PROG_SINK, &topo.sink, topo::SINK_IF);
+        progs.attach(PROG_GEN, &topo.gen, topo::GEN_RET_IF);
         let mut bed = Bed {
             setup,
             services: set.count,
@@ -227,9 +238,6 @@ impl Bed {
             topo,
         };
         match setup {
-            Setup::GenOnly => bed
-                .progs
-                .attach(PROG_SINK, &bed.topo.node, topo::NODE_GEN_IF),
             Setup::Ceiling | Setup::Bare => {
                 bed.progs.set_fwd(&FwdConfig {
                     ifindex: bed.topo.node_sink_ifindex,
@@ -353,62 +361,78 @@ impl Bed {
         }
     }
 
-    /// Sends exactly `frames` frames as fast as possible (no warm-up); returns (sent,
-    /// delivered at the sink). For smoke tests.
-    pub fn send(&mut self, kind: Kind, traffic: Traffic, frames: u64, cpu: usize) -> (u64, u64) {
-        self.progs
-            .set_gen(&gen_config(kind, traffic, self.services));
-        let (g0, s0) = (self.progs.count(CNT_GEN), self.progs.count(CNT_SINK));
-        self.progs.generate(
-            &self.topo.gen,
-            self.topo.gen_ifindex,
-            kind.frame_len(),
-            GenRun {
-                cpu,
-                duration: Duration::from_secs(10),
-                max_frames: frames,
-                rate: 0,
-            },
-        );
-        thread::sleep(Duration::from_millis(50));
-        (
-            self.progs.count(CNT_GEN) - g0,
-            self.progs.count(CNT_SINK) - s0,
+    /// The generator's settings for `traffic` of `kind`, sent towards the node.
+    fn gen_config(&self, kind: Kind, traffic: Traffic) -> GenConfig {
+        GenConfig {
+            out_ifindex: self.topo.gen_ifindex,
+            ..gen_config(kind, traffic, self.services)
+        }
+    }
+
+    fn circulate(&mut self, kind: Kind, traffic: Traffic, run: GenRun) -> GenStats {
+        let cfg = self.gen_config(kind, traffic);
+        circulate(
+            &mut self.progs,
+            &self.topo.sink,
+            self.topo.sink_ret_ifindex,
+            &cfg,
+            run,
         )
     }
 
+    /// Circulates frames until the generator has sent about `frames` (no warm-up), then
+    /// drains them. For smoke tests: what the programs counted over the whole run,
+    /// drain included.
+    pub fn send(&mut self, kind: Kind, traffic: Traffic, frames: u64, cpu: usize) -> Smoke {
+        let c = |p: &BenchProgs| {
+            [
+                p.count(CNT_GEN),
+                p.count(CNT_SINK),
+                p.count(CNT_GEN_STOPPED),
+            ]
+        };
+        let before = c(&self.progs);
+        let run = self.circulate(
+            kind,
+            traffic,
+            GenRun {
+                cpu,
+                warmup: Duration::ZERO,
+                duration: Duration::from_secs(10),
+                max_frames: frames,
+            },
+        );
+        let after = c(&self.progs);
+        Smoke {
+            sent: after[0] - before[0],
+            delivered: after[1] - before[1],
+            drained: after[2] - before[2],
+            injected: run.injected_total,
+        }
+    }
+
     /// One run of `traffic`: a warm-up (which also opens the established flows), then
-    /// the measured run.
+    /// the measured window, in one stretch of circulation.
     pub fn measure(&mut self, kind: Kind, traffic: Traffic, t: Timing) -> Measurement {
-        self.progs
-            .set_gen(&gen_config(kind, traffic, self.services));
         if matches!(self.setup, Setup::Iptables | Setup::Nftables) {
             conntrack_settings(&self.topo, traffic);
         }
         check_interrupt();
         let idle_before = wait_for_idle();
-        let gen = |progs: &mut BenchProgs, topo: &Topology, duration: Duration| {
-            progs.generate(
-                &topo.gen,
-                topo.gen_ifindex,
-                kind.frame_len(),
-                GenRun {
-                    cpu: t.cpu,
-                    duration,
-                    max_frames: t.max_frames,
-                    rate: t.rate,
-                },
-            )
-        };
-        gen(&mut self.progs, &self.topo, t.warmup);
-        // Let the last batches drain through the node before reading counters.
-        thread::sleep(Duration::from_millis(50));
-        let (g0, s0) = (self.progs.count(CNT_GEN), self.progs.count(CNT_SINK));
         let dp0 = self.datapath_counters();
-        let run = gen(&mut self.progs, &self.topo, t.duration);
+        let run = self.circulate(
+            kind,
+            traffic,
+            GenRun {
+                cpu: t.cpu,
+                warmup: t.warmup,
+                duration: t.duration,
+                max_frames: t.max_frames,
+            },
+        );
         check_interrupt();
-        thread::sleep(Duration::from_millis(50));
-        let (g1, s1) = (self.progs.count(CNT_GEN), self.progs.count(CNT_SINK));
+        // The datapath's counters cover warm-up and drain as well: they say which paths
+        // the frames took, not how many.
         let datapath = self
             .datapath_counters()
             .into_iter()
@@ -418,14 +442,15 @@ impl Bed {
             .collect();
         let seconds = run.elapsed.as_secs_f64();
         let cpu_seconds = run.busy.as_secs_f64();
-        let delivered = s1 - s0;
+        let delivered = run.delivered;
         Measurement {
             setup: self.setup,
             services: self.services,
             traffic,
             kind,
-            sent: g1 - g0,
+            sent: run.frames,
             delivered,
+            injected: run.injected,
             seconds,
             cpu_seconds,
             pps: delivered as f64 / cpu_seconds,
@@ -436,9 +461,23 @@ impl Bed {
                 cpu_seconds * 1e9 / delivered as f64
             },
             idle_before,
+            node_ns: None,
             datapath,
         }
     }
+}
+
+/// What a smoke run's programs counted, drain included.
+#[derive(Clone, Copy, Debug)]
+pub struct Smoke {
+    /// Frames the generator wrote and sent towards the node.
+    pub sent: u64,
+    /// Frames the sink counted.
+    pub delivered: u64,
+    /// Frames the generator dropped after the stop: the population left at the end.
+    pub drained: u64,
+    /// Frames injected: the population and its top-ups.
+    pub injected: u64,
 }
 
 /// Conntrack settings of the netfilter configurations, in the node namespace: no software
