@@ -35,6 +35,27 @@ const TICK: Duration = Duration::from_millis(5);
 /// How long the frames get to drain after the stop.
 const DRAIN: Duration = Duration::from_secs(2);
 
+/// How frames reach the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// A population circulates (the sink returns every frame to the generator).
+    Circulate,
+    /// Fallback where circulation does not run: every frame is an AF_PACKET send into the
+    /// generator's veth (rewritten there as in circulation), and the sink drops it. About
+    /// a fifth of the rate, and each frame carries a syscall's cost.
+    Send,
+}
+
+impl Mode {
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Circulate => "circulating frames",
+            Mode::Send => "AF_PACKET sends",
+        }
+    }
+}
+
 /// One run: a warm-up, then a measured window, whichever bound comes first.
 #[derive(Clone, Copy, Debug)]
 pub struct GenRun {
@@ -44,6 +65,7 @@ pub struct GenRun {
     pub duration: Duration,
     /// Upper bound on frames generated in the measured window.
     pub max_frames: u64,
+    pub mode: Mode,
 }
 
 /// What the measured window of a run did.
@@ -192,17 +214,30 @@ pub fn circulate(
 /// [`POPULATION`] by frames in transit.
 fn lap(progs: &BenchProgs, inj: &Injector, run: GenRun) -> GenStats {
     let base = counts(progs);
-    let mut injected = inj.send(POPULATION);
+    let mut injected = match run.mode {
+        Mode::Circulate => inj.send(POPULATION),
+        Mode::Send => 0,
+    };
     let mut replaced = 0u64;
     let mut prev = base;
     let mut window: Option<(Instant, Counts, u64, BusyClock)> = None;
     let start = Instant::now();
     loop {
-        thread::sleep(TICK);
+        match run.mode {
+            Mode::Circulate => thread::sleep(TICK),
+            Mode::Send => {
+                let t = Instant::now();
+                while t.elapsed() < TICK {
+                    injected += inj.send(64);
+                }
+            }
+        }
         let now = counts(progs);
         let lost = (prev.gen - base.gen).saturating_sub(now.sink - base.sink);
         let mut n = lost.saturating_sub(replaced).min(POPULATION);
-        if n == 0 && now.gen == prev.gen {
+        if run.mode == Mode::Send {
+            n = 0;
+        } else if n == 0 && now.gen == prev.gen {
             // Nothing moved and nothing counts as lost: frames vanished after the sink.
             n = POPULATION / 4;
         }

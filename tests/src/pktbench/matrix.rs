@@ -9,7 +9,7 @@ use crate::{
     netns::run_id,
     pktbench::{
         circulate, micro, profile,
-        run::{Bed, Kind, Measurement, Setup, Timing, Traffic},
+        run::{probe_mode, Bed, Kind, Measurement, Setup, Timing, Traffic},
         services::{self, ServiceSet},
     },
 };
@@ -141,10 +141,7 @@ pub fn run(plan: &Plan) -> Report {
     let t = plan.timing;
     let mut measurements: Vec<Measurement> = Vec::new();
     let mut profiles = Vec::new();
-    println!(
-        "frames circulate generator -> node -> sink -> generator on CPU {}",
-        t.cpu
-    );
+    let mode = probe_mode(&plan.agent);
     for &setup in &plan.setups {
         let counts: &[usize] = if setup.uses_services() {
             &plan.service_counts
@@ -161,7 +158,7 @@ pub fn run(plan: &Plan) -> Report {
             // timeouts of that kind (see `run::flow_timeouts`).
             for &traffic in traffics {
                 let set = ServiceSet::for_bench(n, plan.endpoints);
-                let mut bed = Bed::new(&run_id(), setup, set, traffic, &plan.agent);
+                let mut bed = Bed::new(&run_id(), setup, set, traffic, &plan.agent, mode);
                 for kind in kinds(setup, &set) {
                     let mut m = bed.measure(kind, traffic, t);
                     m.node_ns = node_ns(&measurements, &m);
@@ -175,7 +172,7 @@ pub fn run(plan: &Plan) -> Report {
         }
     }
     let micro = plan.micro.then(micro::run);
-    report(plan, measurements, profiles, micro)
+    report(plan, mode, measurements, profiles, micro)
 }
 
 /// A measurement's ns/pkt minus the ceiling's for the same frame kind.
@@ -189,6 +186,7 @@ fn node_ns(ms: &[Measurement], m: &Measurement) -> Option<f64> {
 
 fn report(
     plan: &Plan,
+    mode: circulate::Mode,
     measurements: Vec<Measurement>,
     profile: Vec<profile::Profile>,
     micro: Option<micro::MicroReport>,
@@ -279,11 +277,17 @@ fn report(
         warmup_s: plan.timing.warmup.as_secs_f64(),
         duration_s: plan.timing.duration.as_secs_f64(),
         cpu: plan.timing.cpu,
-        method: format!(
-            "{} frames circulate generator -> node -> sink -> generator (XDP_REDIRECT over three veth pairs, rewritten by the generator on every lap, topped up by AF_PACKET sends when the node drops some), all on CPU {} in lock step; node ns/pkt = ns/pkt - the ceiling's (untouched redirect) for the same frame kind",
-            circulate::POPULATION,
-            plan.timing.cpu
-        ),
+        method: match mode {
+            circulate::Mode::Circulate => format!(
+                "{} frames circulate generator -> node -> sink -> generator (XDP_REDIRECT over veth pairs, rewritten by the generator on every lap, topped up by AF_PACKET sends when the node drops some), all on CPU {} in lock step; node ns = ns/pkt minus the ceiling's (untouched redirect) for the same frame kind",
+                circulate::POPULATION,
+                plan.timing.cpu
+            ),
+            circulate::Mode::Send => format!(
+                "fallback: every frame an AF_PACKET send into the generator's veth, rewritten there by XDP, dropped at the sink, all on CPU {} in lock step; node ns = ns/pkt minus the ceiling's for the same frame kind",
+                plan.timing.cpu
+            ),
+        },
         measurements,
         ratios,
         targets,

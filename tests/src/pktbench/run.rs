@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::{
     netns::{ensure_bpffs, Child, PinPath, TempDir},
     pktbench::{
-        circulate::{circulate, GenRun, GenStats},
+        circulate::{circulate, GenRun, GenStats, Mode},
         cpu::wait_for_idle,
         kubeproxy,
         progs::BenchProgs,
@@ -204,6 +204,7 @@ pub struct Timing {
 pub struct Bed {
     pub setup: Setup,
     pub services: usize,
+    pub mode: Mode,
     agent: Option<Child>,
     _pin: Option<PinPath>,
     _dir: Option<TempDir>,
@@ -219,18 +220,24 @@ impl Bed {
         set: ServiceSet,
         traffic: Traffic,
         agent: &std::path::Path,
+        mode: Mode,
     ) -> Bed {
         let topo = Topology::new(run_id);
         let mut progs = BenchProgs::load();
         progs.set_sink(&SinkConfig {
             ifindex: topo.sink_ret_ifindex,
-            flags: SINK_F_RETURN,
+            flags: if mode == Mode::Circulate {
+                SINK_F_RETURN
+            } else {
+                0
+            },
         });
         progs.attach(PROG_SINK, &topo.sink, topo::SINK_IF);
         progs.attach(PROG_GEN, &topo.gen, topo::GEN_RET_IF);
         let mut bed = Bed {
             setup,
             services: set.count,
+            mode,
             agent: None,
             _pin: None,
             _dir: None,
@@ -400,6 +407,7 @@ impl Bed {
                 warmup: Duration::ZERO,
                 duration: Duration::from_secs(10),
                 max_frames: frames,
+                mode: self.mode,
             },
         );
         let after = c(&self.progs);
@@ -428,6 +436,7 @@ impl Bed {
                 warmup: t.warmup,
                 duration: t.duration,
                 max_frames: t.max_frames,
+                mode: self.mode,
             },
         );
         check_interrupt();
@@ -463,6 +472,44 @@ impl Bed {
             idle_before,
             node_ns: None,
             datapath,
+        }
+    }
+}
+
+/// The generator mode this machine runs: circulating frames if a short run through the
+/// bare forwarder delivers every frame, else AF_PACKET sends. Says which in one line.
+pub fn probe_mode(agent: &std::path::Path) -> Mode {
+    const FRAMES: u64 = 20_000;
+    let tried = std::panic::catch_unwind(|| {
+        let mut bed = Bed::new(
+            &crate::netns::run_id(),
+            Setup::Bare,
+            ServiceSet::new(1),
+            Traffic::NewFlows,
+            agent,
+            Mode::Circulate,
+        );
+        bed.send(Kind::V4_TCP, Traffic::NewFlows, FRAMES, 0)
+    });
+    match tried {
+        Ok(s) if s.sent >= FRAMES && s.delivered == s.sent => {
+            println!(
+                "generator: {} (probe: {} laps, none lost)",
+                Mode::Circulate.label(),
+                s.sent
+            );
+            Mode::Circulate
+        }
+        other => {
+            let why = match other {
+                Ok(s) => format!("{} of {} frames reached the sink", s.delivered, s.sent),
+                Err(_) => "the probe failed (see the panic above)".into(),
+            };
+            println!(
+                "generator: circulating frames do not run here ({why}): using {}",
+                Mode::Send.label()
+            );
+            Mode::Send
         }
     }
 }
