@@ -14,7 +14,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use nodeport_common::{
-    Addr, Backend, FrontendKey, FrontendKey6, Ip6, BE_F_LOCAL, PROTO_TCP, PROTO_UDP,
+    Addr, Backend, FrontendKey, FrontendKey6, Ip6, BE_F_DRAINING, BE_F_LOCAL, PROTO_TCP, PROTO_UDP,
     SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SRC_RANGES,
 };
 
@@ -165,8 +165,11 @@ pub struct DesiredService<A: Addr = u32> {
     /// loadBalancerSourceRanges of the family when `SVC_F_SRC_RANGES` is set: the clients
     /// allowed on the LoadBalancer and external-IP frontends. Empty with the flag set: none.
     pub source_ranges: BTreeSet<IpCidr>,
-    /// Endpoints (address, target port, `BE_F_LOCAL`), one per address and port: the
-    /// table's members and, under Local, the other nodes' endpoints kept for old flows.
+    /// Endpoints (address, target port, `BE_F_LOCAL`, `BE_F_DRAINING`), one per address
+    /// and port: every endpoint the slices list, whatever its conditions. The table's
+    /// members are those without `BE_F_DRAINING`; the others are kept in NP_BE for the
+    /// flows already on them (a terminating pod, a pod that failed its readiness probe,
+    /// under Local another node's pod).
     pub backends: BTreeSet<Backend<A>>,
 }
 
@@ -174,12 +177,11 @@ pub struct DesiredService<A: Addr = u32> {
 pub type DesiredService6 = DesiredService<Ip6>;
 
 impl<A: Addr> DesiredService<A> {
-    /// The backends the Maglev table is built from: all, or under Local this node's only.
+    /// The backends the Maglev table is built from: those that take new flows.
     pub fn table_backends(&self) -> impl Iterator<Item = &Backend<A>> {
-        let local_only = self.flags & SVC_F_LOCAL != 0;
         self.backends
             .iter()
-            .filter(move |b| !local_only || b.flags & BE_F_LOCAL != 0)
+            .filter(|b| b.flags & BE_F_DRAINING == 0)
     }
 }
 
@@ -648,7 +650,10 @@ impl Claims for AllClaims<'_> {
 ///   namespace and `addressType` of the unit's family (`FQDN` slices are skipped silently); an
 ///   endpoint uses its first address (the API says all addresses are fungible); an
 ///   unparsable address refuses that endpoint (named by its slice).
-/// - Ready endpoints (`ready` unset counts as ready). If no table member is ready, endpoints that are `serving` (unset: same as `ready`) and `terminating`.
+/// - Ready endpoints (`ready` unset counts as ready) take new flows. If no table member is ready, endpoints that are `serving` (unset: same as `ready`) and `terminating` do.
+/// - Every other listed endpoint is kept with `BE_F_DRAINING`, whatever its conditions:
+///   the flows already on it keep it until it leaves every slice (kube-proxy leaves their
+///   conntrack entries alone too).
 /// - Target port, per slice: the slice port whose name equals the service port's name
 ///   (unset and `""` are equal) with the same protocol; otherwise, when `targetPort` is a
 ///   name, the slice port of that name and protocol (no such port: the slice contributes
@@ -1211,12 +1216,11 @@ fn backends<A: RawAddr>(
     // The table's members: every endpoint, or under Local this node's only.
     let member = |e: &ParsedEndpoint| e.local || !local_only;
     let any_ready = candidates.iter().any(|(e, _)| member(e) && e.ready);
-    let mut seen = BTreeSet::new();
-    let mut out = BTreeSet::new();
+    // One backend per (address, port): draining only if every listing of it is.
+    let mut by_key: BTreeMap<(A, u16), u8> = BTreeMap::new();
     for (e, port) in candidates {
-        let usable = if !member(e) {
-            // Kept in NP_BE for flows bound before a switch from Cluster to Local.
-            e.serving
+        let takes_new = if !member(e) {
+            false
         } else if any_ready {
             e.ready
         } else {
@@ -1225,16 +1229,22 @@ fn backends<A: RawAddr>(
         let Some(addr) = A::from_ip(e.addr) else {
             continue;
         };
-        if usable && seen.insert((e.addr, port)) {
-            out.insert(Backend {
-                addr,
-                port: port.to_be(),
-                flags: if e.local { BE_F_LOCAL } else { 0 },
-                pad: 0,
-            });
-        }
+        let flags =
+            if e.local { BE_F_LOCAL } else { 0 } | if takes_new { 0 } else { BE_F_DRAINING };
+        by_key
+            .entry((addr, port))
+            .and_modify(|f| *f &= flags | !BE_F_DRAINING)
+            .or_insert(flags);
     }
-    out
+    by_key
+        .into_iter()
+        .map(|((addr, port), flags)| Backend {
+            addr,
+            port: port.to_be(),
+            flags,
+            pad: 0,
+        })
+        .collect()
 }
 
 /// How [`Model`] tells that an object is the same as in the previous call.
@@ -2008,6 +2018,18 @@ mod tests {
         }
     }
 
+    /// `b`, listed but taking no new flows.
+    fn draining<A: Addr>(b: Backend<A>) -> Backend<A> {
+        Backend {
+            flags: b.flags | BE_F_DRAINING,
+            ..b
+        }
+    }
+
+    fn table<A: Addr>(ds: &DesiredService<A>) -> BTreeSet<Backend<A>> {
+        ds.table_backends().copied().collect()
+    }
+
     const WEB: &str = "
 metadata: {name: web, namespace: default}
 spec:
@@ -2464,18 +2486,32 @@ endpoints:
 ",
         );
         let key = id("default", "web", "http", Protocol::Tcp);
-        // Only terminating ones: serving && terminating are used.
+        // Only terminating ones: serving && terminating take new flows; every listed
+        // endpoint stays, draining, for the flows already on it.
         let (d, _) = run(&[svc(WEB)], std::slice::from_ref(&sl));
+        let listed = [
+            draining(be("10.0.0.1", 8080, false)),
+            draining(be("10.0.0.2", 8080, false)),
+            draining(be("10.0.0.3", 8080, false)),
+        ];
         assert_eq!(
-            d.services[&key].backends,
+            table(&d.services[&key]),
             BTreeSet::from([be("10.0.0.1", 8080, false)])
         );
-        // A ready endpoint in another slice of the same service: only ready ones.
-        let (d, _) = run(&[svc(WEB)], &[sl, ready]);
         assert_eq!(
             d.services[&key].backends,
+            BTreeSet::from([be("10.0.0.1", 8080, false), listed[1], listed[2]])
+        );
+        // A ready endpoint in another slice of the same service: only ready ones take new
+        // flows; the terminating one drains now.
+        let (d, _) = run(&[svc(WEB)], &[sl, ready]);
+        assert_eq!(
+            table(&d.services[&key]),
             BTreeSet::from([be("10.0.0.4", 8080, false)])
         );
+        let mut all = BTreeSet::from(listed);
+        all.insert(be("10.0.0.4", 8080, false));
+        assert_eq!(d.services[&key].backends, all);
     }
 
     #[test]
@@ -2532,7 +2568,10 @@ endpoints:
         );
         assert_eq!(
             ds.backends,
-            BTreeSet::from([be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false)])
+            BTreeSet::from([
+                be("10.0.0.1", 8080, true),
+                draining(be("10.0.0.2", 8080, false))
+            ])
         );
     }
 
@@ -2898,7 +2937,7 @@ endpoints:
             BTreeSet::from([np(30080, PROTO_TCP), ext("198.18.9.1", 80, PROTO_TCP)])
         );
         assert_eq!(
-            v4.backends,
+            table(v4),
             BTreeSet::from([be("10.0.1.1", 8080, true), be("10.0.2.1", 8080, false)])
         );
         let v6 = &d.services6[&id6("default", "web", "http", Protocol::Tcp)];
@@ -2907,7 +2946,7 @@ endpoints:
             BTreeSet::from([np6(30080, PROTO_TCP), ext6("2001:db8::9", 80, PROTO_TCP)])
         );
         assert_eq!(
-            v6.backends,
+            table(v6),
             BTreeSet::from([be6("fd00:1::1", 8080, true), be6("fd00:2::1", 8080, false)])
         );
         assert_eq!((d.services.len(), d.services6.len()), (1, 1));
@@ -2930,7 +2969,7 @@ endpoints:
             v6.frontends,
             BTreeSet::from([np6(30080, PROTO_TCP), ext6("2001:db8::9", 80, PROTO_TCP)])
         );
-        assert_eq!(v6.backends.len(), 2);
+        assert_eq!(table(v6).len(), 2);
     }
 
     #[test]
@@ -3025,9 +3064,7 @@ endpoints:
         );
         assert!(d.services.is_empty());
         assert_eq!(
-            d.services6[&id6("default", "web", "http", Protocol::Tcp)]
-                .backends
-                .len(),
+            table(&d.services6[&id6("default", "web", "http", Protocol::Tcp)]).len(),
             2
         );
     }
@@ -3047,7 +3084,9 @@ endpoints:
         let table: Vec<_> = v6.table_backends().copied().collect();
         assert_eq!(table, vec![be6("fd00:1::1", 8080, true)]);
         // The other node's serving endpoint stays programmed for old flows.
-        assert!(v6.backends.contains(&be6("fd00:2::1", 8080, false)));
+        assert!(v6
+            .backends
+            .contains(&draining(be6("fd00:2::1", 8080, false))));
         // One local ready endpoint of each family.
         assert_eq!(d.health_checks[&30100], hc("default", "web", 2));
     }

@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use nodeport_common::{
-    Backend, Backend6, FrontendKey, FrontendKey6, Ip6, Service, BACKEND_NONE, SVC_F_SRC_RANGES,
+    Backend, Backend6, FrontendKey, FrontendKey6, Ip6, Service, BACKEND_NONE, BE_F_DRAINING,
+    SVC_F_SRC_RANGES,
 };
 
 use crate::error::{Error, Result};
@@ -337,6 +338,12 @@ impl IdPool {
 
 /// A backend as the reconciler knows it: (address, port), raw network order.
 type BeKey<A> = (A, u16);
+
+/// The flags of a backend that two services list: `BE_F_LOCAL` if either has it,
+/// `BE_F_DRAINING` only if both have it.
+fn merge_be_flags(a: u8, b: u8) -> u8 {
+    ((a | b) & !BE_F_DRAINING) | (a & b & BE_F_DRAINING)
+}
 
 fn be_key<A: SyncAddr>(b: &Backend<A>) -> BeKey<A> {
     (b.addr, b.port)
@@ -1242,12 +1249,14 @@ impl<A: SyncAddr> FamilyState<A> {
         maps: &mut impl Maps,
         report: &mut SyncReport,
     ) -> BTreeSet<BeKey<A>> {
-        // One value per (addr, port); flags of all services using it are merged.
+        // One value per (addr, port); flags of all services using it are merged: local
+        // if any says so, draining only if all do (a backend one service still chooses
+        // stays a sticky choice for it).
         let mut want: BTreeMap<BeKey<A>, Backend<A>> = BTreeMap::new();
         for ds in A::services(desired).values() {
             for b in &ds.backends {
                 want.entry(be_key(b))
-                    .and_modify(|v| v.flags |= b.flags)
+                    .and_modify(|v| v.flags = merge_be_flags(v.flags, b.flags))
                     .or_insert(Backend { pad: 0, ..*b });
             }
         }

@@ -206,6 +206,10 @@ pub struct Service {
 
 /// Backend flag: the endpoint runs on this node (no SNAT, handed to the local stack).
 pub const BE_F_LOCAL: u8 = 1 << 0;
+/// Backend flag: the endpoint is still listed in an EndpointSlice but takes no new flows
+/// (not ready, terminating, or another node's under Local): it is in no Maglev table and
+/// session affinity does not stick to it; the flows already on it keep it (draining).
+pub const BE_F_DRAINING: u8 = 1 << 1;
 
 /// NP_BE value (key: backend id, `u32`): one endpoint address and target port.
 #[repr(C)]

@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use nodeport_common::{
     hash::flow_hash, Addr, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey,
-    RevNat, Service, SrcRange, Stat, BE_F_LOCAL, CT_F_AFFINITY, CT_F_CLOSING, CT_F_SNAT,
-    CT_F_SYN_ONLY, MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP, SNAT_PROBES, SRC_RANGE_SVC_BITS,
+    RevNat, Service, SrcRange, Stat, BE_F_DRAINING, BE_F_LOCAL, CT_F_AFFINITY, CT_F_CLOSING,
+    CT_F_SNAT, CT_F_SYN_ONLY, MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP, SNAT_PROBES, SRC_RANGE_SVC_BITS,
     SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SRC_RANGES,
 };
 
@@ -401,8 +401,8 @@ fn source_allowed<F: Family>(f: &Flow<F::A>, svc: &Service) -> bool {
 }
 
 /// The backend a client of an affinity service is stuck to, if it was used within the
-/// timeout and is still a backend the service may choose (same id, address and port; on
-/// this node under Local).
+/// timeout and is still a backend the service may choose (same id, address and port, not
+/// draining; on this node under Local).
 #[inline(always)]
 fn sticky_backend<F: Family>(akey: &AffinityKey<F::A>, svc: &Service, now: u64) -> Option<u32> {
     // SAFETY: plain data. Field by field: copying the whole value (with its padding)
@@ -416,6 +416,7 @@ fn sticky_backend<F: Family>(akey: &AffinityKey<F::A>, svc: &Service, now: u64) 
     let be = F::backends().get(id)?;
     let usable = be.addr == addr
         && be.port == port
+        && be.flags & BE_F_DRAINING == 0
         && (svc.flags & SVC_F_LOCAL == 0 || be.flags & BE_F_LOCAL != 0);
     usable.then_some(id)
 }

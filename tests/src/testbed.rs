@@ -441,6 +441,19 @@ impl Testbed {
         });
     }
 
+    /// Sets the conditions of every endpoint of pod `pod` (both families), e.g. a rolling
+    /// update's `ready: false, serving: true, terminating: true` (the pod keeps running).
+    pub fn set_conditions(&mut self, pod: &str, ready: bool, serving: bool, terminating: bool) {
+        self.update_manifests(|m| {
+            let mut found = false;
+            for e in m.endpoints.iter_mut().filter(|e| e.pod == pod) {
+                (e.ready, e.serving, e.terminating) = (ready, serving, terminating);
+                found = true;
+            }
+            assert!(found, "{pod} is not an endpoint");
+        });
+    }
+
     /// Removes pod `pod` from its EndpointSlice (the pod keeps running).
     pub fn remove_endpoint(&mut self, pod: &str) {
         self.update_manifests(|m| {
