@@ -175,19 +175,21 @@ impl Drop for Pinned {
 
 /// Runs frames of `cfg` around the loop: injected from `sink` on `ret_ifindex` (the
 /// sink's return veth), for `run`'s warm-up and measured window; then stops the generator
-/// and waits for the population to drain, so the next run starts from none.
+/// and waits for the population to drain, so the next run starts from none. `window` is
+/// called with `true` when the measured window opens and `false` when it closes.
 pub fn circulate(
     progs: &mut BenchProgs,
     sink: &Netns,
     ret_ifindex: u32,
     cfg: &GenConfig,
     run: GenRun,
+    window: &mut dyn FnMut(bool),
 ) -> GenStats {
     progs.set_gen(&GenConfig { flags: 0, ..*cfg });
     let inj = Injector::open(sink, ret_ifindex, cfg.frame_len as usize);
     let stats = {
         let _pin = Pinned::to(run.cpu);
-        lap(progs, &inj, run)
+        lap(progs, &inj, run, window)
     };
     progs.set_gen(&GenConfig {
         flags: GEN_F_STOP,
@@ -212,7 +214,12 @@ pub fn circulate(
 /// dropped it (a lap takes microseconds), so `gen(a tick ago) - sink(now)` counts lost
 /// frames and never counts one still on its way: the population is never pushed above
 /// [`POPULATION`] by frames in transit.
-fn lap(progs: &BenchProgs, inj: &Injector, run: GenRun) -> GenStats {
+fn lap(
+    progs: &BenchProgs,
+    inj: &Injector,
+    run: GenRun,
+    on_window: &mut dyn FnMut(bool),
+) -> GenStats {
     let base = counts(progs);
     let mut injected = match run.mode {
         Mode::Circulate => inj.send(POPULATION),
@@ -249,6 +256,7 @@ fn lap(progs: &BenchProgs, inj: &Injector, run: GenRun) -> GenStats {
         prev = now;
         match &window {
             None if start.elapsed() >= run.warmup || stopped() => {
+                on_window(true);
                 window = Some((Instant::now(), now, injected, BusyClock::start(run.cpu)));
             }
             Some((t0, c0, i0, busy))
@@ -256,13 +264,15 @@ fn lap(progs: &BenchProgs, inj: &Injector, run: GenRun) -> GenStats {
                     || now.gen - c0.gen >= run.max_frames
                     || stopped() =>
             {
+                let busy = busy.stop();
+                on_window(false);
                 return GenStats {
                     frames: now.gen - c0.gen,
                     delivered: now.sink - c0.sink,
                     injected: injected - i0,
                     injected_total: injected,
                     elapsed: t0.elapsed(),
-                    busy: busy.stop(),
+                    busy,
                 };
             }
             _ => {}

@@ -21,7 +21,8 @@ use crate::pktbench::{
     run::{Bed, Kind, Timing, Traffic},
 };
 
-/// One program's share, from the BPF statistics.
+/// One program's share, from the BPF statistics (in a run of its own: with them on, every
+/// program run also reads the clock twice, included in `ns_per_run`).
 #[derive(Clone, Debug, Serialize)]
 pub struct ProgStat {
     pub program: String,
@@ -104,39 +105,52 @@ fn calls(id: u32) -> BTreeMap<String, usize> {
 pub fn run(bed: &mut Bed, traffic: Traffic, t: Timing) -> Profile {
     let kind = Kind::V4_TCP;
     let mut note = Vec::new();
+    // First a run with the BPF statistics on: each program run then also reads the clock
+    // twice, which costs more than some programs here, so the perf run goes without.
     let stats_old = sysctl("kernel.bpf_stats_enabled", "1");
+    let before = prog_stats();
+    let stats_run = bed.measure(kind, traffic, t);
+    let after = prog_stats();
+    if let Some(old) = stats_old {
+        sysctl("kernel.bpf_stats_enabled", &old);
+    }
     let kallsyms_old = sysctl("net.core.bpf_jit_kallsyms", "1");
     let data = std::env::temp_dir().join(format!("np-perf-{}.data", std::process::id()));
-    let secs = (t.warmup + t.duration + Duration::from_secs(1)).as_secs_f64();
-    let perf = Command::new("perf")
-        .args([
-            "record",
-            "-q",
-            "-e",
-            "cpu-clock",
-            "-C",
-            &t.cpu.to_string(),
-            "-o",
-        ])
-        .arg(&data)
-        .args(["--", "sleep", &format!("{secs:.1}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let before = prog_stats();
-    let m = bed.measure(kind, traffic, t);
-    let after = prog_stats();
-    let symbols = match perf.and_then(|mut c| c.wait()) {
-        Ok(st) if st.success() => shares(&data, m.ns_per_packet),
+    // perf samples the measured window only: started when it opens, stopped (SIGINT, so it
+    // writes its file) when it closes.
+    let mut perf: Option<std::io::Result<std::process::Child>> = None;
+    let mut window = |open: bool| {
+        if open {
+            perf = Some(
+                Command::new("perf")
+                    .args([
+                        "record",
+                        "-q",
+                        "-e",
+                        "cpu-clock:k",
+                        "-C",
+                        &t.cpu.to_string(),
+                        "-o",
+                    ])
+                    .arg(&data)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn(),
+            );
+        } else if let Some(Ok(c)) = &perf {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+        }
+    };
+    let m = bed.measure_with(kind, traffic, t, &mut window);
+    let symbols = match perf.map(|p| p.and_then(|mut c| c.wait())) {
+        Some(Ok(_)) => shares(&data, m.ns_per_packet),
         other => {
             note.push(format!("perf record did not run ({other:?})"));
             Vec::new()
         }
     };
     let _ = fs::remove_file(&data);
-    if let Some(old) = stats_old {
-        sysctl("kernel.bpf_stats_enabled", &old);
-    }
     if let Some(old) = kallsyms_old {
         sysctl("net.core.bpf_jit_kallsyms", &old);
     }
@@ -154,7 +168,7 @@ pub fn run(bed: &mut Bed, traffic: Traffic, t: Timing) -> Profile {
                     .sum::<u64>()
         })
         .sum();
-    let window = t.duration.as_secs_f64() / (t.warmup + t.duration).as_secs_f64();
+    let in_window = t.duration.as_secs_f64() / (t.warmup + t.duration).as_secs_f64();
     let programs = PROGRAMS
         .iter()
         .filter_map(|&name| {
@@ -169,7 +183,7 @@ pub fn run(bed: &mut Bed, traffic: Traffic, t: Timing) -> Profile {
             let id = id?;
             Some(ProgStat {
                 program: name.to_string(),
-                runs_per_packet: runs as f64 * window / m.delivered.max(1) as f64,
+                runs_per_packet: runs as f64 * in_window / stats_run.delivered.max(1) as f64,
                 ns_per_run: if runs == 0 { 0.0 } else { time / runs as f64 },
                 calls: calls(id),
             })
@@ -189,39 +203,55 @@ pub fn run(bed: &mut Bed, traffic: Traffic, t: Timing) -> Profile {
     }
 }
 
-/// Symbols over 1% of the samples, from `perf report`.
+/// Symbols of the idle loop: the CPU waiting, not working (between ticks of a run whose
+/// node dropped the population, say).
+const IDLE: [&str; 6] = [
+    "pv_native_safe_halt",
+    "default_idle",
+    "intel_idle",
+    "acpi_idle_do_entry",
+    "poll_idle",
+    "native_safe_halt",
+];
+
+/// Symbols over 0.5% of the busy samples, from `perf report`: shares of the kernel's busy
+/// time (idle samples taken out), and as ns per delivered packet.
 fn shares(data: &std::path::Path, ns_per_packet: f64) -> Vec<Share> {
     let Ok(o) = Command::new("perf")
-        .args([
-            "report",
-            "--stdio",
-            "--no-children",
-            "--sort",
-            "sym",
-            "--percent-limit",
-            "1",
-            "-i",
-        ])
+        .args(["report", "--stdio", "--no-children", "--sort", "sym", "-i"])
         .arg(data)
         .stderr(Stdio::null())
         .output()
     else {
         return Vec::new();
     };
-    String::from_utf8_lossy(&o.stdout)
+    let all: Vec<(String, f64)> = String::from_utf8_lossy(&o.stdout)
         .lines()
         .filter(|l| !l.trim_start().starts_with('#'))
         .filter_map(|l| {
             let mut it = l.split_whitespace();
             let pct: f64 = it.next()?.strip_suffix('%')?.parse().ok()?;
             let _level = it.next()?;
-            let symbol = it.collect::<Vec<_>>().join(" ");
-            Some(Share {
-                symbol,
-                percent: pct,
-                ns_per_packet: pct / 100.0 * ns_per_packet,
-            })
+            Some((it.collect::<Vec<_>>().join(" "), pct))
         })
+        .collect();
+    let idle: f64 = all
+        .iter()
+        .filter(|(s, _)| IDLE.contains(&s.as_str()))
+        .map(|(_, p)| p)
+        .sum();
+    let busy = (100.0 - idle).max(f64::MIN_POSITIVE);
+    all.into_iter()
+        .filter(|(s, _)| !IDLE.contains(&s.as_str()))
+        .map(|(symbol, p)| {
+            let percent = p * 100.0 / busy;
+            Share {
+                symbol,
+                percent,
+                ns_per_packet: percent / 100.0 * ns_per_packet,
+            }
+        })
+        .filter(|s| s.percent >= 0.5)
         .collect()
 }
 

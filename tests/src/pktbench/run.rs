@@ -376,7 +376,13 @@ impl Bed {
         }
     }
 
-    fn circulate(&mut self, kind: Kind, traffic: Traffic, run: GenRun) -> GenStats {
+    fn circulate(
+        &mut self,
+        kind: Kind,
+        traffic: Traffic,
+        run: GenRun,
+        window: &mut dyn FnMut(bool),
+    ) -> GenStats {
         let cfg = self.gen_config(kind, traffic);
         circulate(
             &mut self.progs,
@@ -384,6 +390,7 @@ impl Bed {
             self.topo.sink_ret_ifindex,
             &cfg,
             run,
+            window,
         )
     }
 
@@ -409,6 +416,7 @@ impl Bed {
                 max_frames: frames,
                 mode: self.mode,
             },
+            &mut |_| {},
         );
         let after = c(&self.progs);
         Smoke {
@@ -422,6 +430,18 @@ impl Bed {
     /// One run of `traffic`: a warm-up (which also opens the established flows), then
     /// the measured window, in one stretch of circulation.
     pub fn measure(&mut self, kind: Kind, traffic: Traffic, t: Timing) -> Measurement {
+        self.measure_with(kind, traffic, t, &mut |_| {})
+    }
+
+    /// [`Bed::measure`], calling `window` when the measured window opens (`true`) and
+    /// closes (`false`): for a profiler that should see that window only.
+    pub fn measure_with(
+        &mut self,
+        kind: Kind,
+        traffic: Traffic,
+        t: Timing,
+        window: &mut dyn FnMut(bool),
+    ) -> Measurement {
         if matches!(self.setup, Setup::Iptables | Setup::Nftables) {
             conntrack_settings(&self.topo, traffic);
         }
@@ -438,6 +458,7 @@ impl Bed {
                 max_frames: t.max_frames,
                 mode: self.mode,
             },
+            window,
         );
         check_interrupt();
         // The datapath's counters cover warm-up and drain as well: they say which paths
