@@ -1,6 +1,6 @@
 //! Settings and counters of the benchmark programs (nodeport-ebpf/src/bench.rs): the packet
-//! generator, the bare forwarder and the sink of `np-pktbench`. The agent never loads these
-//! programs nor writes these maps.
+//! generator, the bare forwarder and the sink of `np-pktbench`; and the name of the tests'
+//! neighbour program. The agent never loads these programs nor writes these maps.
 //!
 //! Frames circulate: a fixed population, injected once, goes generator -> node -> sink ->
 //! back to the generator, which rewrites every header of every frame on each lap.
@@ -9,6 +9,11 @@
 pub const PROG_GEN: &str = "bench_gen";
 pub const PROG_FWD: &str = "bench_fwd";
 pub const PROG_SINK: &str = "bench_sink";
+
+/// The tests' stand-in for another tool's TC program (nodeport-ebpf/src/neighbour.rs)
+/// and its packet counter (per-CPU array of one `u64`).
+pub const PROG_NEIGHBOUR: &str = "test_neighbour";
+pub const MAP_NEIGHBOUR_CNT: &str = "NPT_CNT";
 
 /// Map names (not `NP_`: the agent pins only its own maps).
 pub const MAP_GEN: &str = "NPB_GEN";

@@ -11,7 +11,7 @@ use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_BLACKHOLE,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     helpers::generated::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::{TcContext, XdpContext},
@@ -181,12 +181,19 @@ pub fn xdp_route<F: Family>(
     (xdp_action::XDP_PASS, Stat::FibPass)
 }
 
+/// TC's "carry on": the next program of the hook (TCX) or the next filter (clsact
+/// `cls_bpf`) sees the packet, then the stack. Returned for every packet nodeport leaves
+/// to the stack, translated or not, so that a CNI's or a monitoring tool's program after
+/// nodeport's still sees it (TC_ACT_OK would end the chain: net/core/dev.c, tcx_run).
+/// Drops and redirects stay final.
+pub const TC_NEXT: i32 = TC_ACT_UNSPEC;
+
 /// TC counterpart: translate through helpers, then hand the packet to
 /// `bpf_redirect_neigh` on the FIB's egress interface (it resolves the neighbour).
 #[inline(always)]
 pub fn tc_forward<F: Family>(ctx: &TcContext, f: &Flow<F::A>, nat: &Nat<F::A>) -> (i32, Stat) {
     if f.ttl <= 1 {
-        return (TC_ACT_OK, Stat::FibPass);
+        return (TC_NEXT, Stat::FibPass);
     }
     // SAFETY: reading the ingress ifindex of the skb context.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
@@ -205,5 +212,5 @@ pub fn tc_forward<F: Family>(ctx: &TcContext, f: &Flow<F::A>, nat: &Nat<F::A>) -
         let act = unsafe { bpf_redirect_neigh(p.ifindex, null_mut(), 0, 0) } as i32;
         return (act, Stat::TcNat);
     }
-    (TC_ACT_OK, Stat::TcNat)
+    (TC_NEXT, Stat::TcNat)
 }

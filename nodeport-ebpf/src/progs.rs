@@ -21,7 +21,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::generated::bpf_xdp_get_buff_len;
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{xdp_action, TC_ACT_SHOT},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -30,7 +30,7 @@ use nodeport_common::{Ip6, Stat, CFG_F_DEBUG};
 
 use crate::{
     family::{Family, V4, V6},
-    fwd::{tc_forward, xdp_forward, xdp_route, Rewrite},
+    fwd::{tc_forward, xdp_forward, xdp_route, Rewrite, TC_NEXT},
     lb::{
         bind, config, icmp_error, known, open, reply, snat, Choice, Decision, IcmpDecision, Known,
         Nat,
@@ -454,7 +454,7 @@ fn tc_program<const DEBUG: bool>(ctx: &TcContext) -> i32 {
         Err(_) => Verdict::NONE,
     };
     if v.is_none() {
-        return TC_ACT_OK;
+        return TC_NEXT;
     }
     count_index(v.stat());
     if DEBUG && config().flags & CFG_F_DEBUG != 0 {
@@ -492,7 +492,7 @@ fn tc_act<F: Family>(ctx: &TcContext, f: &Flow<F::A>, decision: &Decision<F::A>)
         Decision::Drop(stat) => (TC_ACT_SHOT, *stat),
         Decision::ToLocal(nat) => {
             if rewrite_tc::<F>(ctx, f, nat, false) {
-                (TC_ACT_OK, Stat::TcNat)
+                (TC_NEXT, Stat::TcNat)
             } else {
                 (TC_ACT_SHOT, Stat::DropMapFull)
             }
@@ -509,7 +509,7 @@ pub fn np_tc_out(ctx: TcContext) -> i32 {
     match ether(&Skb(&ctx)) {
         Ok(Ether::Ipv4) => tc_out::<V4>(&ctx),
         Ok(Ether::Ipv6) => tc_out::<V6>(&ctx),
-        Err(_) => TC_ACT_OK,
+        Err(_) => TC_NEXT,
     }
 }
 
@@ -518,14 +518,14 @@ fn tc_out<F: Family>(ctx: &TcContext) -> i32 {
     let f = match parse::<F, true>(&Skb(ctx)) {
         Ok(f) => f,
         Err(Stat::PassOtherProto) => return tc_out_icmp::<F>(ctx),
-        Err(_) => return TC_ACT_OK,
+        Err(_) => return TC_NEXT,
     };
     let Some(Decision::Reply(nat)) = reply::<F>(&f) else {
-        return TC_ACT_OK;
+        return TC_NEXT;
     };
     if rewrite_tc::<F>(ctx, &f, &nat, false) {
         count(Stat::TcNat);
-        TC_ACT_OK
+        TC_NEXT
     } else {
         count(Stat::DropMapFull);
         TC_ACT_SHOT
@@ -539,20 +539,20 @@ fn tc_out<F: Family>(ctx: &TcContext) -> i32 {
 fn tc_out_icmp<F: Family>(ctx: &TcContext) -> i32 {
     let skb = Skb(ctx);
     let Some(e) = parse_icmp_error::<F>(&skb) else {
-        return TC_ACT_OK;
+        return TC_NEXT;
     };
     // Only errors already on their way to the client (a reverse-NAT hit): the stack routed
     // them; nothing else leaving this node is ours to touch.
     let Some(IcmpDecision::Route(n)) = icmp_error::<F>(&e) else {
-        return TC_ACT_OK;
+        return TC_NEXT;
     };
     if n.outer_daddr != e.outer.daddr {
-        return TC_ACT_OK;
+        return TC_NEXT;
     }
     if rewrite_icmp::<F>(&skb, &e, &n, false) {
         count(Stat::TcNat);
         count(Stat::IcmpNat);
-        TC_ACT_OK
+        TC_NEXT
     } else {
         count(Stat::DropMapFull);
         TC_ACT_SHOT

@@ -24,7 +24,9 @@ use tests::netns::{require_root, run_in, Netns, NodeLan};
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC: "carry on" (the next TC program, then the stack), as the test run
+/// returns it.
+const TC_NEXT: u32 = u32::MAX;
 const TC_ACT_REDIRECT: u32 = 7;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
@@ -656,7 +658,7 @@ fn local_backend_dnat_and_tc_reply() {
             63,
             false
         ),
-        TC_ACT_OK,
+        TC_NEXT,
         tcp(
             NODE1_MAC,
             CLIENT_MAC,
@@ -680,7 +682,7 @@ fn local_backend_dnat_and_tc_reply() {
     let (verdict, out) = env.tc(m::PROG_TC_EGRESS, &stray);
     assert_eq!(
         (verdict, hex(&out)),
-        (TC_ACT_OK, hex(&stray)),
+        (TC_NEXT, hex(&stray)),
         "unrelated egress"
     );
     assert_eq!(env.stat("tc_nat"), before, "unrelated egress counted");
@@ -933,7 +935,7 @@ fn malformed_and_unusual_shapes() {
         "ip options: tc ingress translates",
         m::PROG_TC_INGRESS,
         with_opts,
-        TC_ACT_OK,
+        TC_NEXT,
         expected,
         "tc_nat"
     );

@@ -1,24 +1,21 @@
 //! The benchmark's eBPF programs (nodeport-ebpf/src/bench.rs), taken from the agent's
 //! embedded object: the generator, the bare forwarder and the sink attached to veths of
 //! the topology, their settings and their counters. (circulate.rs drives a run.)
-//! aya creates every map of an object, so the datapath's own maps are shrunk to one entry
-//! here; the bench programs never touch them.
 
 use aya::{
     maps::{Array, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp, XdpMode},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
-use nodeport_agent::datapath::EBPF_OBJECT;
-use nodeport_common::{
-    bench::{
-        FwdConfig, GenConfig, SinkConfig, MAP_CNT, MAP_FWD, MAP_GEN, MAP_SINK, PROG_FWD, PROG_GEN,
-        PROG_SINK,
-    },
-    maps as m,
+use nodeport_common::bench::{
+    FwdConfig, GenConfig, SinkConfig, MAP_CNT, MAP_FWD, MAP_GEN, MAP_SINK, PROG_FWD, PROG_GEN,
+    PROG_SINK,
 };
 
-use crate::netns::{run_in, Netns};
+use crate::{
+    netns::{run_in, Netns},
+    objects,
+};
 
 pub struct BenchProgs {
     ebpf: Ebpf,
@@ -27,27 +24,7 @@ pub struct BenchProgs {
 impl BenchProgs {
     /// Loads the object and the three bench programs (verifier included).
     pub fn load() -> BenchProgs {
-        assert!(
-            !EBPF_OBJECT.is_empty(),
-            "nodeport-agent was built with AYA_BUILD_SKIP: no eBPF object"
-        );
-        let mut loader = EbpfLoader::new();
-        for name in [
-            m::MAP_SERVICES,
-            m::MAP_BACKENDS,
-            m::MAP_MAGLEV,
-            m::MAP_CONNTRACK,
-            m::MAP_REVNAT,
-            m::MAP_AFFINITY,
-            m::MAP_SERVICES6,
-            m::MAP_BACKENDS6,
-            m::MAP_CONNTRACK6,
-            m::MAP_REVNAT6,
-            m::MAP_AFFINITY6,
-        ] {
-            loader.map_max_entries(name, 1);
-        }
-        let mut ebpf = loader.load(EBPF_OBJECT).expect("loading the eBPF object");
+        let mut ebpf = objects::load_small();
         for name in [PROG_GEN, PROG_FWD, PROG_SINK] {
             let p: &mut Xdp = ebpf
                 .program_mut(name)
