@@ -59,7 +59,10 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Config, Resource};
 use tokio::time::Instant;
 
-use crate::manifests::{Loaded, Objects};
+use crate::{
+    manifests::{Loaded, Objects},
+    model,
+};
 
 /// A Kubernetes client: from the kubeconfig file `kubeconfig` (its current context) if given,
 /// else the in-cluster configuration (service account token and `KUBERNETES_SERVICE_HOST`),
@@ -161,6 +164,8 @@ pub struct WatchOptions {
     pub coalesce: Duration,
     /// Initial state from a streaming list (`sendInitialEvents`) instead of paged lists.
     pub streaming_lists: bool,
+    /// `--service-proxy-name` (see `model::service_selector`).
+    pub service_proxy_name: Option<String>,
 }
 
 impl Default for WatchOptions {
@@ -169,12 +174,16 @@ impl Default for WatchOptions {
             node_name: None,
             coalesce: Duration::from_millis(50),
             streaming_lists: false,
+            service_proxy_name: None,
         }
     }
 }
 
 impl WatchOptions {
-    /// The watcher configuration of `kind`: bookmarks on, the node field selector for Nodes.
+    /// The watcher configuration of `kind`: bookmarks on, the node field selector for
+    /// Nodes, kube-proxy's label selectors for Services (no other proxy's) and
+    /// EndpointSlices (no headless Service's), so the API server does not even send
+    /// what the agent would skip.
     pub fn watcher_config(&self, kind: Kind) -> watcher::Config {
         // Bookmarks are on by default; said again so that a change of default cannot drop them.
         let mut config = watcher::Config {
@@ -184,8 +193,13 @@ impl WatchOptions {
         if self.streaming_lists {
             config = config.streaming_lists();
         }
-        if let (Kind::Node, Some(name)) = (kind, &self.node_name) {
-            config = config.fields(&format!("metadata.name={name}"));
+        match (kind, &self.node_name) {
+            (Kind::Node, Some(name)) => config = config.fields(&format!("metadata.name={name}")),
+            (Kind::Service, _) => {
+                config = config.labels(&model::service_selector(self.service_proxy_name.as_deref()))
+            }
+            (Kind::EndpointSlice, _) => config = config.labels(&model::slice_selector()),
+            (Kind::Node, None) => {}
         }
         config
     }
@@ -660,6 +674,25 @@ mod tests {
         );
         assert!(c.bookmarks);
         assert_eq!(one.watcher_config(Kind::Service).field_selector, None);
+        // kube-proxy's label selectors.
+        let labels = |o: &WatchOptions, k| o.watcher_config(k).label_selector;
+        assert_eq!(
+            labels(&one, Kind::Service).as_deref(),
+            Some("!service.kubernetes.io/service-proxy-name")
+        );
+        assert_eq!(
+            labels(&one, Kind::EndpointSlice).as_deref(),
+            Some("!service.kubernetes.io/headless")
+        );
+        assert_eq!(labels(&one, Kind::Node), None);
+        let named = WatchOptions {
+            service_proxy_name: Some("np".into()),
+            ..WatchOptions::default()
+        };
+        assert_eq!(
+            labels(&named, Kind::Service).as_deref(),
+            Some("service.kubernetes.io/service-proxy-name=np")
+        );
     }
 
     #[tokio::test(start_paused = true)]

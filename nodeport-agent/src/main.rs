@@ -127,6 +127,13 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--external-ips`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ExternalIps {
+    Allow,
+    Deny,
+}
+
 /// eBPF/XDP load balancer for Kubernetes NodePort and LoadBalancer services.
 ///
 /// Runs the agent. `nodeport-agent inspect --help`: read what the pinned maps hold.
@@ -159,6 +166,15 @@ struct Args {
     /// (kube-proxy's flag).
     #[arg(long, value_delimiter = ',', num_args = 1.., value_name = "CIDR")]
     nodeport_addresses: Vec<IpCidr>,
+    /// Whether `spec.externalIPs` become frontends. `allow` is kube-proxy's behaviour;
+    /// anyone who may create a Service can then claim any address (CVE-2020-8554) unless
+    /// the API server runs the DenyServiceExternalIPs admission plugin. `deny` ignores them.
+    #[arg(long, value_enum, default_value_t = ExternalIps::Allow)]
+    external_ips: ExternalIps,
+    /// Serve only the Services labelled `service.kubernetes.io/service-proxy-name` with
+    /// this name. Unset, as kube-proxy: serve the Services without that label only.
+    #[arg(long, value_name = "NAME")]
+    service_proxy_name: Option<String>,
     /// Source ports used when forwarding to a backend on another node (SNAT). Must lie
     /// outside the nodePort range and the kernel's ephemeral port range.
     #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
@@ -365,6 +381,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let settings = Settings {
         nodeport_range: args.nodeport_range.0..=args.nodeport_range.1,
         nodeport_cidrs: args.nodeport_addresses.clone(),
+        external_ips: args.external_ips == ExternalIps::Allow,
+        service_proxy_name: args.service_proxy_name.clone(),
         ..Settings::default()
     };
     // Both sources publish complete snapshots, and only once they have seen everything
@@ -384,6 +402,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             info!("watching Services, EndpointSlices and Nodes through the Kubernetes API");
             let options = WatchOptions {
                 node_name: Some(args.node_name.clone()),
+                service_proxy_name: args.service_proxy_name.clone(),
                 ..WatchOptions::default()
             };
             tokio::spawn(kube_source::watch(client, options, kube_stats.clone(), tx));

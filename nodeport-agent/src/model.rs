@@ -23,6 +23,24 @@ pub use crate::family::{addr_from_raw, addr_raw, Family, IpCidr, RawAddr};
 
 /// Label that ties an EndpointSlice to its Service (same namespace).
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Label of a Service that another proxy serves (kube-proxy skips it).
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label of the EndpointSlices of a headless Service (kube-proxy does not watch them).
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+
+/// The label selector of the Services `proxy_name` serves, as kube-proxy's informer
+/// has it: those without a proxy name, or those naming `proxy_name`.
+pub fn service_selector(proxy_name: Option<&str>) -> String {
+    match proxy_name {
+        None => format!("!{LABEL_SERVICE_PROXY_NAME}"),
+        Some(n) => format!("{LABEL_SERVICE_PROXY_NAME}={n}"),
+    }
+}
+
+/// The label selector of the EndpointSlices worth watching: not a headless Service's.
+pub fn slice_selector() -> String {
+    format!("!{LABEL_HEADLESS}")
+}
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// Largest `timeoutSeconds` the API server accepts (1 day).
@@ -40,6 +58,14 @@ pub struct Settings {
     pub max_ports_per_service: usize,
     /// A service whose EndpointSlices hold more endpoints than this is refused.
     pub max_endpoints_per_service: usize,
+    /// `--service-proxy-name`: serve only the Services whose
+    /// `service.kubernetes.io/service-proxy-name` label names this proxy. Unset (as in
+    /// kube-proxy): serve only the Services without the label (they belong to another
+    /// proxy).
+    pub service_proxy_name: Option<String>,
+    /// Whether `spec.externalIPs` become frontends (`--external-ips allow`, kube-proxy's
+    /// behaviour and CVE-2020-8554's surface) or are ignored (`deny`).
+    pub external_ips: bool,
 }
 
 impl Default for Settings {
@@ -49,6 +75,8 @@ impl Default for Settings {
             nodeport_cidrs: Vec::new(),
             max_ports_per_service: 100,
             max_endpoints_per_service: 10_000,
+            external_ips: true,
+            service_proxy_name: None,
         }
     }
 }
@@ -155,7 +183,7 @@ impl fmt::Display for ServicePortId {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredService<A: Addr = u32> {
     /// Keys in NP_SVC (NP_SVC6): `{addr: 0, port: nodePort}` and `{addr: ip, port: port}`
-    /// for each LoadBalancer ingress IP, `spec.loadBalancerIP` and external IP of the
+    /// for each LoadBalancer ingress IP and external IP of the
     /// family. Network order.
     pub frontends: BTreeSet<FrontendKey<A>>,
     /// `SVC_F_*` flags.
@@ -353,7 +381,11 @@ fn parse_slice<'a>(
 ) -> Option<((&'a str, &'a str), ParsedSlice)> {
     let meta = &slice.metadata;
     let ns = meta.namespace.as_deref().unwrap_or("default");
-    let svc = meta.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    let labels = meta.labels.as_ref()?;
+    if labels.contains_key(LABEL_HEADLESS) {
+        return None; // a headless Service's slice: kube-proxy does not even watch it
+    }
+    let svc = labels.get(LABEL_SERVICE_NAME)?;
     let family = Family::parse(&slice.address_type)?;
     let obj = || object_name("EndpointSlice", Some(ns), meta.name.as_deref());
     let ports = slice
@@ -622,9 +654,11 @@ impl Claims for AllClaims<'_> {
 ///   lie in `settings.nodeport_range`; nodePort 0 or missing is refused (manifests have no
 ///   allocator), except for a `LoadBalancer` with `allocateLoadBalancerNodePorts: false`,
 ///   which then simply has no nodePort frontend.
-/// - `spec.externalIPs` apply to every type; `status.loadBalancer.ingress[].ip` (except
-///   `ipMode: Proxy`, where the load balancer delivers to the node address, as kube-proxy)
-///   and `spec.loadBalancerIP` apply to `LoadBalancer` services: frontend `(ip, port)`.
+/// - `spec.externalIPs` apply to every type (unless `settings.external_ips` is off);
+///   `status.loadBalancer.ingress[].ip` (except `ipMode: Proxy`, where the load balancer
+///   delivers to the node address, as kube-proxy) applies to `LoadBalancer` services:
+///   frontend `(ip, port)`. `spec.loadBalancerIP` is never a frontend (kube-proxy ignores
+///   it too): it only asks the controller for an address.
 ///   Unparsable addresses are refused one by one (the rest of the service is served).
 /// - A frontend `(nodePort, protocol)` or `(ip, port, protocol)` claimed by an older service
 ///   (or an earlier port of the same service) refuses the later port entirely.
@@ -789,6 +823,14 @@ fn plan_service(
     let Some(spec) = svc.spec.as_ref() else {
         return plan;
     };
+    let proxy = svc
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME));
+    if proxy.map(String::as_str) != settings.service_proxy_name.as_deref() {
+        return plan; // another proxy's Service (or, with a proxy name, not ours)
+    }
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
     let has_node_port = match type_ {
         "ClusterIP" => false,
@@ -873,13 +915,15 @@ fn plan_service(
         }
         Err(_) => refuse(refusals, format!("{field} {s:?} is not an IP address")),
     };
-    for ip in spec.external_ips.iter().flatten() {
-        add_ip(refusals, "externalIPs entry", ip);
-    }
-    if type_ == "LoadBalancer" {
-        if let Some(ip) = spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty()) {
-            add_ip(refusals, "loadBalancerIP", ip);
+    if settings.external_ips {
+        for ip in spec.external_ips.iter().flatten() {
+            add_ip(refusals, "externalIPs entry", ip);
         }
+    }
+    // `spec.loadBalancerIP` is a request to the load balancer controller, not an address
+    // this node answers on: only what the controller wrote into the status counts (as in
+    // kube-proxy). A Service author could otherwise claim any address, a node's own too.
+    if type_ == "LoadBalancer" {
         let ingress = svc
             .status
             .as_ref()
@@ -2172,7 +2216,7 @@ metadata: {name: plain}
 spec:
   ports: [{port: 80}]
 ");
-        // LoadBalancer: nodePort, ingress IPs, loadBalancerIP, externalIPs.
+        // LoadBalancer: nodePort, ingress IPs, externalIPs; not loadBalancerIP.
         let lb = svc("
 metadata: {name: lb}
 spec:
@@ -2212,7 +2256,6 @@ spec:
             d.services[&id("default", "lb", "", Protocol::Tcp)].frontends,
             BTreeSet::from([
                 np(30443, PROTO_TCP),
-                ext("192.0.2.20", 443, PROTO_TCP),
                 ext("192.0.2.21", 443, PROTO_TCP),
                 ext("192.0.2.22", 443, PROTO_TCP),
             ])
@@ -2220,6 +2263,89 @@ spec:
         assert_eq!(
             d.services[&id("default", "lb2", "", Protocol::Tcp)].frontends,
             BTreeSet::from([ext("192.0.2.30", 8443, PROTO_TCP)])
+        );
+    }
+
+    #[test]
+    fn load_balancer_ip_never_claims_an_address() {
+        // A Service author asks for a node's own address and port: nothing is claimed
+        // (the node's own server keeps the port), the nodePort is served.
+        let squat = svc("
+metadata: {name: squat}
+spec:
+  type: LoadBalancer
+  loadBalancerIP: 198.18.0.11
+  ports: [{port: 8080, nodePort: 30443}]
+");
+        let (d, r) = run(&[squat], &[]);
+        assert!(r.is_empty(), "{r:?}");
+        assert_eq!(
+            d.services[&id("default", "squat", "", Protocol::Tcp)].frontends,
+            BTreeSet::from([np(30443, PROTO_TCP)])
+        );
+    }
+
+    #[test]
+    fn other_proxies_services_and_headless_slices_are_skipped() {
+        let labelled = |proxy: &str| {
+            svc(&format!(
+                "
+metadata:
+  name: web
+  namespace: default
+  labels: {{service.kubernetes.io/service-proxy-name: {proxy}}}
+spec:
+  type: NodePort
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]
+"
+            ))
+        };
+        let key = id("default", "web", "http", Protocol::Tcp);
+        let (d, r) = run(&[labelled("other")], &[slice(WEB_SLICE)]);
+        assert!(r.is_empty() && d.services.is_empty(), "{r:?} {d:?}");
+        let ours = Settings {
+            service_proxy_name: Some("nodeport".into()),
+            ..Settings::default()
+        };
+        let (d, _) = run_with(&[labelled("nodeport")], &[slice(WEB_SLICE)], &ours);
+        assert!(d.services.contains_key(&key));
+        let (d, _) = run_with(&[svc(WEB)], &[slice(WEB_SLICE)], &ours);
+        assert!(
+            d.services.is_empty(),
+            "an unlabelled Service with a proxy name set"
+        );
+        // A headless Service's slice naming this Service is not read.
+        let headless = WEB_SLICE.replace(
+            "kubernetes.io/service-name: web",
+            "kubernetes.io/service-name: web, service.kubernetes.io/headless: ''",
+        );
+        assert_ne!(headless, WEB_SLICE);
+        let (d, r) = run(&[svc(WEB)], &[slice(&headless)]);
+        assert!(r.is_empty(), "{r:?}");
+        assert!(d.services[&key].backends.is_empty());
+    }
+
+    #[test]
+    fn external_ips_can_be_denied() {
+        let s = svc("
+metadata: {name: e}
+spec:
+  type: LoadBalancer
+  externalIPs: [192.0.2.21]
+  ports: [{port: 443, nodePort: 30443}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.22}]
+");
+        let deny = Settings {
+            external_ips: false,
+            ..Settings::default()
+        };
+        let (d, r) = run_with(std::slice::from_ref(&s), &[], &deny);
+        assert!(r.is_empty(), "{r:?}");
+        assert_eq!(
+            d.services[&id("default", "e", "", Protocol::Tcp)].frontends,
+            BTreeSet::from([np(30443, PROTO_TCP), ext("192.0.2.22", 443, PROTO_TCP)])
         );
     }
 
@@ -2378,16 +2504,14 @@ endpoints: [{addresses: [bogus]}, {addresses: [10.0.0.9]}]
 ",
         );
         let (d, r) = run(&[s], &[bad_slice]);
-        assert_eq!(r.len(), 3, "{r:?}");
+        // loadBalancerIP is not read at all (not a frontend), so not refused either.
+        assert_eq!(r.len(), 2, "{r:?}");
         assert!(r
             .iter()
             .any(|r| r.object == "EndpointSlice default/s-1" && r.reason.contains("\"bogus\"")));
         assert!(r
             .iter()
             .any(|r| r.reason.contains("externalIPs entry \"not-an-ip\"")));
-        assert!(r
-            .iter()
-            .any(|r| r.reason.contains("loadBalancerIP \"300.1.1.1\"")));
         let s = &d.services[&id("default", "s", "", Protocol::Tcp)];
         assert_eq!(s.frontends.len(), 2);
         assert_eq!(s.backends, BTreeSet::from([be("10.0.0.9", 80, false)]));
@@ -3015,11 +3139,7 @@ endpoints:
         let (d, _) = run(&[dual], &[]);
         assert_eq!(
             d.services6[&id6("default", "web", "http", Protocol::Tcp)].frontends,
-            BTreeSet::from([
-                np6(30080, PROTO_TCP),
-                ext6("2001:db8:5::1", 80, PROTO_TCP),
-                ext6("2001:db8:5::2", 80, PROTO_TCP)
-            ])
+            BTreeSet::from([np6(30080, PROTO_TCP), ext6("2001:db8:5::1", 80, PROTO_TCP)])
         );
     }
 

@@ -33,6 +33,9 @@ use tests::{
 const API_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const FIRST_PORT: u16 = 30080;
 const SECOND_PORT: u16 = 30081;
+const THIRD_PORT: u16 = 30082;
+/// An endpoint address only a headless Service's slice holds.
+const HEADLESS_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 9, 9);
 const TCP: u8 = 6;
 /// Bound on waiting for the agents to serve or to pick up a change.
 const WAIT: Duration = Duration::from_secs(25);
@@ -795,4 +798,75 @@ fn restarted_agent_deletes_nothing_before_its_first_list() {
     );
     kb.check_agents();
     kb.finish("restarted_agent_deletes_nothing_before_its_first_list");
+}
+
+/// kube-proxy's label selectors: a Service labelled for another proxy is not served (its
+/// nodePort stays the node's: nothing listens there, the connection is refused) and the
+/// EndpointSlices of headless Services are not read. A third Service, created last, shows
+/// the agents have seen everything before.
+#[test]
+fn other_proxies_services_and_headless_slices_are_left_alone() {
+    if !require_root() {
+        return;
+    }
+    let mut kb = KubeBed::start();
+    if let Err(e) = kb.tb.wait_for_service(WAIT) {
+        panic!("{e}\n{}", kb.diag());
+    }
+    let mut other = second_service(kb.tb.manifests());
+    let (mut svc, slices) = service_objects(&other);
+    svc.metadata.labels = Some(
+        [(
+            "service.kubernetes.io/service-proxy-name".to_string(),
+            "another-proxy".to_string(),
+        )]
+        .into(),
+    );
+    kb.api
+        .create(&svc)
+        .expect("create the other proxy's Service");
+    for s in &slices {
+        kb.api.create(s).expect("create its slice");
+    }
+    // The third Service: its own slices, plus a headless-labelled slice naming it with an
+    // address no pod has.
+    other.service.name = "third".into();
+    other.service.ports[0].node_port = THIRD_PORT;
+    let (svc3, slices3) = service_objects(&other);
+    let mut headless = slices3[0].clone();
+    headless.metadata.name = Some("third-headless".into());
+    headless
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("service.kubernetes.io/headless".into(), String::new());
+    headless.endpoints[0].addresses = vec![HEADLESS_ADDR.to_string()];
+    kb.api.create(&headless).expect("create the headless slice");
+    kb.api.create(&svc3).expect("create third");
+    for s in &slices3 {
+        kb.api.create(s).expect("create third's slice");
+    }
+    let up = poll_until(WAIT, Duration::from_millis(200), || {
+        ["node1", "node2"].iter().all(|n| {
+            frontends(&kb.pin(n)).contains(&(THIRD_PORT, TCP)) && kb.answers(n, THIRD_PORT)
+        })
+    });
+    assert!(up, "30082 never served\n{}", kb.diag());
+    for node in ["node1", "node2"] {
+        let pin = kb.pin(node);
+        assert!(
+            !frontends(&pin).contains(&(SECOND_PORT, TCP)),
+            "{node} serves the other proxy's Service"
+        );
+        assert!(
+            !backend_addrs(&pin).contains(&HEADLESS_ADDR),
+            "{node} read a headless Service's slice"
+        );
+        let r = client::http_get(kb.client(), kb.addr(node, SECOND_PORT));
+        assert!(
+            r.as_ref().is_err_and(|e| !e.is_timeout()),
+            "the other proxy's nodePort via {node}: {r:?} (want a refusal from the node)"
+        );
+    }
+    kb.check_agents();
 }
