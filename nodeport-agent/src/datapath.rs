@@ -95,31 +95,119 @@ impl Default for MapSizes {
     }
 }
 
-/// How XDP is attached: `Auto` tries the driver (native) mode, then generic.
+/// `--xdp-mode`: how the agent serves its interfaces (see [`choose_path`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpAttachMode {
+    /// Native XDP where it delivers, TC alone elsewhere (veth uplinks, drivers without
+    /// native XDP).
     Auto,
+    /// Native XDP, or fail.
     Native,
+    /// Served by TC alone, like `tc`: generic XDP runs after GRO on socket buffers whose
+    /// checksums may be partial, which an XDP program cannot tell.
     Generic,
+    /// TC alone: no XDP program.
+    Tc,
 }
+
+/// How the datapath serves an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathMode {
+    /// XDP in the driver; TC ingress for what XDP leaves to the stack, TC egress.
+    Xdp,
+    /// TC ingress and egress only: every decision and translation on socket buffers,
+    /// forwarding with `bpf_redirect_neigh`.
+    Tc,
+}
+
+/// The path `mode` gives an interface whose driver is `driver` (from ethtool), and why.
+/// `Xdp` under `Auto` is a wish: if the driver refuses native XDP, TC serves it.
+pub fn choose_path(mode: XdpAttachMode, driver: Option<&str>) -> (PathMode, &'static str) {
+    match (mode, driver) {
+        (XdpAttachMode::Native, _) => (PathMode::Xdp, "--xdp-mode native"),
+        (XdpAttachMode::Tc, _) => (PathMode::Tc, "--xdp-mode tc"),
+        (XdpAttachMode::Generic, _) => (
+            PathMode::Tc,
+            "--xdp-mode generic: generic XDP runs after GRO, on packets whose checksums may be partial, which XDP cannot tell; TC serves the interface",
+        ),
+        (XdpAttachMode::Auto, Some("veth")) => (
+            PathMode::Tc,
+            "veth uplink: frames sent back with XDP_TX or redirected into it are dropped unless its peer runs XDP or GRO, and XDP cannot tell the partial checksums of a sender with tx offload",
+        ),
+        (XdpAttachMode::Auto, _) => (PathMode::Xdp, "native XDP"),
+    }
+}
+
+/// Why TC serves an interface under `Auto` when the driver refused native XDP.
+const NO_NATIVE_XDP: &str = "the driver has no native XDP (generic XDP would see GRO-merged packets with partial checksums)";
 
 /// An interface the programs are attached to.
 struct Attachment {
     name: String,
-    /// `None` when an existing pinned link was taken over (its mode is the earlier one's).
-    mode: Option<XdpMode>,
-    /// XDP, TC ingress and TC egress links, with their pin paths (when pinned).
+    path: PathMode,
+    /// XDP (on the XDP path), TC ingress and TC egress links, with their pin paths (when
+    /// pinned).
     links: Vec<(FdLink, Option<PathBuf>)>,
 }
 
-/// How XDP ended up attached to an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Attached {
-    /// A new attachment in this mode.
-    New(XdpMode),
-    /// The pinned links of an earlier run were taken over; the programs were replaced
+/// What [`Datapath::attach`] did to an interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub path: PathMode,
+    /// Why this path (for the log).
+    pub why: &'static str,
+    /// The pinned links of an earlier run were taken over: the programs were replaced
     /// atomically (bpf_link_update), without a moment with no program attached.
-    Replaced,
+    pub replaced: bool,
+}
+
+/// The driver of `iface` as ethtool names it (`veth`, `mlx5_core`, ...); `None` when the
+/// kernel does not say (ETHTOOL_GDRVINFO, include/uapi/linux/ethtool.h).
+pub fn driver_of(iface: &str) -> Option<String> {
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 32 * 4 + 12 + 4 * 5],
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    if iface.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 32 * 4 + 12 + 4 * 5],
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut info,
+        _pad: [0; 16],
+    };
+    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: a plain datagram socket, closed below; the ioctl writes into `info`, which
+    // outlives the call, through the pointer in `req`.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut req as *mut IfReq);
+        libc::close(fd);
+        if rc < 0 {
+            return None;
+        }
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
 /// The shared-memory view of NP_MAGLEV (BPF_F_MMAPABLE array of `MaglevEntry`, two
@@ -476,38 +564,43 @@ impl Datapath {
         };
 
         let variant = self.variant;
-        let xdp: &mut Xdp = prog(&mut self.ebpf, variant.xdp())?;
-        let (xdp_id, how) = match pinned(&xdp_pin)? {
-            Some(old) => {
-                let link = XdpLink::try_from(old)
-                    .map_err(|e| kerr(format!("pinned XDP link of {iface}"), e))?;
-                let id = xdp
-                    .attach_to_link(link)
-                    .map_err(|e| kerr(format!("replacing XDP on {iface}"), e))?;
-                (id, Attached::Replaced)
-            }
-            None => {
-                let tries: &[XdpMode] = match mode {
-                    XdpAttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
-                    XdpAttachMode::Native => &[XdpMode::Driver],
-                    XdpAttachMode::Generic => &[XdpMode::Skb],
-                };
-                let mut last = String::new();
-                let mut done = None;
-                for &m in tries {
-                    match xdp.attach(iface, m) {
-                        Ok(id) => {
-                            done = Some((id, Attached::New(m)));
-                            break;
-                        }
-                        Err(e) => last = format!("{m:?} mode: {e}"),
-                    }
+        let (mut path, mut why) = choose_path(mode, driver_of(iface).as_deref());
+        let mut replaced = in_pin.as_ref().is_some_and(|p| p.exists());
+        let mut xdp_link = None;
+        if path == PathMode::Xdp {
+            let xdp: &mut Xdp = prog(&mut self.ebpf, variant.xdp())?;
+            let id = match pinned(&xdp_pin)? {
+                Some(old) => {
+                    let link = XdpLink::try_from(old)
+                        .map_err(|e| kerr(format!("pinned XDP link of {iface}"), e))?;
+                    replaced = true;
+                    Some(
+                        xdp.attach_to_link(link)
+                            .map_err(|e| kerr(format!("replacing XDP on {iface}"), e))?,
+                    )
                 }
-                done.ok_or_else(|| kerr(format!("attaching XDP to {iface}"), last))?
+                None => match xdp.attach(iface, XdpMode::Driver) {
+                    Ok(id) => Some(id),
+                    Err(_) if mode == XdpAttachMode::Auto => {
+                        (path, why) = (PathMode::Tc, NO_NATIVE_XDP);
+                        None
+                    }
+                    Err(e) => return Err(kerr(format!("attaching XDP (native) to {iface}"), e)),
+                },
+            };
+            if let Some(id) = id {
+                xdp_link = Some(
+                    FdLink::try_from(xdp.take_link(id).map_err(|e| kerr(iface, e))?)
+                        .map_err(|e| kerr(format!("XDP link of {iface}"), e))?,
+                );
             }
-        };
-        let xdp_link = FdLink::try_from(xdp.take_link(xdp_id).map_err(|e| kerr(iface, e))?)
-            .map_err(|e| kerr(format!("XDP link of {iface}"), e))?;
+        }
+        if path == PathMode::Tc {
+            // An earlier run's XDP link on this interface goes with its pin.
+            if let Some(p) = xdp_pin.as_ref().filter(|p| p.exists()) {
+                fs::remove_file(p).map_err(|e| kerr(p.display(), e))?;
+            }
+        }
 
         let mut tc = |name: &str, ty: TcAttachType, p: &Option<PathBuf>| -> Result<FdLink> {
             let prog: &mut SchedClassifier = prog(&mut self.ebpf, name)?;
@@ -530,7 +623,12 @@ impl Datapath {
         let out_link = tc(m::PROG_TC_EGRESS, TcAttachType::Egress, &out_pin)?;
 
         let mut links = Vec::new();
-        for (link, path) in [(xdp_link, xdp_pin), (in_link, in_pin), (out_link, out_pin)] {
+        let all = [
+            (xdp_link, xdp_pin),
+            (Some(in_link), in_pin),
+            (Some(out_link), out_pin),
+        ];
+        for (link, path) in all.into_iter().filter_map(|(l, p)| l.map(|l| (l, p))) {
             if let Some(path) = &path {
                 if !path.exists() {
                     link.pin(path)
@@ -545,18 +643,26 @@ impl Datapath {
             }
             links.push((link, path));
         }
-        self.devices
-            .insert(ifindex, ifindex, None, 0)
-            .map_err(|e| kerr(format!("adding {iface} to {}", m::MAP_DEVICES), e))?;
+        // NP_DEV lists the interfaces XDP serves: XDP redirects only into those (a
+        // TC-only interface may not take XDP frames), and TC ingress translates ICMP
+        // errors only on the others.
+        if path == PathMode::Xdp {
+            self.devices
+                .insert(ifindex, ifindex, None, 0)
+                .map_err(|e| kerr(format!("adding {iface} to {}", m::MAP_DEVICES), e))?;
+        } else {
+            let _ = self.devices.remove(ifindex);
+        }
         self.attached.push(Attachment {
             name: iface.to_string(),
-            mode: match how {
-                Attached::New(m) => Some(m),
-                Attached::Replaced => None,
-            },
+            path,
             links,
         });
-        Ok(how)
+        Ok(Attached {
+            path,
+            why,
+            replaced,
+        })
     }
 
     /// Remove pinned links of interfaces no longer configured (an earlier run's).
@@ -582,11 +688,11 @@ impl Datapath {
         Ok(removed)
     }
 
-    /// Interfaces and XDP modes currently attached (`None`: taken over from a pin).
-    pub fn attachments(&self) -> Vec<(String, Option<XdpMode>)> {
+    /// Interfaces attached and the path serving each.
+    pub fn attachments(&self) -> Vec<(String, PathMode)> {
         self.attached
             .iter()
-            .map(|a| (a.name.clone(), a.mode))
+            .map(|a| (a.name.clone(), a.path))
             .collect()
     }
 
@@ -1039,5 +1145,24 @@ impl Drop for Datapath {
         if let Some(dir) = &self.pin_dir {
             let _ = fs::remove_dir_all(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{choose_path, PathMode, XdpAttachMode};
+
+    #[test]
+    fn auto_serves_veth_with_tc_and_other_drivers_with_xdp() {
+        let path = |m, d| choose_path(m, d).0;
+        assert_eq!(path(XdpAttachMode::Auto, Some("veth")), PathMode::Tc);
+        assert_eq!(path(XdpAttachMode::Auto, Some("mlx5_core")), PathMode::Xdp);
+        assert_eq!(path(XdpAttachMode::Auto, None), PathMode::Xdp);
+        assert_eq!(path(XdpAttachMode::Native, Some("veth")), PathMode::Xdp);
+        assert_eq!(path(XdpAttachMode::Generic, Some("ena")), PathMode::Tc);
+        assert_eq!(path(XdpAttachMode::Tc, Some("ena")), PathMode::Tc);
+        assert!(choose_path(XdpAttachMode::Auto, Some("veth"))
+            .1
+            .contains("veth"));
     }
 }

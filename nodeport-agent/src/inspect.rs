@@ -239,9 +239,71 @@ pub fn counters_table(counters: &[(&str, u64)]) -> String {
     s
 }
 
+/// An interface the datapath is attached to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InterfaceView {
+    pub interface: String,
+    /// `xdp+tc` (XDP in the driver, TC for what it leaves to the stack) or `tc` (TC alone).
+    pub path: &'static str,
+}
+
+/// The interfaces and paths that the pinned link names (`<if>-xdp`, `<if>-tc-in`,
+/// `<if>-tc-out`) show.
+pub fn interfaces(link_names: &[String]) -> Vec<InterfaceView> {
+    let mut by_if: BTreeMap<&str, bool> = BTreeMap::new();
+    for name in link_names {
+        if let Some(i) = name.strip_suffix("-xdp") {
+            by_if.insert(i, true);
+        } else if let Some(i) = ["-tc-in", "-tc-out"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+        {
+            by_if.entry(i).or_insert(false);
+        }
+    }
+    by_if
+        .into_iter()
+        .map(|(i, xdp)| InterfaceView {
+            interface: i.to_string(),
+            path: if xdp { "xdp+tc" } else { "tc" },
+        })
+        .collect()
+}
+
+/// The interfaces table.
+pub fn interfaces_table(views: &[InterfaceView]) -> String {
+    let mut s = format!("{:<16} PATH\n", "INTERFACE");
+    for v in views {
+        let _ = writeln!(s, "{:<16} {}", v.interface, v.path);
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interfaces_from_link_pins() {
+        let names: Vec<String> = [
+            "eth0-xdp",
+            "eth0-tc-in",
+            "eth0-tc-out",
+            "veth9-tc-in",
+            "veth9-tc-out",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let v = interfaces(&names);
+        assert_eq!(
+            v.iter()
+                .map(|v| (v.interface.as_str(), v.path))
+                .collect::<Vec<_>>(),
+            [("eth0", "xdp+tc"), ("veth9", "tc")]
+        );
+        assert!(interfaces_table(&v).contains("veth9            tc"));
+    }
 
     fn raw(a: [u8; 4]) -> u32 {
         u32::from_ne_bytes(a)

@@ -69,6 +69,9 @@ enum What {
     },
     /// Datapath counters, summed over CPUs.
     Counters,
+    /// The interfaces the datapath is attached to and the path serving each (XDP and TC,
+    /// or TC alone), from the pinned links. Why a path was chosen: the agent's log.
+    Interfaces,
 }
 
 /// Print what the pinned maps hold.
@@ -111,6 +114,20 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
                 serde_json::to_string_pretty(&views)?
             } else {
                 inspect::flows_table(&views)
+            }
+        }
+        What::Interfaces => {
+            let links = a.pin_path.join("links");
+            let names: Vec<String> = std::fs::read_dir(&links)
+                .with_context(|| format!("reading {}", links.display()))?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            let views = inspect::interfaces(&names);
+            if a.json {
+                serde_json::to_string_pretty(&views)?
+            } else {
+                inspect::interfaces_table(&views)
             }
         }
         What::Counters => {
@@ -371,7 +388,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let how = dp
             .attach(iface, args.xdp_mode)
             .with_context(|| format!("attaching to {iface}"))?;
-        info!(interface = %iface, attached = ?how, "attached");
+        info!(
+            interface = %iface,
+            path = ?how.path,
+            why = how.why,
+            replaced = how.replaced,
+            "attached"
+        );
     }
     for stale in dp.prune_links(&args.interfaces)? {
         info!(link = %stale, "removed pinned link of an interface no longer configured");

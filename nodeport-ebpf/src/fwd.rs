@@ -24,7 +24,7 @@ use crate::{
     lb::{IcmpNat, Nat},
     maps::DEVICES,
     nat::{rewrite_icmp, rewrite_tc, rewrite_xdp},
-    packet::{Bounds, Flow, IcmpError},
+    packet::{Bounds, Flow, IcmpError, Skb},
 };
 
 /// Fill FIB lookup parameters in place, as sixteen volatile 32-bit stores. Plain struct
@@ -32,11 +32,17 @@ use crate::{
 /// verifier refuses without CAP_PERFMON), and the helper must not read uninitialised
 /// bytes. Layout: include/uapi/linux/bpf.h, struct bpf_fib_lookup (64 bytes).
 #[inline(always)]
-fn fill_params<F: Family>(p: *mut FibParams, f: &Flow<F::A>, nat: &Nat<F::A>, ifindex: u32) {
+fn fill_params<F: Family>(
+    p: *mut FibParams,
+    f: &Flow<F::A>,
+    nat: &Nat<F::A>,
+    ifindex: u32,
+    tot_len: u16,
+) {
     let w = p.cast::<u32>();
     let [s0, s1] = nat.sport.to_ne_bytes();
     let [d0, d1] = nat.dport.to_ne_bytes();
-    let [t0, t1] = f.tot_len.to_ne_bytes();
+    let [t0, t1] = tot_len.to_ne_bytes();
     let (src, dst) = (nat.saddr.fib_words(), nat.daddr.fib_words());
     let words: [u32; 16] = [
         u32::from_ne_bytes([F::AF, f.proto, s0, s1]), // family, l4_protocol, sport
@@ -65,16 +71,21 @@ fn fill_params<F: Family>(p: *mut FibParams, f: &Flow<F::A>, nat: &Nat<F::A>, if
 }
 
 /// `bpf_fib_lookup` towards the translated destination; the parameters stay in the
-/// caller's stack (`p`), and the helper's return code comes back.
+/// caller's stack (`p`), and the helper's return code comes back. `tot_len` is the
+/// length the helper checks against the route's MTU; 0 from TC, where the helper checks
+/// the socket buffer itself, GSO packets by their segments (net/core/filter.c,
+/// bpf_skb_fib_lookup, is_skb_forwardable): a GRO-merged or TSO packet's total length
+/// would fail the check.
 #[inline(always)]
 fn fib_lookup<F: Family, C: EbpfContext>(
     ctx: &C,
     f: &Flow<F::A>,
     nat: &Nat<F::A>,
     ingress: u32,
+    tot_len: u16,
     p: &mut MaybeUninit<FibParams>,
 ) -> u32 {
-    fill_params::<F>(p.as_mut_ptr(), f, nat, ingress);
+    fill_params::<F>(p.as_mut_ptr(), f, nat, ingress, tot_len);
     // SAFETY: ctx and params are valid for the helper; size is the struct's.
     unsafe {
         bpf_fib_lookup(
@@ -133,7 +144,7 @@ pub fn xdp_route<F: Family>(
     }
     let ingress = ctx.ingress_ifindex() as u32;
     let mut p = MaybeUninit::<FibParams>::uninit();
-    let rc = fib_lookup::<F, _>(ctx, f, nat, ingress, &mut p);
+    let rc = fib_lookup::<F, _>(ctx, f, nat, ingress, f.tot_len, &mut p);
     // SAFETY: every byte was written by fill_params (and then by the helper).
     let p = unsafe { p.assume_init_ref() };
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
@@ -188,23 +199,41 @@ pub fn xdp_route<F: Family>(
 /// Drops and redirects stay final.
 pub const TC_NEXT: i32 = TC_ACT_UNSPEC;
 
-/// TC counterpart: translate through helpers, then hand the packet to
+/// TC counterpart of [`xdp_forward`]: translate through helpers, then hand the packet to
 /// `bpf_redirect_neigh` on the FIB's egress interface (it resolves the neighbour).
 #[inline(always)]
 pub fn tc_forward<F: Family>(ctx: &TcContext, f: &Flow<F::A>, nat: &Nat<F::A>) -> (i32, Stat) {
+    tc_route::<F>(ctx, f, nat, Rewrite::Flow)
+}
+
+/// TC counterpart of [`xdp_route`]: the FIB sees the translated packet, `rewrite` is
+/// applied, and `bpf_redirect_neigh` sends it. The skb path delivers wherever the stack
+/// would (a veth whose peer takes no XDP frames too), and the checksum helpers handle
+/// CHECKSUM_PARTIAL and GSO packets.
+#[inline(always)]
+pub fn tc_route<F: Family>(
+    ctx: &TcContext,
+    f: &Flow<F::A>,
+    nat: &Nat<F::A>,
+    rewrite: Rewrite<F::A>,
+) -> (i32, Stat) {
     if f.ttl <= 1 {
         return (TC_NEXT, Stat::FibPass);
     }
     // SAFETY: reading the ingress ifindex of the skb context.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let mut p = MaybeUninit::<FibParams>::uninit();
-    let rc = fib_lookup::<F, _>(ctx, f, nat, ingress, &mut p);
+    let rc = fib_lookup::<F, _>(ctx, f, nat, ingress, 0, &mut p);
     // SAFETY: every byte was written by fill_params (and then by the helper).
     let p = unsafe { p.assume_init_ref() };
     if unreachable(rc) {
         return (TC_ACT_SHOT, Stat::DropFib);
     }
-    if !rewrite_tc::<F>(ctx, f, nat, true) {
+    let rewritten = match rewrite {
+        Rewrite::Flow => rewrite_tc::<F>(ctx, f, nat, true),
+        Rewrite::Icmp(e, n) => rewrite_icmp::<F>(&Skb(ctx), e, n, true),
+    };
+    if !rewritten {
         return (TC_ACT_SHOT, Stat::DropMapFull);
     }
     if rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH {

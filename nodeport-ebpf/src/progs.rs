@@ -30,11 +30,12 @@ use nodeport_common::{Ip6, Stat, CFG_F_DEBUG};
 
 use crate::{
     family::{Family, V4, V6},
-    fwd::{tc_forward, xdp_forward, xdp_route, Rewrite, TC_NEXT},
+    fwd::{tc_forward, tc_route, xdp_forward, xdp_route, Rewrite, TC_NEXT},
     lb::{
         bind, config, icmp_error, known, open, reply, snat, Choice, Decision, IcmpDecision, Known,
         Nat,
     },
+    maps::DEVICES,
     nat::{rewrite_icmp, rewrite_tc, rewrite_xdp},
     packet::{ether, parse, parse_icmp_error, Bounds, Ether, Flow, PacketBytes, Skb},
     stats::{count, count_index},
@@ -76,6 +77,9 @@ impl Verdict {
     /// gone, `RESELECT`).
     const OPEN: Verdict = Verdict(u64::MAX - 1);
     const RESELECT: Verdict = Verdict(u64::MAX - 2);
+    /// TC ingress: neither TCP nor UDP; ICMP errors are looked at next, in a BPF function
+    /// called from the program itself (nested deeper, its frame exceeds the stack limit).
+    const OTHER_PROTO: Verdict = Verdict(u64::MAX - 3);
 
     #[inline(always)]
     fn new(action: u32, stat: Stat) -> Verdict {
@@ -449,8 +453,14 @@ pub fn np_tc_in_debug(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn tc_program<const DEBUG: bool>(ctx: &TcContext) -> i32 {
     let v = match ether(&Skb(ctx)) {
-        Ok(Ether::Ipv4) => tc_family::<V4>(ctx),
-        Ok(Ether::Ipv6) => tc_family::<V6>(ctx),
+        Ok(Ether::Ipv4) => match tc_family::<V4>(ctx) {
+            v if v.0 == Verdict::OTHER_PROTO.0 => tc_in_icmp::<V4>(ctx),
+            v => v,
+        },
+        Ok(Ether::Ipv6) => match tc_family::<V6>(ctx) {
+            v if v.0 == Verdict::OTHER_PROTO.0 => tc_in_icmp::<V6>(ctx),
+            v => v,
+        },
         Err(_) => Verdict::NONE,
     };
     if v.is_none() {
@@ -467,8 +477,10 @@ fn tc_program<const DEBUG: bool>(ctx: &TcContext) -> i32 {
 #[inline(never)]
 fn tc_family<F: Family>(ctx: &TcContext) -> Verdict {
     let mut f = MaybeUninit::uninit();
-    if tc_parse::<F>(ctx, &mut f).is_err() {
-        return Verdict::NONE;
+    match tc_parse::<F>(ctx, &mut f) {
+        Ok(()) => {}
+        Err(Stat::PassOtherProto) => return Verdict::OTHER_PROTO,
+        Err(_) => return Verdict::NONE,
     }
     // SAFETY: tc_parse wrote the flow when it returned Ok.
     let f = unsafe { f.assume_init_ref() };
@@ -483,6 +495,47 @@ fn tc_family<F: Family>(ctx: &TcContext) -> Verdict {
 fn tc_parse<F: Family>(ctx: &TcContext, f: &mut MaybeUninit<Flow<F::A>>) -> Result<(), Stat> {
     f.write(parse::<F, true>(&Skb(ctx))?);
     Ok(())
+}
+
+/// An ICMP error about a translated flow arriving on an interface that XDP does not serve
+/// (the agent runs a veth uplink, or a driver without native XDP, on TC alone): translated
+/// here as `xdp_icmp` would. Where XDP runs (the interface is in NP_DEV), it has done so.
+#[inline(never)]
+fn tc_in_icmp<F: Family>(ctx: &TcContext) -> Verdict {
+    // SAFETY: reading the ingress ifindex of the skb context.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if DEVICES.get(ingress).is_some() {
+        return Verdict::NONE;
+    }
+    let skb = Skb(ctx);
+    let Some(e) = parse_icmp_error::<F>(&skb) else {
+        return Verdict::NONE;
+    };
+    let Some(decision) = icmp_error::<F>(&e) else {
+        return Verdict::NONE;
+    };
+    let (action, stat) = match decision {
+        IcmpDecision::Local(n) => {
+            if rewrite_icmp::<F>(&skb, &e, &n, false) {
+                (TC_NEXT, Stat::LocalDeliver)
+            } else {
+                (TC_ACT_SHOT, Stat::DropMapFull)
+            }
+        }
+        IcmpDecision::Route(n) => {
+            let to = Nat {
+                saddr: n.outer_saddr,
+                daddr: n.outer_daddr,
+                sport: 0,
+                dport: 0,
+            };
+            tc_route::<F>(ctx, &e.outer, &to, Rewrite::Icmp(&e, &n))
+        }
+    };
+    if matches!(stat, Stat::TcNat | Stat::LocalDeliver) {
+        count(Stat::IcmpNat);
+    }
+    Verdict::of_tc((action, stat))
 }
 
 /// Carry out a decision in TC.

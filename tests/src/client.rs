@@ -9,6 +9,7 @@
 use std::{
     io::{self, Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    thread,
     time::Duration,
 };
 
@@ -110,6 +111,56 @@ pub fn http_get_many(ns: &Netns, addr: SocketAddr, n: usize) -> Vec<Result<EchoR
         (0..n)
             .map(|_| http_get_here(addr, DEFAULT_TIMEOUT))
             .collect()
+    })
+}
+
+/// A bulk transfer both ways: `data` sent as a `POST /echo` body from namespace `ns`
+/// while the echoed response is read (on another thread, so neither side waits for the
+/// other's buffers). Returns the pod that answered (`X-From`) and the bytes it sent back.
+pub fn http_echo(ns: &Netns, addr: SocketAddr, data: &[u8]) -> Result<(String, Vec<u8>)> {
+    let stream = run_in(ns, || {
+        TcpStream::connect_timeout(&addr, DEFAULT_TIMEOUT).map_err(io_err("connect", addr))
+    })?;
+    let timeout = Some(Duration::from_secs(30));
+    stream
+        .set_read_timeout(timeout)
+        .map_err(io_err("configure", addr))?;
+    stream
+        .set_write_timeout(timeout)
+        .map_err(io_err("configure", addr))?;
+    let mut writer = stream.try_clone().map_err(io_err("clone", addr))?;
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: np\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    );
+    thread::scope(|s| {
+        let sent = s.spawn(move || -> io::Result<()> {
+            writer.write_all(head.as_bytes())?;
+            writer.write_all(data)
+        });
+        let mut reader = stream;
+        let mut got = Vec::with_capacity(data.len() + 256);
+        let read = reader
+            .read_to_end(&mut got)
+            .map_err(io_err("receive", addr));
+        sent.join()
+            .expect("writer thread")
+            .map_err(io_err("send", addr))?;
+        read?;
+        let end = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| ClientError::BadResponse {
+                addr,
+                detail: format!("no response head in {} bytes", got.len()),
+            })?;
+        let head = String::from_utf8_lossy(&got[..end]).into_owned();
+        let from = head
+            .lines()
+            .find_map(|l| l.strip_prefix("X-From: "))
+            .unwrap_or_default()
+            .to_string();
+        Ok((from, got[end + 4..].to_vec()))
     })
 }
 

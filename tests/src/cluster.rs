@@ -138,6 +138,8 @@ impl NodeSpec {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterSpec {
+    /// What the lan's veths are like.
+    pub lan: LanKind,
     pub client_ip: Ipv4Addr,
     pub client_ip6: Ipv6Addr,
     /// Prefix length of the lan (198.18.0.0/24).
@@ -145,6 +147,29 @@ pub struct ClusterSpec {
     /// Prefix length of the IPv6 lan (fd00:18::/64).
     pub lan_prefix6: u8,
     pub nodes: Vec<NodeSpec>,
+}
+
+/// The lan's links (test-network.md, "Uplinks").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LanKind {
+    /// Like a physical wire: tx checksum offload off on both ends, and GRO and an XDP
+    /// program on the bridge-side ends, so frames sent back with XDP_TX arrive.
+    Wire,
+    /// Veths as kind, k3d and lab VMs have them: tx offload on (senders hand over
+    /// CHECKSUM_PARTIAL packets), GRO off and no program on the bridge ports (frames sent
+    /// back with XDP_TX would be dropped).
+    DefaultVeth,
+}
+
+impl LanKind {
+    /// `NP_LAN=veth` selects [`LanKind::DefaultVeth`] for every standard cluster (the test
+    /// suite's second pass); anything else, or unset, [`LanKind::Wire`].
+    pub fn from_env() -> LanKind {
+        match std::env::var("NP_LAN").as_deref() {
+            Ok("veth") => LanKind::DefaultVeth,
+            _ => LanKind::Wire,
+        }
+    }
 }
 
 /// fd00:<a>:<b>::<h>
@@ -156,6 +181,7 @@ impl ClusterSpec {
     /// The cluster of test-network.md: node1 routed with pa1, pa2; node2 bridged with pb1.
     pub fn standard() -> ClusterSpec {
         ClusterSpec {
+            lan: LanKind::from_env(),
             client_ip: Ipv4Addr::new(198, 18, 0, 10),
             client_ip6: ula(0x18, 0, 0x10),
             lan_prefix: 24,
@@ -442,7 +468,8 @@ impl Cluster {
     /// XDP_TX/XDP_REDIRECT into a veth only delivers when the receiving peer has NAPI
     /// (drivers/net/veth.c, veth_xdp_xmit); measured here, GRO alone left XDP_TX frames
     /// unflushed until the next packet, the XDP program does not. Pod veths keep the
-    /// defaults a CNI leaves (GRO off, offloads on): the agent must cope with those.
+    /// defaults a CNI leaves (GRO off, offloads on): the agent must cope with those. A
+    /// [`LanKind::DefaultVeth`] lan leaves its veths as created.
     fn attach_to_lan(&mut self, ns: &str, bridge_side: &str, inner: &str) {
         assert!(
             bridge_side.len() <= 15,
@@ -453,6 +480,9 @@ impl Cluster {
         ));
         self.lan.ip(&format!("link set {bridge_side} master br0"));
         self.lan.ip(&format!("link set {bridge_side} up"));
+        if self.spec.lan == LanKind::DefaultVeth {
+            return;
+        }
         self.lan.ethtool_k(bridge_side, &["tx", "off", "gro", "on"]);
         let name = bridge_side.to_string();
         let link = crate::netns::run_in(&self.lan, move || {

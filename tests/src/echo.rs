@@ -8,6 +8,10 @@
 //! IPv6 on one socket (`IPV6_V6ONLY` off, whatever `net.ipv6.bindv6only` says); on a kernel
 //! without IPv6 it falls back to IPv4 only.
 //!
+//! `POST /echo` sends the request body back as the response body, streamed (up to
+//! [`MAX_ECHO`] bytes, with an `X-From: NAME` header): bulk transfers both ways, checked
+//! byte for byte by the client.
+//!
 //! Threads, one per TCP connection (bounded), so a stuck client never blocks the others;
 //! no client error ends the server.
 
@@ -31,6 +35,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_HEAD: usize = 16 * 1024;
 /// Largest request body read (and discarded).
 const MAX_BODY: usize = 1024 * 1024;
+/// Largest `POST /echo` body.
+pub const MAX_ECHO: usize = 64 * 1024 * 1024;
 
 /// The reply body for a client seen at `peer`.
 pub fn reply_body(name: &str, peer: SocketAddr) -> String {
@@ -241,6 +247,7 @@ fn serve_tcp(name: Arc<str>, listener: &TcpListener, verbose: bool) {
 #[derive(Debug, PartialEq, Eq)]
 struct Head {
     method: String,
+    path: String,
     keep_alive: bool,
     content_length: usize,
 }
@@ -250,7 +257,7 @@ fn parse_head(head: &str) -> Option<Head> {
     let mut lines = head.split("\r\n");
     let mut parts = lines.next()?.split_whitespace();
     let method = parts.next()?.to_string();
-    let _path = parts.next()?;
+    let path = parts.next()?.to_string();
     let version = parts.next()?;
     let mut keep_alive = match version {
         "HTTP/1.1" => true,
@@ -273,6 +280,7 @@ fn parse_head(head: &str) -> Option<Head> {
     }
     Some(Head {
         method,
+        path,
         keep_alive,
         content_length,
     })
@@ -305,6 +313,32 @@ fn serve_conn(name: &str, mut stream: TcpStream, peer: SocketAddr) -> io::Result
             buf.extend_from_slice(&chunk[..n]);
         };
         let head = std::str::from_utf8(&buf[..end]).ok().and_then(parse_head);
+        if let Some(h) = head
+            .as_ref()
+            .filter(|h| h.method == "POST" && h.path == "/echo" && h.content_length <= MAX_ECHO)
+        {
+            buf.drain(..end + 4);
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nX-From: {name}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                h.content_length
+            );
+            stream.write_all(resp.as_bytes())?;
+            let mut left = h.content_length;
+            let have = left.min(buf.len());
+            stream.write_all(&buf[..have])?;
+            left -= have;
+            let mut big = vec![0u8; 64 * 1024];
+            while left > 0 {
+                let n = stream.read(&mut big[..left.min(64 * 1024)])?;
+                if n == 0 {
+                    return Ok(());
+                }
+                stream.write_all(&big[..n])?;
+                left -= n;
+            }
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            return Ok(());
+        }
         let Some(head) = head.filter(|h| h.content_length <= MAX_BODY) else {
             stream.write_all(
                 b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -353,6 +387,7 @@ mod tests {
         assert_eq!(
             h,
             Head {
+                path: "/".into(),
                 method: "GET".into(),
                 keep_alive: false,
                 content_length: 0

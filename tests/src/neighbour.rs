@@ -29,6 +29,20 @@ pub enum Hook {
     Legacy,
 }
 
+/// The names of the TCX programs on `iface` of `ns` at `dir`, in their order.
+pub fn tcx_programs(ns: &Netns, iface: &str, dir: TcAttachType) -> Vec<String> {
+    run_in(ns, || {
+        SchedClassifier::query_tcx(iface, dir)
+            .map(|(_, progs)| {
+                progs
+                    .iter()
+                    .map(|p| p.name_as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
 pub struct Neighbour {
     ebpf: Ebpf,
 }

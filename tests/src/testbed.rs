@@ -18,7 +18,7 @@ use std::{
 
 use crate::{
     client::{self, EchoReply},
-    cluster::{Cluster, ClusterSpec, IpFamily},
+    cluster::{Cluster, ClusterSpec, IpFamily, LanKind},
     manifests::{Manifests, Protocol, Service, SAMPLE_NODE_PORT},
     netns::{ensure_bpffs, Child, PinPath, TempDir},
 };
@@ -345,6 +345,12 @@ impl Testbed {
             &pin_s,
         ];
         argv.extend(extra.iter().map(String::as_str));
+        // A wire-like lan is where native XDP delivers; there the tests hold the agent to
+        // it (under `auto` it would choose it too, unless the uplink is a veth, which it
+        // is here). A lan of default veths runs the agent's own choice.
+        if self.cluster.spec().lan == LanKind::Wire && !extra.iter().any(|a| a == "--xdp-mode") {
+            argv.extend(["--xdp-mode", "native"]);
+        }
         let child = self
             .cluster
             .node(node)

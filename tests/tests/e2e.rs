@@ -15,7 +15,7 @@ use std::{
 
 use tests::{
     client::{self, EchoReply, KeepAliveConn},
-    cluster::{Cluster, ClusterSpec, IpFamily, PodShape},
+    cluster::{Cluster, ClusterSpec, IpFamily, LanKind, PodShape},
     netns::{list_np_namespaces, require_root, run_id},
     testbed::{
         all_ok, assert_cluster_policy_addresses, default_agent_path, echo_path, names, poll_until,
@@ -312,7 +312,6 @@ fn harness_routes_without_agent() {
             "client -> {addr}: expected a refusal, got {e}"
         );
     }
-    // The lan emulates a wire: tx checksum offload off, GRO on bridge-side ends.
     let feature = |ns: &tests::netns::Netns, ifname: &str, name: &str| -> String {
         let out = ns.exec(&["ethtool", "-k", ifname]);
         String::from_utf8_lossy(&out.stdout)
@@ -324,24 +323,28 @@ fn harness_routes_without_agent() {
             })
             .unwrap_or_default()
     };
+    // A wire-like lan: tx checksum offload off, GRO on bridge-side ends. A lan of default
+    // veths: tx offload on, GRO off.
+    let wire = c.spec().lan == LanKind::Wire;
+    let (tx, gro) = if wire { ("off", "on") } else { ("on", "off") };
     for node in c.nodes() {
         assert!(
-            feature(node.ns(), "lan0", "tx-checksumming").starts_with("off"),
+            feature(node.ns(), "lan0", "tx-checksumming").starts_with(tx),
             "{} lan0",
             node.name
         );
         let side = format!("v-{}", node.name);
         assert!(
-            feature(c.lan(), &side, "generic-receive-offload").starts_with("on"),
+            feature(c.lan(), &side, "generic-receive-offload").starts_with(gro),
             "{side}"
         );
         assert!(
-            feature(c.lan(), &side, "tx-checksumming").starts_with("off"),
+            feature(c.lan(), &side, "tx-checksumming").starts_with(tx),
             "{side}"
         );
     }
     assert!(
-        feature(c.client(), "eth0", "tx-checksumming").starts_with("off"),
+        feature(c.client(), "eth0", "tx-checksumming").starts_with(tx),
         "client eth0"
     );
     // Pod veths keep the defaults.

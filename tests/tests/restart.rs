@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::tc::TcAttachType,
+};
 use nodeport_common::{maps as m, Backend, Backend6, CtEntry, CtEntry6, FlowKey, FlowKey6};
 use tests::{
     client::{self, EchoReply, KeepAliveConn},
@@ -19,6 +22,7 @@ use tests::{
     netns::require_root,
     testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
 };
+use tests::{cluster::LanKind, neighbour::tcx_programs};
 
 const AGENT_WAIT: Duration = Duration::from_secs(30);
 
@@ -186,6 +190,16 @@ fn sigkill_and_restart_keeps_connections_and_map_entries() {
 }
 
 /// Whether XDP is attached to `lan0` of `node` (as `ip link` reports it).
+/// Whether the datapath is attached to `node`'s lan0: TC ingress always, and XDP where
+/// the lan is wire-like (on a lan of default veths TC serves it alone).
+fn datapath_attached(tb: &Testbed, node: &str) -> bool {
+    let ns = tb.cluster().node(node).ns();
+    let tc = tcx_programs(ns, "lan0", TcAttachType::Ingress)
+        .iter()
+        .any(|p| p == "np_tc_in");
+    tc && xdp_attached(tb, node) == (tb.cluster().spec().lan == LanKind::Wire)
+}
+
 fn xdp_attached(tb: &Testbed, node: &str) -> bool {
     let out = tb
         .cluster()
@@ -210,16 +224,18 @@ fn sigterm_detaches_and_keep_datapath_hands_over() {
         .unwrap()
         .pin_path()
         .to_path_buf();
-    assert!(xdp_attached(&tb, "node1"));
+    assert!(datapath_attached(&tb, "node1"));
     let status = tb.stop_agent("node1").expect("agent exits on SIGTERM");
     assert!(
         status.success(),
         "exit status {status:?}\n{}",
         tb.agent_logs()
     );
+    let ns = tb.cluster().node("node1").ns();
+    let left = [TcAttachType::Ingress, TcAttachType::Egress].map(|d| tcx_programs(ns, "lan0", d));
     assert!(
-        !xdp_attached(&tb, "node1"),
-        "XDP still attached after SIGTERM"
+        !xdp_attached(&tb, "node1") && left.iter().all(|p| p.is_empty()),
+        "programs still attached after SIGTERM: {left:?}"
     );
     assert!(!pin.exists(), "pins left after SIGTERM: {}", pin.display());
     assert!(tb.agent_log("node1").contains("detached and unpinned"));
@@ -239,7 +255,10 @@ fn sigterm_detaches_and_keep_datapath_hands_over() {
         "exit status {status:?}\n{}",
         tb.agent_logs()
     );
-    assert!(xdp_attached(&tb, "node1"), "--keep-datapath detached XDP");
+    assert!(
+        datapath_attached(&tb, "node1"),
+        "--keep-datapath detached the programs"
+    );
     assert_eq!(conn.request().expect("kept connection, no agent"), first);
     assert!(
         client::http_get(tb.cluster().client(), addr).is_ok(),
@@ -248,7 +267,7 @@ fn sigterm_detaches_and_keep_datapath_hands_over() {
     tb.restart_agent("node1");
     let taken_over = poll_until(AGENT_WAIT, Duration::from_millis(100), || {
         let log = tb.agent_log("node1");
-        log.contains("attached=Replaced") && log.contains("synced")
+        log.contains("replaced=true") && log.contains("synced")
     });
     assert!(
         taken_over,

@@ -92,8 +92,32 @@ fn all_steps() -> Vec<Step<'static>> {
                     .env("NP_ECHO", bin.join("np-echo")),
             )
         }),
+        Step::new("end-to-end tests on a lan of default veths", move || {
+            if !root {
+                warn_not_root();
+            }
+            let bin = build::profile_dir(true);
+            let mut args = vec!["test", "--release", "-p", "tests", "--no-fail-fast"];
+            for t in DEFAULT_VETH_SUITE {
+                args.extend(["--test", t]);
+            }
+            util::run_inherit(
+                cargo(&args)
+                    .env("NP_LAN", "veth")
+                    .env("NODEPORT_AGENT", bin.join("nodeport-agent"))
+                    .env("NP_ECHO", bin.join("np-echo")),
+            )
+        }),
     ]
 }
+
+/// The end-to-end tests run a second time on a lan of veths with default settings (tx
+/// offload on, GRO off, no program on the bridge ports: kind, k3d, lab VMs), where the
+/// agent's `auto` mode serves the uplinks with TC alone (tests/src/cluster.rs, `LanKind`).
+const DEFAULT_VETH_SUITE: &[&str] = &[
+    "e2e", "bulk", "drain", "hook", "local", "lb", "affinity", "ipv6", "icmp", "health", "restart",
+    "addrs", "observe",
+];
 
 fn warn_not_root() {
     let line = "!".repeat(78);
