@@ -17,10 +17,10 @@ use aya::{
         Array, DevMapHash, HashMap, IterableMap, Map, MapData, PerCpuArray,
     },
     programs::{
-        links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachType},
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions, TcAttachType},
         xdp::XdpLink,
-        SchedClassifier, Xdp, XdpMode,
+        ProgramError, SchedClassifier, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -34,6 +34,7 @@ use crate::{
     error::{Error, Result},
     family::{Family, IpCidr, RawAddr},
     sync::{MapSnapshot, Maps},
+    tc_legacy::{self, LegacyTc},
 };
 
 /// The eBPF object built from nodeport-ebpf by build.rs.
@@ -110,6 +111,17 @@ pub enum XdpAttachMode {
     Tc,
 }
 
+/// `--tc-attach`: how the TC programs are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// TCX links where the kernel has them (Linux >= 6.6), cls_bpf filters elsewhere.
+    Auto,
+    /// TCX links, or fail.
+    Tcx,
+    /// cls_bpf filters on a clsact qdisc (what kernels before 6.6 get).
+    Legacy,
+}
+
 /// How the datapath serves an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -149,6 +161,8 @@ struct Attachment {
     /// XDP (on the XDP path), TC ingress and TC egress links, with their pin paths (when
     /// pinned).
     links: Vec<(FdLink, Option<PathBuf>)>,
+    /// The cls_bpf filters where TC is not attached with TCX.
+    legacy: Option<LegacyTc>,
 }
 
 /// What [`Datapath::attach`] did to an interface.
@@ -157,6 +171,8 @@ pub struct Attached {
     pub path: PathMode,
     /// Why this path (for the log).
     pub why: &'static str,
+    /// How TC is attached: `tcx`, or cls_bpf filters and why.
+    pub tc: String,
     /// The pinned links of an earlier run were taken over: the programs were replaced
     /// atomically (bpf_link_update), without a moment with no program attached.
     pub replaced: bool,
@@ -276,6 +292,7 @@ pub struct Datapath {
     variant: Variant,
     pin_dir: Option<PathBuf>,
     keep: bool,
+    tc_attach: TcAttach,
     pins: PinReport,
     attached: Vec<Attachment>,
     services: HashMap<MapData, FrontendKey, Service>,
@@ -513,6 +530,7 @@ impl Datapath {
             variant,
             pin_dir: pin_dir.map(Path::to_path_buf),
             keep: false,
+            tc_attach: TcAttach::Auto,
             pins: report,
             attached: Vec::new(),
             services,
@@ -534,6 +552,11 @@ impl Datapath {
     /// What happened to the pinned maps at load.
     pub fn pin_report(&self) -> &PinReport {
         &self.pins
+    }
+
+    /// How TC programs are attached from now on (`--tc-attach`).
+    pub fn set_tc_attach(&mut self, how: TcAttach) {
+        self.tc_attach = how;
     }
 
     /// Leave the programs attached and the maps pinned when this value is dropped (for
@@ -602,33 +625,62 @@ impl Datapath {
             }
         }
 
-        let mut tc = |name: &str, ty: TcAttachType, p: &Option<PathBuf>| -> Result<FdLink> {
+        // TC: TCX links (Linux >= 6.6), pinned like XDP's; where the kernel has no TCX
+        // (or `--tc-attach legacy`), cls_bpf filters on a clsact qdisc (tc_legacy.rs).
+        let mut tcx: Vec<(FdLink, Option<PathBuf>)> = Vec::new();
+        let mut legacy: Option<LegacyTc> = None;
+        let mut legacy_why = None;
+        let tc_progs = [
+            (variant.tc_ingress(), TcAttachType::Ingress, in_pin),
+            (m::PROG_TC_EGRESS, TcAttachType::Egress, out_pin),
+        ];
+        for (name, ty, p) in tc_progs {
             let prog: &mut SchedClassifier = prog(&mut self.ebpf, name)?;
-            let id = match pinned(p)? {
-                Some(old) => {
-                    let link = SchedClassifierLink::try_from(old)
-                        .map_err(|e| kerr(format!("pinned {name} link of {iface}"), e))?;
-                    prog.attach_to_link(link)
-                        .map_err(|e| kerr(format!("replacing {name} on {iface}"), e))?
+            if self.tc_attach != TcAttach::Legacy {
+                let id = match pinned(&p)? {
+                    Some(old) => {
+                        let link = SchedClassifierLink::try_from(old)
+                            .map_err(|e| kerr(format!("pinned {name} link of {iface}"), e))?;
+                        Some(
+                            prog.attach_to_link(link)
+                                .map_err(|e| kerr(format!("replacing {name} on {iface}"), e))?,
+                        )
+                    }
+                    None => match prog.attach_with_options(
+                        iface,
+                        ty,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    ) {
+                        Ok(id) => Some(id),
+                        Err(ProgramError::SyscallError(e)) if self.tc_attach == TcAttach::Auto => {
+                            legacy_why = Some(format!("no TCX ({}: {})", e.call, e.io_error));
+                            None
+                        }
+                        Err(e) => return Err(kerr(format!("attaching {name} to {iface}"), e)),
+                    },
+                };
+                if let Some(id) = id {
+                    let link = FdLink::try_from(prog.take_link(id).map_err(|e| kerr(iface, e))?)
+                        .map_err(|e| kerr(format!("{name} link of {iface}"), e))?;
+                    tcx.push((link, p));
+                    continue;
                 }
-                // TCX (Linux >= 6.6): no qdisc needed, and the link detaches with its fd.
-                None => prog
-                    .attach(iface, ty)
-                    .map_err(|e| kerr(format!("attaching {name} to {iface}"), e))?,
+            }
+            let l = match &mut legacy {
+                Some(l) => l,
+                None => legacy.insert(LegacyTc::new(iface, ifindex, link_dir.as_deref())?),
             };
-            FdLink::try_from(prog.take_link(id).map_err(|e| kerr(iface, e))?)
-                .map_err(|e| kerr(format!("{name} link of {iface}"), e))
+            replaced |= l.attach(prog, ty)?;
+        }
+        let tc_how = match (&legacy, legacy_why) {
+            (None, _) => "tcx".to_string(),
+            (Some(_), Some(why)) => format!("cls_bpf filters: {why}"),
+            (Some(_), None) => "cls_bpf filters: --tc-attach legacy".to_string(),
         };
-        let in_link = tc(variant.tc_ingress(), TcAttachType::Ingress, &in_pin)?;
-        let out_link = tc(m::PROG_TC_EGRESS, TcAttachType::Egress, &out_pin)?;
 
         let mut links = Vec::new();
-        let all = [
-            (xdp_link, xdp_pin),
-            (Some(in_link), in_pin),
-            (Some(out_link), out_pin),
-        ];
-        for (link, path) in all.into_iter().filter_map(|(l, p)| l.map(|l| (l, p))) {
+        let all = xdp_link.map(|l| (l, xdp_pin)).into_iter().chain(tcx);
+        for (link, path) in all {
             if let Some(path) = &path {
                 if !path.exists() {
                     link.pin(path)
@@ -657,15 +709,18 @@ impl Datapath {
             name: iface.to_string(),
             path,
             links,
+            legacy,
         });
         Ok(Attached {
             path,
             why,
+            tc: tc_how,
             replaced,
         })
     }
 
-    /// Remove pinned links of interfaces no longer configured (an earlier run's).
+    /// Remove pinned links of interfaces no longer configured (an earlier run's), and the
+    /// cls_bpf filters (and qdisc, when nodeport added it) that its markers name.
     pub fn prune_links(&mut self, keep: &[String]) -> Result<Vec<String>> {
         let Some(dir) = self.pin_dir.as_ref().map(|d| d.join("links")) else {
             return Ok(Vec::new());
@@ -676,6 +731,16 @@ impl Datapath {
             .flatten()
         {
             let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(iface) = name.strip_suffix(tc_legacy::FILTER_MARKER) {
+                if !keep.iter().any(|k| k == iface) {
+                    tc_legacy::remove_stale(iface, &dir)?;
+                    removed.push(name);
+                }
+                continue;
+            }
+            if name.ends_with(tc_legacy::QDISC_MARKER) {
+                continue; // handled with its interface's filters
+            }
             let iface = ["-xdp", "-tc-in", "-tc-out"]
                 .iter()
                 .find_map(|suffix| name.strip_suffix(suffix))
@@ -1130,10 +1195,18 @@ fn verifier_err(name: &str, e: aya::programs::ProgramError) -> Error {
 impl Drop for Datapath {
     fn drop(&mut self) {
         if self.keep {
-            // The pins hold the links (programs stay attached) and the maps.
+            // The pins hold the links (programs stay attached) and the maps; cls_bpf
+            // filters stay in the kernel.
+            for a in &mut self.attached {
+                if let Some(l) = a.legacy.take() {
+                    l.keep();
+                }
+            }
             return;
         }
-        for a in self.attached.drain(..) {
+        for mut a in self.attached.drain(..) {
+            // Filters first (and the qdisc if nodeport added it), then the links.
+            drop(a.legacy.take());
             for (link, path) in a.links {
                 if let Some(path) = path {
                     let _ = fs::remove_file(path);

@@ -245,36 +245,42 @@ pub struct InterfaceView {
     pub interface: String,
     /// `xdp+tc` (XDP in the driver, TC for what it leaves to the stack) or `tc` (TC alone).
     pub path: &'static str,
+    /// How TC is attached: `tcx` links or `cls_bpf` filters (kernels before 6.6).
+    pub tc: &'static str,
 }
 
 /// The interfaces and paths that the pinned link names (`<if>-xdp`, `<if>-tc-in`,
 /// `<if>-tc-out`) show.
 pub fn interfaces(link_names: &[String]) -> Vec<InterfaceView> {
-    let mut by_if: BTreeMap<&str, bool> = BTreeMap::new();
+    // Interface -> (XDP link, cls_bpf filters).
+    let mut by_if: BTreeMap<&str, (bool, bool)> = BTreeMap::new();
     for name in link_names {
         if let Some(i) = name.strip_suffix("-xdp") {
-            by_if.insert(i, true);
+            by_if.entry(i).or_default().0 = true;
+        } else if let Some(i) = name.strip_suffix("-tc-legacy") {
+            by_if.entry(i).or_default().1 = true;
         } else if let Some(i) = ["-tc-in", "-tc-out"]
             .iter()
             .find_map(|s| name.strip_suffix(s))
         {
-            by_if.entry(i).or_insert(false);
+            by_if.entry(i).or_default();
         }
     }
     by_if
         .into_iter()
-        .map(|(i, xdp)| InterfaceView {
+        .map(|(i, (xdp, legacy))| InterfaceView {
             interface: i.to_string(),
             path: if xdp { "xdp+tc" } else { "tc" },
+            tc: if legacy { "cls_bpf" } else { "tcx" },
         })
         .collect()
 }
 
 /// The interfaces table.
 pub fn interfaces_table(views: &[InterfaceView]) -> String {
-    let mut s = format!("{:<16} PATH\n", "INTERFACE");
+    let mut s = format!("{:<16} {:<8} TC\n", "INTERFACE", "PATH");
     for v in views {
-        let _ = writeln!(s, "{:<16} {}", v.interface, v.path);
+        let _ = writeln!(s, "{:<16} {:<8} {}", v.interface, v.path, v.tc);
     }
     s
 }
@@ -291,6 +297,8 @@ mod tests {
             "eth0-tc-out",
             "veth9-tc-in",
             "veth9-tc-out",
+            "lan0-tc-legacy",
+            "lan0-clsact",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -298,11 +306,15 @@ mod tests {
         let v = interfaces(&names);
         assert_eq!(
             v.iter()
-                .map(|v| (v.interface.as_str(), v.path))
+                .map(|v| (v.interface.as_str(), v.path, v.tc))
                 .collect::<Vec<_>>(),
-            [("eth0", "xdp+tc"), ("veth9", "tc")]
+            [
+                ("eth0", "xdp+tc", "tcx"),
+                ("lan0", "tc", "cls_bpf"),
+                ("veth9", "tc", "tcx")
+            ]
         );
-        assert!(interfaces_table(&v).contains("veth9            tc"));
+        assert!(interfaces_table(&v).contains("veth9            tc       tcx"));
     }
 
     fn raw(a: [u8; 4]) -> u32 {

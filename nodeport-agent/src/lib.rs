@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod model;
 pub mod serve;
 pub mod sync;
+pub mod tc_legacy;

@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use nodeport_agent::{
     datapath::{
-        monotonic_coarse_ns, Datapath, EbpfLog, MapReader, MapSizes, Variant, XdpAttachMode,
+        monotonic_coarse_ns, Datapath, EbpfLog, MapReader, MapSizes, TcAttach, Variant,
+        XdpAttachMode,
     },
     family::{usable_node_addr, RawAddr},
     inspect,
@@ -183,6 +184,10 @@ struct Args {
     /// (kube-proxy's flag).
     #[arg(long, value_delimiter = ',', num_args = 1.., value_name = "CIDR")]
     nodeport_addresses: Vec<IpCidr>,
+    /// How the TC programs attach: `auto` (TCX links where the kernel has them, Linux 6.6
+    /// and later; cls_bpf filters on a clsact qdisc elsewhere), `tcx` or `legacy`.
+    #[arg(long, value_enum, default_value_t = TcAttach::Auto)]
+    tc_attach: TcAttach,
     /// Whether `spec.externalIPs` become frontends. `allow` is kube-proxy's behaviour;
     /// anyone who may create a Service can then claim any address (CVE-2020-8554) unless
     /// the API server runs the DenyServiceExternalIPs admission plugin. `deny` ignores them.
@@ -362,6 +367,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut dp = Datapath::load_variant(sizes, Some(&args.pin_path), variant)
         .context("loading the datapath")?;
     dp.keep_on_exit(args.keep_datapath);
+    dp.set_tc_attach(args.tc_attach);
     let pins = dp.pin_report().clone();
     if !pins.reused.is_empty() {
         info!(maps = ?pins.reused, "reusing pinned maps of an earlier run");
@@ -392,6 +398,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             interface = %iface,
             path = ?how.path,
             why = how.why,
+            tc = %how.tc,
             replaced = how.replaced,
             "attached"
         );
