@@ -587,6 +587,19 @@ pub struct IcmpNat<A: Addr> {
     pub inner: Nat<A>,
 }
 
+impl<A: Addr> IcmpNat<A> {
+    /// The outer header's new addresses, as the FIB looks them up (no ports).
+    #[inline(always)]
+    pub fn outer_nat(&self) -> Nat<A> {
+        Nat {
+            saddr: self.outer_saddr,
+            daddr: self.outer_daddr,
+            sport: 0,
+            dport: 0,
+        }
+    }
+}
+
 /// Where a translated ICMP error goes.
 pub enum IcmpDecision<A: Addr> {
     /// Routed by this node (to the client, or to a backend on another node).

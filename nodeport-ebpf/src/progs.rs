@@ -369,13 +369,7 @@ fn xdp_icmp<F: Family>(ctx: &XdpContext) -> Verdict {
             }
         }
         IcmpDecision::Route(n) => {
-            let to = Nat {
-                saddr: n.outer_saddr,
-                daddr: n.outer_daddr,
-                sport: 0,
-                dport: 0,
-            };
-            xdp_route::<F>(ctx, b, &e.outer, &to, Rewrite::Icmp(&e, &n))
+            xdp_route::<F>(ctx, b, &e.outer, &n.outer_nat(), Rewrite::Icmp(&e, &n))
         }
     };
     if matches!(stat, Stat::Tx | Stat::Redirect | Stat::LocalDeliver) {
@@ -523,13 +517,7 @@ fn tc_in_icmp<F: Family>(ctx: &TcContext) -> Verdict {
             }
         }
         IcmpDecision::Route(n) => {
-            let to = Nat {
-                saddr: n.outer_saddr,
-                daddr: n.outer_daddr,
-                sport: 0,
-                dport: 0,
-            };
-            tc_route::<F>(ctx, &e.outer, &to, Rewrite::Icmp(&e, &n))
+            tc_route::<F>(ctx, &e.outer, &n.outer_nat(), Rewrite::Icmp(&e, &n))
         }
     };
     if matches!(stat, Stat::TcNat | Stat::LocalDeliver) {

@@ -103,19 +103,24 @@ fn generator_frames_are_well_formed() {
     }
 }
 
-#[test]
-fn frames_circulate_through_the_bare_forwarder_without_loss() {
-    if !require_root() {
-        return;
-    }
-    let mut bed = Bed::new(
+/// The bare XDP forwarder's node, its generator in `mode`.
+fn bare_bed(mode: Mode) -> Bed {
+    Bed::new(
         &run_id(),
         Setup::Bare,
         ServiceSet::new(1),
         Traffic::NewFlows,
         &default_agent_path(),
-        Mode::Circulate,
-    );
+        mode,
+    )
+}
+
+#[test]
+fn frames_circulate_through_the_bare_forwarder_without_loss() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = bare_bed(Mode::Circulate);
     for kind in Kind::ALL {
         let want = 50_000;
         let s = bed.send(kind, Traffic::NewFlows, want, 0);
@@ -153,14 +158,7 @@ fn sent_frames_cross_the_bare_forwarder() {
     if !require_root() {
         return;
     }
-    let mut bed = Bed::new(
-        &run_id(),
-        Setup::Bare,
-        ServiceSet::new(1),
-        Traffic::NewFlows,
-        &default_agent_path(),
-        Mode::Send,
-    );
+    let mut bed = bare_bed(Mode::Send);
     for kind in [Kind::ALL[0], Kind::ALL[3]] {
         let s = bed.send(kind, Traffic::NewFlows, 5_000, 0);
         let label = kind.label();

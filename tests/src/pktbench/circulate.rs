@@ -23,7 +23,11 @@ use nodeport_common::bench::{GenConfig, CNT_GEN, CNT_GEN_STOPPED, CNT_SINK, GEN_
 
 use crate::{
     netns::{run_in, Netns},
-    pktbench::{cpu::BusyClock, progs::BenchProgs, run::stopped},
+    pktbench::{
+        cpu::{Busy, BusyClock},
+        progs::BenchProgs,
+        run::stopped,
+    },
 };
 
 /// Frames in circulation. Every veth ring holds 256 frames (drivers/net/veth.c,
@@ -80,8 +84,8 @@ pub struct GenStats {
     /// Frames injected over the whole run.
     pub injected_total: u64,
     pub elapsed: Duration,
-    /// Kernel time of the CPU meanwhile (all work in lock step lands there).
-    pub busy: Duration,
+    /// Kernel time meanwhile (all work in lock step lands on the pinned CPU).
+    pub busy: Busy,
 }
 
 /// An AF_PACKET socket bound to the sink's return veth: what it sends arrives at the

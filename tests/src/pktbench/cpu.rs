@@ -28,25 +28,43 @@ fn ticks(which: Option<usize>) -> (u64, u64, u64) {
     (total - f(3) - f(4), f(2) + f(5) + f(6), total)
 }
 
-/// Kernel time (system, irq, softirq) of one CPU, from `start()` to `stop()`. The
-/// benchmark's generator, node and sink all run in the kernel, so user time of other
-/// processes sharing the CPU (a compiler, say) stays out of the figure.
+/// Kernel time (system, irq, softirq) from `start()` to `stop()`: of all CPUs, and of the
+/// CPU the run is pinned to. The benchmark's generator, node and sink all run in the
+/// kernel, so user time of other processes (a compiler, say) stays out of the figure.
+/// All CPUs count because the loop can leave its CPU: a veth's NAPI poll runs where it was
+/// last scheduled, and a stray frame sent from the other CPU (a neighbour or listener
+/// report) can schedule one of the loop's polls there; the pinned CPU's share says how
+/// well lock step held.
 pub struct BusyClock {
     cpu: usize,
-    kernel0: u64,
+    all0: u64,
+    pinned0: u64,
+}
+
+/// What a [`BusyClock`] measured.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Busy {
+    /// Kernel time of all CPUs.
+    pub all: Duration,
+    /// Kernel time of the pinned CPU.
+    pub pinned: Duration,
 }
 
 impl BusyClock {
     pub fn start(cpu: usize) -> BusyClock {
         BusyClock {
             cpu,
-            kernel0: ticks(Some(cpu)).1,
+            all0: ticks(None).1,
+            pinned0: ticks(Some(cpu)).1,
         }
     }
 
-    pub fn stop(&self) -> Duration {
-        let kernel = ticks(Some(self.cpu)).1 - self.kernel0;
-        Duration::from_secs_f64(kernel as f64 / USER_HZ)
+    pub fn stop(&self) -> Busy {
+        let d = |t: u64| Duration::from_secs_f64(t as f64 / USER_HZ);
+        Busy {
+            all: d(ticks(None).1 - self.all0),
+            pinned: d(ticks(Some(self.cpu)).1 - self.pinned0),
+        }
     }
 }
 

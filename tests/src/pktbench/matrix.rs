@@ -305,7 +305,7 @@ pub fn traffic_label(t: Traffic) -> &'static str {
 
 fn print_row(m: &Measurement) {
     println!(
-        "  {:<30} {:>6} svc  {:<18} {:<13} {:>7.3} Mpps  {:>7.1} ns/pkt  node {:>7}  (sent {}, delivered {}, injected {}, idle before {:.0}%)",
+        "  {:<30} {:>6} svc  {:<18} {:<13} {:>7.3} Mpps  {:>7.1} ns/pkt  node {:>7}  (sent {}, delivered {}, injected {}, on the pinned CPU {:.0}%, idle before {:.0}%)",
         m.setup.label(),
         m.services,
         traffic_label(m.traffic),
@@ -316,6 +316,7 @@ fn print_row(m: &Measurement) {
         m.sent,
         m.delivered,
         m.injected,
+        m.pinned_share * 100.0,
         m.idle_before * 100.0
     );
     if !m.datapath.is_empty() {

@@ -1,5 +1,6 @@
 //! Where nodeport's time goes on one configuration: while a measured run goes on, `perf
-//! record` samples the lock-step CPU (every kernel symbol's share: the JIT-ed programs,
+//! record` samples the kernel on every CPU (the lock-step CPU, and the other if the loop
+//! strays) (every kernel symbol's share: the JIT-ed programs,
 //! the helpers and map functions they call, the veth and redirect code around them), and
 //! the kernel's BPF statistics (`kernel.bpf_stats_enabled`) give each of the datapath's
 //! programs its runs and run time. The helper and BPF-to-BPF calls each program contains
@@ -128,8 +129,9 @@ pub fn run(bed: &mut Bed, traffic: Traffic, t: Timing) -> Profile {
                         "-q",
                         "-e",
                         "cpu-clock:k",
-                        "-C",
-                        &t.cpu.to_string(),
+                        // All CPUs: the loop may leave its CPU (see cpu.rs); idle samples
+                        // are taken out of the shares.
+                        "-a",
                         "-o",
                     ])
                     .arg(&data)

@@ -169,8 +169,11 @@ pub struct Measurement {
     pub injected: u64,
     /// Wall-clock length of the run.
     pub seconds: f64,
-    /// Kernel time of the shared CPU during the run.
+    /// Kernel time of all CPUs during the run (the lock-step CPU's, and whatever of the
+    /// loop ran elsewhere).
     pub cpu_seconds: f64,
+    /// The lock-step CPU's share of `cpu_seconds` (near 1 when lock step held).
+    pub pinned_share: f64,
     /// Delivered at the sink per second of busy CPU: the rate one CPU sustains.
     pub pps: f64,
     /// Delivered at the sink per wall-clock second (close to `pps` while the population
@@ -306,6 +309,10 @@ impl Bed {
             tcp_syn,
             "--conntrack-udp-timeout",
             udp,
+            // The node's veths deliver XDP frames here (every receiving end has NAPI), so
+            // XDP serves them; `auto` would choose TC alone for veth uplinks.
+            "--xdp-mode",
+            "native",
             "--interface",
             topo::NODE_GEN_IF,
             "--interface",
@@ -471,7 +478,7 @@ impl Bed {
             .filter(|(_, d)| *d != 0)
             .collect();
         let seconds = run.elapsed.as_secs_f64();
-        let cpu_seconds = run.busy.as_secs_f64();
+        let cpu_seconds = run.busy.all.as_secs_f64();
         let delivered = run.delivered;
         Measurement {
             setup: self.setup,
@@ -483,6 +490,11 @@ impl Bed {
             injected: run.injected,
             seconds,
             cpu_seconds,
+            pinned_share: if cpu_seconds > 0.0 {
+                run.busy.pinned.as_secs_f64() / cpu_seconds
+            } else {
+                0.0
+            },
             pps: delivered as f64 / cpu_seconds,
             wall_pps: delivered as f64 / seconds,
             ns_per_packet: if delivered == 0 {

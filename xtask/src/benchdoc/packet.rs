@@ -64,9 +64,12 @@ pub(super) fn render(s: &mut String, svgs: &mut Vec<(String, String)>, v: &Value
         "Generator, node and sink run in lock step on one CPU (the injecting thread is pinned, ",
         "and the veths' NAPI polls run where they were scheduled), which is steady here, ",
         "unlike spreading them over the VM's two vCPUs. The figures are therefore **per CPU**: ",
-        "`ns/pkt` is that CPU's kernel time (system + irq + softirq, /proc/stat) over the frames ",
-        "the sink counted, and `Mpps` is its inverse, the rate one CPU sustains for generator + ",
-        "node + sink. *node ns* subtracts the ceiling run of the same frame kind (generator + ",
+        "`ns/pkt` is kernel time (system + irq + softirq, /proc/stat) over the frames the sink ",
+        "counted, and `Mpps` is its inverse, the rate one CPU sustains for generator + node + ",
+        "sink. Kernel time is summed over both CPUs, because a stray frame sent from the other ",
+        "CPU can schedule one of the loop's NAPI polls there and the loop then leaves its CPU; ",
+        "the JSON records the pinned CPU's share of each run (`pinned_share`). ",
+        "*node ns* subtracts the ceiling run of the same frame kind (generator + ",
         "an XDP redirect of untouched frames + sink) and so estimates what the node's own ",
         "processing costs.\n\n",
     ));
@@ -313,7 +316,7 @@ fn profiles(s: &mut String, v: &Value) {
                 calls.join(", ")
             );
         }
-        let _ = writeln!(s, "\nKernel symbols over 1% of the lock-step CPU's samples (`perf record -e cpu-clock -C <cpu>`), as a share and as ns per delivered packet:\n\n| share | ns/pkt | symbol |\n|---|---|---|");
+        let _ = writeln!(s, "\nKernel symbols over 0.5% of the busy kernel samples (`perf record -e cpu-clock:k -a` over the measured window, idle samples taken out), as a share and as ns per delivered packet:\n\n| share | ns/pkt | symbol |\n|---|---|---|");
         for x in rows(&p["symbols"]) {
             let _ = writeln!(
                 s,
