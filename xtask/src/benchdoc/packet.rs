@@ -44,7 +44,7 @@ pub(super) fn render(s: &mut String, svgs: &mut Vec<(String, String)>, v: &Value
     );
     s.push_str(concat!(
         "**How.** Three network namespaces joined by veth pairs: a generator, the node, a sink, ",
-        "and a fourth veth pair from the sink back to the generator. A fixed population of ",
+        "and a third veth pair from the sink back to the generator. A fixed population of ",
         "frames circulates: the generator (`bench_gen`, an XDP program on its return veth, ",
         "nodeport-ebpf/src/bench.rs) writes every header of each arriving frame, checksums ",
         "included, and redirects it into the node; the node forwards it to the sink; the sink ",
