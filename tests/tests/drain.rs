@@ -94,10 +94,8 @@ fn terminating_pod_keeps_its_flows_until_it_leaves_the_slice() {
     let mut flows: Vec<Flows> = NODES.iter().map(|&n| flows_on_pod(&tb, n)).collect();
 
     tb.set_conditions(POD, false, true, true);
-    let mut checks = 0;
     let avoided = poll_until(AGENT_WAIT, Duration::from_millis(100), || {
         check_kept(&tb, &mut flows, "while the agents pick up the change");
-        checks += 1;
         new_connections_avoid_pod(&tb)
     });
     assert!(
@@ -138,5 +136,4 @@ fn terminating_pod_keeps_its_flows_until_it_leaves_the_slice() {
             f.node
         );
     }
-    assert!(checks > 0);
 }

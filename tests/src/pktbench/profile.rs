@@ -92,10 +92,12 @@ fn calls(id: u32) -> BTreeMap<String, usize> {
         let Some(rest) = line.split_once(") call ").map(|(_, r)| r) else {
             continue;
         };
-        let name = if rest.starts_with("pc") || rest.contains("#") && !rest.contains("bpf_") {
-            "(bpf-to-bpf)".to_string()
+        // Helpers print as `bpf_name#id`, BPF-to-BPF calls as `pc+N` or `subprog#pc`.
+        let target = rest.split('#').next().unwrap_or(rest).trim();
+        let name = if target.starts_with("bpf_") {
+            target.to_string()
         } else {
-            rest.split('#').next().unwrap_or(rest).trim().to_string()
+            "(bpf-to-bpf)".to_string()
         };
         *out.entry(name).or_default() += 1;
     }
