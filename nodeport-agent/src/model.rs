@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use nodeport_common::{
     Addr, Backend, FrontendKey, FrontendKey6, Ip6, BE_F_DRAINING, BE_F_LOCAL, PROTO_TCP, PROTO_UDP,
-    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SRC_RANGES,
+    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_REJECT, SVC_F_SRC_RANGES,
 };
 
 use crate::family::usable_node_addr;
@@ -1190,12 +1190,13 @@ where
         .filter(|c| c.family() == A::FAMILY)
         .copied()
         .collect();
+    let (backends, any_usable) = backends(svc.slices, port_name, protocol, &target, local);
     let ds = DesiredService::<A> {
         frontends,
-        flags: svc.flags,
+        flags: svc.flags | if any_usable { 0 } else { SVC_F_REJECT },
         affinity_timeout_s: svc.affinity_timeout_s,
         source_ranges,
-        backends: backends(svc.slices, port_name, protocol, &target, local),
+        backends,
     };
     AfterId::Frontends {
         frontends: keys,
@@ -1231,14 +1232,16 @@ enum Target<'a> {
     Name(&'a str),
 }
 
-/// The backends of family `A` of a service port.
+/// The backends of family `A` of a service port, and whether any endpoint anywhere can
+/// take new flows (ready, or serving while terminating: kube-proxy's "has endpoints",
+/// whatever the traffic policy); without one the service refuses (`SVC_F_REJECT`).
 fn backends<A: RawAddr>(
     slices: &[&ParsedSlice],
     port_name: &str,
     protocol: Protocol,
     target: &Target,
     local_only: bool,
-) -> BTreeSet<Backend<A>> {
+) -> (BTreeSet<Backend<A>>, bool) {
     // (endpoint, target port) of every endpoint that passes the Local filter.
     let mut candidates: Vec<(&ParsedEndpoint, u16)> = Vec::new();
     for slice in slices.iter().filter(|s| s.family == A::FAMILY) {
@@ -1260,6 +1263,9 @@ fn backends<A: RawAddr>(
     // The table's members: every endpoint, or under Local this node's only.
     let member = |e: &ParsedEndpoint| e.local || !local_only;
     let any_ready = candidates.iter().any(|(e, _)| member(e) && e.ready);
+    let any_usable = candidates
+        .iter()
+        .any(|(e, _)| e.ready || (e.serving && e.terminating));
     // One backend per (address, port): draining only if every listing of it is.
     let mut by_key: BTreeMap<(A, u16), u8> = BTreeMap::new();
     for (e, port) in candidates {
@@ -1280,7 +1286,7 @@ fn backends<A: RawAddr>(
             .and_modify(|f| *f &= flags | !BE_F_DRAINING)
             .or_insert(flags);
     }
-    by_key
+    let backends = by_key
         .into_iter()
         .map(|((addr, port), flags)| Backend {
             addr,
@@ -1288,7 +1294,8 @@ fn backends<A: RawAddr>(
             flags,
             pad: 0,
         })
-        .collect()
+        .collect();
+    (backends, any_usable)
 }
 
 /// How [`Model`] tells that an object is the same as in the previous call.
@@ -2582,9 +2589,59 @@ spec:
 ");
         let (d, _) = run(&[s], &[]);
         let s = &d.services[&id("default", "web", "http", Protocol::Tcp)];
-        assert_eq!(s.flags, SVC_F_AFFINITY);
+        assert_eq!(s.flags, SVC_F_AFFINITY | SVC_F_REJECT);
         assert_eq!(s.affinity_timeout_s, 10);
         assert!(s.backends.is_empty());
+    }
+
+    #[test]
+    fn services_without_any_usable_endpoint_refuse() {
+        let key = id("default", "web", "http", Protocol::Tcp);
+        let refuses = |services: &[Service], slices: &[EndpointSlice]| {
+            let (d, _) = run(services, slices);
+            d.services[&key].flags & SVC_F_REJECT != 0
+        };
+        let with = |conditions: &str, node: &str| {
+            slice(&format!(
+                "
+metadata: {{name: web-x, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- {{addresses: [10.0.2.9], nodeName: {node}, conditions: {conditions}}}
+"
+            ))
+        };
+        assert!(refuses(&[svc(WEB)], &[]), "no slice at all");
+        let gone = with(
+            "{ready: false, serving: false, terminating: true}",
+            "node-b",
+        );
+        assert!(refuses(&[svc(WEB)], &[gone]), "terminating, not serving");
+        assert!(
+            refuses(&[svc(WEB)], &[with("{ready: false}", "node-b")]),
+            "not ready"
+        );
+        let serving = with("{ready: false, serving: true, terminating: true}", "node-b");
+        assert!(
+            !refuses(&[svc(WEB)], &[serving]),
+            "serving while terminating"
+        );
+        assert!(!refuses(&[svc(WEB)], &[slice(WEB_SLICE)]));
+        // Local with ready endpoints on other nodes only: an empty table, dropped (not
+        // refused), as kube-proxy does.
+        let local = svc("
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+");
+        let remote = with("{ready: true}", "node-b");
+        let (d, _) = run(std::slice::from_ref(&local), std::slice::from_ref(&remote));
+        assert_eq!(table(&d.services[&key]), BTreeSet::new());
+        assert!(!refuses(std::slice::from_ref(&local), &[remote]));
+        assert!(refuses(&[local], &[]));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod csum;
 pub mod hash;
 pub mod maps;
+pub mod reject;
 pub mod stats;
 
 pub use maps::*;

@@ -117,6 +117,7 @@ pub const MAP_STATS: &str = "NP_STATS_V1";
 pub const MAP_DEVICES: &str = "NP_DEV_V1";
 pub const MAP_AFFINITY: &str = "NP_AFF_V1";
 pub const MAP_SRC_RANGES: &str = "NP_SRCRANGE_V1";
+pub const MAP_REJECT: &str = "NP_REJECT_V1";
 /// The IPv6 counterparts (same layouts with [`Ip6`] addresses). NP_MAGLEV, NP_CONFIG,
 /// NP_STATS and NP_DEV are shared; backend ids are one space over NP_BE and NP_BE6.
 pub const MAP_SERVICES6: &str = "NP_SVC6_V1";
@@ -185,6 +186,10 @@ pub const SVC_F_AFFINITY: u16 = 1 << 1;
 /// Frontend flag: a LoadBalancer or external IP frontend whose clients must match one of
 /// the service's loadBalancerSourceRanges (NP_SRCRANGE). Never set on nodePorts.
 pub const SVC_F_SRC_RANGES: u16 = 1 << 2;
+/// Service flag: the service has no endpoint anywhere (none ready, none serving while
+/// terminating): new flows are refused, not dropped (kube-proxy's REJECT). Under Local
+/// with endpoints on other nodes only, the flag is clear and such traffic is dropped.
+pub const SVC_F_REJECT: u16 = 1 << 3;
 
 /// NP_SVC value: where the service's Maglev table lives in NP_MAGLEV.
 #[repr(C)]

@@ -54,6 +54,11 @@ stats! {
     DropMapFull = "drop_map_full",
     /// Dropped: the client is outside the service's loadBalancerSourceRanges.
     DropSourceRange = "drop_source_range",
+    /// Refused: the service has no endpoint at all (kube-proxy's REJECT); a TCP RST or an
+    /// ICMP (ICMPv6) port unreachable went back to the client from the frontend address.
+    RejectNoEndpoints = "reject_no_endpoints",
+    /// Dropped: a refusal was due but this CPU's refusal budget was spent.
+    DropRejectRate = "drop_reject_rate",
     /// Event: a new flow was bound to a backend.
     NewFlow = "event_new_flow",
     /// Event: a packet of an established flow was translated.

@@ -15,7 +15,7 @@ use nodeport_common::{
     hash::flow_hash, Addr, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey,
     RevNat, Service, SrcRange, Stat, BE_F_DRAINING, BE_F_LOCAL, CT_F_AFFINITY, CT_F_CLOSING,
     CT_F_SNAT, CT_F_SYN_ONLY, MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP, SNAT_PROBES, SRC_RANGE_SVC_BITS,
-    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SRC_RANGES,
+    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_REJECT, SVC_F_SRC_RANGES,
 };
 
 use crate::{
@@ -242,7 +242,11 @@ pub fn open<F: Family>(
         count(Stat::Reselect);
     }
     if svc.table_size == 0 {
-        return Some(Err(Stat::DropNoBackend));
+        return Some(Err(if refuses(f, &svc) {
+            Stat::RejectNoEndpoints
+        } else {
+            Stat::DropNoBackend
+        }));
     }
     let now = now_ns();
     let hash = flow_hash(f.saddr.fold(), f.sport, f.dport, f.proto);
@@ -279,6 +283,17 @@ pub fn open<F: Family>(
         now_ns: now,
     });
     Some(Ok(()))
+}
+
+/// Whether a packet to a service without a table is refused rather than dropped: the
+/// service has no endpoint anywhere (`SVC_F_REJECT`; under Local with endpoints on other
+/// nodes only, traffic is dropped, as kube-proxy does), and the packet would open a flow
+/// (UDP, or a TCP SYN without ACK: anything else of an old flow is dropped, and a RST is
+/// never answered).
+#[inline(always)]
+fn refuses<A: Addr>(f: &Flow<A>, svc: &Service) -> bool {
+    svc.flags & SVC_F_REJECT != 0
+        && (f.proto != PROTO_TCP || f.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN)
 }
 
 /// The reverse-NAT value of a new flow: what its replies get back.

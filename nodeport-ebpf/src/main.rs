@@ -23,6 +23,8 @@ mod packet;
 #[cfg(target_arch = "bpf")]
 mod progs;
 #[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
 mod stats;
 
 #[cfg(target_arch = "bpf")]

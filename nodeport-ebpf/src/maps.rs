@@ -7,12 +7,12 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use nodeport_common::{
-    stats::STAT_COUNT, Affinity, Affinity6, AffinityKey, AffinityKey6, Backend, Backend6, Config,
-    CtEntry, CtEntry6, FlowKey, FlowKey6, FrontendKey, FrontendKey6, Ip6, MaglevEntry, NodeAddr,
-    RevNat, RevNat6, Service, SrcRange, SrcRange6, DEFAULT_AFFINITY6_ENTRIES,
-    DEFAULT_AFFINITY_ENTRIES, DEFAULT_CT6_ENTRIES, DEFAULT_CT_ENTRIES, DEFAULT_MAGLEV_SLOTS,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_DEVICES, DEFAULT_MAX_NODE_ADDRS, DEFAULT_MAX_SERVICES,
-    DEFAULT_SRC_RANGES, DEFAULT_SRC_RANGES6, MAGLEV_SLOTS_PER_ENTRY,
+    reject::RejectBucket, stats::STAT_COUNT, Affinity, Affinity6, AffinityKey, AffinityKey6,
+    Backend, Backend6, Config, CtEntry, CtEntry6, FlowKey, FlowKey6, FrontendKey, FrontendKey6,
+    Ip6, MaglevEntry, NodeAddr, RevNat, RevNat6, Service, SrcRange, SrcRange6,
+    DEFAULT_AFFINITY6_ENTRIES, DEFAULT_AFFINITY_ENTRIES, DEFAULT_CT6_ENTRIES, DEFAULT_CT_ENTRIES,
+    DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_DEVICES, DEFAULT_MAX_NODE_ADDRS,
+    DEFAULT_MAX_SERVICES, DEFAULT_SRC_RANGES, DEFAULT_SRC_RANGES6, MAGLEV_SLOTS_PER_ENTRY,
 };
 
 /// NP_SVC_V1: frontend (addr or 0 for nodePorts, port, proto) -> service (Maglev table range).
@@ -58,6 +58,18 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 
 /// NP_DEV_V1: ifindex -> ifindex, the interfaces XDP may redirect into (ours, with NAPI).
+/// NP_REJECT_V1: each CPU's budget of refusals (TCP RST, ICMP port unreachable).
+#[map(name = "NP_REJECT_V1")]
+pub static REJECT: PerCpuArray<RejectBucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// NP_REJECT_BUF_V1: each CPU's scratch frame for a refusal built in TC (a copy of the
+/// packet's head, rewritten and stored back; too large for the BPF stack).
+#[map(name = "NP_REJECT_BUF_V1")]
+pub static REJECT_BUF: PerCpuArray<[u8; REJECT_BUF_LEN]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Room for the largest refusal frame.
+pub const REJECT_BUF_LEN: usize = 128;
+
 #[map(name = "NP_DEV_V1")]
 pub static DEVICES: DevMapHash = DevMapHash::with_max_entries(DEFAULT_MAX_DEVICES, 0);
 

@@ -99,6 +99,18 @@ impl Bounds {
     }
 }
 
+/// The packet memory of an XDP context.
+#[inline(always)]
+pub fn xdp_bounds(ctx: &aya_ebpf::programs::XdpContext) -> Bounds {
+    // SAFETY: helper on the program's own context.
+    let len = unsafe { aya_ebpf::helpers::generated::bpf_xdp_get_buff_len(ctx.ctx) } as usize;
+    Bounds {
+        start: ctx.data(),
+        end: ctx.data_end(),
+        len,
+    }
+}
+
 impl PacketBytes for Bounds {
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {

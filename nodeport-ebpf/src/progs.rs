@@ -19,7 +19,6 @@
 
 use core::mem::MaybeUninit;
 
-use aya_ebpf::helpers::generated::bpf_xdp_get_buff_len;
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT},
     macros::{classifier, xdp},
@@ -33,11 +32,11 @@ use crate::{
     fwd::{tc_forward, tc_route, xdp_forward, xdp_route, Rewrite, TC_NEXT},
     lb::{
         bind, config, icmp_error, known, open, reply, snat, Choice, Decision, IcmpDecision, Known,
-        Nat,
     },
     maps::DEVICES,
     nat::{rewrite_icmp, rewrite_tc, rewrite_xdp},
-    packet::{ether, parse, parse_icmp_error, Bounds, Ether, Flow, PacketBytes, Skb},
+    packet::{ether, parse, parse_icmp_error, xdp_bounds, Bounds, Ether, Flow, PacketBytes, Skb},
+    reject,
     stats::{count, count_index},
 };
 
@@ -55,13 +54,7 @@ pub fn np_xdp_debug(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn bounds(ctx: &XdpContext) -> Bounds {
-    // SAFETY: helper on the program's own context.
-    let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as usize;
-    Bounds {
-        start: ctx.data(),
-        end: ctx.data_end(),
-        len,
-    }
+    xdp_bounds(ctx)
 }
 
 /// A verdict (action, counter index) in one register. The BPF functions below return
@@ -80,6 +73,9 @@ impl Verdict {
     /// TC ingress: neither TCP nor UDP; ICMP errors are looked at next, in a BPF function
     /// called from the program itself (nested deeper, its frame exceeds the stack limit).
     const OTHER_PROTO: Verdict = Verdict(u64::MAX - 3);
+    /// The service has no endpoint: refuse (`xdp_refuse`, `tc_refuse`), from a BPF
+    /// function called by the program itself, whose frame the packet path's do not hold.
+    const REFUSE: Verdict = Verdict(u64::MAX - 4);
 
     #[inline(always)]
     fn new(action: u32, stat: Stat) -> Verdict {
@@ -148,9 +144,61 @@ fn xdp_family<F: Family>(ctx: &XdpContext) -> Verdict {
     if v.is_none() {
         return xdp_icmp::<F>(ctx);
     }
-    match v.reselect() {
+    let v = match v.reselect() {
         Some(reselect) if F::IS_V6 => xdp_new::<F>(ctx, reselect),
         _ => v,
+    };
+    if v.0 == Verdict::REFUSE.0 {
+        return xdp_refuse::<F>(ctx);
+    }
+    v
+}
+
+/// The IP protocol of a parsed packet of family `F` (minimal IP header).
+#[inline(always)]
+fn ip_proto<F: Family>(b: &impl PacketBytes) -> u8 {
+    let off = if F::IS_V6 { 6 } else { 9 };
+    b.load::<u8>(crate::family::L3 + off).unwrap_or(0)
+}
+
+/// A TCP RST or ICMP port unreachable back out of the receiving interface, within this
+/// CPU's budget.
+#[inline(never)]
+fn xdp_refuse<F: Family>(ctx: &XdpContext) -> Verdict {
+    if !reject::budget() {
+        return Verdict::new(xdp_action::XDP_DROP, Stat::DropRejectRate);
+    }
+    let tcp = ip_proto::<F>(&bounds(ctx)) == nodeport_common::PROTO_TCP;
+    let sent = match (F::IS_V6, tcp) {
+        (false, true) => reject::xdp::<reject::Rst4>(ctx),
+        (false, false) => reject::xdp::<reject::Unreach4>(ctx),
+        (true, true) => reject::xdp::<reject::Rst6>(ctx),
+        (true, false) => reject::xdp::<reject::Unreach6>(ctx),
+    };
+    if sent {
+        Verdict::new(xdp_action::XDP_TX, Stat::RejectNoEndpoints)
+    } else {
+        Verdict::new(xdp_action::XDP_DROP, Stat::DropNoBackend)
+    }
+}
+
+/// `xdp_refuse` in TC: redirected to the receiving interface's egress.
+#[inline(never)]
+fn tc_refuse<F: Family>(ctx: &TcContext) -> Verdict {
+    if !reject::budget() {
+        return Verdict::new(TC_ACT_SHOT as u32, Stat::DropRejectRate);
+    }
+    let tcp = ip_proto::<F>(&Skb(ctx)) == nodeport_common::PROTO_TCP;
+    let sent = match (F::IS_V6, tcp) {
+        (false, true) => reject::tc::<reject::Rst4>(ctx),
+        (false, false) => reject::tc::<reject::Unreach4>(ctx),
+        (true, true) => reject::tc::<reject::Rst6>(ctx),
+        (true, false) => reject::tc::<reject::Unreach6>(ctx),
+    };
+    if sent >= 0 {
+        Verdict::new(sent as u32, Stat::RejectNoEndpoints)
+    } else {
+        Verdict::new(TC_ACT_SHOT as u32, Stat::DropNoBackend)
     }
 }
 
@@ -335,6 +383,7 @@ fn xdp_act_inline<F: Family>(
     decision: &Decision<F::A>,
 ) -> Verdict {
     Verdict::of(match decision {
+        Decision::Drop(Stat::RejectNoEndpoints) => return Verdict::REFUSE,
         Decision::Drop(stat) => (xdp_action::XDP_DROP, *stat),
         Decision::ToLocal(nat) => {
             if rewrite_xdp::<F>(b, f, nat, false) {
@@ -449,10 +498,12 @@ fn tc_program<const DEBUG: bool>(ctx: &TcContext) -> i32 {
     let v = match ether(&Skb(ctx)) {
         Ok(Ether::Ipv4) => match tc_family::<V4>(ctx) {
             v if v.0 == Verdict::OTHER_PROTO.0 => tc_in_icmp::<V4>(ctx),
+            v if v.0 == Verdict::REFUSE.0 => tc_refuse::<V4>(ctx),
             v => v,
         },
         Ok(Ether::Ipv6) => match tc_family::<V6>(ctx) {
             v if v.0 == Verdict::OTHER_PROTO.0 => tc_in_icmp::<V6>(ctx),
+            v if v.0 == Verdict::REFUSE.0 => tc_refuse::<V6>(ctx),
             v => v,
         },
         Err(_) => Verdict::NONE,
@@ -530,6 +581,7 @@ fn tc_in_icmp<F: Family>(ctx: &TcContext) -> Verdict {
 #[inline(never)]
 fn tc_act<F: Family>(ctx: &TcContext, f: &Flow<F::A>, decision: &Decision<F::A>) -> Verdict {
     Verdict::of_tc(match decision {
+        Decision::Drop(Stat::RejectNoEndpoints) => return Verdict::REFUSE,
         Decision::Drop(stat) => (TC_ACT_SHOT, *stat),
         Decision::ToLocal(nat) => {
             if rewrite_tc::<F>(ctx, f, nat, false) {
