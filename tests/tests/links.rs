@@ -1,6 +1,7 @@
 //! Interfaces come and go: a node's uplink deleted and recreated under the same name (a
-//! driver reload, a CNI or networkd recreating it) is served again within 5 s, with
-//! `/readyz` and the healthCheckNodePort answering 503 while it is gone; an agent started
+//! driver reload, a CNI or networkd recreating it) is served again within 5 s, also when it
+//! is back before the agent could see it gone (TCX and cls_bpf), with `/readyz` and the
+//! healthCheckNodePort answering 503 while it is gone; an agent started
 //! after the uplink was recreated behind its back (SIGKILL, then the link replaced)
 //! replaces the stale pinned links and serves; an agent started before its uplink has an
 //! IPv4 address uses the address once it comes as the SNAT source. Needs root.
@@ -261,6 +262,39 @@ fn recreated_uplink(opts: TestbedOptions) {
         tb.agent_logs()
     );
     assert!(inspect_interfaces(&tb, "node1").contains("lan0"));
+    // The operator reads each transition once, however long it lasted.
+    let log = tb.agent_log("node1");
+    for line in ["interface gone", "re-attached"] {
+        assert_eq!(log.matches(line).count(), 1, "{line:?} in the log:\n{log}");
+    }
+
+    // A driver reload: gone and back between two of the agent's checks (new index, same
+    // name), so the agent may never see it missing.
+    let mac = tb.cluster().delete_uplink("node1");
+    let recreated = Instant::now();
+    tb.cluster_mut().recreate_uplink("node1", &mac);
+    tb.cluster().configure_uplink("node1", IpFamily::V4);
+    tb.cluster().configure_uplink("node1", IpFamily::V6);
+    let back = poll_until(REATTACH_WITHIN, Duration::from_millis(100), || {
+        client::http_get(tb.cluster().client(), addr).is_ok()
+    });
+    let took = recreated.elapsed();
+    assert!(
+        back && took <= REATTACH_WITHIN,
+        "nodePort not served within {REATTACH_WITHIN:?} of a quick recreation (took {took:?})\n{}",
+        tb.agent_logs()
+    );
+    assert_served(&tb, "node1", "after a quick recreation");
+    let healthy = poll_until(REATTACH_WITHIN, Duration::from_millis(100), || {
+        readiness(&tb, "node1") == (Some(200), Some(200))
+    });
+    assert!(
+        healthy,
+        "{:?}\n{}",
+        readiness(&tb, "node1"),
+        tb.agent_logs()
+    );
+
     // node2 was never affected.
     assert_served(&tb, "node2", "node2");
 }
