@@ -5,7 +5,8 @@
 use std::{
     collections::BTreeMap,
     fs,
-    os::fd::{AsFd, AsRawFd},
+    mem::size_of,
+    os::fd::{AsFd, AsRawFd, FromRawFd},
     path::{Path, PathBuf},
     ptr::NonNull,
     sync::atomic::{fence, Ordering},
@@ -157,6 +158,9 @@ const NO_NATIVE_XDP: &str = "the driver has no native XDP (generic XDP would see
 /// An interface the programs are attached to.
 struct Attachment {
     name: String,
+    /// The interface's index when it was attached: a link deleted and recreated under the
+    /// same name comes back with another.
+    ifindex: u32,
     path: PathMode,
     /// XDP (on the XDP path), TC ingress and TC egress links, with their pin paths (when
     /// pinned).
@@ -168,6 +172,8 @@ struct Attachment {
 /// What [`Datapath::attach`] did to an interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attached {
+    /// The interface's index at attachment.
+    pub ifindex: u32,
     pub path: PathMode,
     /// Why this path (for the log).
     pub why: &'static str,
@@ -176,6 +182,106 @@ pub struct Attached {
     /// The pinned links of an earlier run were taken over: the programs were replaced
     /// atomically (bpf_link_update), without a moment with no program attached.
     pub replaced: bool,
+    /// Pinned links of an earlier run that no longer held this interface (it was deleted
+    /// and recreated, or its driver reloaded, while no agent ran) were removed first.
+    pub stale_pins: bool,
+}
+
+/// The index of interface `iface` in this network namespace, `None` when there is none.
+pub fn ifindex_of(iface: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(iface).ok()
+}
+
+/// The interface index an XDP or TCX link pinned at `path` is attached to, from
+/// BPF_OBJ_GET_INFO_BY_FD (`bpf_link_info.xdp.ifindex` and `.tcx.ifindex`, which share an
+/// offset); 0 once the interface is gone: deleting a device detaches its links and leaves
+/// them defunct (net/core/dev.c, dev_xdp_uninstall; kernel/bpf/tcx.c, tcx_uninstall), and
+/// updating such a link fails with ENOLINK. aya's `LinkInfo` does not expose the union.
+fn pinned_link_ifindex(path: &Path) -> Result<u32> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let err = |what: &str| kerr(format!("{what} {}", path.display()), io_error());
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| kerr(path.display(), e))?;
+    let get = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    // SAFETY: BPF_OBJ_GET reads `get` (and the path it points to, alive here) and returns
+    // a new fd, owned below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(err("BPF_OBJ_GET"));
+    }
+    // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: plain data, all-zero is valid.
+    let mut info: aya_obj::generated::bpf_link_info = unsafe { std::mem::zeroed() };
+    let req = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<aya_obj::generated::bpf_link_info>() as u32,
+        info: &mut info as *mut _ as u64,
+    };
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &req as *const InfoByFd,
+            size_of::<InfoByFd>(),
+        )
+    };
+    if rc < 0 {
+        return Err(err("BPF_OBJ_GET_INFO_BY_FD"));
+    }
+    // SAFETY: every member of the union is plain integers; `xdp.ifindex` and
+    // `tcx.ifindex` are the first u32 of it.
+    Ok(unsafe { info.__bindgen_anon_1.xdp.ifindex })
+}
+
+fn io_error() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+/// What to do with a link pinned by an earlier run, attached to `pinned_ifindex` (0:
+/// defunct), for the interface now at `ifindex`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinnedFate {
+    /// It holds this interface: replace its program in place.
+    TakeOver,
+    /// It held an interface that is gone (or another one now): remove the pin, attach anew.
+    Stale,
+}
+
+pub fn pinned_fate(pinned_ifindex: u32, ifindex: u32) -> PinnedFate {
+    if pinned_ifindex != 0 && pinned_ifindex == ifindex {
+        PinnedFate::TakeOver
+    } else {
+        PinnedFate::Stale
+    }
 }
 
 /// The driver of `iface` as ethtool names it (`veth`, `mlx5_core`, ...); `None` when the
@@ -571,12 +677,35 @@ impl Datapath {
     pub fn attach(&mut self, iface: &str, mode: XdpAttachMode) -> Result<Attached> {
         let ifindex = nix::net::if_::if_nametoindex(iface)
             .map_err(|e| Error::Kernel(format!("interface {iface}: {e}")))?;
+        // Attaching again (the interface came back): what is left of the old attachment
+        // goes first.
+        self.detach(iface);
         let link_dir = self.pin_dir.as_ref().map(|d| d.join("links"));
         if let Some(dir) = &link_dir {
             fs::create_dir_all(dir).map_err(|e| kerr(dir.display(), e))?;
         }
         let pin = |kind: &str| link_dir.as_ref().map(|d| d.join(format!("{iface}-{kind}")));
         let (xdp_pin, in_pin, out_pin) = (pin("xdp"), pin("tc-in"), pin("tc-out"));
+        // An earlier run's links that no longer hold this interface (deleted and recreated,
+        // or its driver reloaded, while no agent ran) cannot be updated: remove their pins
+        // (which releases them) and attach anew.
+        let mut stale_pins = false;
+        for p in [&xdp_pin, &in_pin, &out_pin].into_iter().flatten() {
+            if !p.exists() {
+                continue;
+            }
+            let fate = match pinned_link_ifindex(p) {
+                Ok(held) => pinned_fate(held, ifindex),
+                Err(e) => {
+                    tracing::warn!("{e}: treating the pinned link as stale");
+                    PinnedFate::Stale
+                }
+            };
+            if fate == PinnedFate::Stale {
+                fs::remove_file(p).map_err(|e| kerr(p.display(), e))?;
+                stale_pins = true;
+            }
+        }
         let pinned = |p: &Option<PathBuf>| -> Result<Option<FdLink>> {
             match p {
                 Some(p) if p.exists() => PinnedLink::from_pin(p)
@@ -702,21 +831,58 @@ impl Datapath {
             self.devices
                 .insert(ifindex, ifindex, None, 0)
                 .map_err(|e| kerr(format!("adding {iface} to {}", m::MAP_DEVICES), e))?;
-        } else {
-            let _ = self.devices.remove(ifindex);
         }
         self.attached.push(Attachment {
             name: iface.to_string(),
+            ifindex,
             path,
             links,
             legacy,
         });
+        self.prune_devices();
         Ok(Attached {
+            ifindex,
             path,
             why,
             tc: tc_how,
             replaced,
+            stale_pins,
         })
+    }
+
+    /// Detach everything nodeport attached to `iface` (after the interface vanished or was
+    /// recreated with another index: what is left of it) and remove its pins and its
+    /// NP_DEV entry. Returns the index it was attached at; `None` when it was not.
+    pub fn detach(&mut self, iface: &str) -> Option<u32> {
+        let i = self.attached.iter().position(|a| a.name == iface)?;
+        let mut a = self.attached.remove(i);
+        // Filters (and the qdisc if nodeport added it) first, then the links; on a device
+        // that is gone, the kernel has removed them already and the calls fail harmlessly.
+        drop(a.legacy.take());
+        for (link, path) in a.links.drain(..) {
+            if let Some(path) = path {
+                let _ = fs::remove_file(path);
+            }
+            drop(link);
+        }
+        self.prune_devices();
+        Some(a.ifindex)
+    }
+
+    /// NP_DEV holds exactly the interfaces XDP serves now. (The kernel drops the entry of
+    /// a device that is unregistered, kernel/bpf/devmap.c dev_map_notification; an entry
+    /// of an interface now served by TC alone, or of an earlier run's, goes here.)
+    fn prune_devices(&mut self) {
+        let want: Vec<u32> = self
+            .attached
+            .iter()
+            .filter(|a| a.path == PathMode::Xdp)
+            .map(|a| a.ifindex)
+            .collect();
+        let have: Vec<u32> = self.devices.keys().filter_map(|k| k.ok()).collect();
+        for k in have.into_iter().filter(|k| !want.contains(k)) {
+            let _ = self.devices.remove(k);
+        }
     }
 
     /// Remove pinned links of interfaces no longer configured (an earlier run's), and the
@@ -1223,7 +1389,16 @@ impl Drop for Datapath {
 
 #[cfg(test)]
 mod tests {
-    use super::{choose_path, PathMode, XdpAttachMode};
+    use super::{choose_path, pinned_fate, PathMode, PinnedFate, XdpAttachMode};
+
+    #[test]
+    fn a_pinned_link_is_taken_over_only_while_it_holds_the_interface() {
+        assert_eq!(pinned_fate(7, 7), PinnedFate::TakeOver);
+        // The interface was recreated: the old link held index 7, the new one is 9.
+        assert_eq!(pinned_fate(7, 9), PinnedFate::Stale);
+        // Defunct: its device is gone.
+        assert_eq!(pinned_fate(0, 9), PinnedFate::Stale);
+    }
 
     #[test]
     fn auto_serves_veth_with_tc_and_other_drivers_with_xdp() {

@@ -4,6 +4,7 @@ pub mod error;
 pub mod family;
 pub mod inspect;
 pub mod kube_source;
+pub mod links;
 pub mod maglev;
 pub mod manifests;
 pub mod metrics;

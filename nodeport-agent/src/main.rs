@@ -16,16 +16,17 @@ use nodeport_agent::{
         monotonic_coarse_ns, Datapath, EbpfLog, MapReader, MapSizes, TcAttach, Variant,
         XdpAttachMode,
     },
-    family::{usable_node_addr, RawAddr},
+    family::RawAddr,
     inspect,
     kube_source::{self, KubeStats, WatchOptions},
+    links::{self, DatapathLinks, Event as LinkEvent, Links},
     manifests,
     metrics::Metrics,
     model::{self, Inputs, IpCidr, Refusal, Settings},
     serve::{self, Health, Shared},
     sync::Reconciler,
 };
-use nodeport_common::{Config, CFG_F_DEBUG};
+use nodeport_common::{Config, Ip6, CFG_F_DEBUG};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -287,18 +288,71 @@ fn interface_addrs() -> Vec<IpAddr> {
     out
 }
 
-/// The first usable address of family `A` on `iface` (for IPv6 not link-local, loopback or
-/// multicast), raw; zero when it has none: the SNAT source for LoadBalancer/external IP
-/// frontends that are not node addresses.
-fn iface_snat_addr<A: RawAddr>(iface: &str) -> A {
+/// (interface, address) of every IPv4 and IPv6 address in this network namespace.
+fn named_interface_addrs() -> Vec<(String, IpAddr)> {
     nix::ifaddrs::getifaddrs()
         .into_iter()
         .flatten()
-        .filter(|ifa| ifa.interface_name == iface)
-        .filter_map(|ifa| ifaddr_ip(&ifa))
-        .filter(|ip| usable_node_addr(*ip))
-        .find_map(A::from_ip)
-        .unwrap_or_default()
+        .filter_map(|ifa| Some((ifa.interface_name.clone(), ifaddr_ip(&ifa)?)))
+        .collect()
+}
+
+/// The SNAT sources (IPv4, IPv6) for LoadBalancer/external IP frontends that are not node
+/// addresses, from the configured interfaces' addresses now (see [`links::snat_source`]).
+fn snat_sources(interfaces: &[String]) -> (u32, Ip6) {
+    let addrs = named_interface_addrs();
+    (
+        links::snat_source(interfaces, &addrs),
+        links::snat_source(interfaces, &addrs),
+    )
+}
+
+/// Checks the configured interfaces (see [`Links::poll`]), logs each transition and
+/// reports readiness: not ready while one has no programs.
+fn poll_links(
+    links: &mut Links,
+    dp: &mut Datapath,
+    mode: XdpAttachMode,
+    health: &Health,
+    metrics: &Metrics,
+) {
+    let events = links.poll(&mut DatapathLinks { dp, mode });
+    for e in &events {
+        match e {
+            LinkEvent::Vanished { iface, ifindex } => warn!(
+                interface = %iface,
+                ifindex,
+                "interface gone: detached; not ready until it is back"
+            ),
+            LinkEvent::Recreated { iface, old, new } => warn!(
+                interface = %iface,
+                old_ifindex = old,
+                ifindex = new,
+                "interface recreated (new index): re-attaching"
+            ),
+            LinkEvent::Attached { iface, how } => info!(
+                interface = %iface,
+                ifindex = how.ifindex,
+                path = ?how.path,
+                why = how.why,
+                tc = %how.tc,
+                "re-attached"
+            ),
+            LinkEvent::AttachFailed { iface, error } => error!(
+                interface = %iface,
+                "attaching failed, retrying every second: {error}"
+            ),
+        }
+    }
+    if events.is_empty() {
+        return;
+    }
+    if links.all_attached() {
+        health.set_attached();
+    } else {
+        health.set_unattached();
+    }
+    metrics.set_ready(health.ready());
 }
 
 /// Forward the datapath's aya-log records to the log facade.
@@ -375,9 +429,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for (name, why) in &pins.replaced {
         warn!(map = %name, "replacing pinned map: {why}; its entries are lost");
     }
-    dp.set_config(&Config {
-        snat_addr: iface_snat_addr(&args.interfaces[0]),
-        snat_addr6: iface_snat_addr(&args.interfaces[0]),
+    // The SNAT sources follow the interfaces' addresses (checked every second below): an
+    // interface may get its address after the agent starts.
+    let (snat_addr, snat_addr6) = snat_sources(&args.interfaces);
+    let mut config = Config {
+        snat_addr,
+        snat_addr6,
         flags: if args.debug_datapath { CFG_F_DEBUG } else { 0 },
         snat_port_min: lo,
         snat_port_max: hi,
@@ -386,22 +443,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tcp_closing_timeout_s: args.conntrack_tcp_closing_timeout,
         udp_timeout_s: args.conntrack_udp_timeout,
         ..Config::default()
-    })?;
+    };
+    dp.set_config(&config)?;
     if let Some(logger) = dp.take_logger() {
         spawn_ebpf_log(logger)?;
     }
+    let mut links = Links::new(&args.interfaces);
     for iface in &args.interfaces {
         let how = dp
             .attach(iface, args.xdp_mode)
             .with_context(|| format!("attaching to {iface}"))?;
+        if how.stale_pins {
+            warn!(
+                interface = %iface,
+                "removed pinned links of an earlier run that no longer held the interface \
+                 (it was deleted or recreated while no agent ran)"
+            );
+        }
         info!(
             interface = %iface,
+            ifindex = how.ifindex,
             path = ?how.path,
             why = how.why,
             tc = %how.tc,
             replaced = how.replaced,
             "attached"
         );
+        links.set_attached(iface, how.ifindex);
     }
     for stale in dp.prune_links(&args.interfaces)? {
         info!(link = %stale, "removed pinned link of an interface no longer configured");
@@ -453,6 +521,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut addr_tick = tokio::time::interval(Duration::from_secs(2));
+    // Interfaces deleted and recreated, drivers reloaded, addresses added: checked every
+    // second (an index lookup per interface and one address dump).
+    let mut link_tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_refusals: Vec<Refusal> = Vec::new();
     let mut last_addrs: Vec<IpAddr> = interface_addrs();
     let mut have_objects = false;
@@ -471,6 +542,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
             changed = rx.changed() => {
                 if changed.is_err() { bail!("the object source stopped"); }
                 have_objects = true;
+            }
+            _ = link_tick.tick() => {
+                poll_links(&mut links, &mut dp, args.xdp_mode, &health, &metrics);
+                let snat = snat_sources(&args.interfaces);
+                if snat != (config.snat_addr, config.snat_addr6) {
+                    let mut next = config;
+                    (next.snat_addr, next.snat_addr6) = snat;
+                    // On failure `config` keeps the old sources, so this is retried.
+                    match dp.set_config(&next) {
+                        Ok(()) => {
+                            config = next;
+                            info!(
+                                snat_addr = %snat.0.to_ip(),
+                                snat_addr6 = %snat.1.to_ip(),
+                                "SNAT source changed with the interfaces' addresses"
+                            );
+                        }
+                        Err(e) => error!("updating the SNAT source: {e}"),
+                    }
+                }
+                continue;
             }
             _ = addr_tick.tick() => {
                 health.tick();

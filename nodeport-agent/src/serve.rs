@@ -39,6 +39,11 @@ impl Health {
     pub fn set_attached(&self) {
         self.attached.store(true, Ordering::Relaxed);
     }
+    /// A configured interface lost the programs (it vanished or was recreated): not ready
+    /// until [`Health::set_attached`] again.
+    pub fn set_unattached(&self) {
+        self.attached.store(false, Ordering::Relaxed);
+    }
     pub fn set_synced(&self) {
         self.synced.store(true, Ordering::Relaxed);
     }

@@ -496,6 +496,68 @@ impl Cluster {
         sh(&["nsenter", &netns, "--", "ethtool", "-K", inner, "tx", "off"]);
     }
 
+    /// Deletes `node`'s uplink `lan0` (and with it its peer on the lan bridge), as when a
+    /// NIC's driver unloads or a CNI deletes the link. Returns its MAC address, so that
+    /// [`Cluster::recreate_uplink`] can give the new link the same one (a NIC keeps its
+    /// permanent address; the client's and the other node's neighbour entries stay right).
+    pub fn delete_uplink(&self, node: &str) -> String {
+        let ns = self.node(node).ns();
+        // (`nsenter --net` keeps the host's /sys: ask `ip`.)
+        let out = ns.exec(&["ip", "-o", "link", "show", "dev", "lan0"]);
+        let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mac = shown
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or_else(|| panic!("lan0 of {node} has no MAC address: {shown}"))
+            .to_string();
+        ns.ip("link del lan0");
+        mac
+    }
+
+    /// Creates `node`'s uplink `lan0` again (after [`Cluster::delete_uplink`]), on the lan
+    /// bridge as before, with MAC address `mac`, up, without addresses: see
+    /// [`Cluster::configure_uplink`].
+    pub fn recreate_uplink(&mut self, node: &str, mac: &str) {
+        let ns_name = self.node(node).ns().name().to_string();
+        self.attach_to_lan(&ns_name, &format!("v-{node}"), "lan0");
+        let ns = self.node(node).ns();
+        ns.ip(&format!("link set lan0 address {mac}"));
+        ns.ip("link set lan0 up");
+    }
+
+    /// Gives `node`'s `lan0` its address of `family` and the routes to the other nodes'
+    /// pod CIDRs of that family, as networkd or a CNI does for a new link (deleting a
+    /// link's last IPv4 address also removes the routes through it).
+    pub fn configure_uplink(&self, node: &str, family: IpFamily) {
+        let n = self.node(node);
+        match family {
+            IpFamily::V4 => n.ns.ip(&format!(
+                "addr replace {}/{} dev lan0",
+                n.ip, self.spec.lan_prefix
+            )),
+            IpFamily::V6 => n.ns.ip(&format!(
+                "addr replace {}/{} dev lan0 nodad",
+                n.ip6, self.spec.lan_prefix6
+            )),
+        }
+        for other in self.nodes.iter().filter(|o| o.name != n.name) {
+            let (cidr, len, via) = match family {
+                IpFamily::V4 => (
+                    IpAddr::from(other.pod_cidr.0),
+                    other.pod_cidr.1,
+                    IpAddr::from(other.ip),
+                ),
+                IpFamily::V6 => (
+                    IpAddr::from(other.pod_cidr6.0),
+                    other.pod_cidr6.1,
+                    IpAddr::from(other.ip6),
+                ),
+            };
+            n.ns.ip(&format!("route replace {cidr}/{len} via {via} dev lan0"));
+        }
+    }
+
     /// Adds pod `name` with address `ip` on node `node` (also on a running cluster; the
     /// node's shape decides the wiring), and the IPv6 address derived from `ip`
     /// ([`NodeSpec::pod_ip6_for`]). Does not start its echo server.

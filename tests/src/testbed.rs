@@ -368,6 +368,11 @@ impl Testbed {
         &self.cluster
     }
 
+    /// The cluster, to change its links (e.g. [`Cluster::recreate_uplink`]).
+    pub fn cluster_mut(&mut self) -> &mut Cluster {
+        &mut self.cluster
+    }
+
     pub fn agents(&self) -> &[Agent] {
         &self.agents
     }
