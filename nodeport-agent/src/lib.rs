@@ -2,6 +2,8 @@
 pub mod datapath;
 pub mod error;
 pub mod family;
+pub mod hcnp;
+pub mod health;
 pub mod inspect;
 pub mod kube_source;
 pub mod links;

@@ -17,7 +17,7 @@ use nodeport_agent::{
         XdpAttachMode,
     },
     family::RawAddr,
-    inspect,
+    hcnp, health, inspect,
     kube_source::{self, KubeStats, WatchOptions},
     links::{self, DatapathLinks, Event as LinkEvent, Links},
     manifests,
@@ -225,10 +225,16 @@ struct Args {
     /// of the programs, which need CAP_PERFMON besides CAP_BPF and CAP_NET_ADMIN.
     #[arg(long)]
     debug_datapath: bool,
-    /// Address of /healthz and /readyz (kube-proxy's healthz port). An unspecified address
-    /// (`0.0.0.0` or `[::]`) takes IPv4 and IPv6 clients, as kube-proxy's Go listeners do.
+    /// Address of /healthz, /livez and /readyz (kube-proxy's healthz port). An unspecified
+    /// address (`0.0.0.0` or `[::]`) takes IPv4 and IPv6 clients, as kube-proxy's Go
+    /// listeners do.
     #[arg(long, default_value = "0.0.0.0:10256")]
     health_addr: std::net::SocketAddr,
+    /// /healthz and /livez answer 503 once a change from the API has waited this long to be
+    /// applied, sync errors have persisted this long, or the sync loop has not turned for
+    /// this long (kube-proxy's health timeout, twice its --iptables-sync-period).
+    #[arg(long, value_name = "SECONDS", default_value_t = health::DEFAULT_STALE_AFTER.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    healthz_stale_after: u64,
     /// Address of /metrics, Prometheus text format (kube-proxy's metrics port); both
     /// families as `--health-addr`.
     #[arg(long, default_value = "0.0.0.0:10249")]
@@ -397,7 +403,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bail!("--snat-port-range {lo}-{hi} overlaps the nodePort range");
     }
     let sizes = MapSizes::default();
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new(Duration::from_secs(args.healthz_stale_after)));
     let metrics = Arc::new(Metrics::new());
     let kube_stats = KubeStats::default();
     health.tick();
@@ -485,7 +491,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     // Both sources publish complete snapshots, and only once they have seen everything
     // (the folder read, or the first full list of all three kinds).
-    let (tx, mut rx) = tokio::sync::watch::channel(manifests::Loaded::default());
+    // The sources publish on `tx`; `health::observe` numbers the snapshots, records them as
+    // queued (so that a sync loop that stops applying shows in /healthz) and follows this
+    // node's Node object, then passes them on to the loop on `rx`.
+    let (tx, source_rx) = tokio::sync::watch::channel(manifests::Loaded::default());
+    let (queued_tx, mut rx) = tokio::sync::watch::channel(health::Queued::default());
+    tokio::spawn(health::observe(
+        source_rx,
+        queued_tx,
+        health.clone(),
+        args.node_name.clone(),
+    ));
     match &args.manifests {
         Some(dir) => {
             info!(dir = %dir.display(), "reading objects from the manifests folder");
@@ -527,6 +543,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut last_refusals: Vec<Refusal> = Vec::new();
     let mut last_addrs: Vec<IpAddr> = interface_addrs();
     let mut have_objects = false;
+    // The errors of the last sync: a sync with errors is retried at the next address poll
+    // (the reconciler retries what failed), and errors are logged when they change.
+    let mut last_errors: Vec<String> = Vec::new();
     // Objects from the API server carry resourceVersions; manifest files may keep one
     // across edits, so they are compared by content.
     let mut desired_model = if args.manifests.is_some() {
@@ -534,7 +553,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         model::Model::new()
     };
-    let health_checks = serve::HealthChecks::new(health.clone());
+    let health_checks = serve::HealthChecks::new(health.clone(), metrics.clone());
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
@@ -567,7 +586,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = addr_tick.tick() => {
                 health.tick();
                 let addrs = interface_addrs();
-                if addrs == last_addrs { continue; }
+                if addrs == last_addrs && last_errors.is_empty() { continue; }
                 last_addrs = addrs;
             }
         }
@@ -575,8 +594,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if !have_objects {
             continue;
         }
-        let loaded = rx.borrow_and_update().clone();
-        let (objects, load_refusals) = &*loaded;
+        let queued = rx.borrow_and_update().clone();
+        let (objects, load_refusals) = &*queued.loaded;
         let started = Instant::now();
         let (_, mut refusals) = desired_model.update(&Inputs {
             services: &objects.services,
@@ -597,9 +616,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let changes = desired_model.take_changes();
         let desired = desired_model.current();
         let report = reconciler.apply_changes(desired, &changes, &mut dp);
-        for e in &report.errors {
+        let errors: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
+        for e in errors.iter().filter(|e| !last_errors.contains(e)) {
             error!("sync: {e}");
         }
+        if errors.is_empty() && !last_errors.is_empty() {
+            info!("sync: the earlier errors are resolved");
+        }
+        last_errors = errors;
+        health.applied(queued.gen, started, report.errors.len(), Instant::now());
         metrics.set_refused(last_refusals.len());
         metrics.record_sync(
             started.elapsed(),
@@ -609,7 +634,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
         health.set_synced();
         metrics.set_ready(health.ready());
-        health_checks.update(&desired.health_checks);
+        health_checks.update(
+            &desired.health_checks,
+            &hcnp::listen_addrs(&args.nodeport_addresses, &last_addrs),
+        );
         info!(
             services = desired.service_count(),
             node_addrs = desired.node_addrs.len(),
@@ -683,6 +711,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("2001:db8::/129") && e.contains("128"), "{e}");
+    }
+
+    #[test]
+    fn healthz_stale_after_defaults_to_kube_proxys_timeout_and_refuses_zero() {
+        assert_eq!(parse(&[]).unwrap().healthz_stale_after, 60);
+        assert_eq!(
+            parse(&["--healthz-stale-after", "15"])
+                .unwrap()
+                .healthz_stale_after,
+            15
+        );
+        let e = parse(&["--healthz-stale-after", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--healthz-stale-after"), "{e}");
     }
 
     #[test]

@@ -28,6 +28,12 @@ struct EventLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabel {
+    path: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: String,
 }
@@ -54,6 +60,9 @@ pub struct Metrics {
     ready: Gauge,
     watch_restarts: Family<KindLabel, Counter>,
     watch_errors: Family<KindLabel, Counter>,
+    probes: Family<ProbeLabel, Counter>,
+    healthcheck_listeners: Gauge,
+    healthcheck_listeners_failed: Gauge,
     /// Last values read from monotonic sources, to turn them into counter increments.
     last: Mutex<StdHashMap<String, u64>>,
 }
@@ -174,6 +183,26 @@ impl Metrics {
             "Kubernetes watch errors by kind",
             watch_errors.clone(),
         );
+        let probes = Family::<ProbeLabel, Counter>::default();
+        registry.register(
+            "health_probes",
+            "Answers of /healthz and /livez by status code (kube-proxy's \
+             kubeproxy_proxy_healthz_total and kubeproxy_proxy_livez_total)",
+            probes.clone(),
+        );
+        let healthcheck_listeners = Gauge::default();
+        registry.register(
+            "healthcheck_listeners",
+            "healthCheckNodePort listeners serving (one per port and listen address)",
+            healthcheck_listeners.clone(),
+        );
+        let healthcheck_listeners_failed = Gauge::default();
+        registry.register(
+            "healthcheck_listeners_failed",
+            "healthCheckNodePort listeners that could not bind (port taken, address gone), \
+             retried with backoff",
+            healthcheck_listeners_failed.clone(),
+        );
         Self {
             registry,
             packets,
@@ -195,6 +224,9 @@ impl Metrics {
             ready,
             watch_restarts,
             watch_errors,
+            probes,
+            healthcheck_listeners,
+            healthcheck_listeners_failed,
             last: Mutex::new(StdHashMap::new()),
         }
     }
@@ -214,6 +246,26 @@ impl Metrics {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.set(i64::from(ready));
+    }
+
+    /// One answer of `/healthz` or `/livez`.
+    pub fn count_probe(&self, probe: crate::health::Probe, ok: bool) {
+        let path = match probe {
+            crate::health::Probe::Healthz => "/healthz",
+            crate::health::Probe::Livez => "/livez",
+        };
+        self.probes
+            .get_or_create(&ProbeLabel {
+                path: path.into(),
+                code: if ok { "200" } else { "503" }.into(),
+            })
+            .inc();
+    }
+
+    /// healthCheckNodePort listeners serving and failed now.
+    pub fn set_healthcheck_listeners(&self, up: usize, failed: usize) {
+        self.healthcheck_listeners.set(up as i64);
+        self.healthcheck_listeners_failed.set(failed as i64);
     }
 
     /// Add the growth of a monotonic source since the last scrape to `counter`.

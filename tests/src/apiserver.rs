@@ -20,6 +20,8 @@
 //! - writes: POST, PUT, PATCH (merge, strategic merge for the common list keys, server-side
 //!   apply as a merge), DELETE with preconditions, `dryRun=All`, 409 AlreadyExists/Conflict,
 //!   404 NotFound, 422 Invalid; a no-op update does not bump the resourceVersion;
+//! - finalizers: DELETE of an object with `metadata.finalizers` sets `deletionTimestamp`
+//!   (a MODIFIED event) and keeps it until an update leaves no finalizer, which deletes it;
 //! - Service defaulting as the real server does it: type ClusterIP, protocol TCP, targetPort =
 //!   port, sessionAffinity, traffic policies, a clusterIP from 10.96.0.0/12 (a string only, no
 //!   traffic ever goes there), nodePorts allocated from the top of 30000-32767 (preserved on
@@ -841,6 +843,13 @@ impl Store {
                     m.insert(field.into(), v.clone());
                 }
             }
+            // Only a DELETE sets these (on an object with finalizers); writes keep them.
+            for field in ["deletionTimestamp", "deletionGracePeriodSeconds"] {
+                match old_meta.get(field) {
+                    Some(v) => m.insert(field.into(), v.clone()),
+                    None => m.remove(field),
+                };
+            }
             m.remove("managedFields");
             m.insert(
                 "resourceVersion".into(),
@@ -851,6 +860,20 @@ impl Store {
             );
         }
         self.default_kind(kind, &mut obj, Some(&old))?;
+        if !dry_run && meta(&obj).is_some_and(|m| m.contains_key("deletionTimestamp")) {
+            let finalizers = meta(&obj).and_then(|m| m.get("finalizers"));
+            if finalizers
+                .and_then(Value::as_array)
+                .is_none_or(|f| f.is_empty())
+            {
+                // The last finalizer is gone: the object goes.
+                self.objects.remove(&key);
+                self.rv += 1;
+                set_rv(&mut obj, self.rv);
+                self.record(kind, EventType::Deleted, obj.clone(), Some(old));
+                return Ok(obj);
+            }
+        }
         if obj == old || dry_run {
             // The real server does not write (nor bump the revision) for a no-op update.
             return Ok(if dry_run { obj } else { old });
@@ -895,6 +918,26 @@ impl Store {
         }
         if dry_run {
             return Ok(old);
+        }
+        let finalizers = meta(&old)
+            .and_then(|m| m.get("finalizers"))
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty());
+        if finalizers {
+            // Graceful deletion: the object stays, marked, until its finalizers are removed
+            // by an update; deleting it again changes nothing.
+            if meta(&old).is_some_and(|m| m.contains_key("deletionTimestamp")) {
+                return Ok(old);
+            }
+            let mut obj = old.clone();
+            let m = meta_mut(&mut obj);
+            m.insert("deletionTimestamp".into(), Value::String(rfc3339_now()));
+            m.insert("deletionGracePeriodSeconds".into(), json!(0));
+            self.rv += 1;
+            set_rv(&mut obj, self.rv);
+            self.objects.insert(key, obj.clone());
+            self.record(kind, EventType::Modified, obj.clone(), Some(old));
+            return Ok(obj);
         }
         self.objects.remove(&key);
         self.rv += 1;

@@ -351,7 +351,7 @@ fn daemonset_matches_the_agent_cli() {
     assert_eq!(pod["tolerations"], json!([{ "operator": "Exists" }]));
     assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
 
-    // Probes and ports: /readyz and /healthz on the health port, metrics port named.
+    // Probes and ports: /readyz and /livez on the health port, metrics port named.
     let port_of = |name: &str| {
         c["ports"]
             .as_array()
@@ -365,7 +365,9 @@ fn daemonset_matches_the_agent_cli() {
     assert_eq!((health, metrics), (10256, 10249));
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], json!(health));
-    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // /livez: /healthz fails on a Node being drained by the autoscaler, which must not
+    // restart the agent.
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/livez");
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], json!(health));
 
     // Against the agent binary when it is built: every flag exists, and the health and
