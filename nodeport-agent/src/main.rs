@@ -193,6 +193,13 @@ struct Args {
     /// the API server runs the DenyServiceExternalIPs admission plugin. `deny` ignores them.
     #[arg(long, value_enum, default_value_t = ExternalIps::Allow)]
     external_ips: ExternalIps,
+    /// A Service with more ports than this is refused (the refusal names this flag).
+    #[arg(long, value_name = "N", default_value_t = Settings::default().max_ports_per_service)]
+    max_ports_per_service: usize,
+    /// A Service whose EndpointSlices list more endpoints than this (both families) is
+    /// refused (the refusal names this flag).
+    #[arg(long, value_name = "N", default_value_t = Settings::default().max_endpoints_per_service)]
+    max_endpoints_per_service: usize,
     /// Serve only the Services labelled `service.kubernetes.io/service-proxy-name` with
     /// this name. Unset, as kube-proxy: serve the Services without that label only.
     #[arg(long, value_name = "NAME")]
@@ -413,7 +420,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         nodeport_cidrs: args.nodeport_addresses.clone(),
         external_ips: args.external_ips == ExternalIps::Allow,
         service_proxy_name: args.service_proxy_name.clone(),
-        ..Settings::default()
+        max_ports_per_service: args.max_ports_per_service,
+        max_endpoints_per_service: args.max_endpoints_per_service,
     };
     // Both sources publish complete snapshots, and only once they have seen everything
     // (the folder read, or the first full list of all three kinds).
@@ -579,6 +587,27 @@ mod tests {
         assert_eq!(
             (a.conntrack_tcp_syn_timeout, a.conntrack_udp_timeout),
             (5, 30)
+        );
+    }
+
+    #[test]
+    fn per_service_limits_default_to_the_settings_and_take_flags() {
+        let a = parse(&[]).unwrap();
+        let d = Settings::default();
+        assert_eq!(
+            (a.max_ports_per_service, a.max_endpoints_per_service),
+            (d.max_ports_per_service, d.max_endpoints_per_service)
+        );
+        let a = parse(&[
+            "--max-ports-per-service",
+            "3",
+            "--max-endpoints-per-service",
+            "50000",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.max_ports_per_service, a.max_endpoints_per_service),
+            (3, 50_000)
         );
     }
 
