@@ -22,10 +22,11 @@ use nodeport_agent::{
     manifests,
     metrics::Metrics,
     model::{self, Inputs, IpCidr, Refusal, Settings},
+    node_addrs::{self, InterfaceAddr, InterfacePatterns},
     serve::{self, Health, Shared},
     sync::Reconciler,
 };
-use nodeport_common::{Config, CFG_F_DEBUG};
+use nodeport_common::{maps as m, Config, CFG_F_DEBUG};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -184,6 +185,18 @@ struct Args {
     /// (kube-proxy's flag).
     #[arg(long, value_delimiter = ',', num_args = 1.., value_name = "CIDR")]
     nodeport_addresses: Vec<IpCidr>,
+    /// Interfaces whose addresses never take nodePorts (nor serve as SNAT sources):
+    /// comma-separated glob patterns (`*`, `?`); empty string: none. The default leaves out
+    /// the devices that hold Service or DNS-cache addresses (IPVS's kube-ipvs0,
+    /// kube-router's kube-dummy-if, NodeLocal DNSCache's nodelocaldns) and Cilium's host
+    /// devices.
+    #[arg(long, value_name = "PATTERNS", default_value = node_addrs::DEFAULT_EXCLUDE_INTERFACES)]
+    exclude_interfaces: InterfacePatterns,
+    /// Room for this many node addresses per family (the size of NP_NODEADDR and of
+    /// NP_NODEADDR6). When more qualify, the Node object's and the uplinks' are kept and
+    /// the others are logged by address.
+    #[arg(long, value_name = "N", default_value_t = m::DEFAULT_MAX_NODE_ADDRS, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    max_node_addresses: u32,
     /// How the TC programs attach: `auto` (TCX links where the kernel has them, Linux 6.6
     /// and later; cls_bpf filters on a clsact qdisc elsewhere), `tcx` or `legacy`.
     #[arg(long, value_enum, default_value_t = TcAttach::Auto)]
@@ -279,14 +292,18 @@ fn ifaddr_ip(ifa: &nix::ifaddrs::InterfaceAddress) -> Option<IpAddr> {
         .or_else(|| a.as_sockaddr_in6().map(|sin6| IpAddr::V6(sin6.ip())))
 }
 
-/// IPv4 and IPv6 addresses of this network namespace's interfaces, loopback excluded (the
-/// model also leaves out IPv6 link-local addresses).
-fn interface_addrs() -> Vec<IpAddr> {
-    let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+/// IPv4 and IPv6 addresses of this network namespace's interfaces, with their interface
+/// (the model chooses among them: [`node_addrs::choose`]).
+fn interface_addrs() -> Vec<InterfaceAddr> {
+    let mut out: Vec<InterfaceAddr> = nix::ifaddrs::getifaddrs()
         .map(|it| {
-            it.filter_map(|ifa| ifaddr_ip(&ifa))
-                .filter(|ip| !ip.is_loopback())
-                .collect()
+            it.filter_map(|ifa| {
+                Some(InterfaceAddr::new(
+                    ifa.interface_name.clone(),
+                    ifaddr_ip(&ifa)?,
+                ))
+            })
+            .collect()
         })
         .unwrap_or_default();
     out.sort();
@@ -294,10 +311,14 @@ fn interface_addrs() -> Vec<IpAddr> {
     out
 }
 
-/// The first usable address of family `A` on `iface` (for IPv6 not link-local, loopback or
-/// multicast), raw; zero when it has none: the SNAT source for LoadBalancer/external IP
-/// frontends that are not node addresses.
-fn iface_snat_addr<A: RawAddr>(iface: &str) -> A {
+/// The first usable address of family `A` on `iface` ([`usable_node_addr`]: not
+/// link-local, loopback or multicast), raw; zero when it has none or `iface` is excluded
+/// by `--exclude-interfaces`: the SNAT source for LoadBalancer/external IP frontends that
+/// are not node addresses.
+fn iface_snat_addr<A: RawAddr>(iface: &str, exclude: &InterfacePatterns) -> A {
+    if exclude.matches(iface) {
+        return A::default();
+    }
     nix::ifaddrs::getifaddrs()
         .into_iter()
         .flatten()
@@ -349,7 +370,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if lo <= args.nodeport_range.1 && hi >= args.nodeport_range.0 {
         bail!("--snat-port-range {lo}-{hi} overlaps the nodePort range");
     }
-    let sizes = MapSizes::default();
+    let sizes = MapSizes {
+        node_addrs: args.max_node_addresses,
+        ..MapSizes::default()
+    };
+    for iface in args
+        .interfaces
+        .iter()
+        .filter(|i| args.exclude_interfaces.matches(i))
+    {
+        warn!(
+            interface = %iface,
+            patterns = %args.exclude_interfaces,
+            "an attached interface matches --exclude-interfaces: its addresses take no nodePorts and are no SNAT source"
+        );
+    }
     let health = Arc::new(Health::default());
     let metrics = Arc::new(Metrics::new());
     let kube_stats = KubeStats::default();
@@ -383,8 +418,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         warn!(map = %name, "replacing pinned map: {why}; its entries are lost");
     }
     dp.set_config(&Config {
-        snat_addr: iface_snat_addr(&args.interfaces[0]),
-        snat_addr6: iface_snat_addr(&args.interfaces[0]),
+        snat_addr: iface_snat_addr(&args.interfaces[0], &args.exclude_interfaces),
+        snat_addr6: iface_snat_addr(&args.interfaces[0], &args.exclude_interfaces),
         flags: if args.debug_datapath { CFG_F_DEBUG } else { 0 },
         snat_port_min: lo,
         snat_port_max: hi,
@@ -422,6 +457,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         service_proxy_name: args.service_proxy_name.clone(),
         max_ports_per_service: args.max_ports_per_service,
         max_endpoints_per_service: args.max_endpoints_per_service,
+        exclude_interfaces: args.exclude_interfaces.clone(),
+        max_node_addrs: args.max_node_addresses as usize,
+        uplinks: args.interfaces.clone(),
     };
     // Both sources publish complete snapshots, and only once they have seen everything
     // (the folder read, or the first full list of all three kinds).
@@ -462,7 +500,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut addr_tick = tokio::time::interval(Duration::from_secs(2));
     let mut last_refusals: Vec<Refusal> = Vec::new();
-    let mut last_addrs: Vec<IpAddr> = interface_addrs();
+    let mut last_addrs: Vec<InterfaceAddr> = interface_addrs();
+    let mut last_left_out: Vec<IpAddr> = Vec::new();
     let mut have_objects = false;
     // Objects from the API server carry resourceVersions; manifest files may keep one
     // across edits, so they are compared by content.
@@ -512,6 +551,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let changes = desired_model.take_changes();
         let desired = desired_model.current();
+        if desired.node_addrs_left_out != last_left_out {
+            if !desired.node_addrs_left_out.is_empty() {
+                let list: Vec<String> = desired
+                    .node_addrs_left_out
+                    .iter()
+                    .map(IpAddr::to_string)
+                    .collect();
+                error!(
+                    left_out = %list.join(","),
+                    max = args.max_node_addresses,
+                    "node addresses do not fit: these take no nodePort traffic; raise --max-node-addresses or narrow with --nodeport-addresses / --exclude-interfaces"
+                );
+            }
+            last_left_out = desired.node_addrs_left_out.clone();
+        }
         let report = reconciler.apply_changes(desired, &changes, &mut dp);
         for e in &report.errors {
             error!("sync: {e}");
@@ -588,6 +642,23 @@ mod tests {
             (a.conntrack_tcp_syn_timeout, a.conntrack_udp_timeout),
             (5, 30)
         );
+    }
+
+    #[test]
+    fn node_address_flags() {
+        let a = parse(&[]).unwrap();
+        assert!(a.exclude_interfaces.matches("kube-ipvs0"));
+        assert!(a.exclude_interfaces.matches("cilium_host"));
+        assert!(!a.exclude_interfaces.matches("eth0"));
+        assert_eq!(a.max_node_addresses, m::DEFAULT_MAX_NODE_ADDRS);
+        let a = parse(&["--exclude-interfaces", "", "--max-node-addresses", "4096"]).unwrap();
+        assert!(a.exclude_interfaces.is_empty());
+        assert_eq!(a.max_node_addresses, 4096);
+        let e = parse(&["--exclude-interfaces", "bad name"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"bad name\""), "{e}");
+        assert!(parse(&["--max-node-addresses", "0"]).is_err());
     }
 
     #[test]

@@ -18,8 +18,9 @@ use nodeport_common::{
     SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SRC_RANGES,
 };
 
-use crate::family::usable_node_addr;
 pub use crate::family::{addr_from_raw, addr_raw, Family, IpCidr, RawAddr};
+use crate::node_addrs::{self, NodeAddrRules, NodeAddrs};
+pub use crate::node_addrs::{InterfaceAddr, InterfacePatterns};
 
 /// Label that ties an EndpointSlice to its Service (same namespace).
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -68,6 +69,13 @@ pub struct Settings {
     /// Whether `spec.externalIPs` become frontends (`--external-ips allow`, kube-proxy's
     /// behaviour and CVE-2020-8554's surface) or are ignored (`deny`).
     pub external_ips: bool,
+    /// `--exclude-interfaces`: the addresses of these interfaces never take nodePorts.
+    pub exclude_interfaces: InterfacePatterns,
+    /// `--max-node-addresses`: room in NP_NODEADDR and in NP_NODEADDR6, each.
+    pub max_node_addrs: usize,
+    /// `--interface`: the uplinks, whose addresses are kept first (after the Node
+    /// object's) when not every address fits.
+    pub uplinks: Vec<String>,
 }
 
 impl Default for Settings {
@@ -79,6 +87,9 @@ impl Default for Settings {
             max_endpoints_per_service: 10_000,
             external_ips: true,
             service_proxy_name: None,
+            exclude_interfaces: NodeAddrRules::default().exclude_interfaces,
+            max_node_addrs: NodeAddrRules::default().max_per_family,
+            uplinks: Vec::new(),
         }
     }
 }
@@ -91,8 +102,8 @@ pub struct Inputs<'a> {
     pub nodes: &'a [Node],
     /// Name of the Node object of this node (matches `endpoints[].nodeName`).
     pub node_name: &'a str,
-    /// IPv4 and IPv6 addresses configured on this node's interfaces.
-    pub interface_addrs: &'a [IpAddr],
+    /// IPv4 and IPv6 addresses configured on this node's interfaces, with the interface.
+    pub interface_addrs: &'a [InterfaceAddr],
     pub settings: &'a Settings,
 }
 
@@ -234,6 +245,9 @@ impl<A: Addr> DesiredService<A> {
 pub struct Desired {
     /// Addresses of this node that take nodePort traffic (both families).
     pub node_addrs: BTreeSet<IpAddr>,
+    /// Addresses that would take nodePort traffic but did not fit in their family's map
+    /// (`--max-node-addresses`), sorted.
+    pub node_addrs_left_out: Vec<IpAddr>,
     /// The IPv4 service ports (`id.family == Family::V4`).
     pub services: BTreeMap<ServicePortId, DesiredService>,
     /// The IPv6 service ports (`id.family == Family::V6`).
@@ -710,12 +724,16 @@ impl Claims for AllClaims<'_> {
 
 /// Computes the desired state and the refusals.
 ///
-/// Node addresses:
-/// - this node's interface addresses plus the `InternalIP` and `ExternalIP` addresses of the
+/// Node addresses ([`node_addrs::choose`]):
+/// - this node's interface addresses (except those of interfaces matching
+///   `settings.exclude_interfaces`) plus the `InternalIP` and `ExternalIP` addresses of the
 ///   Node object named `node_name`, IPv4 and IPv6 (unparsable ones are skipped silently);
 /// - when `settings.nodeport_cidrs` is not empty, only addresses inside one of them;
-/// - `0.0.0.0` and `255.255.255.255` never, nor IPv6 unspecified, loopback, multicast and
-///   link-local (fe80::/10) addresses.
+/// - never unspecified, broadcast, multicast, loopback or link-local (169.254.0.0/16,
+///   fe80::/10) addresses;
+/// - at most `settings.max_node_addrs` per family: the Node object's first, then the
+///   uplinks' (`settings.uplinks`), then the others; the rest go to
+///   [`Desired::node_addrs_left_out`].
 ///
 /// IP families:
 /// - a service's families are `spec.ipFamilies` (`IPv4`, `IPv6`, or both in either order);
@@ -804,8 +822,10 @@ impl Claims for AllClaims<'_> {
 /// - `BE_F_LOCAL` when the endpoint's `nodeName` is this node.
 pub fn desired(inputs: &Inputs) -> (Desired, Vec<Refusal>) {
     let mut refusals = Vec::new();
+    let addrs = node_addrs(inputs);
     let mut out = Desired {
-        node_addrs: node_addrs(inputs),
+        node_addrs: addrs.chosen,
+        node_addrs_left_out: addrs.left_out,
         ..Desired::default()
     };
     let mut plans = Vec::new();
@@ -904,7 +924,9 @@ fn node_zone<'a>(inputs: &Inputs<'a>) -> &'a str {
         .map_or("", String::as_str)
 }
 
-fn node_addrs(inputs: &Inputs) -> BTreeSet<IpAddr> {
+/// The addresses of this node that take nodePorts, and those that do not fit
+/// ([`node_addrs::choose`]).
+fn node_addrs(inputs: &Inputs) -> NodeAddrs {
     let from_node = inputs
         .nodes
         .iter()
@@ -913,15 +935,14 @@ fn node_addrs(inputs: &Inputs) -> BTreeSet<IpAddr> {
         .flatten()
         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
         .filter_map(|a| a.address.trim().parse::<IpAddr>().ok());
-    let cidrs = &inputs.settings.nodeport_cidrs;
-    inputs
-        .interface_addrs
-        .iter()
-        .copied()
-        .chain(from_node)
-        .filter(|a| usable_node_addr(*a))
-        .filter(|a| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(*a)))
-        .collect()
+    let s = inputs.settings;
+    let rules = NodeAddrRules {
+        exclude_interfaces: s.exclude_interfaces.clone(),
+        cidrs: s.nodeport_cidrs.clone(),
+        max_per_family: s.max_node_addrs,
+        uplinks: s.uplinks.clone(),
+    };
+    node_addrs::choose(inputs.interface_addrs, from_node, &rules)
 }
 
 /// What `svc` (named `ns/name`, with EndpointSlices `slices` in input order) wants, before
@@ -1802,7 +1823,9 @@ impl Model {
                 ..Self::blank(self.versions, self.id)
             };
         }
-        self.desired.node_addrs = node_addrs(inputs);
+        let addrs = node_addrs(inputs);
+        self.desired.node_addrs = addrs.chosen;
+        self.desired.node_addrs_left_out = addrs.left_out;
         let replan = self.update_objects(inputs);
         self.decide(inputs, replan);
 
@@ -3305,14 +3328,17 @@ status:
 ",
         );
         let nodes = [n, other];
-        let ifaces: [IpAddr; 6] = [
-            "10.1.0.5".parse().unwrap(),
-            "192.168.7.1".parse().unwrap(),
-            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            "2001:db8:7::1".parse().unwrap(),
-            // Link-local and loopback IPv6 addresses never take nodePorts.
-            "fe80::1".parse().unwrap(),
-            "::1".parse().unwrap(),
+        let ifaces = [
+            InterfaceAddr::new("eth0", "10.1.0.5".parse().unwrap()),
+            InterfaceAddr::new("eth1", "192.168.7.1".parse().unwrap()),
+            InterfaceAddr::new("eth1", IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            InterfaceAddr::new("eth1", "2001:db8:7::1".parse().unwrap()),
+            // Link-local and loopback addresses never take nodePorts.
+            InterfaceAddr::new("eth1", "fe80::1".parse().unwrap()),
+            InterfaceAddr::new("eth1", "169.254.0.9".parse().unwrap()),
+            InterfaceAddr::new("lo", "::1".parse().unwrap()),
+            // Nor do the Service addresses IPVS binds to kube-ipvs0.
+            InterfaceAddr::new("kube-ipvs0", "10.96.0.1".parse().unwrap()),
         ];
         let settings = Settings::default();
         let inputs = |settings| Inputs {
@@ -3335,6 +3361,17 @@ status:
         .map(|s| s.parse().unwrap())
         .collect();
         assert_eq!(d.node_addrs, want);
+        assert!(d.node_addrs_left_out.is_empty());
+        // A map with room for one address per family keeps the Node object's first and
+        // names the rest.
+        let small = Settings {
+            max_node_addrs: 1,
+            ..Settings::default()
+        };
+        let (d, _) = desired(&inputs(&small));
+        assert_eq!(d.node_addrs.len(), 2);
+        assert!(d.node_addrs.contains(&"fd00::5".parse().unwrap()));
+        assert_eq!(d.node_addrs_left_out.len(), 3);
         let narrowed = Settings {
             nodeport_cidrs: vec![
                 "10.0.0.0/8".parse().unwrap(),
@@ -4108,7 +4145,7 @@ status: {addresses: [{type: InternalIP, address: 10.1.0.5}]}
                     let zone = rng.pick(&["zone-a", "zone-b"]);
                     nodes[0].metadata.labels = Some([(LABEL_ZONE.to_string(), zone.into())].into());
                 }
-                let ifaces = ["192.168.7.1".parse().unwrap()];
+                let ifaces = [InterfaceAddr::new("eth0", "192.168.7.1".parse().unwrap())];
                 let inputs = Inputs {
                     services: &services,
                     slices: &slices,
