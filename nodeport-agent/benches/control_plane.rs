@@ -16,7 +16,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use nodeport_agent::{
     datapath::{Datapath, MapSizes},
     maglev,
-    model::{self, Inputs, Model, Settings},
+    model::{self, Inputs, InterfaceAddr, Model, Settings},
     sync::Reconciler,
 };
 use serde_json::json;
@@ -58,7 +58,7 @@ fn slice(i: usize, n: usize, generation: usize) -> EndpointSlice {
 fn bench_inputs<'a>(
     services: &'a [Service],
     slices: &'a [EndpointSlice],
-    addrs: &'a [IpAddr],
+    addrs: &'a [InterfaceAddr],
     settings: &'a Settings,
 ) -> Inputs<'a> {
     Inputs {
@@ -137,7 +137,10 @@ fn main() {
         .collect();
     svcs.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let mut slices: Vec<EndpointSlice> = (0..services).map(|i| slice(i, endpoints, 0)).collect();
-    let addrs = [IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11))];
+    let addrs = [InterfaceAddr::new(
+        "eth0",
+        IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11)),
+    )];
 
     let rss_before = rss_kib();
     let sizes = MapSizes::default();

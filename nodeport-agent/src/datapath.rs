@@ -83,6 +83,8 @@ pub struct MapSizes {
     pub conntrack: u32,
     /// NP_CT6 and NP_RNAT6.
     pub conntrack6: u32,
+    /// NP_NODEADDR and NP_NODEADDR6, each (`--max-node-addresses`).
+    pub node_addrs: u32,
 }
 
 impl Default for MapSizes {
@@ -93,6 +95,7 @@ impl Default for MapSizes {
             maglev_slots: m::DEFAULT_MAGLEV_SLOTS,
             conntrack: m::DEFAULT_CT_ENTRIES,
             conntrack6: m::DEFAULT_CT6_ENTRIES,
+            node_addrs: m::DEFAULT_MAX_NODE_ADDRS,
         }
     }
 }
@@ -495,6 +498,7 @@ pub fn expected_layouts(sizes: &MapSizes) -> Result<Vec<(String, Layout)>> {
                 m::MAP_MAGLEV => sizes.maglev_slots.div_ceil(m::MAGLEV_SLOTS_PER_ENTRY),
                 m::MAP_CONNTRACK | m::MAP_REVNAT => sizes.conntrack,
                 m::MAP_CONNTRACK6 | m::MAP_REVNAT6 => sizes.conntrack6,
+                m::MAP_NODE_ADDRS | m::MAP_NODE_ADDRS6 => sizes.node_addrs,
                 _ => map.max_entries(),
             };
             let mut flags = map.map_flags();
@@ -565,7 +569,9 @@ impl Datapath {
             .map_max_entries(m::MAP_SERVICES6, sizes.services)
             .map_max_entries(m::MAP_BACKENDS6, sizes.backends)
             .map_max_entries(m::MAP_CONNTRACK6, sizes.conntrack6)
-            .map_max_entries(m::MAP_REVNAT6, sizes.conntrack6);
+            .map_max_entries(m::MAP_REVNAT6, sizes.conntrack6)
+            .map_max_entries(m::MAP_NODE_ADDRS, sizes.node_addrs)
+            .map_max_entries(m::MAP_NODE_ADDRS6, sizes.node_addrs);
         let mut report = PinReport::default();
         let layouts = expected_layouts(&sizes)?;
         if let Some(dir) = pin_dir {

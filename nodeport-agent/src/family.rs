@@ -128,13 +128,20 @@ pub fn endpoint_name<A: RawAddr>(addr: A, port_be: u16) -> String {
     SocketAddr::new(addr.to_ip(), u16::from_be(port_be)).to_string()
 }
 
-/// Whether `ip` may take nodePort traffic as an address of this node: IPv4 not
-/// unspecified or broadcast; IPv6 not unspecified, loopback, multicast or link-local
-/// (fe80::/10: the same address exists on every link, and clients reach nodePorts
-/// through routable addresses).
+/// Whether `ip` may take nodePort traffic as an address of this node (and be a SNAT
+/// source): not unspecified, broadcast, multicast, loopback or link-local (IPv4
+/// 169.254.0.0/16, IPv6 fe80::/10: such an address means something on its own link only,
+/// the same one may sit on several, and clients reach nodePorts through routable
+/// addresses).
 pub fn usable_node_addr(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(a) => !a.is_unspecified() && !a.is_broadcast(),
+        IpAddr::V4(a) => {
+            !a.is_unspecified()
+                && !a.is_broadcast()
+                && !a.is_multicast()
+                && !a.is_loopback()
+                && !a.is_link_local()
+        }
         IpAddr::V6(a) => {
             !a.is_unspecified()
                 && !a.is_loopback()

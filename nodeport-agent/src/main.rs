@@ -23,10 +23,11 @@ use nodeport_agent::{
     manifests,
     metrics::Metrics,
     model::{self, Inputs, IpCidr, Refusal, Settings},
+    node_addrs::{self, InterfaceAddr, InterfacePatterns},
     serve::{self, Health, Shared},
     sync::Reconciler,
 };
-use nodeport_common::{Config, Ip6, CFG_F_DEBUG};
+use nodeport_common::{maps as m, Config, Ip6, CFG_F_DEBUG};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -185,6 +186,18 @@ struct Args {
     /// (kube-proxy's flag).
     #[arg(long, value_delimiter = ',', num_args = 1.., value_name = "CIDR")]
     nodeport_addresses: Vec<IpCidr>,
+    /// Interfaces whose addresses never take nodePorts (nor serve as SNAT sources):
+    /// comma-separated glob patterns (`*`, `?`); empty string: none. The default leaves out
+    /// the devices that hold Service or DNS-cache addresses (IPVS's kube-ipvs0,
+    /// kube-router's kube-dummy-if, NodeLocal DNSCache's nodelocaldns) and Cilium's host
+    /// devices.
+    #[arg(long, value_name = "PATTERNS", default_value = node_addrs::DEFAULT_EXCLUDE_INTERFACES)]
+    exclude_interfaces: InterfacePatterns,
+    /// Room for this many node addresses per family (the size of NP_NODEADDR and of
+    /// NP_NODEADDR6). When more qualify, the Node object's and the uplinks' are kept and
+    /// the others are logged by address.
+    #[arg(long, value_name = "N", default_value_t = m::DEFAULT_MAX_NODE_ADDRS, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    max_node_addresses: u32,
     /// How the TC programs attach: `auto` (TCX links where the kernel has them, Linux 6.6
     /// and later; cls_bpf filters on a clsact qdisc elsewhere), `tcx` or `legacy`.
     #[arg(long, value_enum, default_value_t = TcAttach::Auto)]
@@ -194,6 +207,13 @@ struct Args {
     /// the API server runs the DenyServiceExternalIPs admission plugin. `deny` ignores them.
     #[arg(long, value_enum, default_value_t = ExternalIps::Allow)]
     external_ips: ExternalIps,
+    /// A Service with more ports than this is refused (the refusal names this flag).
+    #[arg(long, value_name = "N", default_value_t = Settings::default().max_ports_per_service)]
+    max_ports_per_service: usize,
+    /// A Service whose EndpointSlices list more endpoints than this (both families) is
+    /// refused (the refusal names this flag).
+    #[arg(long, value_name = "N", default_value_t = Settings::default().max_endpoints_per_service)]
+    max_endpoints_per_service: usize,
     /// Serve only the Services labelled `service.kubernetes.io/service-proxy-name` with
     /// this name. Unset, as kube-proxy: serve the Services without that label only.
     #[arg(long, value_name = "NAME")]
@@ -279,14 +299,18 @@ fn ifaddr_ip(ifa: &nix::ifaddrs::InterfaceAddress) -> Option<IpAddr> {
         .or_else(|| a.as_sockaddr_in6().map(|sin6| IpAddr::V6(sin6.ip())))
 }
 
-/// IPv4 and IPv6 addresses of this network namespace's interfaces, loopback excluded (the
-/// model also leaves out IPv6 link-local addresses).
-fn interface_addrs() -> Vec<IpAddr> {
-    let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+/// IPv4 and IPv6 addresses of this network namespace's interfaces, with their interface
+/// (the model chooses among them: [`node_addrs::choose`]).
+fn interface_addrs() -> Vec<InterfaceAddr> {
+    let mut out: Vec<InterfaceAddr> = nix::ifaddrs::getifaddrs()
         .map(|it| {
-            it.filter_map(|ifa| ifaddr_ip(&ifa))
-                .filter(|ip| !ip.is_loopback())
-                .collect()
+            it.filter_map(|ifa| {
+                Some(InterfaceAddr::new(
+                    ifa.interface_name.clone(),
+                    ifaddr_ip(&ifa)?,
+                ))
+            })
+            .collect()
         })
         .unwrap_or_default();
     out.sort();
@@ -304,12 +328,18 @@ fn named_interface_addrs() -> Vec<(String, IpAddr)> {
 }
 
 /// The SNAT sources (IPv4, IPv6) for LoadBalancer/external IP frontends that are not node
-/// addresses, from the configured interfaces' addresses now (see [`links::snat_source`]).
-fn snat_sources(interfaces: &[String]) -> (u32, Ip6) {
+/// addresses, from the configured interfaces' addresses now (see [`links::snat_source`]);
+/// an interface excluded by `--exclude-interfaces` is never one.
+fn snat_sources(interfaces: &[String], exclude: &InterfacePatterns) -> (u32, Ip6) {
     let addrs = named_interface_addrs();
+    let usable: Vec<String> = interfaces
+        .iter()
+        .filter(|i| !exclude.matches(i))
+        .cloned()
+        .collect();
     (
-        links::snat_source(interfaces, &addrs),
-        links::snat_source(interfaces, &addrs),
+        links::snat_source(&usable, &addrs),
+        links::snat_source(&usable, &addrs),
     )
 }
 
@@ -402,7 +432,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if lo <= args.nodeport_range.1 && hi >= args.nodeport_range.0 {
         bail!("--snat-port-range {lo}-{hi} overlaps the nodePort range");
     }
-    let sizes = MapSizes::default();
+    let sizes = MapSizes {
+        node_addrs: args.max_node_addresses,
+        ..MapSizes::default()
+    };
+    for iface in args
+        .interfaces
+        .iter()
+        .filter(|i| args.exclude_interfaces.matches(i))
+    {
+        warn!(
+            interface = %iface,
+            patterns = %args.exclude_interfaces,
+            "an attached interface matches --exclude-interfaces: its addresses take no nodePorts and are no SNAT source"
+        );
+    }
     let health = Arc::new(Health::new(Duration::from_secs(args.healthz_stale_after)));
     let metrics = Arc::new(Metrics::new());
     let kube_stats = KubeStats::default();
@@ -437,7 +481,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     // The SNAT sources follow the interfaces' addresses (checked every second below): an
     // interface may get its address after the agent starts.
-    let (snat_addr, snat_addr6) = snat_sources(&args.interfaces);
+    let (snat_addr, snat_addr6) = snat_sources(&args.interfaces, &args.exclude_interfaces);
     let mut config = Config {
         snat_addr,
         snat_addr6,
@@ -487,7 +531,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         nodeport_cidrs: args.nodeport_addresses.clone(),
         external_ips: args.external_ips == ExternalIps::Allow,
         service_proxy_name: args.service_proxy_name.clone(),
-        ..Settings::default()
+        max_ports_per_service: args.max_ports_per_service,
+        max_endpoints_per_service: args.max_endpoints_per_service,
+        exclude_interfaces: args.exclude_interfaces.clone(),
+        max_node_addrs: args.max_node_addresses as usize,
+        uplinks: args.interfaces.clone(),
     };
     // Both sources publish complete snapshots, and only once they have seen everything
     // (the folder read, or the first full list of all three kinds).
@@ -541,7 +589,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // second (an index lookup per interface and one address dump).
     let mut link_tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_refusals: Vec<Refusal> = Vec::new();
-    let mut last_addrs: Vec<IpAddr> = interface_addrs();
+    let mut last_addrs: Vec<InterfaceAddr> = interface_addrs();
+    let mut last_left_out: Vec<IpAddr> = Vec::new();
     let mut have_objects = false;
     // The errors of the last sync: a sync with errors is retried at the next address poll
     // (the reconciler retries what failed), and errors are logged when they change.
@@ -564,7 +613,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             _ = link_tick.tick() => {
                 poll_links(&mut links, &mut dp, args.xdp_mode, &health, &metrics);
-                let snat = snat_sources(&args.interfaces);
+                let snat = snat_sources(&args.interfaces, &args.exclude_interfaces);
                 if snat != (config.snat_addr, config.snat_addr6) {
                     let mut next = config;
                     (next.snat_addr, next.snat_addr6) = snat;
@@ -615,6 +664,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let changes = desired_model.take_changes();
         let desired = desired_model.current();
+        if desired.node_addrs_left_out != last_left_out {
+            if !desired.node_addrs_left_out.is_empty() {
+                let list: Vec<String> = desired
+                    .node_addrs_left_out
+                    .iter()
+                    .map(IpAddr::to_string)
+                    .collect();
+                error!(
+                    left_out = %list.join(","),
+                    max = args.max_node_addresses,
+                    "node addresses do not fit: these take no nodePort traffic; raise --max-node-addresses or narrow with --nodeport-addresses / --exclude-interfaces"
+                );
+            }
+            last_left_out = desired.node_addrs_left_out.clone();
+        }
         let report = reconciler.apply_changes(desired, &changes, &mut dp);
         let errors: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
         for e in errors.iter().filter(|e| !last_errors.contains(e)) {
@@ -634,9 +698,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
         health.set_synced();
         metrics.set_ready(health.ready());
+        // Health check servers listen where nodePorts are served: not on the addresses of
+        // excluded interfaces.
+        let served: Vec<IpAddr> = last_addrs
+            .iter()
+            .filter(|a| !args.exclude_interfaces.matches(&a.interface))
+            .map(|a| a.addr)
+            .collect();
         health_checks.update(
             &desired.health_checks,
-            &hcnp::listen_addrs(&args.nodeport_addresses, &last_addrs),
+            &hcnp::listen_addrs(&args.nodeport_addresses, &served),
         );
         info!(
             services = desired.service_count(),
@@ -699,6 +770,44 @@ mod tests {
         assert_eq!(
             (a.conntrack_tcp_syn_timeout, a.conntrack_udp_timeout),
             (5, 30)
+        );
+    }
+
+    #[test]
+    fn node_address_flags() {
+        let a = parse(&[]).unwrap();
+        assert!(a.exclude_interfaces.matches("kube-ipvs0"));
+        assert!(a.exclude_interfaces.matches("cilium_host"));
+        assert!(!a.exclude_interfaces.matches("eth0"));
+        assert_eq!(a.max_node_addresses, m::DEFAULT_MAX_NODE_ADDRS);
+        let a = parse(&["--exclude-interfaces", "", "--max-node-addresses", "4096"]).unwrap();
+        assert!(a.exclude_interfaces.is_empty());
+        assert_eq!(a.max_node_addresses, 4096);
+        let e = parse(&["--exclude-interfaces", "bad name"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"bad name\""), "{e}");
+        assert!(parse(&["--max-node-addresses", "0"]).is_err());
+    }
+
+    #[test]
+    fn per_service_limits_default_to_the_settings_and_take_flags() {
+        let a = parse(&[]).unwrap();
+        let d = Settings::default();
+        assert_eq!(
+            (a.max_ports_per_service, a.max_endpoints_per_service),
+            (d.max_ports_per_service, d.max_endpoints_per_service)
+        );
+        let a = parse(&[
+            "--max-ports-per-service",
+            "3",
+            "--max-endpoints-per-service",
+            "50000",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.max_ports_per_service, a.max_endpoints_per_service),
+            (3, 50_000)
         );
     }
 

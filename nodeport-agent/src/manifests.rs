@@ -318,6 +318,54 @@ spec:
   ports: [{port: 80, nodePort: 30080}]
 ";
 
+    /// The Node's zone label and the slices' hints reach the model from a folder: node n1
+    /// in zone-a uses the endpoint hinted for zone-a only.
+    #[test]
+    fn zone_labels_and_hints_reach_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(
+            d,
+            "a.yaml",
+            &format!(
+                "{SVC}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: n1, labels: {{topology.kubernetes.io/zone: zone-a}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: '', port: 8080}}]
+endpoints:
+- {{addresses: [10.0.0.1], hints: {{forZones: [{{name: zone-a}}]}}}}
+- {{addresses: [10.0.0.2], hints: {{forZones: [{{name: zone-b}}]}}}}
+"
+            ),
+        );
+        let (o, r) = load_dir(d);
+        assert!(r.is_empty(), "{r:?}");
+        let (desired, r) = crate::model::desired(&crate::model::Inputs {
+            services: &o.services,
+            slices: &o.slices,
+            nodes: &o.nodes,
+            node_name: "n1",
+            interface_addrs: &[],
+            settings: &crate::model::Settings::default(),
+        });
+        assert!(r.is_empty(), "{r:?}");
+        let ds = desired.services.values().next().expect("web is served");
+        let table: Vec<String> = ds
+            .table_backends()
+            .map(|b| crate::model::addr_from_raw(b.addr).to_string())
+            .collect();
+        assert_eq!(table, ["10.0.0.1"]);
+    }
+
     #[test]
     fn loads_kinds_and_documents() {
         let dir = tempfile::tempdir().unwrap();

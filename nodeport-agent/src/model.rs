@@ -18,8 +18,9 @@ use nodeport_common::{
     SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_REJECT, SVC_F_SRC_RANGES,
 };
 
-use crate::family::usable_node_addr;
 pub use crate::family::{addr_from_raw, addr_raw, Family, IpCidr, RawAddr};
+use crate::node_addrs::{self, NodeAddrRules, NodeAddrs};
+pub use crate::node_addrs::{InterfaceAddr, InterfacePatterns};
 
 /// Label that ties an EndpointSlice to its Service (same namespace).
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -27,6 +28,8 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Label of the EndpointSlices of a headless Service (kube-proxy does not watch them).
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Node label naming the node's zone (what EndpointSlice `hints.forZones` refer to).
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 
 /// The label selector of the Services `proxy_name` serves, as kube-proxy's informer
 /// has it: those without a proxy name, or those naming `proxy_name`.
@@ -66,6 +69,13 @@ pub struct Settings {
     /// Whether `spec.externalIPs` become frontends (`--external-ips allow`, kube-proxy's
     /// behaviour and CVE-2020-8554's surface) or are ignored (`deny`).
     pub external_ips: bool,
+    /// `--exclude-interfaces`: the addresses of these interfaces never take nodePorts.
+    pub exclude_interfaces: InterfacePatterns,
+    /// `--max-node-addresses`: room in NP_NODEADDR and in NP_NODEADDR6, each.
+    pub max_node_addrs: usize,
+    /// `--interface`: the uplinks, whose addresses are kept first (after the Node
+    /// object's) when not every address fits.
+    pub uplinks: Vec<String>,
 }
 
 impl Default for Settings {
@@ -77,6 +87,9 @@ impl Default for Settings {
             max_endpoints_per_service: 10_000,
             external_ips: true,
             service_proxy_name: None,
+            exclude_interfaces: NodeAddrRules::default().exclude_interfaces,
+            max_node_addrs: NodeAddrRules::default().max_per_family,
+            uplinks: Vec::new(),
         }
     }
 }
@@ -89,8 +102,8 @@ pub struct Inputs<'a> {
     pub nodes: &'a [Node],
     /// Name of the Node object of this node (matches `endpoints[].nodeName`).
     pub node_name: &'a str,
-    /// IPv4 and IPv6 addresses configured on this node's interfaces.
-    pub interface_addrs: &'a [IpAddr],
+    /// IPv4 and IPv6 addresses configured on this node's interfaces, with the interface.
+    pub interface_addrs: &'a [InterfaceAddr],
     pub settings: &'a Settings,
 }
 
@@ -191,8 +204,11 @@ pub struct DesiredService<A: Addr = u32> {
     /// sessionAffinity ClientIP timeout in seconds; 0 when affinity is off.
     pub affinity_timeout_s: u32,
     /// loadBalancerSourceRanges of the family when `SVC_F_SRC_RANGES` is set: the clients
-    /// allowed on the LoadBalancer and external-IP frontends. Empty with the flag set: none.
+    /// allowed on the LoadBalancer frontends. Empty with the flag set: none.
     pub source_ranges: BTreeSet<IpCidr>,
+    /// Addresses of `frontends` that come from `spec.externalIPs` only (not also a
+    /// LoadBalancer ingress IP): `source_ranges` do not apply to them, as in kube-proxy.
+    pub external_ips: BTreeSet<A>,
     /// Endpoints (address, target port, `BE_F_LOCAL`, `BE_F_DRAINING`), one per address
     /// and port: every endpoint the slices list, whatever its conditions. The table's
     /// members are those without `BE_F_DRAINING`; the others are kept in NP_BE for the
@@ -211,6 +227,17 @@ impl<A: Addr> DesiredService<A> {
             .iter()
             .filter(|b| b.flags & BE_F_DRAINING == 0)
     }
+
+    /// The `SVC_F_*` flags of frontend `fe`: `SVC_F_SRC_RANGES` only on LoadBalancer
+    /// ingress IPs (kube-proxy filters neither nodePorts nor external IPs by
+    /// `loadBalancerSourceRanges`).
+    pub fn frontend_flags(&self, fe: &FrontendKey<A>) -> u16 {
+        if fe.addr.is_zero() || self.external_ips.contains(&fe.addr) {
+            self.flags & !SVC_F_SRC_RANGES
+        } else {
+            self.flags
+        }
+    }
 }
 
 /// The desired state of this node.
@@ -218,6 +245,9 @@ impl<A: Addr> DesiredService<A> {
 pub struct Desired {
     /// Addresses of this node that take nodePort traffic (both families).
     pub node_addrs: BTreeSet<IpAddr>,
+    /// Addresses that would take nodePort traffic but did not fit in their family's map
+    /// (`--max-node-addresses`), sorted.
+    pub node_addrs_left_out: Vec<IpAddr>,
     /// The IPv4 service ports (`id.family == Family::V4`).
     pub services: BTreeMap<ServicePortId, DesiredService>,
     /// The IPv6 service ports (`id.family == Family::V6`).
@@ -344,6 +374,69 @@ struct ParsedEndpoint {
     serving: bool,
     terminating: bool,
     local: bool,
+    /// `hints.forZones`: `None` when the endpoint has none, else whether this node's zone
+    /// is among them.
+    for_zone: Option<bool>,
+    /// `hints.forNodes`: `None` when the endpoint has none, else whether this node is
+    /// among them.
+    for_node: Option<bool>,
+}
+
+/// Which endpoints Cluster-policy traffic may use on this node, after the topology hints
+/// (kube-proxy's `topologyModeFromHints` in pkg/proxy/topology.go).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// Every endpoint (no usable hints).
+    Any,
+    /// Endpoints hinted for this node's zone.
+    SameZone,
+    /// Endpoints hinted for this node.
+    SameNode,
+}
+
+impl Topology {
+    /// The mode the ready endpoints' hints call for, as kube-proxy decides it:
+    /// - no ready endpoint: [`Topology::Any`];
+    /// - every ready endpoint has `forNodes` hints and one is hinted for this node:
+    ///   [`Topology::SameNode`] (`trafficDistribution: PreferSameNode`);
+    /// - else every ready endpoint has `forZones` hints and one is hinted for this node's
+    ///   zone: [`Topology::SameZone`] (`PreferSameZone`, `PreferClose`, topology-aware
+    ///   routing);
+    /// - else [`Topology::Any`]: one endpoint without hints, or none for this
+    ///   node/zone (a node without a zone label matches no zone), falls back to all.
+    fn of<'a>(endpoints: impl IntoIterator<Item = &'a ParsedEndpoint>) -> Topology {
+        let (mut any, mut all_node, mut for_node, mut all_zone, mut for_zone) =
+            (false, true, false, true, false);
+        for e in endpoints.into_iter().filter(|e| e.ready) {
+            any = true;
+            match e.for_node {
+                None => all_node = false,
+                Some(here) => for_node |= here,
+            }
+            match e.for_zone {
+                None => all_zone = false,
+                Some(here) => for_zone |= here,
+            }
+        }
+        if !any {
+            Topology::Any
+        } else if all_node && for_node {
+            Topology::SameNode
+        } else if all_zone && for_zone {
+            Topology::SameZone
+        } else {
+            Topology::Any
+        }
+    }
+
+    /// Whether `e` may take new flows under this mode.
+    fn admits(self, e: &ParsedEndpoint) -> bool {
+        match self {
+            Topology::Any => true,
+            Topology::SameZone => e.for_zone == Some(true),
+            Topology::SameNode => e.for_node == Some(true),
+        }
+    }
 }
 
 /// A slice port: (name, protocol, port). Name is "" when unset; protocol defaults to TCP.
@@ -377,6 +470,7 @@ fn object_name(kind: &str, ns: Option<&str>, name: Option<&str>) -> String {
 fn parse_slice<'a>(
     slice: &'a EndpointSlice,
     node_name: &str,
+    zone: &str,
     refusals: &mut Vec<Refusal>,
 ) -> Option<((&'a str, &'a str), ParsedSlice)> {
     let meta = &slice.metadata;
@@ -415,13 +509,26 @@ fn parse_slice<'a>(
             }
         };
         let c = ep.conditions.as_ref();
-        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let hints = ep.hints.as_ref();
+        // Empty hint lists count as none (kube-proxy keeps no set for them).
+        let for_zone = hints
+            .and_then(|h| h.for_zones.as_ref())
+            .filter(|z| !z.is_empty())
+            .map(|z| z.iter().any(|z| z.name == zone));
+        let for_node = hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .filter(|n| !n.is_empty())
+            .map(|n| n.iter().any(|n| n.name == node_name));
         endpoints.push(ParsedEndpoint {
             addr,
-            ready,
-            serving: c.and_then(|c| c.serving).unwrap_or(ready),
+            // Unset conditions as kube-proxy reads them (pkg/proxy/endpointslicecache.go,
+            // addEndpoints): ready and serving when unset, terminating only when set.
+            ready: c.and_then(|c| c.ready).unwrap_or(true),
+            serving: c.and_then(|c| c.serving).unwrap_or(true),
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
             local: ep.node_name.as_deref() == Some(node_name),
+            for_zone,
+            for_node,
         });
     }
     Some((
@@ -617,12 +724,16 @@ impl Claims for AllClaims<'_> {
 
 /// Computes the desired state and the refusals.
 ///
-/// Node addresses:
-/// - this node's interface addresses plus the `InternalIP` and `ExternalIP` addresses of the
+/// Node addresses ([`node_addrs::choose`]):
+/// - this node's interface addresses (except those of interfaces matching
+///   `settings.exclude_interfaces`) plus the `InternalIP` and `ExternalIP` addresses of the
 ///   Node object named `node_name`, IPv4 and IPv6 (unparsable ones are skipped silently);
 /// - when `settings.nodeport_cidrs` is not empty, only addresses inside one of them;
-/// - `0.0.0.0` and `255.255.255.255` never, nor IPv6 unspecified, loopback, multicast and
-///   link-local (fe80::/10) addresses.
+/// - never unspecified, broadcast, multicast, loopback or link-local (169.254.0.0/16,
+///   fe80::/10) addresses;
+/// - at most `settings.max_node_addrs` per family: the Node object's first, then the
+///   uplinks' (`settings.uplinks`), then the others; the rest go to
+///   [`Desired::node_addrs_left_out`].
 ///
 /// IP families:
 /// - a service's families are `spec.ipFamilies` (`IPv4`, `IPv6`, or both in either order);
@@ -646,7 +757,8 @@ impl Claims for AllClaims<'_> {
 /// - Services are considered oldest first (`creationTimestamp`, missing timestamps last,
 ///   then namespace/name), so that the oldest claim of a frontend wins.
 /// - More than `max_ports_per_service` ports, or more than `max_endpoints_per_service`
-///   endpoints in its IPv4 and IPv6 slices: the whole service is refused.
+///   endpoints in its IPv4 and IPv6 slices: the whole service is refused, the refusal
+///   naming the flag (`--max-ports-per-service`, `--max-endpoints-per-service`).
 /// - Protocol `TCP` (default) or `UDP`. `SCTP` ports are refused: the datapath passes SCTP
 ///   to the kernel stack. Other protocols are refused.
 /// - `port` must be 1-65535; an integer `targetPort` too.
@@ -666,9 +778,10 @@ impl Claims for AllClaims<'_> {
 /// - `sessionAffinity: ClientIP` sets `SVC_F_AFFINITY` with
 ///   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800, clamped to 1-86400).
 /// - A non-empty `spec.loadBalancerSourceRanges` sets `SVC_F_SRC_RANGES` (the reconciler
-///   puts it on LoadBalancer and external-IP frontends only, as kube-proxy does) with the
-///   CIDRs of the unit's family in `source_ranges`; unparsable entries are refused and
-///   allow nobody.
+///   puts it on LoadBalancer ingress IP frontends only, as kube-proxy does: nodePorts and
+///   external IPs that are not also ingress IPs stay open,
+///   [`DesiredService::frontend_flags`]) with the CIDRs of the unit's family in
+///   `source_ranges`; unparsable entries are refused and allow nobody.
 /// - `externalTrafficPolicy: Local` sets `SVC_F_LOCAL`: the Maglev table holds only
 ///   endpoints whose `nodeName` is this node ([`DesiredService::table_backends`]); the
 ///   serving endpoints of other nodes stay in `backends` (programmed in NP_BE, in no table)
@@ -684,20 +797,35 @@ impl Claims for AllClaims<'_> {
 ///   namespace and `addressType` of the unit's family (`FQDN` slices are skipped silently); an
 ///   endpoint uses its first address (the API says all addresses are fungible); an
 ///   unparsable address refuses that endpoint (named by its slice).
-/// - Ready endpoints (`ready` unset counts as ready) take new flows. If no table member is ready, endpoints that are `serving` (unset: same as `ready`) and `terminating` do.
+/// - Target port, per slice: the slice port whose name equals the service port's name
+///   (unset and `""` are equal) with the same protocol. A slice without one contributes
+///   nothing: like kube-proxy, only the EndpointSlice controller's resolution of
+///   `targetPort` counts (no fallback to a numeric `targetPort` or to a port named after
+///   a named one).
+/// - One backend per (address, target port): an address listed more than once takes its
+///   first non-terminating listing, else its first (kube-proxy's rule: a new pod that got
+///   a terminating pod's IP wins); that listing gives conditions, hints and locality.
+/// - Ready endpoints (`ready` unset counts as ready) take new flows. If no table member is
+///   ready, endpoints that are `serving` (unset counts as serving, as in kube-proxy) and
+///   `terminating` do.
+/// - Topology, under Cluster policy only: when every ready endpoint has `hints.forNodes`
+///   and one names this node, only the ready endpoints hinted for this node take new
+///   flows; otherwise when every ready endpoint has `hints.forZones` and one names this
+///   node's zone (label `topology.kubernetes.io/zone` of the Node `node_name`), only those
+///   hinted for the zone; otherwise every ready endpoint (kube-proxy's
+///   `topologyModeFromHints`). The terminating fallback ignores hints.
+///   `spec.trafficDistribution` is not read: the EndpointSlice controller turns it into
+///   hints, and kube-proxy too acts on the hints alone.
 /// - Every other listed endpoint is kept with `BE_F_DRAINING`, whatever its conditions:
 ///   the flows already on it keep it until it leaves every slice (kube-proxy leaves their
 ///   conntrack entries alone too).
-/// - Target port, per slice: the slice port whose name equals the service port's name
-///   (unset and `""` are equal) with the same protocol; otherwise, when `targetPort` is a
-///   name, the slice port of that name and protocol (no such port: the slice contributes
-///   nothing); otherwise the numeric `targetPort`, defaulting to `port`.
-/// - `BE_F_LOCAL` when the endpoint's `nodeName` is this node. One backend per
-///   (address, target port); the first one seen wins.
+/// - `BE_F_LOCAL` when the endpoint's `nodeName` is this node.
 pub fn desired(inputs: &Inputs) -> (Desired, Vec<Refusal>) {
     let mut refusals = Vec::new();
+    let addrs = node_addrs(inputs);
     let mut out = Desired {
-        node_addrs: node_addrs(inputs),
+        node_addrs: addrs.chosen,
+        node_addrs_left_out: addrs.left_out,
         ..Desired::default()
     };
     let mut plans = Vec::new();
@@ -705,7 +833,9 @@ pub fn desired(inputs: &Inputs) -> (Desired, Vec<Refusal>) {
     // EndpointSlices by (namespace, service name), parsed once.
     let mut slices: BTreeMap<(&str, &str), Vec<ParsedSlice>> = BTreeMap::new();
     for slice in inputs.slices {
-        if let Some((key, parsed)) = parse_slice(slice, inputs.node_name, &mut refusals) {
+        if let Some((key, parsed)) =
+            parse_slice(slice, inputs.node_name, node_zone(inputs), &mut refusals)
+        {
             slices.entry(key).or_default().push(parsed);
         }
     }
@@ -783,7 +913,20 @@ fn unnamed(ns: &str) -> Plan {
     }
 }
 
-fn node_addrs(inputs: &Inputs) -> BTreeSet<IpAddr> {
+/// This node's zone: the `topology.kubernetes.io/zone` label of the Node object named
+/// `node_name`; `""` without one.
+fn node_zone<'a>(inputs: &Inputs<'a>) -> &'a str {
+    inputs
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(inputs.node_name))
+        .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE))
+        .map_or("", String::as_str)
+}
+
+/// The addresses of this node that take nodePorts, and those that do not fit
+/// ([`node_addrs::choose`]).
+fn node_addrs(inputs: &Inputs) -> NodeAddrs {
     let from_node = inputs
         .nodes
         .iter()
@@ -792,15 +935,14 @@ fn node_addrs(inputs: &Inputs) -> BTreeSet<IpAddr> {
         .flatten()
         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
         .filter_map(|a| a.address.trim().parse::<IpAddr>().ok());
-    let cidrs = &inputs.settings.nodeport_cidrs;
-    inputs
-        .interface_addrs
-        .iter()
-        .copied()
-        .chain(from_node)
-        .filter(|a| usable_node_addr(*a))
-        .filter(|a| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(*a)))
-        .collect()
+    let s = inputs.settings;
+    let rules = NodeAddrRules {
+        exclude_interfaces: s.exclude_interfaces.clone(),
+        cidrs: s.nodeport_cidrs.clone(),
+        max_per_family: s.max_node_addrs,
+        uplinks: s.uplinks.clone(),
+    };
+    node_addrs::choose(inputs.interface_addrs, from_node, &rules)
 }
 
 /// What `svc` (named `ns/name`, with EndpointSlices `slices` in input order) wants, before
@@ -850,7 +992,7 @@ fn plan_service(
         refuse(
             refusals,
             format!(
-                "{} ports, more than the limit of {}",
+                "{} ports, more than the limit of {} (--max-ports-per-service)",
                 ports.len(),
                 settings.max_ports_per_service
             ),
@@ -862,7 +1004,7 @@ fn plan_service(
         refuse(
             refusals,
             format!(
-                "{n_endpoints} endpoints, more than the limit of {}",
+                "{n_endpoints} endpoints, more than the limit of {} (--max-endpoints-per-service)",
                 settings.max_endpoints_per_service
             ),
         );
@@ -912,12 +1054,19 @@ fn plan_service(
     let mut add_ip = |refusals: &mut Vec<Refusal>, field: &str, s: &str| match s.parse::<IpAddr>() {
         Ok(ip) => {
             ips.insert(ip);
+            Some(ip)
         }
-        Err(_) => refuse(refusals, format!("{field} {s:?} is not an IP address")),
+        Err(_) => {
+            refuse(refusals, format!("{field} {s:?} is not an IP address"));
+            None
+        }
     };
+    // The external IPs that are not also LoadBalancer ingress IPs: source ranges do not
+    // apply to them.
+    let mut external_ips = BTreeSet::new();
     if settings.external_ips {
         for ip in spec.external_ips.iter().flatten() {
-            add_ip(refusals, "externalIPs entry", ip);
+            external_ips.extend(add_ip(refusals, "externalIPs entry", ip));
         }
     }
     // `spec.loadBalancerIP` is a request to the load balancer controller, not an address
@@ -934,7 +1083,9 @@ fn plan_service(
                 continue;
             }
             if let Some(ip) = ing.ip.as_deref().filter(|s| !s.is_empty()) {
-                add_ip(refusals, "status.loadBalancer.ingress ip", ip);
+                if let Some(ip) = add_ip(refusals, "status.loadBalancer.ingress ip", ip) {
+                    external_ips.remove(&ip);
+                }
             }
         }
     }
@@ -972,6 +1123,7 @@ fn plan_service(
         has_node_port,
         allocate_lb_node_ports: spec.allocate_load_balancer_node_ports,
         ips: &ips,
+        external_ips: &external_ips,
         settings,
         slices,
         flags,
@@ -1097,6 +1249,8 @@ struct ServiceCtx<'a> {
     allocate_lb_node_ports: Option<bool>,
     /// LoadBalancer, loadBalancerIP and external IPs, both families.
     ips: &'a BTreeSet<IpAddr>,
+    /// The external IPs among `ips` that are not LoadBalancer ingress IPs.
+    external_ips: &'a BTreeSet<IpAddr>,
     settings: &'a Settings,
     /// The service's EndpointSlices, both families, in input order.
     slices: &'a [&'a ParsedSlice],
@@ -1161,23 +1315,16 @@ where
         return AfterId::NoFrontend;
     }
     let keys: Vec<AnyFrontend> = frontends.iter().map(|fe| (*fe).into()).collect();
-    let target = match &sp.target_port {
-        None => Target::Number(port),
-        Some(IntOrString::Int(t)) => match valid_port(*t) {
-            Some(t) => Target::Number(t),
-            None => {
-                return AfterId::Frontends {
-                    frontends: keys,
-                    service: Err(format!("targetPort {t} is not in 1-65535 ({what})")),
-                }
-            }
-        },
-        Some(IntOrString::String(s)) => match s.parse::<u16>() {
-            Ok(t) if t != 0 => Target::Number(t),
-            _ if s.is_empty() => Target::Number(port),
-            _ => Target::Name(s),
-        },
-    };
+    // The EndpointSlice controller resolves `targetPort` into the slices' ports; like
+    // kube-proxy, only those are used. A number out of range is still refused.
+    if let Some(IntOrString::Int(t)) = &sp.target_port {
+        if valid_port(*t).is_none() {
+            return AfterId::Frontends {
+                frontends: keys,
+                service: Err(format!("targetPort {t} is not in 1-65535 ({what})")),
+            };
+        }
+    }
     let local = svc.flags & SVC_F_LOCAL != 0;
     // The ranges of this family only. Should the list hold none of this family (but some
     // of the other), the flag stays set and this unit's LoadBalancer frontends allow no
@@ -1190,12 +1337,17 @@ where
         .filter(|c| c.family() == A::FAMILY)
         .copied()
         .collect();
-    let (backends, any_usable) = backends(svc.slices, port_name, protocol, &target, local);
+    let (backends, any_usable) = backends(svc.slices, port_name, protocol, local);
     let ds = DesiredService::<A> {
         frontends,
         flags: svc.flags | if any_usable { 0 } else { SVC_F_REJECT },
         affinity_timeout_s: svc.affinity_timeout_s,
         source_ranges,
+        external_ips: svc
+            .external_ips
+            .iter()
+            .filter_map(|ip| A::from_ip(*ip))
+            .collect(),
         backends,
     };
     AfterId::Frontends {
@@ -1227,72 +1379,79 @@ pub fn describe_frontend<A: RawAddr>(fe: &FrontendKey<A>) -> String {
     }
 }
 
-enum Target<'a> {
-    Number(u16),
-    Name(&'a str),
-}
-
 /// The backends of family `A` of a service port, and whether any endpoint anywhere can
 /// take new flows (ready, or serving while terminating: kube-proxy's "has endpoints",
-/// whatever the traffic policy); without one the service refuses (`SVC_F_REJECT`).
+/// whatever the traffic policy or topology); without one the service refuses
+/// (`SVC_F_REJECT`).
 fn backends<A: RawAddr>(
     slices: &[&ParsedSlice],
     port_name: &str,
     protocol: Protocol,
-    target: &Target,
     local_only: bool,
 ) -> (BTreeSet<Backend<A>>, bool) {
-    // (endpoint, target port) of every endpoint that passes the Local filter.
-    let mut candidates: Vec<(&ParsedEndpoint, u16)> = Vec::new();
+    // One endpoint per (address, target port). A slice contributes at the port whose name
+    // and protocol are the service port's (kube-proxy matches by name only; a slice
+    // without such a port contributes nothing). An address listed twice (a pod moving
+    // between slices, or a new pod given a terminating pod's IP) takes the first
+    // non-terminating listing, else the first (kube-proxy: endpointslicecache.go,
+    // addEndpoints).
+    let mut chosen: BTreeMap<(A, u16), &ParsedEndpoint> = BTreeMap::new();
     for slice in slices.iter().filter(|s| s.family == A::FAMILY) {
-        let find = |name: &str| {
-            slice
-                .ports
-                .iter()
-                .find(|p| p.name == name && p.protocol == protocol.as_str())
-                .map(|p| p.port.and_then(valid_port))
+        let Some(port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port_name && p.protocol == protocol.as_str())
+            .and_then(|p| p.port.and_then(valid_port))
+        else {
+            continue;
         };
-        let port = match (find(port_name), target) {
-            (Some(p), _) => p,
-            (None, Target::Name(n)) => find(n).flatten(),
-            (None, Target::Number(n)) => Some(*n),
-        };
-        let Some(port) = port else { continue };
-        candidates.extend(slice.endpoints.iter().map(|e| (e, port)));
+        for e in &slice.endpoints {
+            let Some(addr) = A::from_ip(e.addr) else {
+                continue;
+            };
+            chosen
+                .entry((addr, port))
+                .and_modify(|c| {
+                    if c.terminating && !e.terminating {
+                        *c = e;
+                    }
+                })
+                .or_insert(e);
+        }
     }
     // The table's members: every endpoint, or under Local this node's only.
     let member = |e: &ParsedEndpoint| e.local || !local_only;
-    let any_ready = candidates.iter().any(|(e, _)| member(e) && e.ready);
-    let any_usable = candidates
-        .iter()
-        .any(|(e, _)| e.ready || (e.serving && e.terminating));
-    // One backend per (address, port): draining only if every listing of it is.
-    let mut by_key: BTreeMap<(A, u16), u8> = BTreeMap::new();
-    for (e, port) in candidates {
-        let takes_new = if !member(e) {
-            false
-        } else if any_ready {
-            e.ready
-        } else {
-            e.serving && e.terminating
-        };
-        let Some(addr) = A::from_ip(e.addr) else {
-            continue;
-        };
-        let flags =
-            if e.local { BE_F_LOCAL } else { 0 } | if takes_new { 0 } else { BE_F_DRAINING };
-        by_key
-            .entry((addr, port))
-            .and_modify(|f| *f &= flags | !BE_F_DRAINING)
-            .or_insert(flags);
-    }
-    let backends = by_key
+    let members = || chosen.values().copied().filter(|e| member(e));
+    let any_ready = members().any(|e| e.ready);
+    // Topology hints narrow Cluster-policy traffic only (kube-proxy's
+    // CategorizeEndpoints); when no member is ready, the serving terminating ones are used
+    // whatever their hints.
+    let topology = if local_only {
+        Topology::Any
+    } else {
+        Topology::of(members())
+    };
+    let any_usable = chosen
+        .values()
+        .any(|e| e.ready || (e.serving && e.terminating));
+    let backends = chosen
         .into_iter()
-        .map(|((addr, port), flags)| Backend {
-            addr,
-            port: port.to_be(),
-            flags,
-            pad: 0,
+        .map(|((addr, port), e)| {
+            let takes_new = if !member(e) {
+                false
+            } else if any_ready {
+                e.ready && topology.admits(e)
+            } else {
+                e.serving && e.terminating
+            };
+            let flags =
+                if e.local { BE_F_LOCAL } else { 0 } | if takes_new { 0 } else { BE_F_DRAINING };
+            Backend {
+                addr,
+                port: port.to_be(),
+                flags,
+                pad: 0,
+            }
         })
         .collect();
     (backends, any_usable)
@@ -1535,13 +1694,14 @@ impl Claims for SomeClaims<'_> {
 /// `resourceVersion` as in the previous call (objects read from the API server), or, without
 /// a `resourceVersion` (or with [`Model::by_content`]), the same content. Objects are
 /// matched cheaply when they come in the same order as in the previous call (the sources
-/// sort them by namespace and name). A change of settings or node name starts over.
+/// sort them by namespace and name). A change of settings, node name or this node's zone
+/// label starts over.
 #[derive(Clone, Debug)]
 pub struct Model {
     /// Whether `resourceVersion`s identify content.
     versions: bool,
-    /// The settings and node name of the kept state.
-    config: Option<(Settings, String)>,
+    /// The settings, node name and zone of the kept state.
+    config: Option<(Settings, String, String)>,
     next_handle: u64,
     slice_slots: Vec<Slot>,
     slices: HashMap<u64, SliceRecord>,
@@ -1649,24 +1809,31 @@ impl Model {
     /// Brings the state up to `inputs`; returns the desired state and the refusals (sorted)
     /// that [`desired`] returns for them.
     pub fn update(&mut self, inputs: &Inputs) -> (&Desired, Vec<Refusal>) {
+        let zone = node_zone(inputs);
         let same = self
             .config
             .as_ref()
-            .is_some_and(|(s, n)| s == inputs.settings && n == inputs.node_name);
+            .is_some_and(|(s, n, z)| s == inputs.settings && n == inputs.node_name && z == zone);
         if !same {
             let mut changed = std::mem::take(&mut self.changed);
             let old = std::mem::take(&mut self.desired);
             changed.extend(old.services.into_keys());
             changed.extend(old.services6.into_keys());
             *self = Self {
-                config: Some((inputs.settings.clone(), inputs.node_name.to_string())),
+                config: Some((
+                    inputs.settings.clone(),
+                    inputs.node_name.to_string(),
+                    zone.to_string(),
+                )),
                 next_handle: self.next_handle,
                 changed,
                 generation: self.generation,
                 ..Self::blank(self.versions, self.id)
             };
         }
-        self.desired.node_addrs = node_addrs(inputs);
+        let addrs = node_addrs(inputs);
+        self.desired.node_addrs = addrs.chosen;
+        self.desired.node_addrs_left_out = addrs.left_out;
         let replan = self.update_objects(inputs);
         self.decide(inputs, replan);
 
@@ -1727,7 +1894,12 @@ impl Model {
             let h = self.handle();
             self.slice_slots[pos].handle = h;
             let mut refusals = Vec::new();
-            let parsed = parse_slice(&inputs.slices[pos], inputs.node_name, &mut refusals);
+            let parsed = parse_slice(
+                &inputs.slices[pos],
+                inputs.node_name,
+                node_zone(inputs),
+                &mut refusals,
+            );
             let (service, parsed) = match parsed {
                 Some(((ns, svc), p)) => (Some((ns.to_string(), svc.to_string())), p),
                 None => (None, ParsedSlice::default()),
@@ -2507,6 +2679,7 @@ spec:
             "
 metadata: {name: s-1, labels: {kubernetes.io/service-name: s}}
 addressType: IPv4
+ports: [{name: '', port: 80}]
 endpoints: [{addresses: [bogus]}, {addresses: [10.0.0.9]}]
 ",
         );
@@ -2522,6 +2695,295 @@ endpoints: [{addresses: [bogus]}, {addresses: [10.0.0.9]}]
         let s = &d.services[&id("default", "s", "", Protocol::Tcp)];
         assert_eq!(s.frontends.len(), 2);
         assert_eq!(s.backends, BTreeSet::from([be("10.0.0.9", 80, false)]));
+    }
+
+    #[test]
+    fn unset_serving_reads_as_serving() {
+        // kube-proxy: `Serving: Conditions.Serving == nil || *Conditions.Serving`. With no
+        // ready endpoint, a terminating one without `serving` takes new flows; one with
+        // `serving: false` does not.
+        let sl = slice(
+            "
+metadata: {name: web-x, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.0.0.1], conditions: {ready: false, terminating: true}}
+- {addresses: [10.0.0.2], conditions: {ready: false, serving: false, terminating: true}}
+",
+        );
+        let (d, _) = run(&[svc(WEB)], &[sl]);
+        let ds = &d.services[&id("default", "web", "http", Protocol::Tcp)];
+        assert_eq!(table(ds), BTreeSet::from([be("10.0.0.1", 8080, false)]));
+    }
+
+    #[test]
+    fn a_duplicate_endpoint_takes_its_non_terminating_listing() {
+        // 10.0.0.1 is listed by a terminating pod (another node) and by a new ready pod on
+        // this node that got its IP: the new listing wins in either slice order, local
+        // flag included.
+        let old = slice(
+            "
+metadata: {name: web-old, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.0.0.1], nodeName: node-b, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.0.0.2], nodeName: node-b}
+",
+        );
+        let new = slice(
+            "
+metadata: {name: web-new, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.0.0.1], nodeName: node-a, conditions: {ready: true}}
+",
+        );
+        let key = id("default", "web", "http", Protocol::Tcp);
+        let want = BTreeSet::from([be("10.0.0.1", 8080, true), be("10.0.0.2", 8080, false)]);
+        for slices in [[old.clone(), new.clone()], [new, old]] {
+            let (d, _) = run(&[svc(WEB)], &slices);
+            assert_eq!(d.services[&key].backends, want);
+        }
+
+        // The non-terminating listing wins even when it is not ready: with no ready
+        // endpoint left, the address is not used although its terminating listing serves.
+        let a = slice(
+            "
+metadata: {name: web-a, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}}]
+",
+        );
+        let b = slice(
+            "
+metadata: {name: web-b, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.1], conditions: {ready: false}}]
+",
+        );
+        for slices in [[a.clone(), b.clone()], [b, a]] {
+            let (d, _) = run(&[svc(WEB)], &slices);
+            assert_eq!(
+                d.services[&key].backends,
+                BTreeSet::from([draining(be("10.0.0.1", 8080, false))])
+            );
+        }
+    }
+
+    #[test]
+    fn source_ranges_leave_external_ips_open() {
+        // kube-proxy filters only LoadBalancer ingress IPs by loadBalancerSourceRanges;
+        // an address that is both an external IP and an ingress IP is filtered.
+        let s = svc("
+metadata: {name: lb, namespace: default}
+spec:
+  type: LoadBalancer
+  externalIPs: [192.0.2.1, 192.0.2.3]
+  loadBalancerSourceRanges: [198.18.0.0/24]
+  ports: [{port: 80, nodePort: 30080}]
+status:
+  loadBalancer: {ingress: [{ip: 192.0.2.2}, {ip: 192.0.2.3}]}
+");
+        let (d, r) = run(&[s], &[]);
+        assert!(r.is_empty(), "{r:?}");
+        let ds = &d.services[&id("default", "lb", "", Protocol::Tcp)];
+        let ranged = |fe: FrontendKey| ds.frontend_flags(&fe) & SVC_F_SRC_RANGES != 0;
+        assert!(!ranged(np(30080, PROTO_TCP)));
+        assert!(!ranged(ext("192.0.2.1", 80, PROTO_TCP)));
+        assert!(ranged(ext("192.0.2.2", 80, PROTO_TCP)));
+        assert!(ranged(ext("192.0.2.3", 80, PROTO_TCP)));
+    }
+
+    /// `desired` as seen from node-a, with Node objects.
+    fn run_on_node_a(
+        services: &[Service],
+        slices: &[EndpointSlice],
+        nodes: &[Node],
+    ) -> (Desired, Vec<Refusal>) {
+        desired(&Inputs {
+            services,
+            slices,
+            nodes,
+            node_name: "node-a",
+            interface_addrs: &[],
+            settings: &Settings::default(),
+        })
+    }
+
+    fn zoned_node(name: &str, zone: &str) -> Node {
+        node(&format!(
+            "metadata: {{name: {name}, labels: {{topology.kubernetes.io/zone: {zone}}}}}"
+        ))
+    }
+
+    /// A slice of `web` whose endpoints are `(address, extra YAML of the endpoint)`.
+    fn web_slice_with(name: &str, endpoints: &[(&str, &str)]) -> EndpointSlice {
+        let mut y = format!(
+            "
+metadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+"
+        );
+        for (addr, extra) in endpoints {
+            y.push_str(&format!("- {{addresses: [{addr}]{extra}}}\n"));
+        }
+        slice(&y)
+    }
+
+    fn table_addrs(d: &Desired) -> Vec<String> {
+        table(&d.services[&id("default", "web", "http", Protocol::Tcp)])
+            .iter()
+            .map(|b| addr_from_raw(b.addr).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn zone_hints_narrow_cluster_traffic_to_this_zone() {
+        let nodes = [
+            zoned_node("node-a", "zone-a"),
+            zoned_node("node-b", "zone-b"),
+        ];
+        let a = ", hints: {forZones: [{name: zone-a}]}";
+        let b = ", hints: {forZones: [{name: zone-b}]}";
+        let both = ", hints: {forZones: [{name: zone-b}, {name: zone-a}]}";
+        // Every ready endpoint hinted, some for zone-a: only those.
+        let sl = web_slice_with(
+            "web-1",
+            &[("10.0.0.1", a), ("10.0.0.2", b), ("10.0.0.3", both)],
+        );
+        let (d, _) = run_on_node_a(&[svc(WEB)], &[sl], &nodes);
+        assert_eq!(table_addrs(&d), ["10.0.0.1", "10.0.0.3"]);
+        // The others stay listed, draining.
+        assert_eq!(
+            d.services[&id("default", "web", "http", Protocol::Tcp)]
+                .backends
+                .len(),
+            3
+        );
+
+        // None for zone-a: every endpoint.
+        let sl = web_slice_with("web-1", &[("10.0.0.2", b), ("10.0.0.4", b)]);
+        let (d, _) = run_on_node_a(&[svc(WEB)], &[sl], &nodes);
+        assert_eq!(table_addrs(&d), ["10.0.0.2", "10.0.0.4"]);
+
+        // One ready endpoint without hints: every endpoint. A not-ready one without hints
+        // does not count.
+        let sl = web_slice_with("web-1", &[("10.0.0.1", a), ("10.0.0.2", "")]);
+        let (d, _) = run_on_node_a(&[svc(WEB)], &[sl], &nodes);
+        assert_eq!(table_addrs(&d), ["10.0.0.1", "10.0.0.2"]);
+        let sl = web_slice_with(
+            "web-1",
+            &[
+                ("10.0.0.1", a),
+                ("10.0.0.2", b),
+                ("10.0.0.5", ", conditions: {ready: false}"),
+            ],
+        );
+        let (d, _) = run_on_node_a(&[svc(WEB)], &[sl], &nodes);
+        assert_eq!(table_addrs(&d), ["10.0.0.1"]);
+
+        // This node without a zone label: every endpoint.
+        let sl = web_slice_with("web-1", &[("10.0.0.1", a), ("10.0.0.2", b)]);
+        let (d, _) = run_on_node_a(&[svc(WEB)], std::slice::from_ref(&sl), &[]);
+        assert_eq!(table_addrs(&d), ["10.0.0.1", "10.0.0.2"]);
+
+        // Local policy ignores hints: this node's endpoints.
+        let local = svc("
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  ports: [{name: http, port: 80, nodePort: 30080}]
+");
+        let sl = web_slice_with(
+            "web-1",
+            &[
+                (
+                    "10.0.0.1",
+                    ", nodeName: node-b, hints: {forZones: [{name: zone-a}]}",
+                ),
+                (
+                    "10.0.0.2",
+                    ", nodeName: node-a, hints: {forZones: [{name: zone-b}]}",
+                ),
+            ],
+        );
+        let (d, _) = run_on_node_a(&[local], &[sl], &nodes);
+        assert_eq!(table_addrs(&d), ["10.0.0.2"]);
+    }
+
+    #[test]
+    fn zone_hints_step_aside_for_terminating_fallback() {
+        // No ready endpoint: the serving terminating ones, whatever their hints.
+        let nodes = [zoned_node("node-a", "zone-a")];
+        let term = |z: &str| {
+            format!(
+                ", conditions: {{ready: false, serving: true, terminating: true}}, hints: {{forZones: [{{name: {z}}}]}}"
+            )
+        };
+        let (za, zb) = (term("zone-a"), term("zone-b"));
+        let sl = web_slice_with("web-1", &[("10.0.0.1", &za), ("10.0.0.2", &zb)]);
+        let (d, _) = run_on_node_a(&[svc(WEB)], &[sl], &nodes);
+        assert_eq!(table_addrs(&d), ["10.0.0.1", "10.0.0.2"]);
+    }
+
+    #[test]
+    fn node_hints_come_before_zone_hints() {
+        let nodes = [zoned_node("node-a", "zone-a")];
+        // Every ready endpoint has node hints and one names node-a: that one, though all
+        // are hinted for zone-a too.
+        let hint = |n: &str| {
+            format!(", hints: {{forNodes: [{{name: {n}}}], forZones: [{{name: zone-a}}]}}")
+        };
+        let (ha, hb) = (hint("node-a"), hint("node-b"));
+        let sl = web_slice_with("web-1", &[("10.0.0.1", &ha), ("10.0.0.2", &hb)]);
+        let (d, _) = run_on_node_a(&[svc(WEB)], &[sl], &nodes);
+        assert_eq!(table_addrs(&d), ["10.0.0.1"]);
+        // None for node-a: the zone hints decide (both zone-a).
+        let sl = web_slice_with("web-1", &[("10.0.0.1", &hb), ("10.0.0.2", &hb)]);
+        let (d, _) = run_on_node_a(&[svc(WEB)], &[sl], &nodes);
+        assert_eq!(table_addrs(&d), ["10.0.0.1", "10.0.0.2"]);
+        // One endpoint without node hints: the zone hints decide.
+        let sl = web_slice_with(
+            "web-1",
+            &[
+                ("10.0.0.1", &ha),
+                ("10.0.0.2", ", hints: {forZones: [{name: zone-a}]}"),
+                ("10.0.0.3", ", hints: {forZones: [{name: zone-b}]}"),
+            ],
+        );
+        let (d, _) = run_on_node_a(&[svc(WEB)], &[sl], &nodes);
+        assert_eq!(table_addrs(&d), ["10.0.0.1", "10.0.0.2"]);
+    }
+
+    #[test]
+    fn model_follows_a_change_of_this_nodes_zone() {
+        let a = ", hints: {forZones: [{name: zone-a}]}";
+        let b = ", hints: {forZones: [{name: zone-b}]}";
+        let sl = [web_slice_with("web-1", &[("10.0.0.1", a), ("10.0.0.2", b)])];
+        let services = [svc(WEB)];
+        let mut m = Model::new();
+        for (zone, want) in [("zone-a", "10.0.0.1"), ("zone-b", "10.0.0.2")] {
+            let nodes = [zoned_node("node-a", zone)];
+            let inputs = Inputs {
+                services: &services,
+                slices: &sl,
+                nodes: &nodes,
+                node_name: "node-a",
+                interface_addrs: &[],
+                settings: &Settings::default(),
+            };
+            let (d, _) = m.update(&inputs);
+            assert_eq!(table_addrs(d), [want], "{zone}");
+            assert_eq!(*d, desired(&inputs).0);
+        }
     }
 
     #[test]
@@ -2554,9 +3016,9 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}, {addresses: [10.0.
         assert_eq!(d.services.len(), 1);
         assert_eq!(r.len(), 2);
         assert!(r.iter().any(|r| r.object == "Service default/two"
-            && r.reason.contains("2 ports, more than the limit of 1")));
+            && r.reason == "2 ports, more than the limit of 1 (--max-ports-per-service)"));
         assert!(r.iter().any(|r| r.object == "Service default/many"
-            && r.reason.contains("3 endpoints, more than the limit of 2")));
+            && r.reason == "3 endpoints, more than the limit of 2 (--max-endpoints-per-service)"));
     }
 
     #[test]
@@ -2818,8 +3280,11 @@ spec:
   - {name: dflt, port: 82, nodePort: 30004}
   - {name: udp, port: 83, protocol: UDP, nodePort: 30005}
 ");
-        // `web` resolves by the service port name; `admin` through its targetPort name;
-        // `metrics` and `dflt` by number; `udp` must not match the TCP port named "udp".
+        // Slice ports match service ports by name and protocol only, as in kube-proxy
+        // (the EndpointSlice controller has already resolved targetPort into them): `web`
+        // takes 8080; `admin` has no slice port named "admin" (one named after its
+        // targetPort does not count); `metrics` and `dflt` have none either (no fallback
+        // to the numeric targetPort or port); `udp` must not match the TCP port "udp".
         let sl = slice(
             "
 metadata: {name: app-1, labels: {kubernetes.io/service-name: app}}
@@ -2838,45 +3303,53 @@ endpoints: [{addresses: [10.0.0.1]}]
             b.iter().map(|b| u16::from_be(b.port)).collect::<Vec<_>>()
         };
         assert_eq!(port_of("web", Protocol::Tcp), [8080]);
-        assert_eq!(port_of("metrics", Protocol::Tcp), [9100]);
-        assert_eq!(port_of("admin", Protocol::Tcp), [7070]);
-        assert_eq!(port_of("dflt", Protocol::Tcp), [82]);
-        assert_eq!(port_of("udp", Protocol::Udp), [83]);
+        assert_eq!(port_of("metrics", Protocol::Tcp), [] as [u16; 0]);
+        assert_eq!(port_of("admin", Protocol::Tcp), [] as [u16; 0]);
+        assert_eq!(port_of("dflt", Protocol::Tcp), [] as [u16; 0]);
+        assert_eq!(port_of("udp", Protocol::Udp), [] as [u16; 0]);
 
-        // Unnamed port matches an unnamed slice port; a name that resolves nowhere gives
-        // no backend.
+        // Unnamed port matches an unnamed slice port (unset and "" alike); a slice port
+        // of another name gives no backend, whatever the targetPort.
         let s = svc("
 metadata: {name: one}
 spec:
   type: NodePort
-  ports: [{port: 80, targetPort: missing, nodePort: 30010}]
+  ports: [{port: 80, targetPort: 8081, nodePort: 30010}]
 ");
-        let sl = slice(
-            "
-metadata: {name: one-1, labels: {kubernetes.io/service-name: one}}
+        for ports in ["[{name: '', port: 8081}]", "[{port: 8081}]"] {
+            let sl = slice(&format!(
+                "
+metadata: {{name: one-1, labels: {{kubernetes.io/service-name: one}}}}
 addressType: IPv4
-ports: [{name: '', port: 8081}]
-endpoints: [{addresses: [10.0.0.2]}]
-",
-        );
-        let (d, _) = run(std::slice::from_ref(&s), &[sl]);
-        let b = &d.services[&id("default", "one", "", Protocol::Tcp)].backends;
-        assert_eq!(
-            b.iter().map(|b| u16::from_be(b.port)).collect::<Vec<_>>(),
-            [8081]
-        );
-        let sl = slice(
-            "
-metadata: {name: one-1, labels: {kubernetes.io/service-name: one}}
+ports: {ports}
+endpoints: [{{addresses: [10.0.0.2]}}]
+"
+            ));
+            let (d, _) = run(std::slice::from_ref(&s), &[sl]);
+            let b = &d.services[&id("default", "one", "", Protocol::Tcp)].backends;
+            assert_eq!(
+                b.iter().map(|b| u16::from_be(b.port)).collect::<Vec<_>>(),
+                [8081],
+                "{ports}"
+            );
+        }
+        for ports in ["[{name: other, port: 8081}]", "[]"] {
+            let sl = slice(&format!(
+                "
+metadata: {{name: one-1, labels: {{kubernetes.io/service-name: one}}}}
 addressType: IPv4
-ports: [{name: other, port: 8081}]
-endpoints: [{addresses: [10.0.0.2]}]
-",
-        );
-        let (d, _) = run(&[s], &[sl]);
-        assert!(d.services[&id("default", "one", "", Protocol::Tcp)]
-            .backends
-            .is_empty());
+ports: {ports}
+endpoints: [{{addresses: [10.0.0.2]}}]
+"
+            ));
+            let (d, _) = run(std::slice::from_ref(&s), &[sl]);
+            assert!(
+                d.services[&id("default", "one", "", Protocol::Tcp)]
+                    .backends
+                    .is_empty(),
+                "{ports}"
+            );
+        }
     }
 
     #[test]
@@ -2913,14 +3386,17 @@ status:
 ",
         );
         let nodes = [n, other];
-        let ifaces: [IpAddr; 6] = [
-            "10.1.0.5".parse().unwrap(),
-            "192.168.7.1".parse().unwrap(),
-            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            "2001:db8:7::1".parse().unwrap(),
-            // Link-local and loopback IPv6 addresses never take nodePorts.
-            "fe80::1".parse().unwrap(),
-            "::1".parse().unwrap(),
+        let ifaces = [
+            InterfaceAddr::new("eth0", "10.1.0.5".parse().unwrap()),
+            InterfaceAddr::new("eth1", "192.168.7.1".parse().unwrap()),
+            InterfaceAddr::new("eth1", IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            InterfaceAddr::new("eth1", "2001:db8:7::1".parse().unwrap()),
+            // Link-local and loopback addresses never take nodePorts.
+            InterfaceAddr::new("eth1", "fe80::1".parse().unwrap()),
+            InterfaceAddr::new("eth1", "169.254.0.9".parse().unwrap()),
+            InterfaceAddr::new("lo", "::1".parse().unwrap()),
+            // Nor do the Service addresses IPVS binds to kube-ipvs0.
+            InterfaceAddr::new("kube-ipvs0", "10.96.0.1".parse().unwrap()),
         ];
         let settings = Settings::default();
         let inputs = |settings| Inputs {
@@ -2943,6 +3419,17 @@ status:
         .map(|s| s.parse().unwrap())
         .collect();
         assert_eq!(d.node_addrs, want);
+        assert!(d.node_addrs_left_out.is_empty());
+        // A map with room for one address per family keeps the Node object's first and
+        // names the rest.
+        let small = Settings {
+            max_node_addrs: 1,
+            ..Settings::default()
+        };
+        let (d, _) = desired(&inputs(&small));
+        assert_eq!(d.node_addrs.len(), 2);
+        assert!(d.node_addrs.contains(&"fd00::5".parse().unwrap()));
+        assert_eq!(d.node_addrs_left_out.len(), 3);
         let narrowed = Settings {
             nodeport_cidrs: vec![
                 "10.0.0.0/8".parse().unwrap(),
@@ -3586,6 +4073,14 @@ spec:
                     e["conditions"] = serde_json::json!({"ready": rng.below(2) == 0,
                         "serving": rng.below(2) == 0, "terminating": rng.below(2) == 0});
                 }
+                if rng.below(2) == 0 {
+                    e["hints"] = serde_json::json!({
+                        "forZones": [{"name": rng.pick(&["zone-a", "zone-b"])}]});
+                    if rng.below(3) == 0 {
+                        e["hints"]["forNodes"] =
+                            serde_json::json!([{"name": rng.pick(&["node-a", "node-b"])}]);
+                    }
+                }
                 e
             })
             .collect();
@@ -3611,7 +4106,7 @@ spec:
 
     #[test]
     fn model_matches_desired_on_random_changes() {
-        let nodes = [node(
+        let mut nodes = [node(
             "
 metadata: {name: node-a}
 status: {addresses: [{type: InternalIP, address: 10.1.0.5}]}
@@ -3704,7 +4199,11 @@ status: {addresses: [{type: InternalIP, address: 10.1.0.5}]}
                 if rng.below(30) == 0 {
                     node_name = rng.pick(&["node-a", "node-b"]);
                 }
-                let ifaces = ["192.168.7.1".parse().unwrap()];
+                if rng.below(20) == 0 {
+                    let zone = rng.pick(&["zone-a", "zone-b"]);
+                    nodes[0].metadata.labels = Some([(LABEL_ZONE.to_string(), zone.into())].into());
+                }
+                let ifaces = [InterfaceAddr::new("eth0", "192.168.7.1".parse().unwrap())];
                 let inputs = Inputs {
                     services: &services,
                     slices: &slices,

@@ -13,7 +13,6 @@ use std::fmt;
 
 use nodeport_common::{
     Backend, Backend6, FrontendKey, FrontendKey6, Ip6, Service, BACKEND_NONE, BE_F_DRAINING,
-    SVC_F_SRC_RANGES,
 };
 
 use crate::error::{Error, Result};
@@ -55,7 +54,7 @@ pub trait Maps {
     /// NP_NODEADDR6: remove an address of this node.
     fn delete_node_addr6(&mut self, addr: Ip6) -> Result<()>;
     /// NP_SRCRANGE (an IPv4 `cidr`) or NP_SRCRANGE6 (IPv6): allow `cidr` on the
-    /// LoadBalancer/external-IP frontends of `svc_id`.
+    /// LoadBalancer ingress IP frontends of `svc_id`.
     fn set_src_range(&mut self, svc_id: u32, cidr: IpCidr) -> Result<()>;
     /// NP_SRCRANGE or NP_SRCRANGE6: remove an allowed range.
     fn delete_src_range(&mut self, svc_id: u32, cidr: IpCidr) -> Result<()>;
@@ -392,18 +391,14 @@ fn build_table<A: SyncAddr>(keys: &[BeKey<A>], ids: &[u32], size: u32) -> Vec<u3
 }
 
 /// The NP_SVC value of frontend `fe` of a service port programmed as `st`, wanting `ds`.
-/// Source ranges apply to LoadBalancer and external IPs, not to nodePorts (as kube-proxy).
+/// Source ranges apply to LoadBalancer IPs only ([`DesiredService::frontend_flags`]).
 fn service_value<A: SyncAddr>(
     st: &SvcState<A>,
     ds: &DesiredService<A>,
     fe: &FrontendKey<A>,
 ) -> Service {
     let region = st.table.as_ref().map(|t| t.region);
-    let flags = if fe.addr.is_zero() {
-        ds.flags & !SVC_F_SRC_RANGES
-    } else {
-        ds.flags
-    };
+    let flags = ds.frontend_flags(fe);
     Service {
         table_off: region.map_or(0, |r| r.offset),
         table_size: region.map_or(0, |r| r.size),
@@ -1903,7 +1898,9 @@ impl<A: SyncAddr> FamilyState<A> {
 mod tests {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-    use nodeport_common::{BACKEND_NONE, BE_F_LOCAL, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY};
+    use nodeport_common::{
+        BACKEND_NONE, BE_F_LOCAL, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_SRC_RANGES,
+    };
 
     use super::*;
     use crate::family::{addr6_raw, addr_raw};
@@ -2368,6 +2365,7 @@ mod tests {
             flags: 0,
             affinity_timeout_s: 0,
             source_ranges: BTreeSet::new(),
+            external_ips: BTreeSet::new(),
             backends: backends.iter().copied().collect(),
         }
     }
@@ -2405,6 +2403,7 @@ mod tests {
             flags: 0,
             affinity_timeout_s: 0,
             source_ranges: BTreeSet::new(),
+            external_ips: BTreeSet::new(),
             backends: backends.iter().copied().collect(),
         }
     }
@@ -2462,12 +2461,7 @@ mod tests {
                 let v = A::frontends(m)
                     .get(fe)
                     .unwrap_or_else(|| panic!("{id}: frontend {fe:?} missing"));
-                let flags = if fe.addr.is_zero() {
-                    ds.flags & !SVC_F_SRC_RANGES
-                } else {
-                    ds.flags
-                };
-                assert_eq!(v.flags, flags, "{id}");
+                assert_eq!(v.flags, ds.frontend_flags(fe), "{id}");
                 assert_eq!(v.affinity_timeout_s, ds.affinity_timeout_s, "{id}");
                 assert_eq!(v.table_size, maglev::table_size(keys.len()), "{id}");
                 assert_eq!(

@@ -183,8 +183,8 @@ pub struct FrontendKey<A: Addr = u32> {
 pub const SVC_F_LOCAL: u16 = 1 << 0;
 /// Service flag: sessionAffinity ClientIP.
 pub const SVC_F_AFFINITY: u16 = 1 << 1;
-/// Frontend flag: a LoadBalancer or external IP frontend whose clients must match one of
-/// the service's loadBalancerSourceRanges (NP_SRCRANGE). Never set on nodePorts.
+/// Frontend flag: a LoadBalancer ingress IP frontend whose clients must match one of
+/// the service's loadBalancerSourceRanges (NP_SRCRANGE). Never set on nodePorts or external IPs.
 pub const SVC_F_SRC_RANGES: u16 = 1 << 2;
 /// Service flag: the service has no endpoint anywhere (none ready, none serving while
 /// terminating): new flows are refused, not dropped (kube-proxy's REJECT). Under Local

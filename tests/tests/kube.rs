@@ -870,3 +870,112 @@ fn other_proxies_services_and_headless_slices_are_left_alone() {
     }
     kb.check_agents();
 }
+
+/// The zone of each node in [`zone_hints_keep_cluster_traffic_in_the_zone`].
+const ZONES: [(&str, &str); 2] = [("node1", "zone-a"), ("node2", "zone-b")];
+
+/// `slices` with each endpoint hinted for the zone `zone_of` gives its pod.
+fn hinted(slices: &[EndpointSlice], zone_of: impl Fn(&str) -> &'static str) -> Vec<EndpointSlice> {
+    use k8s_openapi::api::discovery::v1::{EndpointHints, ForZone};
+    let mut out = slices.to_vec();
+    for s in &mut out {
+        for e in &mut s.endpoints {
+            let pod = e
+                .target_ref
+                .as_ref()
+                .and_then(|r| r.name.clone())
+                .expect("endpoint names its pod");
+            e.hints = Some(EndpointHints {
+                for_zones: Some(vec![ForZone {
+                    name: zone_of(&pod).into(),
+                }]),
+                for_nodes: None,
+            });
+        }
+    }
+    out
+}
+
+/// Topology hints as kube-proxy applies them to Cluster-policy traffic: node1 is in
+/// zone-a, node2 in zone-b (Node label `topology.kubernetes.io/zone`). With pa1 (node1)
+/// and pb1 (node2) hinted for zone-a and pa2 for zone-b, node1 sends to pa1 and pb1 only
+/// (pb1 across nodes: a zone, not the node) and node2 to pa2 only. With every endpoint
+/// hinted for zone-b, zone-a has none and node1 falls back to all three.
+#[test]
+fn zone_hints_keep_cluster_traffic_in_the_zone() {
+    if !require_root() {
+        return;
+    }
+    let mut kb = KubeBed::start();
+    if let Err(e) = kb.tb.wait_for_service(WAIT) {
+        panic!("{e}\n{}", kb.diag());
+    }
+    let m = kb.tb.manifests().clone();
+    for n in &m.nodes {
+        let mut node: v1::Node = parse(&n.to_yaml());
+        let zone = ZONES
+            .iter()
+            .find(|(name, _)| *name == n.name)
+            .map(|(_, z)| *z)
+            .expect("a zone for every node");
+        node.metadata
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert("topology.kubernetes.io/zone".into(), zone.into());
+        kb.api.apply(&node).expect("label the Node with its zone");
+    }
+    let (_, slices) = service_objects(&m);
+    let every = names(&["pa1", "pa2", "pb1"]);
+    // Waits until the backends reached through each node are `want` (all of them, over
+    // CONNS connections each); panics with what was reached.
+    let settle = |kb: &KubeBed, want: &[(&str, BTreeSet<String>)], what: &str| {
+        let mut last = BTreeMap::new();
+        let ok = poll_until(WAIT, Duration::from_millis(500), || {
+            last = kb.reached(FIRST_PORT, CONNS, what);
+            want.iter()
+                .all(|(node, pods)| last[*node].keys().cloned().collect::<BTreeSet<_>>() == *pods)
+        });
+        assert!(ok, "{what}: reached {last:?}, want {want:?}\n{}", kb.diag());
+    };
+
+    let by_zone = |pod: &str| if pod == "pa2" { "zone-b" } else { "zone-a" };
+    let narrowed = [
+        ("node1", names(&["pa1", "pb1"])),
+        ("node2", names(&["pa2"])),
+    ];
+    let apply = |kb: &KubeBed, slices: Vec<EndpointSlice>| {
+        for s in slices {
+            kb.api.apply(&s).expect("update the slice");
+        }
+    };
+    apply(&kb, hinted(&slices, by_zone));
+    settle(&kb, &narrowed, "hints for both zones");
+
+    // One ready endpoint without hints: hints are ignored everywhere.
+    let mut partly = hinted(&slices, by_zone);
+    for s in &mut partly {
+        for e in &mut s.endpoints {
+            if e.target_ref.as_ref().and_then(|r| r.name.as_deref()) == Some("pb1") {
+                e.hints = None;
+            }
+        }
+    }
+    apply(&kb, partly);
+    settle(
+        &kb,
+        &[("node1", every.clone()), ("node2", every.clone())],
+        "pb1 without hints",
+    );
+
+    // Hinted again; then no endpoint for zone-a: node1 falls back to them all (node2's
+    // zone-b has them all).
+    apply(&kb, hinted(&slices, by_zone));
+    settle(&kb, &narrowed, "hints for both zones again");
+    apply(&kb, hinted(&slices, |_| "zone-b"));
+    settle(
+        &kb,
+        &[("node1", every.clone()), ("node2", every)],
+        "no hint for zone-a",
+    );
+    kb.check_agents();
+}

@@ -130,10 +130,13 @@ fn source_ranges_guard_the_load_balancer_ips_only() {
         )
         .expect("write manifest")
     };
-    tb.cluster()
-        .client()
-        .ip("route add 198.18.0.100/32 via 198.18.0.11");
+    for ip in ["198.18.0.100", "198.18.0.101"] {
+        tb.cluster()
+            .client()
+            .ip(&format!("route add {ip}/32 via 198.18.0.11"));
+    }
     let lb: SocketAddr = "198.18.0.100:8080".parse().unwrap();
+    let external_ip: SocketAddr = "198.18.0.101:8080".parse().unwrap();
     let node_port: SocketAddr = "198.18.0.11:31080".parse().unwrap();
     let answers = |addr: SocketAddr| client::http_get(tb.cluster().client(), addr).is_ok();
     let wait = |addr: SocketAddr, want: bool| {
@@ -151,7 +154,8 @@ fn source_ranges_guard_the_load_balancer_ips_only() {
         tb.agent_logs()
     );
 
-    // A list without the client: the LB IP drops it (counted), the nodePort does not.
+    // A list without the client: the LB IP drops it (counted), the nodePort and the
+    // external IP do not (kube-proxy filters LoadBalancer IPs only).
     write(&["198.18.200.0/24"]);
     assert!(
         wait(lb, false),
@@ -161,6 +165,11 @@ fn source_ranges_guard_the_load_balancer_ips_only() {
     assert!(
         answers(node_port),
         "source ranges must not apply to the nodePort"
+    );
+    assert!(
+        answers(external_ip),
+        "source ranges must not apply to the external IP\n{}",
+        tb.agent_logs()
     );
     assert!(
         tb.counter("node1", "drop_source_range") > 0,
