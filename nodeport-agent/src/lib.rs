@@ -4,6 +4,7 @@ pub mod error;
 pub mod family;
 pub mod hcnp;
 pub mod health;
+pub mod ifaddrs;
 pub mod inspect;
 pub mod kube_source;
 pub mod links;

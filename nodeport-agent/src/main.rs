@@ -17,9 +17,11 @@ use nodeport_agent::{
         XdpAttachMode,
     },
     family::RawAddr,
-    hcnp, health, inspect,
+    hcnp, health,
+    ifaddrs::{interface_addrs, snat_sources},
+    inspect,
     kube_source::{self, KubeStats, WatchOptions},
-    links::{self, DatapathLinks, Event as LinkEvent, Links},
+    links::{DatapathLinks, Event as LinkEvent, Links},
     manifests,
     metrics::Metrics,
     model::{self, Inputs, IpCidr, Refusal, Settings},
@@ -27,7 +29,7 @@ use nodeport_agent::{
     serve::{self, Health, Shared},
     sync::Reconciler,
 };
-use nodeport_common::{maps as m, Config, Ip6, CFG_F_DEBUG};
+use nodeport_common::{maps as m, Config, CFG_F_DEBUG};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -289,58 +291,6 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-}
-
-/// The IPv4 or IPv6 address of an interface address entry.
-fn ifaddr_ip(ifa: &nix::ifaddrs::InterfaceAddress) -> Option<IpAddr> {
-    let a = ifa.address.as_ref()?;
-    a.as_sockaddr_in()
-        .map(|sin| IpAddr::V4(sin.ip()))
-        .or_else(|| a.as_sockaddr_in6().map(|sin6| IpAddr::V6(sin6.ip())))
-}
-
-/// IPv4 and IPv6 addresses of this network namespace's interfaces, with their interface
-/// (the model chooses among them: [`node_addrs::choose`]).
-fn interface_addrs() -> Vec<InterfaceAddr> {
-    let mut out: Vec<InterfaceAddr> = nix::ifaddrs::getifaddrs()
-        .map(|it| {
-            it.filter_map(|ifa| {
-                Some(InterfaceAddr::new(
-                    ifa.interface_name.clone(),
-                    ifaddr_ip(&ifa)?,
-                ))
-            })
-            .collect()
-        })
-        .unwrap_or_default();
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// (interface, address) of every IPv4 and IPv6 address in this network namespace.
-fn named_interface_addrs() -> Vec<(String, IpAddr)> {
-    nix::ifaddrs::getifaddrs()
-        .into_iter()
-        .flatten()
-        .filter_map(|ifa| Some((ifa.interface_name.clone(), ifaddr_ip(&ifa)?)))
-        .collect()
-}
-
-/// The SNAT sources (IPv4, IPv6) for LoadBalancer/external IP frontends that are not node
-/// addresses, from the configured interfaces' addresses now (see [`links::snat_source`]);
-/// an interface excluded by `--exclude-interfaces` is never one.
-fn snat_sources(interfaces: &[String], exclude: &InterfacePatterns) -> (u32, Ip6) {
-    let addrs = named_interface_addrs();
-    let usable: Vec<String> = interfaces
-        .iter()
-        .filter(|i| !exclude.matches(i))
-        .cloned()
-        .collect();
-    (
-        links::snat_source(&usable, &addrs),
-        links::snat_source(&usable, &addrs),
-    )
 }
 
 /// Checks the configured interfaces (see [`Links::poll`]), logs each transition and
