@@ -118,15 +118,14 @@ fn check(mut sum: u64) -> [u8; 2] {
 }
 
 /// An IPv4 header without options: total length `tot_len`, protocol `proto`, with its
-/// checksum. `tos` 0xc0 (internetwork control) for ICMP errors, as Linux sends them.
+/// checksum. As Linux sends them: a reset with don't-fragment set, an ICMP error without
+/// it and with `tos` 0xc0 (internetwork control).
 #[inline(always)]
-fn ipv4(h: &mut [u8], tos: u8, tot_len: u16, proto: u8, src: [u8; 4], dst: [u8; 4]) {
+fn ipv4(h: &mut [u8], icmp: bool, tot_len: u16, proto: u8, src: [u8; 4], dst: [u8; 4]) {
     let len = tot_len.to_be_bytes();
-    put(
-        h,
-        0,
-        &[0x45, tos, len[0], len[1], 0, 0, 0, 0, TTL, proto, 0, 0],
-    );
+    let (tos, df) = if icmp { (0xc0, 0) } else { (0, 0x40) };
+    let head = [0x45, tos, len[0], len[1], 0, 0, df, 0, TTL, proto, 0, 0];
+    put(h, 0, &head);
     put(h, 12, &src);
     put(h, 16, &dst);
     let c = check(add_bytes(0, &h[..IPV4_HLEN]));
@@ -277,7 +276,7 @@ pub fn rst4(f: &mut [u8; RST4_FRAME]) {
     let t = L3 + IPV4_HLEN;
     let r = RstFields::answer(&f[t..], tcp_data_len(l4, &f[t..]));
     let len = (IPV4_HLEN + TCP_HLEN) as u16;
-    ipv4(&mut f[L3..t], 0, len, PROTO_TCP, frontend, client);
+    ipv4(&mut f[L3..t], false, len, PROTO_TCP, frontend, client);
     r.write(
         &mut f[t..],
         pseudo(&frontend, &client, PROTO_TCP, TCP_HLEN as u32),
@@ -310,7 +309,7 @@ pub fn unreach4(f: &mut [u8; UNREACH4_FRAME], macs: &[u8; 12]) {
     eth_back(f, macs, 0x0800);
     let (client, frontend) = (addr4(f, Q + 12), addr4(f, Q + 16));
     let tot = (UNREACH4_FRAME - L3) as u16;
-    ipv4(&mut f[L3..I], 0xc0, tot, PROTO_ICMP, frontend, client);
+    ipv4(&mut f[L3..I], true, tot, PROTO_ICMP, frontend, client);
     put(f, I, &[3, 3, 0, 0, 0, 0, 0, 0]);
     let c = check(add_bytes(0, &f[I..]));
     put(f, I + 2, &c);
@@ -351,7 +350,7 @@ mod tests {
     /// An IPv4 header (client to frontend) of `proto` carrying `l4_len` bytes.
     fn ip4(proto: u8, l4_len: u16) -> [u8; 20] {
         let mut h = [0u8; 20];
-        ipv4(&mut h, 0, 20 + l4_len, proto, C4, F4);
+        ipv4(&mut h, false, 20 + l4_len, proto, C4, F4);
         h
     }
 

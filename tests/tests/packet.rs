@@ -17,7 +17,7 @@ use nodeport_agent::{
 };
 use nodeport_common::{
     maps as m, Backend, Backend6, Config, FrontendKey, FrontendKey6, Service, BE_F_LOCAL,
-    PROTO_TCP, PROTO_UDP,
+    PROTO_TCP, PROTO_UDP, SVC_F_REJECT,
 };
 use tests::netns::{require_root, run_in, Netns, NodeLan};
 
@@ -761,6 +761,91 @@ fn fib_outcomes() {
         none,
         "drop_no_backend"
     );
+}
+
+/// A service with no endpoint anywhere (`SVC_F_REJECT`): a SYN gets a RST and a datagram
+/// an ICMP port unreachable, from the frontend back to the client, out of the receiving
+/// interface (XDP_TX; a redirect in TC); anything else is dropped. Expected frames built by
+/// etherparse with every checksum computed from scratch.
+#[test]
+fn services_without_endpoints_refuse_from_the_frontend() {
+    let Some(mut env) = setup() else {
+        return;
+    };
+    for proto in [PROTO_TCP, PROTO_UDP] {
+        let key = FrontendKey {
+            addr: 0,
+            port: 30085u16.to_be(),
+            proto,
+            pad: 0,
+        };
+        let svc = Service {
+            svc_id: 20 + proto as u32,
+            flags: SVC_F_REJECT,
+            ..Default::default()
+        };
+        env.dp.set_service(&key, &svc).expect("set service");
+    }
+    let (client, frontend) = ((CLIENT, 40005), (NODE1, 30085));
+    // A SYN carrying 18 bytes (as TCP Fast Open would): RST|ACK for seq 1000 + 18 + 1.
+    let syn = tcp(CLIENT_MAC, NODE1_MAC, client, frontend, 64, true);
+    let mut rst = Vec::new();
+    PacketBuilder::ethernet2(NODE1_MAC, CLIENT_MAC)
+        .ipv4(NODE1, CLIENT, 64)
+        .tcp(30085, 40005, 0, 0)
+        .rst()
+        .ack(1019)
+        .write(&mut rst, &[])
+        .unwrap();
+    for (prog, verdict) in [("xdp", XDP_TX), ("np_tc_in", TC_ACT_REDIRECT)] {
+        case!(
+            env,
+            &format!("SYN, {prog}"),
+            prog,
+            syn.clone(),
+            verdict,
+            rst.clone(),
+            "reject_no_endpoints"
+        );
+    }
+    // A segment of no open flow that is not a SYN: dropped, never answered.
+    let ack = tcp(CLIENT_MAC, NODE1_MAC, client, frontend, 64, false);
+    case!(
+        env,
+        "ACK",
+        "xdp",
+        ack.clone(),
+        XDP_DROP,
+        ack,
+        "drop_no_backend"
+    );
+
+    // A datagram: port unreachable quoting its IP header and UDP header; TOS 0xc0 and no
+    // don't-fragment, as Linux sends ICMP errors.
+    let dgram = udp(CLIENT_MAC, NODE1_MAC, client, frontend, 64);
+    let mut unreach = icmp_unreach(
+        NODE1_MAC,
+        CLIENT_MAC,
+        (NODE1, CLIENT),
+        64,
+        None,
+        &dgram[..42],
+    );
+    unreach[15] = 0xc0;
+    unreach[20] &= !0x40;
+    fix_ip_csum(&mut unreach);
+    for (prog, verdict) in [("xdp", XDP_TX), ("np_tc_in", TC_ACT_REDIRECT)] {
+        let name = format!("datagram, {prog}");
+        case!(
+            env,
+            &name,
+            prog,
+            dgram.clone(),
+            verdict,
+            unreach.clone(),
+            "reject_no_endpoints"
+        );
+    }
 }
 
 #[test]
