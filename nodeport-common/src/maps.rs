@@ -4,6 +4,11 @@
 /// IP protocol numbers used in keys.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// TCP header flags (byte 13 of the header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// An IPv6 address as four raw network-order words (`u32::from_ne_bytes` of each group of
 /// four octets), the way the datapath reads it from packet memory.

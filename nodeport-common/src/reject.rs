@@ -68,14 +68,11 @@ impl RejectBucket {
     }
 }
 
+use crate::{PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
 const PROTO_ICMP: u8 = 1;
-const PROTO_TCP: u8 = 6;
 const PROTO_ICMP6: u8 = 58;
 const TTL: u8 = 64;
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
 
 /// Write `src` into `f` at `at`, a volatile byte at a time: LLVM then cannot merge the
 /// stores into a `memcpy`/`memset` call, whose loop does pointer arithmetic the verifier

@@ -26,10 +26,7 @@ pub const TCP_FLAGS: usize = 13;
 pub const TCP_CHECK: usize = 16;
 pub const UDP_CHECK: usize = 6;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+pub use nodeport_common::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// Transport offsets when the IP header has its minimal form (IPv4 without options, IPv6
 /// without extension headers): the only shape XDP translates. Unprivileged-Spectre rules

@@ -439,6 +439,52 @@ pub fn write_atomic(dir: &Path, name: &str, content: &str) -> io::Result<()> {
     fs::rename(&tmp, dir.join(name))
 }
 
+/// `default/lb-svc`: a LoadBalancer Service (ingress IP 198.18.0.100, external IP
+/// 198.18.0.101, port 8080, nodePort 31080) with one endpoint on each node (pa1 on node1,
+/// pb1 on node2), as a manifests-folder file.
+pub const LB_SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: lb-svc
+  namespace: default
+spec:
+  type: LoadBalancer
+  selector:
+    app: lb
+  externalIPs: [198.18.0.101]
+  ports:
+  - name: web
+    protocol: TCP
+    port: 8080
+    targetPort: 80
+    nodePort: 31080
+status:
+  loadBalancer:
+    ingress:
+    - ip: 198.18.0.100
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: lb-svc-1
+  namespace: default
+  labels:
+    kubernetes.io/service-name: lb-svc
+addressType: IPv4
+ports:
+- name: web
+  protocol: TCP
+  port: 80
+endpoints:
+- addresses: [198.19.1.10]
+  conditions: {ready: true}
+  nodeName: node1
+- addresses: [198.19.2.10]
+  conditions: {ready: true}
+  nodeName: node2
+";
+
 #[cfg(test)]
 mod tests {
     use serde_yaml::Value;

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use tests::{
     client,
-    manifests::{write_atomic, IpFamily},
+    manifests::{write_atomic, IpFamily, LB_SERVICE},
     netns::require_root,
     testbed::{
         all_ok, assert_cluster_policy_addresses, backends, default_agent_path, echo_path, names,
@@ -17,49 +17,6 @@ use tests::{
 fn echo_bin() -> PathBuf {
     echo_path(env!("CARGO_BIN_EXE_np-echo"))
 }
-
-const LB_SERVICE: &str = "\
-apiVersion: v1
-kind: Service
-metadata:
-  name: lb-svc
-  namespace: default
-spec:
-  type: LoadBalancer
-  selector:
-    app: lb
-  externalIPs: [198.18.0.101]
-  ports:
-  - name: web
-    protocol: TCP
-    port: 8080
-    targetPort: 80
-    nodePort: 31080
-status:
-  loadBalancer:
-    ingress:
-    - ip: 198.18.0.100
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: lb-svc-1
-  namespace: default
-  labels:
-    kubernetes.io/service-name: lb-svc
-addressType: IPv4
-ports:
-- name: web
-  protocol: TCP
-  port: 80
-endpoints:
-- addresses: [198.19.1.10]
-  conditions: {ready: true}
-  nodeName: node1
-- addresses: [198.19.2.10]
-  conditions: {ready: true}
-  nodeName: node2
-";
 
 #[test]
 fn load_balancer_and_external_ips_are_frontends_on_the_service_port() {

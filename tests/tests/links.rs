@@ -16,7 +16,7 @@ use std::{
 use tests::{
     client,
     cluster::IpFamily,
-    manifests::write_atomic,
+    manifests::{write_atomic, LB_SERVICE},
     netns::{require_root, run_in},
     testbed::{
         all_ok, assert_cluster_policy_addresses, backends, default_agent_path, echo_path,
@@ -70,50 +70,6 @@ endpoints:
 - addresses: [198.19.1.10]
   conditions: {ready: true}
   nodeName: node1
-";
-
-/// A LoadBalancer service on 198.18.0.100:8080 (not a node address: remote backends get
-/// the SNAT source), endpoints pa1 on node1 and pb1 on node2.
-const LB_SERVICE: &str = "\
-apiVersion: v1
-kind: Service
-metadata:
-  name: lb-svc
-  namespace: default
-spec:
-  type: LoadBalancer
-  selector:
-    app: lb
-  ports:
-  - name: web
-    protocol: TCP
-    port: 8080
-    targetPort: 80
-    nodePort: 31080
-status:
-  loadBalancer:
-    ingress:
-    - ip: 198.18.0.100
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: lb-svc-1
-  namespace: default
-  labels:
-    kubernetes.io/service-name: lb-svc
-addressType: IPv4
-ports:
-- name: web
-  protocol: TCP
-  port: 80
-endpoints:
-- addresses: [198.19.1.10]
-  conditions: {ready: true}
-  nodeName: node1
-- addresses: [198.19.2.10]
-  conditions: {ready: true}
-  nodeName: node2
 ";
 
 /// The status code of `GET path` on 127.0.0.1:`port` inside `node`'s namespace; `None`
