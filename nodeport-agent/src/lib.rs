@@ -11,6 +11,7 @@ pub mod maglev;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod node_addrs;
 pub mod serve;
 pub mod sync;
