@@ -204,12 +204,15 @@ fn pinned_link_ifindex(path: &Path) -> Result<u32> {
     use std::os::unix::ffi::OsStrExt as _;
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // The kernel refuses (EINVAL) an attr whose bytes after the command's last field are
+    // not zero (kernel/bpf/syscall.c CHECK_ATTR): the tail padding is an explicit zero.
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
         path_fd: i32,
+        pad: u32,
     }
     #[repr(C)]
     struct InfoByFd {
@@ -225,6 +228,7 @@ fn pinned_link_ifindex(path: &Path) -> Result<u32> {
         bpf_fd: 0,
         file_flags: 0,
         path_fd: 0,
+        pad: 0,
     };
     // SAFETY: BPF_OBJ_GET reads `get` (and the path it points to, alive here) and returns
     // a new fd, owned below.

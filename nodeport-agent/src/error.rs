@@ -86,8 +86,10 @@ pub enum Error {
         source: Box<Error>,
     },
     /// An NP_SRCRANGE entry could not be written or deleted.
-    #[error("loadBalancerSourceRanges entry {range} of service id {svc_id}")]
+    #[error("{service} (service id {svc_id}): loadBalancerSourceRanges entry {range}: {source}")]
     SourceRange {
+        /// The service port, e.g. `default/web:http/TCP`.
+        service: String,
         svc_id: u32,
         range: String,
         #[source]

@@ -1,6 +1,7 @@
 //! `nodeport-agent inspect`: what the pinned maps hold, for people (tables) and scripts
 //! (`--json`), with no agent running. The views are built from plain map contents by pure
-//! functions; `datapath::MapReader` does the reading.
+//! functions; `datapath::MapReader` does the reading, and the service names beside the
+//! `svc_id`s come from the names the agent keeps in the pin directory ([`crate::names`]).
 
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
@@ -31,6 +32,20 @@ pub fn frontend_name<A: RawAddr>(fe: &FrontendKey<A>) -> String {
     format!("{addr}/{}", proto(fe.proto))
 }
 
+/// The names of the `svc_id`s ([`crate::names::read`]); `None`: the pin directory has none
+/// (an agent from before they were written).
+pub type Names = Option<BTreeMap<u32, String>>;
+
+/// The name of `svc_id`, e.g. `default/web:http/TCP` (`None`: not known).
+fn service_name(names: &Names, svc_id: u32) -> Option<String> {
+    names.as_ref()?.get(&svc_id).cloned()
+}
+
+/// A name for the tables: `?` when unknown.
+fn or_unknown(name: &Option<String>) -> &str {
+    name.as_deref().unwrap_or("?")
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BackendView {
     pub id: u32,
@@ -46,17 +61,21 @@ pub struct FrontendView {
     /// `IPv4` or `IPv6`.
     pub family: &'static str,
     pub svc_id: u32,
+    /// The service port, `namespace/name[:port]/protocol[/IPv6]`; `null` when the agent
+    /// left no name for this id.
+    pub service: Option<String>,
     pub policy: &'static str,
     pub affinity: bool,
     pub table_size: u32,
     pub backends: Vec<BackendView>,
 }
 
-/// Frontends of one family with their backends (NP_SVC with NP_BE, or NP_SVC6 with NP_BE6);
-/// `slots(offset, len)` reads a service's table.
+/// Frontends of one family with their backends (NP_SVC with NP_BE, or NP_SVC6 with NP_BE6)
+/// and service names; `slots(offset, len)` reads a service's table.
 pub fn frontends<A: RawAddr>(
     services: &[(FrontendKey<A>, Service)],
     backends: &[(u32, Backend<A>)],
+    names: &Names,
     mut slots: impl FnMut(u32, u32) -> Vec<u32>,
 ) -> Vec<FrontendView> {
     let by_id: BTreeMap<u32, &Backend<A>> = backends.iter().map(|(id, b)| (*id, b)).collect();
@@ -94,6 +113,7 @@ pub fn frontends<A: RawAddr>(
                 frontend: frontend_name(fe),
                 family: A::FAMILY.as_str(),
                 svc_id: svc.svc_id,
+                service: service_name(names, svc.svc_id),
                 policy: if svc.flags & SVC_F_LOCAL != 0 {
                     "Local"
                 } else {
@@ -119,6 +139,8 @@ pub struct FlowView {
     pub via: String,
     pub backend_id: u32,
     pub svc_id: u32,
+    /// The service port, as in [`FrontendView::service`].
+    pub service: Option<String>,
     pub state: &'static str,
     /// Seconds since the flow's last packet.
     pub idle_s: u64,
@@ -133,11 +155,12 @@ pub struct FlowFilter {
     pub client: Option<IpAddr>,
 }
 
-/// Conntrack entries of one family (NP_CT or NP_CT6) matching `filter`; `now_ns` is
-/// CLOCK_MONOTONIC_COARSE.
+/// Conntrack entries of one family (NP_CT or NP_CT6) matching `filter`, with their
+/// service names; `now_ns` is CLOCK_MONOTONIC_COARSE.
 pub fn flows<A: RawAddr>(
     entries: &[(FlowKey<A>, CtEntry<A>)],
     filter: &FlowFilter,
+    names: &Names,
     now_ns: u64,
 ) -> Vec<FlowView> {
     let mut out: Vec<FlowView> = entries
@@ -155,6 +178,7 @@ pub fn flows<A: RawAddr>(
             via: endpoint_name(v.nat_addr, v.nat_port),
             backend_id: v.backend_id,
             svc_id: v.svc_id,
+            service: service_name(names, v.svc_id),
             state: if v.flags & CT_F_CLOSING != 0 {
                 "closing"
             } else if v.flags & CT_F_SYN_ONLY != 0 {
@@ -176,8 +200,8 @@ pub fn frontends_table(views: &[FrontendView]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<24} {:>6} {:<8} {:>6}  BACKENDS (id address slots)",
-        "FRONTEND", "SVC", "POLICY", "SLOTS"
+        "{:<24} {:>6} {:<32} {:<8} {:>6}  BACKENDS (id address slots)",
+        "FRONTEND", "SVC", "SERVICE", "POLICY", "SLOTS"
     );
     for v in views {
         let bes: Vec<String> = v
@@ -205,8 +229,13 @@ pub fn frontends_table(views: &[FrontendView]) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<24} {:>6} {:<8} {:>6}  {}",
-            v.frontend, v.svc_id, policy, v.table_size, bes
+            "{:<24} {:>6} {:<32} {:<8} {:>6}  {}",
+            v.frontend,
+            v.svc_id,
+            or_unknown(&v.service),
+            policy,
+            v.table_size,
+            bes
         );
     }
     s
@@ -217,14 +246,21 @@ pub fn flows_table(views: &[FlowView]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<5} {:<22} {:<22} {:<22} {:<22} {:<8} {:>6}",
-        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "VIA", "STATE", "IDLE"
+        "{:<5} {:<22} {:<22} {:<32} {:<22} {:<22} {:<8} {:>6}",
+        "PROTO", "CLIENT", "FRONTEND", "SERVICE", "BACKEND", "VIA", "STATE", "IDLE"
     );
     for v in views {
         let _ = writeln!(
             s,
-            "{:<5} {:<22} {:<22} {:<22} {:<22} {:<8} {:>5}s",
-            v.protocol, v.client, v.frontend, v.backend, v.via, v.state, v.idle_s
+            "{:<5} {:<22} {:<22} {:<32} {:<22} {:<22} {:<8} {:>5}s",
+            v.protocol,
+            v.client,
+            v.frontend,
+            or_unknown(&v.service),
+            v.backend,
+            v.via,
+            v.state,
+            v.idle_s
         );
     }
     s
@@ -355,7 +391,7 @@ mod tests {
                 },
             ),
         ];
-        let views = frontends(&[(fe, svc)], &bes, |off, len| {
+        let views = frontends(&[(fe, svc)], &bes, &None, |off, len| {
             assert_eq!((off, len), (10, 5));
             vec![1, 2, 1, 1, 2]
         });
@@ -406,7 +442,7 @@ mod tests {
                 pad: 0,
             },
         )];
-        let views = frontends(&[(np, svc), (lb, svc)], &bes, |_, _| vec![4, 4]);
+        let views = frontends(&[(np, svc), (lb, svc)], &bes, &None, |_, _| vec![4, 4]);
         let names: Vec<&str> = views.iter().map(|v| v.frontend.as_str()).collect();
         assert_eq!(names, ["[*]:30080/TCP", "[2001:db8::80]:30080/TCP"]);
         assert_eq!(views[0].family, "IPv6");
@@ -433,7 +469,7 @@ mod tests {
             client: Some("2001:db8:c::1".parse().unwrap()),
             ..Default::default()
         };
-        let v = flows(&[(key, ct)], &filter, 0);
+        let v = flows(&[(key, ct)], &filter, &None, 0);
         assert_eq!(v.len(), 1);
         assert_eq!(
             (
@@ -451,7 +487,7 @@ mod tests {
             client: Some("198.18.0.10".parse().unwrap()),
             ..Default::default()
         };
-        assert!(flows(&[(key, ct)], &other, 0).is_empty());
+        assert!(flows(&[(key, ct)], &other, &None, 0).is_empty());
     }
 
     #[test]
@@ -476,7 +512,7 @@ mod tests {
             (key([198, 18, 0, 20], 30081), ct(2)),
         ];
         assert_eq!(
-            flows(&entries, &FlowFilter::default(), 5_000_000_000).len(),
+            flows(&entries, &FlowFilter::default(), &None, 5_000_000_000).len(),
             2
         );
         let by_port = flows(
@@ -485,6 +521,7 @@ mod tests {
                 port: Some(30081),
                 ..Default::default()
             },
+            &None,
             0,
         );
         assert_eq!(by_port.len(), 1);
@@ -495,6 +532,7 @@ mod tests {
                 client: Some(IpAddr::from([198, 18, 0, 10])),
                 ..Default::default()
             },
+            &None,
             3_000_000_000,
         );
         assert_eq!(
@@ -508,10 +546,96 @@ mod tests {
                     svc_id: Some(2),
                     ..Default::default()
                 },
+                &None,
                 0
             )
             .len(),
             1
         );
+    }
+
+    #[test]
+    fn tables_name_the_service_beside_its_id_and_say_when_they_cannot() {
+        let fe = FrontendKey {
+            addr: 0,
+            port: 30080u16.to_be(),
+            proto: PROTO_TCP,
+            pad: 0,
+        };
+        let svc = |svc_id| Service {
+            table_off: 0,
+            table_size: 1,
+            svc_id,
+            ..Default::default()
+        };
+        let be = vec![(
+            1,
+            Backend {
+                addr: raw([198, 19, 1, 10]),
+                port: 80u16.to_be(),
+                flags: 0,
+                pad: 0,
+            },
+        )];
+        let lb = FrontendKey {
+            addr: raw([192, 0, 2, 1]),
+            port: 80u16.to_be(),
+            ..fe
+        };
+        let names: Names = Some(BTreeMap::from([(3, "default/sample-nodeport/TCP".into())]));
+        let views = frontends(&[(fe, svc(3)), (lb, svc(4))], &be, &names, |_, _| vec![1]);
+        assert_eq!(
+            views[0].service.as_deref(),
+            Some("default/sample-nodeport/TCP")
+        );
+        assert_eq!(
+            views[1].service.as_deref(),
+            None,
+            "svc_id 4 has no name (a port programmed by an older agent)"
+        );
+        let table = frontends_table(&views);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains(" SVC SERVICE "), "{table}");
+        assert!(
+            lines[1].starts_with("*:30080/TCP")
+                && lines[1].contains("     3 default/sample-nodeport/TCP "),
+            "{table}"
+        );
+        assert!(lines[2].contains("     4 ?  "), "{table}");
+        // No names directory at all: every service is `?`, the ids still show.
+        let bare = frontends_table(&frontends(&[(fe, svc(3))], &be, &None, |_, _| vec![1]));
+        assert!(
+            bare.lines().nth(1).unwrap().contains("     3 ?  "),
+            "{bare}"
+        );
+
+        let key = FlowKey::new(
+            raw([198, 18, 0, 10]),
+            raw([198, 18, 0, 11]),
+            40000u16.to_be(),
+            30080u16.to_be(),
+            PROTO_TCP,
+        );
+        let ct = CtEntry {
+            svc_id: 3,
+            backend_addr: raw([198, 19, 1, 10]),
+            backend_port: 80u16.to_be(),
+            ..Default::default()
+        };
+        let v = flows(&[(key, ct)], &FlowFilter::default(), &names, 0);
+        assert_eq!(v[0].service.as_deref(), Some("default/sample-nodeport/TCP"));
+        let table = flows_table(&v);
+        assert!(
+            table.lines().next().unwrap().contains(" SERVICE "),
+            "{table}"
+        );
+        assert!(
+            table
+                .contains("198.18.0.11:30080      default/sample-nodeport/TCP      198.19.1.10:80"),
+            "{table}"
+        );
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json[0]["service"], "default/sample-nodeport/TCP");
+        assert_eq!(json[0]["svc_id"], 3);
     }
 }

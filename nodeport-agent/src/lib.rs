@@ -12,6 +12,7 @@ pub mod maglev;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod node_addrs;
 pub mod serve;
 pub mod sync;

@@ -25,6 +25,7 @@ use nodeport_agent::{
     manifests,
     metrics::Metrics,
     model::{self, Inputs, IpCidr, Refusal, Settings},
+    names::{self, NameStore},
     node_addrs::{self, InterfaceAddr, InterfacePatterns},
     serve::{self, Health, Shared},
     sync::Reconciler,
@@ -87,13 +88,16 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             a.pin_path.display()
         )
     })?;
+    // svc_id -> `namespace/name:port/protocol`, as the agent keeps them beside the maps.
+    let names = names::read(&a.pin_path);
     let out = match a.what.unwrap_or(What::Services) {
         What::Services => {
             let slots = |off, len| maps.slots(off, len).unwrap_or_default();
-            let mut views = inspect::frontends(&maps.services()?, &maps.backends()?, slots);
+            let mut views = inspect::frontends(&maps.services()?, &maps.backends()?, &names, slots);
             views.extend(inspect::frontends(
                 &maps.services6()?,
                 &maps.backends6()?,
+                &names,
                 slots,
             ));
             if a.json {
@@ -113,8 +117,8 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
                 client,
             };
             let now = monotonic_coarse_ns();
-            let mut views = inspect::flows(&maps.conntrack()?, &filter, now);
-            views.extend(inspect::flows(&maps.conntrack6()?, &filter, now));
+            let mut views = inspect::flows(&maps.conntrack()?, &filter, &names, now);
+            views.extend(inspect::flows(&maps.conntrack6()?, &filter, &names, now));
             if a.json {
                 serde_json::to_string_pretty(&views)?
             } else {
@@ -525,6 +529,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // to them). Nothing is deleted until the first complete desired state is applied.
     let snapshot = dp.snapshot()?;
     let mut reconciler = Reconciler::restore(sizes.maglev_slots, sizes.backends, &snapshot);
+    // The names of the svc_ids for `inspect`, beside the maps (an earlier run's are taken
+    // over and corrected at the first sync). Without them inspect shows ids alone.
+    let mut name_store = match NameStore::open(&args.pin_path) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!("service names for inspect: {e}; inspect shows service ids only");
+            None
+        }
+    };
+    let mut names_gen: Option<u64> = None;
     if !snapshot.is_empty() {
         info!(
             frontends = snapshot.services.len() + snapshot.services6.len(),
@@ -630,6 +644,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             last_left_out = desired.node_addrs_left_out.clone();
         }
         let report = reconciler.apply_changes(desired, &changes, &mut dp);
+        metrics.update_services(desired, &changes.services);
+        if let Some(store) = name_store.as_mut() {
+            // Only when a svc_id was taken or given up (or an earlier write failed).
+            if names_gen != Some(reconciler.names_generation()) {
+                match store.sync(&reconciler.service_names()) {
+                    Ok(_) => names_gen = Some(reconciler.names_generation()),
+                    Err(errors) => {
+                        names_gen = None;
+                        for e in errors {
+                            warn!("writing a service name for inspect: {e}");
+                        }
+                    }
+                }
+            }
+        }
         let errors: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
         for e in errors.iter().filter(|e| !last_errors.contains(e)) {
             error!("sync: {e}");

@@ -1,10 +1,11 @@
 //! Prometheus metrics of the agent (text exposition on `--metrics-addr`): datapath packet
 //! counters summed over CPUs, conntrack occupancy against capacity, sync counts, errors and
-//! latency, watch restarts and errors, refused objects. Datapath values are read from the
-//! pinned maps at scrape time, so a scrape never waits for the sync loop.
+//! latency, watch restarts and errors, refused objects, and per service port the backends
+//! taking new flows and the draining ones. Datapath values are read from the pinned maps at
+//! scrape time, so a scrape never waits for the sync loop.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{BTreeSet, HashMap as StdHashMap},
     sync::{atomic::Ordering, Mutex},
     time::Duration,
 };
@@ -15,7 +16,12 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{datapath::MapReader, kube_source::KubeStats};
+use crate::{
+    datapath::MapReader,
+    family::Family as IpFamily,
+    kube_source::KubeStats,
+    model::{Desired, ServicePortId},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabel {
@@ -36,6 +42,30 @@ struct ProbeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: String,
+}
+
+/// One service port of one family, as kube-proxy's and Kubernetes' own names go: the
+/// Service's namespace and name, the port's name (empty for an unnamed port), `TCP` or
+/// `UDP`, `IPv4` or `IPv6`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    namespace: String,
+    service: String,
+    port: String,
+    protocol: String,
+    family: String,
+}
+
+impl From<&ServicePortId> for ServiceLabels {
+    fn from(id: &ServicePortId) -> Self {
+        Self {
+            namespace: id.namespace.clone(),
+            service: id.name.clone(),
+            port: id.port.clone(),
+            protocol: id.protocol.to_string(),
+            family: id.family.as_str().to_string(),
+        }
+    }
 }
 
 /// Every metric the agent exports.
@@ -63,6 +93,8 @@ pub struct Metrics {
     probes: Family<ProbeLabel, Counter>,
     healthcheck_listeners: Gauge,
     healthcheck_listeners_failed: Gauge,
+    service_backends: Family<ServiceLabels, Gauge>,
+    service_draining: Family<ServiceLabels, Gauge>,
     /// Last values read from monotonic sources, to turn them into counter increments.
     last: Mutex<StdHashMap<String, u64>>,
 }
@@ -203,6 +235,20 @@ impl Metrics {
              retried with backoff",
             healthcheck_listeners_failed.clone(),
         );
+        let service_backends = Family::<ServiceLabels, Gauge>::default();
+        registry.register(
+            "service_backends",
+            "Backends taking new flows (the members of the Maglev table), per service port \
+             served",
+            service_backends.clone(),
+        );
+        let service_draining = Family::<ServiceLabels, Gauge>::default();
+        registry.register(
+            "service_endpoints_draining",
+            "Endpoints kept only for the flows already on them (terminating, not ready, or \
+             under Local on another node), per service port served",
+            service_draining.clone(),
+        );
         Self {
             registry,
             packets,
@@ -227,6 +273,8 @@ impl Metrics {
             probes,
             healthcheck_listeners,
             healthcheck_listeners_failed,
+            service_backends,
+            service_draining,
             last: Mutex::new(StdHashMap::new()),
         }
     }
@@ -238,6 +286,39 @@ impl Metrics {
         self.sync_duration.observe(elapsed.as_secs_f64());
         self.services.set(services as i64);
         self.backends.set(backends as i64);
+    }
+
+    /// The per-service-port gauges of the service ports in `changed` (those whose desired
+    /// state changed since the last call, [`crate::model::Changes::services`]): set from
+    /// `desired`, or removed when the port is no longer served.
+    pub fn update_services(&self, desired: &Desired, changed: &BTreeSet<ServicePortId>) {
+        for id in changed {
+            let counts = match id.family {
+                IpFamily::V4 => desired
+                    .services
+                    .get(id)
+                    .map(|ds| (ds.table_backends().count(), ds.backends.len())),
+                IpFamily::V6 => desired
+                    .services6
+                    .get(id)
+                    .map(|ds| (ds.table_backends().count(), ds.backends.len())),
+            };
+            let labels = ServiceLabels::from(id);
+            match counts {
+                Some((taking, all)) => {
+                    self.service_backends
+                        .get_or_create(&labels)
+                        .set(taking as i64);
+                    self.service_draining
+                        .get_or_create(&labels)
+                        .set((all - taking) as i64);
+                }
+                None => {
+                    self.service_backends.remove(&labels);
+                    self.service_draining.remove(&labels);
+                }
+            }
+        }
     }
 
     pub fn set_refused(&self, n: usize) {
@@ -335,5 +416,80 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nodeport_common::{Backend, FrontendKey, BE_F_DRAINING, PROTO_TCP};
+
+    use super::*;
+    use crate::model::{DesiredService, Protocol};
+
+    fn id(name: &str, port: &str, family: IpFamily) -> ServicePortId {
+        ServicePortId {
+            namespace: "default".into(),
+            name: name.into(),
+            port: port.into(),
+            protocol: Protocol::Tcp,
+            family,
+        }
+    }
+
+    fn with_backends(draining: &[bool]) -> DesiredService {
+        DesiredService {
+            frontends: BTreeSet::from([FrontendKey {
+                addr: 0,
+                port: 30080u16.to_be(),
+                proto: PROTO_TCP,
+                pad: 0,
+            }]),
+            backends: draining
+                .iter()
+                .enumerate()
+                .map(|(i, d)| Backend {
+                    addr: u32::from_ne_bytes([198, 19, 1, 10 + i as u8]),
+                    port: 80u16.to_be(),
+                    flags: if *d { BE_F_DRAINING } else { 0 },
+                    pad: 0,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn per_service_gauges_follow_the_served_ports_and_go_with_them() {
+        let m = Metrics::new();
+        let web = id("web", "http", IpFamily::V4);
+        let db = id("db", "", IpFamily::V4);
+        let mut d = Desired::default();
+        d.services
+            .insert(web.clone(), with_backends(&[false, false, true]));
+        d.services.insert(db.clone(), with_backends(&[false]));
+        m.update_services(&d, &BTreeSet::from([web.clone(), db.clone()]));
+        let out = m.render(None, &KubeStats::default());
+        let web_labels = "{namespace=\"default\",service=\"web\",port=\"http\",protocol=\"TCP\",family=\"IPv4\"}";
+        assert!(
+            out.contains(&format!("nodeport_service_backends{web_labels} 2\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "nodeport_service_endpoints_draining{web_labels} 1\n"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains("nodeport_service_backends{namespace=\"default\",service=\"db\",port=\"\",protocol=\"TCP\",family=\"IPv4\"} 1\n"),
+            "{out}"
+        );
+
+        // The service goes: its series go; the other's stay.
+        d.services.remove(&web);
+        m.update_services(&d, &BTreeSet::from([web.clone()]));
+        let out = m.render(None, &KubeStats::default());
+        assert!(!out.contains("service=\"web\""), "{out}");
+        assert!(out.contains("service=\"db\""), "{out}");
     }
 }

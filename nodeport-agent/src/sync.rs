@@ -543,6 +543,9 @@ struct Shared {
     /// Restored backend ids found in NP_BE and NP_BE6 both: IPv4 keeps the id, and IPv6
     /// deletes its entry without handing the id back.
     dup_be_ids: BTreeSet<u32>,
+    /// Bumped whenever a service port takes or gives up a `svc_id`
+    /// ([`Reconciler::names_generation`]).
+    names_gen: u64,
 }
 
 /// What is programmed for the service ports of one family.
@@ -643,6 +646,7 @@ impl Reconciler {
                 be_ids: IdPool::new(max_backends),
                 svc_ids: IdPool::new(u32::MAX),
                 dup_be_ids: BTreeSet::new(),
+                names_gen: 0,
             },
             v4: FamilyState::default(),
             v6: FamilyState::default(),
@@ -1148,7 +1152,7 @@ impl<A: SyncAddr> FamilyState<A> {
                 for t in st.table.take().into_iter().chain(st.stale.drain(..)) {
                     self.quarantine_table(sh, t);
                 }
-                self.retire_svc_id(sh, st.svc_id, maps, report);
+                self.retire_svc_id(sh, st.svc_id, Some(id), maps, report);
                 continue;
             }
             if !st.stale.is_empty() {
@@ -1414,6 +1418,7 @@ impl<A: SyncAddr> FamilyState<A> {
                         service: id.to_string(),
                     });
                 };
+                sh.names_gen += 1;
                 SvcState {
                     svc_id,
                     table: None,
@@ -1438,7 +1443,7 @@ impl<A: SyncAddr> FamilyState<A> {
         }
 
         // Allowed source ranges go in before a frontend starts checking them.
-        self.sync_src_ranges(st.svc_id, &ds.source_ranges, true, maps, report);
+        self.sync_src_ranges(st.svc_id, Some(id), &ds.source_ranges, true, maps, report);
 
         // Step 2: flip the frontends whose value changed.
         for fe in &ds.frontends {
@@ -1471,7 +1476,7 @@ impl<A: SyncAddr> FamilyState<A> {
             }
         }
         // Ranges no longer allowed go once the frontends carry their new value.
-        self.sync_src_ranges(st.svc_id, &ds.source_ranges, false, maps, report);
+        self.sync_src_ranges(st.svc_id, Some(id), &ds.source_ranges, false, maps, report);
         self.services.insert(id.clone(), st);
         Ok(())
     }
@@ -1544,7 +1549,7 @@ impl<A: SyncAddr> FamilyState<A> {
             if want.is_none() && st.frontends.is_empty() {
                 dropped.extend(st.table.take());
                 dropped.append(&mut st.stale);
-                self.retire_svc_id(sh, st.svc_id, maps, report);
+                self.retire_svc_id(sh, st.svc_id, Some(&id), maps, report);
             } else {
                 self.services.insert(id, st);
             }
@@ -1609,7 +1614,7 @@ impl<A: SyncAddr> FamilyState<A> {
             .collect();
         for s in released {
             self.restored_svc_ids.remove(&s);
-            self.retire_svc_id(sh, s, maps, report);
+            self.retire_svc_id(sh, s, None, maps, report);
         }
     }
 
@@ -1622,12 +1627,14 @@ impl<A: SyncAddr> FamilyState<A> {
             .map(|(_, c)| *c)
     }
 
-    /// Brings the NP_SRCRANGE entries of `svc_id` to `want`: adds the missing ones and,
-    /// unless `add_only`, deletes the others. Failures are reported; the entry is retried at
+    /// Brings the NP_SRCRANGE entries of `svc_id` (of service port `owner`; `None`: a
+    /// restored id no port took) to `want`: adds the missing ones and, unless `add_only`,
+    /// deletes the others. Failures are reported, naming the port; the entry is retried at
     /// the next visit of the service port.
     fn sync_src_ranges(
         &mut self,
         svc_id: u32,
+        owner: Option<&ServicePortId>,
         want: &BTreeSet<IpCidr>,
         add_only: bool,
         maps: &mut impl Maps,
@@ -1643,6 +1650,7 @@ impl<A: SyncAddr> FamilyState<A> {
                     report.src_ranges_set += 1;
                 }
                 Err(e) => report.errors.push(Error::SourceRange {
+                    service: owner.map_or_else(|| "a restored service".into(), |o| o.to_string()),
                     svc_id,
                     range: c.to_string(),
                     source: Box::new(e),
@@ -1663,6 +1671,7 @@ impl<A: SyncAddr> FamilyState<A> {
                     report.src_ranges_deleted += 1;
                 }
                 Err(e) => report.errors.push(Error::SourceRange {
+                    service: owner.map_or_else(|| "a restored service".into(), |o| o.to_string()),
                     svc_id,
                     range: c.to_string(),
                     source: Box::new(e),
@@ -1677,11 +1686,13 @@ impl<A: SyncAddr> FamilyState<A> {
         &mut self,
         sh: &mut Shared,
         svc_id: u32,
+        owner: Option<&ServicePortId>,
         maps: &mut impl Maps,
         report: &mut SyncReport,
     ) {
-        self.sync_src_ranges(svc_id, &BTreeSet::new(), false, maps, report);
+        self.sync_src_ranges(svc_id, owner, &BTreeSet::new(), false, maps, report);
         sh.svc_ids.retire(svc_id);
+        sh.names_gen += 1;
     }
 
     /// Deletes the frontends of `st` that `want` (the port's desired frontends, `None` when
@@ -1831,6 +1842,20 @@ impl Reconciler {
             Family::V4 => self.v4.services.get(id).map(|s| s.svc_id),
             Family::V6 => self.v6.services.get(id).map(|s| s.svc_id),
         }
+    }
+
+    /// The programmed service ports by `svc_id`, named as [`ServicePortId`] displays them
+    /// (`default/web:http/TCP`, `.../IPv6`): what `inspect` shows beside the ids.
+    pub fn service_names(&self) -> BTreeMap<u32, String> {
+        let v4 = self.v4.services.iter().map(|(id, s)| (s.svc_id, id));
+        let v6 = self.v6.services.iter().map(|(id, s)| (s.svc_id, id));
+        v4.chain(v6).map(|(s, id)| (s, id.to_string())).collect()
+    }
+
+    /// Changes whenever [`Reconciler::service_names`] may have: a service port took or gave
+    /// up a `svc_id`.
+    pub fn names_generation(&self) -> u64 {
+        self.sh.names_gen
     }
 
     /// The current table region of a service port (`None`: not programmed, or no backend).
@@ -2624,6 +2649,44 @@ mod tests {
         // Nothing to do the second time.
         m.take_calls();
         assert_eq!(r.apply(&d, &mut m).calls(), 0);
+    }
+
+    #[test]
+    fn service_names_follow_the_svc_ids_of_both_families() {
+        let mut d = dual_services();
+        let mut m = FakeMaps::new(SLOTS);
+        let mut r = Reconciler::new(SLOTS, 1024);
+        let gen0 = r.names_generation();
+        r.apply(&d, &mut m);
+        let names = r.service_names();
+        let a4 = r.svc_id(&sid("a")).unwrap();
+        let a6 = r.svc_id(&sid6("a")).unwrap();
+        assert_eq!(names[&a4], "default/a/TCP");
+        assert_eq!(names[&a6], "default/a/TCP/IPv6");
+        assert_eq!(names.len(), 4, "{names:?}");
+        // Every svc_id in the maps has a name.
+        for v in m.services.values().chain(m.services6.values()) {
+            assert!(names.contains_key(&v.svc_id), "{} unnamed", v.svc_id);
+        }
+        let gen1 = r.names_generation();
+        assert_ne!(gen0, gen1);
+        // Endpoint churn leaves the names (and their generation) alone.
+        d.services6
+            .get_mut(&sid6("c"))
+            .unwrap()
+            .backends
+            .insert(be6(9, 80));
+        r.apply(&d, &mut m);
+        assert_eq!(r.names_generation(), gen1);
+        // A port that goes takes its name with it.
+        d.services6.remove(&sid6("a"));
+        r.apply(&d, &mut m);
+        assert_ne!(r.names_generation(), gen1);
+        let names = r.service_names();
+        assert!(
+            !names.contains_key(&a6) && names.contains_key(&a4),
+            "{names:?}"
+        );
     }
 
     #[test]

@@ -402,6 +402,25 @@ impl Testbed {
             .unwrap_or_default()
     }
 
+    /// The agent's `/metrics` on `node` (its default `--metrics-addr`, from inside the node);
+    /// empty when it does not answer.
+    pub fn agent_metrics(&self, node: &str) -> String {
+        use std::io::{Read as _, Write as _};
+        crate::netns::run_in(self.cluster().node(node).ns(), || {
+            let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", 10249)) else {
+                return String::new();
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ =
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out.split_once("\r\n\r\n")
+                .map(|(_, body)| body.to_string())
+                .unwrap_or_default()
+        })
+    }
+
     /// All agent logs, for failure messages.
     pub fn agent_logs(&self) -> String {
         self.agents

@@ -103,6 +103,23 @@ fn terminating_pod_keeps_its_flows_until_it_leaves_the_slice() {
         "new connections still reach terminating {POD}\n{}",
         tb.agent_logs()
     );
+    // /metrics counts it as draining for the service port, beside the two taking new flows.
+    let gauges = |tb: &Testbed, backends: u32, draining: u32| {
+        let labels = "{namespace=\"default\",service=\"sample-nodeport\",port=\"http-port\",protocol=\"TCP\",family=\"IPv4\"}";
+        let want = [
+            format!("nodeport_service_backends{labels} {backends}"),
+            format!("nodeport_service_endpoints_draining{labels} {draining}"),
+        ];
+        NODES.iter().all(|&n| {
+            let m = tb.agent_metrics(n);
+            want.iter().all(|w| m.lines().any(|l| l == w))
+        })
+    };
+    assert!(
+        gauges(&tb, 2, 1),
+        "per-service gauges while {POD} drains:\n{}",
+        tb.agent_metrics("node1")
+    );
     let until = Instant::now() + GRACE;
     while Instant::now() < until {
         check_kept(&tb, &mut flows, "during the grace period");
@@ -111,6 +128,11 @@ fn terminating_pod_keeps_its_flows_until_it_leaves_the_slice() {
     assert!(new_connections_avoid_pod(&tb), "after the grace period");
 
     tb.remove_endpoint(POD);
+    assert!(
+        poll_until(AGENT_WAIT, Duration::from_millis(100), || gauges(&tb, 2, 0)),
+        "per-service gauges after {POD} left the slice:\n{}",
+        tb.agent_metrics("node1")
+    );
     for f in &mut flows {
         let moved = poll_until(AGENT_WAIT, Duration::from_millis(100), || {
             client::udp_request_from(tb.cluster().client(), f.addr, f.udp_sport)

@@ -1,5 +1,6 @@
-//! Observability end to end: the agent's /readyz and /healthz answer inside the node, and
-//! /metrics moves with real traffic sent through the nodePort.
+//! Observability end to end: the agent's /readyz and /healthz answer inside the node,
+//! /metrics moves with real traffic sent through the nodePort, and `inspect` and /metrics
+//! name the Service beside its numeric id.
 
 use std::{
     io::{Read, Write},
@@ -103,6 +104,22 @@ fn health_readiness_and_metrics_follow_traffic() {
     assert!(sample(&after, "nodeport_syncs_total") >= 1);
     // sample-nodeport serves TCP and UDP on nodePort 30080: two service ports.
     assert_eq!(sample(&after, "nodeport_services"), 2);
+    // Per service port, by name: the three echo pods take new flows, none drains.
+    for (port, proto) in [("http-port", "TCP"), ("udp-port", "UDP")] {
+        let labels = format!(
+            "{{namespace=\"default\",service=\"sample-nodeport\",port=\"{port}\",protocol=\"{proto}\",family=\"IPv4\"}}"
+        );
+        let line = format!("nodeport_service_backends{labels} 3");
+        assert!(
+            after.lines().any(|l| l == line),
+            "no {line:?} in /metrics:\n{after}"
+        );
+        let line = format!("nodeport_service_endpoints_draining{labels} 0");
+        assert!(
+            after.lines().any(|l| l == line),
+            "no {line:?} in /metrics:\n{after}"
+        );
+    }
 
     // `inspect` reads the same maps with its own handles.
     let pin = tb
@@ -112,12 +129,11 @@ fn health_readiness_and_metrics_follow_traffic() {
         .expect("agent")
         .pin_path()
         .to_path_buf();
-    let inspect = |args: &[&str]| -> serde_json::Value {
+    let inspect_text = |args: &[&str]| -> String {
         let out = Command::new(default_agent_path())
             .arg("inspect")
             .arg("--pin-path")
             .arg(&pin)
-            .arg("--json")
             .args(args)
             .output()
             .expect("run inspect");
@@ -126,7 +142,12 @@ fn health_readiness_and_metrics_follow_traffic() {
             "inspect {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout).expect("inspect prints JSON")
+        String::from_utf8(out.stdout).expect("inspect prints UTF-8")
+    };
+    let inspect = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&inspect_text(&all)).expect("inspect prints JSON")
     };
     let services = inspect(&["services"]);
     let tcp = services
@@ -155,6 +176,31 @@ fn health_readiness_and_metrics_follow_traffic() {
         tcp["table_size"].as_u64().unwrap(),
         "every slot owned by a backend"
     );
+    // The Service is named beside its id, in the table and in JSON.
+    let tcp_name = "default/sample-nodeport:http-port/TCP";
+    assert_eq!(
+        tcp["service"],
+        tcp_name,
+        "{tcp}\nagent log:\n{}",
+        tb.agent_log("node1")
+    );
+    let table = inspect_text(&["services"]);
+    let svc_id = tcp["svc_id"].as_u64().unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("*:30080/TCP "))
+        .unwrap_or_else(|| panic!("no *:30080/TCP row in\n{table}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cols[..3],
+        ["*:30080/TCP", &svc_id.to_string(), tcp_name],
+        "{table}"
+    );
+    assert!(
+        table.lines().any(|l| l.starts_with("*:30080/UDP ")
+            && l.contains(" default/sample-nodeport:udp-port/UDP ")),
+        "{table}"
+    );
     let flows = inspect(&["conntrack", "--client", "198.18.0.10", "--port", "30080"]);
     let flows = flows.as_array().expect("flows");
     assert!(
@@ -165,6 +211,33 @@ fn health_readiness_and_metrics_follow_traffic() {
     assert!(flows
         .iter()
         .all(|f| f["client"].as_str().unwrap().starts_with("198.18.0.10:")));
+    // Each flow names its service port: the connections above, and the testbed's UDP
+    // probes of the same nodePort.
+    let udp_name = "default/sample-nodeport:udp-port/UDP";
+    let name_of = |proto: &str| if proto == "UDP" { udp_name } else { tcp_name };
+    assert!(
+        flows
+            .iter()
+            .all(|f| f["service"] == name_of(f["protocol"].as_str().unwrap())),
+        "flows not named by their service port: {flows:?}"
+    );
+    assert!(
+        flows.iter().filter(|f| f["service"] == tcp_name).count() >= n,
+        "{flows:?}"
+    );
+    // The conntrack table names the service of each flow between frontend and backend.
+    let table = inspect_text(&["conntrack", "--client", "198.18.0.10", "--port", "30080"]);
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert!(rows.len() >= n, "{table}");
+    let frontend = tb.nodeport_addr("node1").to_string();
+    for row in rows {
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cols[2..4],
+            [frontend.as_str(), name_of(cols[0])],
+            "a flow without its service:\n{table}"
+        );
+    }
     let counters = inspect(&["counters"]);
     assert!(
         counters["event_new_flow"].as_u64().unwrap() >= n as u64,
