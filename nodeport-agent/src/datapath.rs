@@ -604,10 +604,10 @@ impl Datapath {
             .load(EBPF_OBJECT)
             .map_err(|e| kerr("loading the eBPF object", e))?;
         let xdp: &mut Xdp = prog(&mut ebpf, variant.xdp())?;
-        xdp.load().map_err(|e| verifier_err(variant.xdp(), e))?;
+        load_retrying(variant.xdp(), || xdp.load())?;
         for name in [variant.tc_ingress(), m::PROG_TC_EGRESS] {
             let p: &mut SchedClassifier = prog(&mut ebpf, name)?;
-            p.load().map_err(|e| verifier_err(name, e))?;
+            load_retrying(name, || p.load())?;
         }
         // Per-packet logs (only emitted when the debug switch is on) drain into `log`.
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
@@ -1362,6 +1362,27 @@ fn programmed_backends<A: Addr>(
         }
     }
     Ok(out)
+}
+
+/// How often a load interrupted by a signal is tried again.
+const LOAD_ATTEMPTS: u32 = 5;
+
+/// Load program `name`, again when the kernel gave up with EAGAIN: the verifier stops when
+/// a signal is pending (a child exiting, a timer), which a long verification under load
+/// meets now and then. libbpf retries the same way.
+fn load_retrying(name: &str, mut load: impl FnMut() -> std::result::Result<(), ProgramError>) -> Result<()> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                tracing::debug!(program = name, attempt, "load interrupted (EAGAIN), again");
+                attempt += 1;
+            }
+            r => return r.map_err(|e| verifier_err(name, e)),
+        }
+    }
 }
 
 fn verifier_err(name: &str, e: aya::programs::ProgramError) -> Error {

@@ -1,5 +1,8 @@
-//! Map names, keys and values of the datapath. A layout change bumps the `_V<n>` suffix of
-//! the map name so that a pinned map of an older layout is never reused by mistake.
+//! Map names, keys and values of the datapath. A change of a value's meaning at the same
+//! size bumps the `_V<n>` suffix of the map name so that a pinned map of an older layout is
+//! never reused by mistake; a change of size keeps the name: the agent compares a pinned
+//! map's layout with this build's and replaces it (`datapath::layout_mismatch`), where a
+//! new name would leave the old pin behind, unused.
 
 /// IP protocol numbers used in keys.
 pub const PROTO_TCP: u8 = 6;
@@ -266,7 +269,8 @@ impl<A: Addr> FlowKey<A> {
     }
 }
 
-/// Conntrack flag: a FIN or RST was seen; the entry expires after the closing timeout.
+/// Conntrack flag: a FIN or RST that passed the sequence check was seen; the entry expires
+/// after the closing timeout, and a new SYN on its tuple opens a fresh flow.
 pub const CT_F_CLOSING: u16 = 1 << 0;
 /// Conntrack flag: the flow was source-NATed (remote backend).
 pub const CT_F_SNAT: u16 = 1 << 1;
@@ -275,6 +279,9 @@ pub const CT_F_SYN_ONLY: u16 = 1 << 2;
 /// Conntrack flag: the service had sessionAffinity when the flow was opened (its packets
 /// keep the client's NP_AFF entry fresh).
 pub const CT_F_AFFINITY: u16 = 1 << 3;
+/// Conntrack flag: `backend_seq` holds a sequence number of the backend's (learnt from a
+/// reply that acknowledged the client's data).
+pub const CT_F_BACKEND_SEQ: u16 = 1 << 4;
 
 /// NP_CT value: the backend a flow is bound to and how it was translated.
 #[repr(C)]
@@ -294,6 +301,13 @@ pub struct CtEntry<A: Addr = u32> {
     /// `CT_F_*` flags.
     pub flags: u16,
     pub pad: u16,
+    /// TCP: a recent sequence number of the client's, host order (the flow's first seen
+    /// packet's, then moved along as the client's data goes by). A FIN or RST from the
+    /// client changes the state only near it.
+    pub client_seq: u32,
+    /// TCP: a recent sequence number of the backend's, host order, once `CT_F_BACKEND_SEQ`
+    /// is set; the same check for the backend's FIN or RST.
+    pub backend_seq: u32,
 }
 
 /// NP_RNAT value: how to rewrite a reply so the client sees the frontend it talked to.
@@ -420,8 +434,8 @@ assert_size!(Backend, 8);
 assert_size!(Backend6, 20);
 assert_size!(FlowKey, 16);
 assert_size!(FlowKey6, 40);
-assert_size!(CtEntry, 32);
-assert_size!(CtEntry6, 56);
+assert_size!(CtEntry, 40);
+assert_size!(CtEntry6, 64);
 assert_size!(RevNat, 12);
 assert_size!(RevNat6, 36);
 assert_size!(NodeAddr, 4);

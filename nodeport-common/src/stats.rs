@@ -71,6 +71,12 @@ stats! {
     AffinityHit = "event_affinity_hit",
     /// Event: an ICMP error about a translated flow was translated (outer and inner).
     IcmpNat = "event_icmp_nat",
+    /// Event: a TCP SYN arrived on the tuple of a closing flow and opened a fresh one
+    /// (a new backend choice).
+    TcpReopen = "event_tcp_reopen",
+    /// Event: a TCP FIN or RST was forwarded but left its flow's state alone: its sequence
+    /// number was far from the sender's recent ones (spoofed, or not seen from the start).
+    TcpOutOfWindow = "event_tcp_out_of_window",
 }
 
 /// Number of counters (the NP_STATS array size).

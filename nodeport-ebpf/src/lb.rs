@@ -13,9 +13,9 @@ use aya_ebpf::{
 };
 use nodeport_common::{
     hash::flow_hash, Addr, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey,
-    RevNat, Service, SrcRange, Stat, BE_F_DRAINING, BE_F_LOCAL, CT_F_AFFINITY, CT_F_CLOSING,
-    CT_F_SNAT, CT_F_SYN_ONLY, MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP, SNAT_PROBES, SRC_RANGE_SVC_BITS,
-    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_REJECT, SVC_F_SRC_RANGES,
+    RevNat, Service, SrcRange, Stat, BE_F_DRAINING, BE_F_LOCAL, CT_F_AFFINITY, CT_F_BACKEND_SEQ,
+    CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_ONLY, MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP, SNAT_PROBES,
+    SRC_RANGE_SVC_BITS, SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_REJECT, SVC_F_SRC_RANGES,
 };
 
 use crate::{
@@ -85,19 +85,42 @@ fn lookup_service<F: Family>(f: &Flow<F::A>) -> Option<(Service, bool)> {
     unsafe { F::services().get(&key) }.map(|svc| (*svc, true))
 }
 
+/// The conntrack timeouts of `cfg`, seconds: UDP, TCP closing, TCP SYN only, TCP.
 #[inline(always)]
-fn timeout_ns(cfg: &Config, proto: u8, flags: u16) -> u64 {
+fn timeouts(cfg: &Config) -> [u32; 4] {
     // Four loads, then a choice among values: LLVM turns a choice among field loads into
     // one load at a chosen offset, pointer arithmetic the verifier refuses without
     // CAP_PERFMON when the offsets come from different paths.
     // SAFETY: reads of a live reference's fields.
-    let [udp, closing, syn, est] = [
+    [
         &cfg.udp_timeout_s,
         &cfg.tcp_closing_timeout_s,
         &cfg.tcp_syn_timeout_s,
         &cfg.tcp_timeout_s,
     ]
-    .map(|t| unsafe { core::ptr::read_volatile(t) });
+    .map(|t| unsafe { core::ptr::read_volatile(t) })
+}
+
+/// The timeouts read from NP_CONFIG in place, or the defaults when the agent has not
+/// written it: no 48-byte copy of `Config` on the stack (TC egress has no room for one).
+#[inline(always)]
+fn timeouts_in_place() -> [u32; 4] {
+    match CONFIG.get(0) {
+        Some(c) if c.snat_port_min != 0 => timeouts(c),
+        _ => {
+            let d = Config::default();
+            [
+                d.udp_timeout_s,
+                d.tcp_closing_timeout_s,
+                d.tcp_syn_timeout_s,
+                d.tcp_timeout_s,
+            ]
+        }
+    }
+}
+
+#[inline(always)]
+fn timeout_ns([udp, closing, syn, est]: [u32; 4], proto: u8, flags: u16) -> u64 {
     let s = if proto != PROTO_TCP {
         udp
     } else if flags & CT_F_CLOSING != 0 {
@@ -112,20 +135,83 @@ fn timeout_ns(cfg: &Config, proto: u8, flags: u16) -> u64 {
 
 #[inline(always)]
 fn expired<A: Addr>(cfg: &Config, proto: u8, ct: &CtEntry<A>, now: u64) -> bool {
-    now.saturating_sub(ct.last_seen_ns) > timeout_ns(cfg, proto, ct.flags)
+    expired_with(timeouts(cfg), proto, ct, now)
 }
 
-/// Keep a live entry fresh and follow the TCP state the datapath cares about.
 #[inline(always)]
-fn touch<A: Addr>(ct: *mut CtEntry<A>, tcp_flags: u8, forward: bool, now: u64) {
+fn expired_with<A: Addr>(t: [u32; 4], proto: u8, ct: &CtEntry<A>, now: u64) -> bool {
+    now.saturating_sub(ct.last_seen_ns) > timeout_ns(t, proto, ct.flags)
+}
+
+/// How far, either way, a TCP sequence number may lie from its sender's mark (the
+/// `CtEntry`'s `client_seq` or `backend_seq`) for the packet to change the flow's state.
+/// A stranger who knows the 4-tuple but not the sequence numbers hits the window with
+/// odds of 2^21 / 2^32 (1 in 2,048) per guess; the backend's own TCP stack checks the RST
+/// against its receive window (RFC 5961, net/ipv4/tcp_input.c `tcp_validate_incoming`),
+/// of the same order, and sees every guess too.
+const SEQ_WINDOW: u32 = 1 << 20;
+/// A sender's mark moves to a packet's sequence number once that is this far ahead, so
+/// the entry is written once per 256 KiB of a direction's data, not per packet.
+const SEQ_ADVANCE: u32 = SEQ_WINDOW / 4;
+
+/// Whether `seq` lies within [`SEQ_WINDOW`] of `mark`, either way (modulo 2^32).
+#[inline(always)]
+fn near(seq: u32, mark: u32) -> bool {
+    seq.wrapping_sub(mark).wrapping_add(SEQ_WINDOW) < 2 * SEQ_WINDOW
+}
+
+/// A SYN without ACK (nor RST): a TCP connection's first packet. (UDP has no flags.)
+#[inline(always)]
+fn is_syn<A: Addr>(f: &Flow<A>) -> bool {
+    f.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+}
+
+/// Keep a live entry fresh and follow the TCP state the datapath cares about, for a
+/// packet from the client (`forward`) or from the backend. Any packet refreshes the entry;
+/// only a packet whose sequence number is [`near`] its sender's mark changes the state:
+/// - the client's: near `client_seq`;
+/// - the backend's: near `backend_seq`, or, before that is known, acknowledging near
+///   `client_seq` (the SYN-ACK acknowledges the client's SYN), which sets `backend_seq`.
+///
+/// Then a FIN or RST moves the flow to CLOSING and the client's ACK ends SYN_ONLY. A FIN
+/// or RST that fails the check is still forwarded (the endpoint's TCP validates it) and
+/// counted (`event_tcp_out_of_window`); the flow keeps its timeout.
+#[inline(always)]
+fn touch<A: Addr>(ct: *mut CtEntry<A>, f: &Flow<A>, forward: bool, now: u64) {
+    let closes = f.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     // SAFETY: `ct` points into a map value; racing writers only store whole fields.
     unsafe {
         let old = (*ct).flags;
         let mut flags = old;
-        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            flags |= CT_F_CLOSING;
-        } else if forward && tcp_flags & TCP_ACK != 0 {
-            flags &= !CT_F_SYN_ONLY;
+        let in_window = if forward {
+            let mark = (*ct).client_seq;
+            let ahead = f.seq.wrapping_sub(mark);
+            if ahead >= SEQ_ADVANCE && ahead < SEQ_WINDOW {
+                (*ct).client_seq = f.seq;
+            }
+            near(f.seq, mark)
+        } else if old & CT_F_BACKEND_SEQ != 0 {
+            let mark = (*ct).backend_seq;
+            let ahead = f.seq.wrapping_sub(mark);
+            if ahead >= SEQ_ADVANCE && ahead < SEQ_WINDOW {
+                (*ct).backend_seq = f.seq;
+            }
+            near(f.seq, mark)
+        } else if f.tcp_flags & TCP_ACK != 0 && near(f.ack, (*ct).client_seq) {
+            (*ct).backend_seq = f.seq;
+            flags |= CT_F_BACKEND_SEQ;
+            true
+        } else {
+            false
+        };
+        if in_window {
+            if closes {
+                flags |= CT_F_CLOSING;
+            } else if forward && f.tcp_flags & TCP_ACK != 0 {
+                flags &= !CT_F_SYN_ONLY;
+            }
+        } else if closes {
+            count(Stat::TcpOutOfWindow);
         }
         if flags != old {
             (*ct).flags = flags;
@@ -172,10 +258,16 @@ pub fn known<F: Family>(f: &Flow<F::A>, cfg: &Config) -> Known<F::A> {
         // SAFETY: a map value pointer; fields are read where needed rather than the
         // whole (IPv6: 56-byte) entry copied to the stack.
         let entry = unsafe { &*ct };
+        let flags = entry.flags;
         if expired(cfg, f.proto, entry, now) {
             return Known::Unknown { reselect: false };
         }
-        let flags = entry.flags;
+        // A new connection on the tuple of one that is closing (the client reuses its
+        // port): a fresh flow with a fresh choice, as after expiry.
+        if flags & CT_F_CLOSING != 0 && is_syn(f) {
+            count(Stat::TcpReopen);
+            return Known::Unknown { reselect: false };
+        }
         if let Some(be) = F::backends().get(entry.backend_id) {
             if be.addr == entry.backend_addr && be.port == entry.backend_port {
                 if flags & CT_F_AFFINITY != 0 {
@@ -187,7 +279,7 @@ pub fn known<F: Family>(f: &Flow<F::A>, cfg: &Config) -> Known<F::A> {
                     daddr: be.addr,
                     dport: be.port,
                 };
-                touch(ct, f.tcp_flags, true, now);
+                touch(ct, f, true, now);
                 count(Stat::Established);
                 return Known::Decided(if flags & CT_F_SNAT != 0 {
                     Decision::ToRemote(nat)
@@ -363,6 +455,8 @@ pub fn bind<F: Family>(f: &Flow<F::A>, c: &Choice<F::A>) -> Result<(Nat<F::A>, b
             0
         } | if affinity { CT_F_AFFINITY } else { 0 },
         pad: 0,
+        client_seq: f.seq,
+        backend_seq: 0,
     };
     if local {
         let rkey = FlowKey::new(be.addr, f.saddr, be.port, f.sport, f.proto);
@@ -542,17 +636,25 @@ extern "C" fn snat_probe<F: Family>(i: u64, ctx: *mut c_void) -> c_long {
         held.fe_port,
         p.rkey.proto,
     );
+    // A port held by this very tuple's previous flow (a SYN reopening a closing flow) is
+    // free: the new flow replaces that entry. The backend then sees the tuple again, as it
+    // would if the client reused its port without NAT in between.
+    let own = held.client_addr == p.rev.client_addr
+        && held.client_port == p.rev.client_port
+        && held.fe_addr == p.rev.fe_addr
+        && held.fe_port == p.rev.fe_port;
     // SAFETY: plain data.
-    let live = match unsafe { F::conntrack().get(&owner) } {
-        Some(ct) => {
-            !expired(&config(), p.rkey.proto, ct, p.now)
-                && ct.nat_port == p.rkey.dport
-                && ct.nat_addr == p.rkey.daddr
-                && ct.backend_addr == p.rkey.saddr
-                && ct.backend_port == p.rkey.sport
-        }
-        None => false,
-    };
+    let live = !own
+        && match unsafe { F::conntrack().get(&owner) } {
+            Some(ct) => {
+                !expired(&config(), p.rkey.proto, ct, p.now)
+                    && ct.nat_port == p.rkey.dport
+                    && ct.nat_addr == p.rkey.daddr
+                    && ct.backend_addr == p.rkey.saddr
+                    && ct.backend_port == p.rkey.sport
+            }
+            None => false,
+        };
     if !live && F::revnat().insert(&p.rkey, &p.rev, 0).is_ok() {
         p.found = 1;
         return 1;
@@ -560,7 +662,11 @@ extern "C" fn snat_probe<F: Family>(i: u64, ctx: *mut c_void) -> c_long {
     0
 }
 
-/// Reverse translation of a reply: the tuple as it arrives, looked up in NP_RNAT.
+/// Reverse translation of a reply: the tuple as it arrives, looked up in NP_RNAT, for a
+/// live flow only: the NP_CT entry it names exists, has not expired and is still bound
+/// to this tuple (not reopened towards another backend or SNAT port). Anything else is
+/// not ours (`None`) and passes untouched: an NP_RNAT entry outlives its flow until it is
+/// evicted or its SNAT port reclaimed.
 #[inline(always)]
 pub fn reply<F: Family>(f: &Flow<F::A>) -> Option<Decision<F::A>> {
     let key = client_key(f);
@@ -573,9 +679,19 @@ pub fn reply<F: Family>(f: &Flow<F::A>) -> Option<Decision<F::A>> {
         rev.fe_port,
         f.proto,
     );
-    if let Some(ct) = F::conntrack().get_ptr_mut(&owner) {
-        touch(ct, f.tcp_flags, false, now_ns());
+    let ct = F::conntrack().get_ptr_mut(&owner)?;
+    let now = now_ns();
+    // SAFETY: a map value pointer, read field by field.
+    let entry = unsafe { &*ct };
+    let live = !expired_with(timeouts_in_place(), f.proto, entry, now)
+        && entry.backend_addr == f.saddr
+        && entry.backend_port == f.sport
+        && entry.nat_addr == f.daddr
+        && entry.nat_port == f.dport;
+    if !live {
+        return None;
     }
+    touch(ct, f, false, now);
     count(Stat::Reply);
     Some(Decision::Reply(Nat {
         saddr: rev.fe_addr,

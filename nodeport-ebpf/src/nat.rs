@@ -215,17 +215,20 @@ pub fn rewrite_tc<F: Family>(
     } else {
         0
     };
-    let ip_check = f.l3 + IP_CHECK;
+    let ip_check = f.l3 as usize + IP_CHECK;
     let l4_check = f.l4_check_off();
     if dec_ttl {
         if F::IS_V6 {
-            if ctx.store(f.l3 + F::TTL, &f.ttl.wrapping_sub(1), 0).is_err() {
+            if ctx
+                .store(f.l3 as usize + F::TTL, &f.ttl.wrapping_sub(1), 0)
+                .is_err()
+            {
                 return false;
             }
         } else {
             let old = u16::from_ne_bytes([f.ttl, f.proto]);
             let new = u16::from_ne_bytes([f.ttl.wrapping_sub(1), f.proto]);
-            if ctx.store(f.l3 + IP_TTL_PROTO, &new, 0).is_err()
+            if ctx.store(f.l3 as usize + IP_TTL_PROTO, &new, 0).is_err()
                 || ctx
                     .l3_csum_replace(ip_check, old as u64, new as u64, 2)
                     .is_err()
@@ -270,8 +273,8 @@ pub fn rewrite_tc<F: Family>(
                 .is_ok()
                 && ctx.store(off, &new, 0).is_ok())
     };
-    addr(f.l3 + F::SADDR, f.saddr, nat.saddr)
-        && addr(f.l3 + F::DADDR, f.daddr, nat.daddr)
-        && port(f.l4 + L4_SPORT, f.sport, nat.sport)
-        && port(f.l4 + L4_DPORT, f.dport, nat.dport)
+    addr(f.l3 as usize + F::SADDR, f.saddr, nat.saddr)
+        && addr(f.l3 as usize + F::DADDR, f.daddr, nat.daddr)
+        && port(f.l4 as usize + L4_SPORT, f.sport, nat.sport)
+        && port(f.l4 as usize + L4_DPORT, f.dport, nat.dport)
 }

@@ -22,6 +22,8 @@ pub const IP_CHECK: usize = 10;
 /// L4 field offsets (from the start of the TCP/UDP header).
 pub const L4_SPORT: usize = 0;
 pub const L4_DPORT: usize = 2;
+/// Offset of the sequence number (the acknowledgment number follows).
+pub const TCP_SEQ: usize = 4;
 pub const TCP_FLAGS: usize = 13;
 pub const TCP_CHECK: usize = 16;
 pub const UDP_CHECK: usize = 6;
@@ -148,9 +150,10 @@ impl PacketBytes for Skb<'_> {
 /// What the datapath needs to know about a TCP or UDP packet of one family.
 #[derive(Clone, Copy)]
 pub struct Flow<A: Addr> {
-    /// Offset of the IP header and of the L4 header.
-    pub l3: usize,
-    pub l4: usize,
+    /// Offset of the IP header and of the L4 header. (`u16`: with the sequence numbers
+    /// the flow would outgrow the stack frames of the IPv4 path as `usize`s.)
+    pub l3: u16,
+    pub l4: u16,
     /// Addresses and ports as raw network-order values.
     pub saddr: A,
     pub daddr: A,
@@ -163,15 +166,19 @@ pub struct Flow<A: Addr> {
     pub ttl: u8,
     /// Length of the IP packet, headers included, host order.
     pub tot_len: u16,
+    /// TCP sequence and acknowledgment numbers, host order (0 for UDP): conntrack checks
+    /// a FIN or RST against the flow's recent numbers before it believes it.
+    pub seq: u32,
+    pub ack: u32,
 }
 
 impl<A: Addr> Flow<A> {
     #[inline(always)]
     pub fn l4_check_off(&self) -> usize {
         if self.proto == PROTO_TCP {
-            self.l4 + TCP_CHECK
+            self.l4 as usize + TCP_CHECK
         } else {
-            self.l4 + UDP_CHECK
+            self.l4 as usize + UDP_CHECK
         }
     }
 }
@@ -245,7 +252,7 @@ pub fn parse<F: Family, const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flo
             tot_len,
         )
     };
-    let (sport, dport, tcp_flags) = match proto {
+    let (sport, dport, tcp_flags, seq, ack) = match proto {
         PROTO_TCP => {
             if l4_len < TCP_HLEN {
                 return Err(Stat::PassMalformed);
@@ -253,11 +260,18 @@ pub fn parse<F: Family, const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flo
             let ports: [u16; 2] = b.load(l4).ok_or(Stat::PassMalformed)?;
             let doff: u8 = b.load(l4 + 12).ok_or(Stat::PassMalformed)?;
             let flags: u8 = b.load(l4 + TCP_FLAGS).ok_or(Stat::PassMalformed)?;
+            let seq_ack: [u32; 2] = b.load(l4 + TCP_SEQ).ok_or(Stat::PassMalformed)?;
             // The checksum is rewritten in place: it must be inside the frame.
             if b.load::<u16>(l4 + TCP_CHECK).is_none() || ((doff >> 4) as usize) * 4 < TCP_HLEN {
                 return Err(Stat::PassMalformed);
             }
-            (ports[0], ports[1], flags)
+            (
+                ports[0],
+                ports[1],
+                flags,
+                u32::from_be(seq_ack[0]),
+                u32::from_be(seq_ack[1]),
+            )
         }
         PROTO_UDP => {
             if l4_len < UDP_HLEN {
@@ -268,13 +282,13 @@ pub fn parse<F: Family, const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flo
             if udp_len < UDP_HLEN || udp_len > l4_len {
                 return Err(Stat::PassMalformed);
             }
-            (hdr[0], hdr[1], 0)
+            (hdr[0], hdr[1], 0, 0, 0)
         }
         _ => return Err(Stat::PassOtherProto),
     };
     Ok(Flow {
-        l3,
-        l4,
+        l3: l3 as u16,
+        l4: l4 as u16,
         saddr,
         daddr,
         sport,
@@ -283,6 +297,8 @@ pub fn parse<F: Family, const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flo
         tcp_flags,
         ttl,
         tot_len,
+        seq,
+        ack,
     })
 }
 
@@ -344,8 +360,8 @@ pub fn parse_icmp_error<F: Family>(b: &impl PacketBytes) -> Option<IcmpError<F::
     let ports: [u16; 2] = b.load(F::INNER_L4)?;
     Some(IcmpError {
         outer: Flow {
-            l3: L3,
-            l4: F::L4,
+            l3: L3 as u16,
+            l4: F::L4 as u16,
             saddr: b.load(L3 + F::SADDR)?,
             daddr: b.load(L3 + F::DADDR)?,
             sport: 0,
@@ -354,6 +370,8 @@ pub fn parse_icmp_error<F: Family>(b: &impl PacketBytes) -> Option<IcmpError<F::
             tcp_flags: 0,
             ttl,
             tot_len: ip_len as u16,
+            seq: 0,
+            ack: 0,
         },
         saddr: b.load(F::INNER_L3 + F::SADDR)?,
         daddr: b.load(F::INNER_L3 + F::DADDR)?,

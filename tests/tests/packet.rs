@@ -12,12 +12,12 @@
 use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp};
 use etherparse::PacketBuilder;
 use nodeport_agent::{
-    datapath::{Datapath, MapSizes, Variant},
+    datapath::{monotonic_coarse_ns, Datapath, MapSizes, Variant},
     sync::Maps,
 };
 use nodeport_common::{
-    maps as m, Backend, Backend6, Config, FrontendKey, FrontendKey6, Service, BE_F_LOCAL,
-    PROTO_TCP, PROTO_UDP, SVC_F_REJECT,
+    maps as m, Backend, Backend6, Config, CtEntry, FlowKey, FrontendKey, FrontendKey6, Service,
+    BE_F_LOCAL, CT_F_BACKEND_SEQ, CT_F_CLOSING, CT_F_SYN_ONLY, PROTO_TCP, PROTO_UDP, SVC_F_REJECT,
 };
 use tests::netns::{require_root, run_in, Netns, NodeLan};
 
@@ -1288,5 +1288,661 @@ fn ipv6_remote_backend_reply_and_icmpv6_errors() {
         XDP_PASS,
         hbh,
         "pass_ipv6_ext"
+    );
+}
+
+// TCP state: which FIN and RST close a flow, SYN reuse of a closing tuple, expiry, replies
+// of dead flows and the reclaim of their SNAT ports.
+
+/// Flags of a crafted TCP segment.
+const SYN: u8 = 1;
+const ACK: u8 = 2;
+const FIN: u8 = 4;
+const RST: u8 = 8;
+/// The client's initial sequence number in these tests, and the backend's.
+const ISN: u32 = 1000;
+const BISN: u32 = 7000;
+/// Far outside any window around the flows' numbers: a stranger's guess.
+const FAR: u32 = 1 << 31;
+const POD_LOCAL_2: [u8; 4] = [198, 19, 1, 11];
+
+/// A TCP segment without payload.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "a segment's fields, named at each call"
+)]
+fn seg(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    (src, sp): Addr,
+    (dst, dp): Addr,
+    ttl: u8,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src, dst, ttl)
+        .tcp(sp, dp, seq, 64240);
+    if flags & SYN != 0 {
+        b = b.syn();
+    }
+    if flags & ACK != 0 {
+        b = b.ack(ack);
+    }
+    if flags & FIN != 0 {
+        b = b.fin();
+    }
+    if flags & RST != 0 {
+        b = b.rst();
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, &[]).unwrap();
+    v
+}
+
+/// A segment from the client to a nodePort of node1.
+fn from_client(client_port: u16, node_port: u16, flags: u8, seq: u32, ack: u32) -> Vec<u8> {
+    seg(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, client_port),
+        (NODE1, node_port),
+        64,
+        flags,
+        seq,
+        ack,
+    )
+}
+
+/// The same segment as a local backend `pod` gets it (DNAT only, through the stack).
+fn to_local(pod: [u8; 4], client_port: u16, flags: u8, seq: u32, ack: u32) -> Vec<u8> {
+    seg(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, client_port),
+        (pod, 80),
+        64,
+        flags,
+        seq,
+        ack,
+    )
+}
+
+/// A segment of a local backend `pod` to the client, as TC egress sees it.
+fn from_local(pod: [u8; 4], client_port: u16, flags: u8, seq: u32, ack: u32) -> Vec<u8> {
+    seg(
+        NODE1_MAC,
+        CLIENT_MAC,
+        (pod, 80),
+        (CLIENT, client_port),
+        63,
+        flags,
+        seq,
+        ack,
+    )
+}
+
+fn ct_key(client_port: u16, node_port: u16) -> FlowKey {
+    FlowKey::new(
+        raw(CLIENT),
+        raw(NODE1),
+        client_port.to_be(),
+        node_port.to_be(),
+        PROTO_TCP,
+    )
+}
+
+impl Env {
+    fn conntrack(&mut self) -> aya::maps::HashMap<&mut aya::maps::MapData, FlowKey, CtEntry> {
+        let map = self.dp.ebpf_mut().map_mut(m::MAP_CONNTRACK).unwrap();
+        aya::maps::HashMap::try_from(map).unwrap()
+    }
+
+    /// The NP_CT entry of the client's flow to a nodePort, as an operator reads it.
+    fn ct(&mut self, client_port: u16, node_port: u16) -> Option<CtEntry> {
+        self.conntrack()
+            .get(&ct_key(client_port, node_port), 0)
+            .ok()
+    }
+
+    /// Age the flow's entry by `secs` (as if its last packet came that long ago).
+    fn age(&mut self, client_port: u16, node_port: u16, secs: u64) {
+        let key = ct_key(client_port, node_port);
+        let mut e = self.ct(client_port, node_port).expect("entry to age");
+        e.last_seen_ns = monotonic_coarse_ns().saturating_sub(secs * 1_000_000_000);
+        assert!(e.last_seen_ns > 0, "uptime too short to age an entry");
+        self.conntrack().insert(key, e, 0).unwrap();
+    }
+
+    /// Run `input` through a program; assert it left as `out` with `verdict` and bumped
+    /// `stat` by one.
+    #[track_caller]
+    fn step(
+        &mut self,
+        case: &str,
+        prog: &str,
+        input: Vec<u8>,
+        verdict: u32,
+        out: Vec<u8>,
+        stat: &str,
+    ) {
+        let before = self.stat(stat);
+        let got = match prog {
+            "xdp" => self.xdp(&input),
+            p => self.tc(p, &input),
+        };
+        expect(self, case, got, verdict, &out, stat, before);
+    }
+}
+
+#[track_caller]
+fn assert_flags(e: &CtEntry, want: u16, case: &str) {
+    let mask = CT_F_CLOSING | CT_F_SYN_ONLY | CT_F_BACKEND_SEQ;
+    assert_eq!(
+        e.flags & mask,
+        want,
+        "{case}: conntrack state flags of {e:?}"
+    );
+}
+
+#[test]
+fn tcp_fin_and_rst_close_a_flow_only_in_window() {
+    let Some(mut env) = setup() else { return };
+    // Table: the client's packets after its SYN (seq ISN) and the state each leaves.
+    // Every packet is forwarded, translated, whatever it does to the state.
+    type Case = (&'static str, u8, u32, &'static str, u16);
+    let flows: [(u16, &[Case]); 3] = [
+        (
+            40100,
+            &[
+                (
+                    "rst far from the SYN",
+                    RST,
+                    ISN ^ FAR,
+                    "event_tcp_out_of_window",
+                    CT_F_SYN_ONLY,
+                ),
+                ("ack of the handshake", ACK, ISN + 1, "local_deliver", 0),
+                (
+                    "fin far from the client's",
+                    FIN | ACK,
+                    ISN + FAR,
+                    "event_tcp_out_of_window",
+                    0,
+                ),
+                (
+                    "rst just outside the window",
+                    RST,
+                    ISN + 1 + (3 << 20),
+                    "event_tcp_out_of_window",
+                    0,
+                ),
+                (
+                    "fin in window",
+                    FIN | ACK,
+                    ISN + 1 + 500,
+                    "local_deliver",
+                    CT_F_CLOSING,
+                ),
+            ],
+        ),
+        (
+            40101,
+            &[
+                ("ack of the handshake", ACK, ISN + 1, "local_deliver", 0),
+                (
+                    "rst in window",
+                    RST,
+                    ISN + 1 + 4000,
+                    "local_deliver",
+                    CT_F_CLOSING,
+                ),
+            ],
+        ),
+        (
+            40102,
+            // The client gives up on its SYN: an RST right after it.
+            &[(
+                "rst of a syn-only flow",
+                RST,
+                ISN + 1,
+                "local_deliver",
+                CT_F_CLOSING | CT_F_SYN_ONLY,
+            )],
+        ),
+    ];
+    for (port, cases) in flows {
+        env.step(
+            "syn",
+            "xdp",
+            from_client(port, 30081, SYN, ISN, 0),
+            XDP_PASS,
+            to_local(POD_LOCAL, port, SYN, ISN, 0),
+            "local_deliver",
+        );
+        let e = env.ct(port, 30081).expect("entry of the syn");
+        assert_flags(&e, CT_F_SYN_ONLY, "syn");
+        assert_eq!(e.client_seq, ISN, "the client's mark is its SYN's");
+        for &(case, flags, seq, stat, state) in cases {
+            let ack = if flags & ACK != 0 { BISN + 1 } else { 0 };
+            env.step(
+                case,
+                "xdp",
+                from_client(port, 30081, flags, seq, ack),
+                XDP_PASS,
+                to_local(POD_LOCAL, port, flags, seq, ack),
+                stat,
+            );
+            let e = env.ct(port, 30081).expect("entry");
+            assert_flags(&e, state, case);
+        }
+    }
+}
+
+#[test]
+fn tcp_backend_fin_and_rst_need_the_backends_numbers() {
+    let Some(mut env) = setup() else { return };
+    // A local flow; the backend's packets leave through TC egress.
+    let port = 40200;
+    env.step(
+        "syn",
+        "xdp",
+        from_client(port, 30081, SYN, ISN, 0),
+        XDP_PASS,
+        to_local(POD_LOCAL, port, SYN, ISN, 0),
+        "local_deliver",
+    );
+    let reply = |flags, seq, ack| from_local(POD_LOCAL, port, flags, seq, ack);
+    let restored = |flags, seq, ack| {
+        seg(
+            NODE1_MAC,
+            CLIENT_MAC,
+            (NODE1, 30081),
+            (CLIENT, port),
+            63,
+            flags,
+            seq,
+            ack,
+        )
+    };
+    // Before the backend's numbers are known, its RST must acknowledge the client's SYN.
+    env.step(
+        "backend rst acking nothing of the client's",
+        m::PROG_TC_EGRESS,
+        reply(RST | ACK, 0, ISN ^ FAR),
+        TC_NEXT,
+        restored(RST | ACK, 0, ISN ^ FAR),
+        "event_tcp_out_of_window",
+    );
+    assert_flags(&env.ct(port, 30081).unwrap(), CT_F_SYN_ONLY, "unacked rst");
+    // The SYN-ACK teaches the backend's sequence number.
+    env.step(
+        "syn-ack",
+        m::PROG_TC_EGRESS,
+        reply(SYN | ACK, BISN, ISN + 1),
+        TC_NEXT,
+        restored(SYN | ACK, BISN, ISN + 1),
+        "tc_nat",
+    );
+    let e = env.ct(port, 30081).unwrap();
+    assert_flags(&e, CT_F_SYN_ONLY | CT_F_BACKEND_SEQ, "syn-ack");
+    assert_eq!(e.backend_seq, BISN);
+    env.step(
+        "ack",
+        "xdp",
+        from_client(port, 30081, ACK, ISN + 1, BISN + 1),
+        XDP_PASS,
+        to_local(POD_LOCAL, port, ACK, ISN + 1, BISN + 1),
+        "local_deliver",
+    );
+    // A stranger's RST "from the backend" with the client's numbers right but not the
+    // backend's: forwarded, state kept.
+    env.step(
+        "backend rst far from the backend's",
+        m::PROG_TC_EGRESS,
+        reply(RST | ACK, BISN ^ FAR, ISN + 1),
+        TC_NEXT,
+        restored(RST | ACK, BISN ^ FAR, ISN + 1),
+        "event_tcp_out_of_window",
+    );
+    assert_flags(
+        &env.ct(port, 30081).unwrap(),
+        CT_F_BACKEND_SEQ,
+        "far backend rst",
+    );
+    env.step(
+        "backend fin in window",
+        m::PROG_TC_EGRESS,
+        reply(FIN | ACK, BISN + 1, ISN + 1),
+        TC_NEXT,
+        restored(FIN | ACK, BISN + 1, ISN + 1),
+        "tc_nat",
+    );
+    assert_flags(
+        &env.ct(port, 30081).unwrap(),
+        CT_F_BACKEND_SEQ | CT_F_CLOSING,
+        "backend fin",
+    );
+}
+
+#[test]
+fn tcp_syn_on_a_closing_tuple_opens_a_fresh_flow() {
+    let Some(mut env) = setup() else { return };
+    env.dp
+        .set_backend(6, &backend(POD_LOCAL_2, 80, BE_F_LOCAL))
+        .unwrap();
+    let port = 40300;
+    env.step(
+        "syn",
+        "xdp",
+        from_client(port, 30081, SYN, ISN, 0),
+        XDP_PASS,
+        to_local(POD_LOCAL, port, SYN, ISN, 0),
+        "local_deliver",
+    );
+    env.step(
+        "ack",
+        "xdp",
+        from_client(port, 30081, ACK, ISN + 1, BISN + 1),
+        XDP_PASS,
+        to_local(POD_LOCAL, port, ACK, ISN + 1, BISN + 1),
+        "local_deliver",
+    );
+    // The service now chooses backend 6; the live flow stays on its backend, even for a
+    // SYN (a retransmission, or a stranger's).
+    service(30081, PROTO_TCP, 20, &[6], &mut env.dp, 3);
+    env.step(
+        "syn on a live flow",
+        "xdp",
+        from_client(port, 30081, SYN, ISN, 0),
+        XDP_PASS,
+        to_local(POD_LOCAL, port, SYN, ISN, 0),
+        "event_established",
+    );
+    env.step(
+        "fin",
+        "xdp",
+        from_client(port, 30081, FIN | ACK, ISN + 1, BISN + 1),
+        XDP_PASS,
+        to_local(POD_LOCAL, port, FIN | ACK, ISN + 1, BISN + 1),
+        "event_established",
+    );
+    assert_flags(&env.ct(port, 30081).unwrap(), CT_F_CLOSING, "fin");
+    // The last ACK of the closing flow still goes to its backend.
+    env.step(
+        "ack of a closing flow",
+        "xdp",
+        from_client(port, 30081, ACK, ISN + 2, BISN + 2),
+        XDP_PASS,
+        to_local(POD_LOCAL, port, ACK, ISN + 2, BISN + 2),
+        "event_established",
+    );
+    // The client reuses its port: a new connection, to the service's current choice.
+    let isn2 = ISN + 123_456_789;
+    env.step(
+        "syn on the closing tuple",
+        "xdp",
+        from_client(port, 30081, SYN, isn2, 0),
+        XDP_PASS,
+        to_local(POD_LOCAL_2, port, SYN, isn2, 0),
+        "event_tcp_reopen",
+    );
+    let e = env.ct(port, 30081).unwrap();
+    assert_flags(&e, CT_F_SYN_ONLY, "reopened");
+    assert_eq!((e.backend_id, e.client_seq), (6, isn2), "{e:?}");
+    // The old backend's late segment of the old flow is no reply of the new one: it
+    // leaves untranslated.
+    let late = from_local(POD_LOCAL, port, ACK, BISN + 2, ISN + 2);
+    let before = env.stat("tc_nat");
+    let (verdict, out) = env.tc(m::PROG_TC_EGRESS, &late);
+    assert_eq!(
+        (verdict, hex(&out)),
+        (TC_NEXT, hex(&late)),
+        "old backend's segment"
+    );
+    assert_eq!(
+        env.stat("tc_nat"),
+        before,
+        "old backend's segment translated"
+    );
+    // The new backend's SYN-ACK is.
+    env.step(
+        "new backend's syn-ack",
+        m::PROG_TC_EGRESS,
+        from_local(POD_LOCAL_2, port, SYN | ACK, BISN, isn2 + 1),
+        TC_NEXT,
+        seg(
+            NODE1_MAC,
+            CLIENT_MAC,
+            (NODE1, 30081),
+            (CLIENT, port),
+            63,
+            SYN | ACK,
+            BISN,
+            isn2 + 1,
+        ),
+        "tc_nat",
+    );
+}
+
+#[test]
+fn tcp_expired_flows_reopen_and_their_replies_pass_untouched() {
+    let Some(mut env) = setup() else { return };
+    env.dp
+        .set_config(&Config {
+            snat_addr: raw(NODE1),
+            snat_addr6: ip6(NODE1_6),
+            snat_port_min: SNAT_PORT,
+            snat_port_max: SNAT_PORT,
+            tcp_timeout_s: 30,
+            ..Config::default()
+        })
+        .unwrap();
+    env.dp
+        .set_backend(6, &backend(POD_LOCAL_2, 80, BE_F_LOCAL))
+        .unwrap();
+    let port = 40400;
+    env.step(
+        "syn",
+        "xdp",
+        from_client(port, 30081, SYN, ISN, 0),
+        XDP_PASS,
+        to_local(POD_LOCAL, port, SYN, ISN, 0),
+        "local_deliver",
+    );
+    env.step(
+        "ack",
+        "xdp",
+        from_client(port, 30081, ACK, ISN + 1, BISN + 1),
+        XDP_PASS,
+        to_local(POD_LOCAL, port, ACK, ISN + 1, BISN + 1),
+        "local_deliver",
+    );
+    let live_reply = from_local(POD_LOCAL, port, ACK, BISN + 1, ISN + 1);
+    env.step(
+        "reply of the live flow",
+        m::PROG_TC_EGRESS,
+        live_reply.clone(),
+        TC_NEXT,
+        seg(
+            NODE1_MAC,
+            CLIENT_MAC,
+            (NODE1, 30081),
+            (CLIENT, port),
+            63,
+            ACK,
+            BISN + 1,
+            ISN + 1,
+        ),
+        "tc_nat",
+    );
+    // Idle past the 30 s timeout: the same reply is no longer translated.
+    env.age(port, 30081, 31);
+    let before = env.stat("tc_nat");
+    let (verdict, out) = env.tc(m::PROG_TC_EGRESS, &live_reply);
+    assert_eq!(
+        (verdict, hex(&out)),
+        (TC_NEXT, hex(&live_reply)),
+        "reply of an expired flow"
+    );
+    assert_eq!(
+        env.stat("tc_nat"),
+        before,
+        "reply of an expired flow translated"
+    );
+    // A SYN on the expired tuple is a new flow, with the service's current choice.
+    service(30081, PROTO_TCP, 20, &[6], &mut env.dp, 3);
+    let isn2 = ISN + 5_000_000;
+    env.step(
+        "syn on the expired tuple",
+        "xdp",
+        from_client(port, 30081, SYN, isn2, 0),
+        XDP_PASS,
+        to_local(POD_LOCAL_2, port, SYN, isn2, 0),
+        "event_new_flow",
+    );
+    let e = env.ct(port, 30081).unwrap();
+    assert_eq!(e.backend_id, 6, "{e:?}");
+    assert!(
+        monotonic_coarse_ns() - e.last_seen_ns < 5_000_000_000,
+        "fresh entry {e:?}"
+    );
+
+    // A remote flow whose entry is gone (evicted): its backend's reply to the SNAT port
+    // passes untouched to the stack.
+    let rport = 40401;
+    env.step(
+        "syn to remote",
+        "xdp",
+        from_client(rport, 30080, SYN, ISN, 0),
+        XDP_TX,
+        seg(
+            NODE1_MAC,
+            NODE2_MAC,
+            (NODE1, SNAT_PORT),
+            (POD_REMOTE, 80),
+            63,
+            SYN,
+            ISN,
+            0,
+        ),
+        "tx",
+    );
+    env.conntrack().remove(&ct_key(rport, 30080)).unwrap();
+    let orphan = seg(
+        NODE2_MAC,
+        NODE1_MAC,
+        (POD_REMOTE, 80),
+        (NODE1, SNAT_PORT),
+        63,
+        SYN | ACK,
+        BISN,
+        ISN + 1,
+    );
+    env.step(
+        "reply of an absent flow",
+        "xdp",
+        orphan.clone(),
+        XDP_PASS,
+        orphan,
+        "pass_no_match",
+    );
+}
+
+#[test]
+fn tcp_snat_ports_of_closing_and_expired_flows_are_reclaimed() {
+    let Some(mut env) = setup() else { return };
+    // One SNAT port (61000) towards the remote backend.
+    let to_pod = |flags, seq, ack| {
+        seg(
+            NODE1_MAC,
+            NODE2_MAC,
+            (NODE1, SNAT_PORT),
+            (POD_REMOTE, 80),
+            63,
+            flags,
+            seq,
+            ack,
+        )
+    };
+    env.step(
+        "syn",
+        "xdp",
+        from_client(40500, 30080, SYN, ISN, 0),
+        XDP_TX,
+        to_pod(SYN, ISN, 0),
+        "tx",
+    );
+    env.step(
+        "fin",
+        "xdp",
+        from_client(40500, 30080, FIN | ACK, ISN + 1, BISN + 1),
+        XDP_TX,
+        to_pod(FIN | ACK, ISN + 1, BISN + 1),
+        "event_established",
+    );
+    assert_flags(
+        &env.ct(40500, 30080).unwrap(),
+        CT_F_CLOSING | CT_F_SYN_ONLY,
+        "fin",
+    );
+    // The same client port opens a new connection: it takes the port its old flow held.
+    let isn2 = ISN + 77_777;
+    env.step(
+        "syn reopening a closing snat flow",
+        "xdp",
+        from_client(40500, 30080, SYN, isn2, 0),
+        XDP_TX,
+        to_pod(SYN, isn2, 0),
+        "event_tcp_reopen",
+    );
+    assert_flags(&env.ct(40500, 30080).unwrap(), CT_F_SYN_ONLY, "reopened");
+    // Another client port: the only SNAT port is held by a live flow.
+    let other = from_client(40501, 30080, SYN, ISN, 0);
+    env.step(
+        "snat port held",
+        "xdp",
+        other.clone(),
+        XDP_DROP,
+        other.clone(),
+        "drop_snat_exhausted",
+    );
+    // Once that flow has expired (SYN only: 60 s), the port is reclaimed.
+    env.age(40500, 30080, 61);
+    env.step(
+        "snat port reclaimed",
+        "xdp",
+        other,
+        XDP_TX,
+        to_pod(SYN, ISN, 0),
+        "tx",
+    );
+    // The port's replies now go to the new owner.
+    env.step(
+        "reply to the new owner",
+        "xdp",
+        seg(
+            NODE2_MAC,
+            NODE1_MAC,
+            (POD_REMOTE, 80),
+            (NODE1, SNAT_PORT),
+            63,
+            SYN | ACK,
+            BISN,
+            ISN + 1,
+        ),
+        XDP_TX,
+        seg(
+            NODE1_MAC,
+            CLIENT_MAC,
+            (NODE1, 30080),
+            (CLIENT, 40501),
+            62,
+            SYN | ACK,
+            BISN,
+            ISN + 1,
+        ),
+        "event_reply",
     );
 }
