@@ -1370,7 +1370,10 @@ const LOAD_ATTEMPTS: u32 = 5;
 /// Load program `name`, again when the kernel gave up with EAGAIN: the verifier stops when
 /// a signal is pending (a child exiting, a timer), which a long verification under load
 /// meets now and then. libbpf retries the same way.
-fn load_retrying(name: &str, mut load: impl FnMut() -> std::result::Result<(), ProgramError>) -> Result<()> {
+fn load_retrying(
+    name: &str,
+    mut load: impl FnMut() -> std::result::Result<(), ProgramError>,
+) -> Result<()> {
     let mut attempt = 1;
     loop {
         match load() {
