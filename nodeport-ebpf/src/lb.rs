@@ -384,8 +384,7 @@ pub fn open<F: Family>(
 /// never answered).
 #[inline(always)]
 fn refuses<A: Addr>(f: &Flow<A>, svc: &Service) -> bool {
-    svc.flags & SVC_F_REJECT != 0
-        && (f.proto != PROTO_TCP || f.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN)
+    svc.flags & SVC_F_REJECT != 0 && (f.proto != PROTO_TCP || is_syn(f))
 }
 
 /// The reverse-NAT value of a new flow: what its replies get back.

@@ -17,11 +17,57 @@ use std::{
 };
 
 use crate::{
+    apiserver::{ApiServer, ApiServerConfig},
     client::{self, EchoReply},
     cluster::{Cluster, ClusterSpec, IpFamily, LanKind},
     manifests::{Manifests, Protocol, Service, SAMPLE_NODE_PORT},
-    netns::{ensure_bpffs, Child, PinPath, TempDir},
+    netns::{ensure_bpffs, run_in, Child, PinPath, TempDir},
 };
+
+/// Where the test API server listens: the first address of the lan, held by its bridge.
+pub const API_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 1);
+
+/// A test API server at [`API_IP`] in `tb`'s lan namespace (`config.listen` is replaced;
+/// the nodes reach it over the lan), seeded with the testbed's Nodes, its Service and one
+/// EndpointSlice per node, and a kubeconfig for it in a temp dir (removed on drop).
+pub fn lan_api_server(tb: &Testbed, config: ApiServerConfig) -> (ApiServer, TempDir, PathBuf) {
+    let lan = tb.cluster().lan();
+    lan.ip(&format!(
+        "addr add {API_IP}/{} dev br0",
+        tb.cluster().spec().lan_prefix
+    ));
+    let api = run_in(lan, || {
+        ApiServer::start_with(ApiServerConfig {
+            listen: SocketAddr::from((API_IP, 0)),
+            ..config
+        })
+    })
+    .expect("starting the API server in the lan namespace");
+    let dir = TempDir::new(tb.cluster().run_id(), "kube");
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)
+        .expect("writing the kubeconfig");
+    let m = tb.manifests();
+    let parse = |what: &str, yaml: &str| {
+        serde_yaml::from_str::<serde_yaml::Value>(yaml)
+            .unwrap_or_else(|e| panic!("{what}: {e}:\n{yaml}"))
+    };
+    for n in &m.nodes {
+        let node: k8s_openapi::api::core::v1::Node =
+            serde_yaml::from_value(parse("Node", &n.to_yaml())).expect("Node");
+        api.create(&node).expect("create Node");
+    }
+    let svc: k8s_openapi::api::core::v1::Service =
+        serde_yaml::from_value(parse("Service", &m.service.to_yaml())).expect("Service");
+    api.create(&svc).expect("create Service");
+    for n in &m.nodes {
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
+            serde_yaml::from_value(parse("EndpointSlice", &m.endpoint_slice_yaml(&n.name)))
+                .expect("EndpointSlice");
+        api.create(&slice).expect("create EndpointSlice");
+    }
+    (api, dir, kubeconfig)
+}
 
 /// How long a stopping agent gets between SIGTERM and SIGKILL.
 pub const AGENT_STOP_GRACE: Duration = Duration::from_secs(10);

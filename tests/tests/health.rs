@@ -22,7 +22,7 @@ use tests::{
     apiserver::{ApiServer, ApiServerConfig},
     client::DEFAULT_TIMEOUT,
     netns::{require_root, run_in, TempDir},
-    testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
+    testbed::{default_agent_path, echo_path, lan_api_server, poll_until, Testbed, TestbedOptions},
 };
 
 const HEALTH_PORT: u16 = 30256;
@@ -155,7 +155,6 @@ fn health_check_node_port_reports_local_endpoints() {
 const AGENT_HEALTH: u16 = 10256;
 const AGENT_METRICS: u16 = 10249;
 /// The API server's address on the lan (the bridge's own address in the lan namespace).
-const API_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// `path` of `node`'s agent, from inside the node (127.0.0.1).
@@ -232,35 +231,7 @@ struct KubeBed {
 
 fn kube_bed() -> KubeBed {
     let mut tb = Testbed::start(TestbedOptions::standard(echo_bin()));
-    let lan = tb.cluster().lan();
-    lan.ip(&format!(
-        "addr add {API_IP}/{} dev br0",
-        tb.cluster().spec().lan_prefix
-    ));
-    let api = run_in(lan, || {
-        ApiServer::start_with(ApiServerConfig {
-            listen: SocketAddr::from((API_IP, 0)),
-            ..ApiServerConfig::default()
-        })
-    })
-    .expect("starting the API server in the lan namespace");
-    let dir = TempDir::new(tb.cluster().run_id(), "kube");
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)
-        .expect("writing the kubeconfig");
-    let m = tb.manifests().clone();
-    for n in &m.nodes {
-        let node: Node = serde_yaml::from_str(&n.to_yaml()).expect("Node YAML");
-        api.create(&node).expect("create Node");
-    }
-    let svc: k8s_openapi::api::core::v1::Service =
-        serde_yaml::from_str(&m.service.to_yaml()).expect("Service YAML");
-    api.create(&svc).expect("create Service");
-    for n in &m.nodes {
-        let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
-            serde_yaml::from_str(&m.endpoint_slice_yaml(&n.name)).expect("slice YAML");
-        api.create(&slice).expect("create EndpointSlice");
-    }
+    let (api, dir, kubeconfig) = lan_api_server(&tb, ApiServerConfig::default());
     tb.start_kube_agents(default_agent_path(), kubeconfig);
     if let Err(e) = tb.wait_for_service(Duration::from_secs(30)) {
         panic!("{e}");

@@ -26,11 +26,11 @@ use tests::{
     client::{self, EchoReply, KeepAliveConn},
     manifests::{Manifests, Service},
     netns::{list_np_namespaces, require_root, run_in, TempDir},
-    testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
+    testbed::{
+        default_agent_path, echo_path, lan_api_server, poll_until, Testbed, TestbedOptions, API_IP,
+    },
 };
 
-/// The API server's address on the lan (the bridge's own address in the lan namespace).
-const API_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const FIRST_PORT: u16 = 30080;
 const SECOND_PORT: u16 = 30081;
 const THIRD_PORT: u16 = 30082;
@@ -150,19 +150,14 @@ impl KubeBed {
             ..TestbedOptions::standard(echo_bin())
         };
         let mut tb = Testbed::start(opts);
-        let lan = tb.cluster().lan();
-        lan.ip(&format!(
-            "addr add {API_IP}/{} dev br0",
-            tb.cluster().spec().lan_prefix
-        ));
-        let api = run_in(lan, || {
-            ApiServer::start_with(ApiServerConfig {
-                listen: SocketAddr::from((API_IP, 0)),
+        let (api, dir, kubeconfig) = lan_api_server(
+            &tb,
+            ApiServerConfig {
                 bookmark_interval: BOOKMARKS,
                 ..ApiServerConfig::default()
-            })
-        })
-        .expect("starting the API server in the lan namespace");
+            },
+        );
+        let lan = tb.cluster().lan();
         // The listening socket belongs to the lan namespace (where the thread that created it
         // was), not to the root namespace the test runs in, and the nodes reach it.
         let port = api.addr().port();
@@ -194,20 +189,6 @@ impl KubeBed {
             );
         }
 
-        let dir = TempDir::new(tb.cluster().run_id(), "kube");
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig)
-            .expect("writing the kubeconfig");
-        let m = tb.manifests().clone();
-        for n in &m.nodes {
-            let node: v1::Node = parse(&n.to_yaml());
-            api.create(&node).expect("create Node");
-        }
-        let (svc, slices) = service_objects(&m);
-        api.create(&svc).expect("create Service");
-        for s in &slices {
-            api.create(s).expect("create EndpointSlice");
-        }
         tb.start_kube_agents(default_agent_path(), kubeconfig);
         KubeBed {
             api,
