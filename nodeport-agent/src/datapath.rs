@@ -34,6 +34,7 @@ use nodeport_common::{
 use crate::{
     error::{Error, Result},
     family::{Family, IpCidr, RawAddr},
+    gc::FlowTables,
     sync::{MapSnapshot, Maps},
     tc_legacy::{self, LegacyTc},
 };
@@ -79,10 +80,14 @@ pub struct MapSizes {
     /// NP_BE and NP_BE6 (one id space over both).
     pub backends: u32,
     pub maglev_slots: u32,
-    /// NP_CT and NP_RNAT.
+    /// NP_CT (`--conntrack-max`).
     pub conntrack: u32,
-    /// NP_CT6 and NP_RNAT6.
+    /// NP_RNAT (`--revnat-max`).
+    pub revnat: u32,
+    /// NP_CT6 (`--conntrack-max6`).
     pub conntrack6: u32,
+    /// NP_RNAT6 (`--revnat-max6`).
+    pub revnat6: u32,
     /// NP_NODEADDR and NP_NODEADDR6, each (`--max-node-addresses`).
     pub node_addrs: u32,
 }
@@ -94,7 +99,9 @@ impl Default for MapSizes {
             backends: m::DEFAULT_MAX_BACKENDS,
             maglev_slots: m::DEFAULT_MAGLEV_SLOTS,
             conntrack: m::DEFAULT_CT_ENTRIES,
+            revnat: m::DEFAULT_CT_ENTRIES,
             conntrack6: m::DEFAULT_CT6_ENTRIES,
+            revnat6: m::DEFAULT_CT6_ENTRIES,
             node_addrs: m::DEFAULT_MAX_NODE_ADDRS,
         }
     }
@@ -500,8 +507,10 @@ pub fn expected_layouts(sizes: &MapSizes) -> Result<Vec<(String, Layout)>> {
                 m::MAP_SERVICES | m::MAP_SERVICES6 => sizes.services,
                 m::MAP_BACKENDS | m::MAP_BACKENDS6 => sizes.backends,
                 m::MAP_MAGLEV => sizes.maglev_slots.div_ceil(m::MAGLEV_SLOTS_PER_ENTRY),
-                m::MAP_CONNTRACK | m::MAP_REVNAT => sizes.conntrack,
-                m::MAP_CONNTRACK6 | m::MAP_REVNAT6 => sizes.conntrack6,
+                m::MAP_CONNTRACK => sizes.conntrack,
+                m::MAP_REVNAT => sizes.revnat,
+                m::MAP_CONNTRACK6 => sizes.conntrack6,
+                m::MAP_REVNAT6 => sizes.revnat6,
                 m::MAP_NODE_ADDRS | m::MAP_NODE_ADDRS6 => sizes.node_addrs,
                 _ => map.max_entries(),
             };
@@ -569,11 +578,11 @@ impl Datapath {
                 sizes.maglev_slots.div_ceil(m::MAGLEV_SLOTS_PER_ENTRY),
             )
             .map_max_entries(m::MAP_CONNTRACK, sizes.conntrack)
-            .map_max_entries(m::MAP_REVNAT, sizes.conntrack)
+            .map_max_entries(m::MAP_REVNAT, sizes.revnat)
             .map_max_entries(m::MAP_SERVICES6, sizes.services)
             .map_max_entries(m::MAP_BACKENDS6, sizes.backends)
             .map_max_entries(m::MAP_CONNTRACK6, sizes.conntrack6)
-            .map_max_entries(m::MAP_REVNAT6, sizes.conntrack6)
+            .map_max_entries(m::MAP_REVNAT6, sizes.revnat6)
             .map_max_entries(m::MAP_NODE_ADDRS, sizes.node_addrs)
             .map_max_entries(m::MAP_NODE_ADDRS6, sizes.node_addrs);
         let mut report = PinReport::default();
@@ -1286,7 +1295,7 @@ impl MapReader {
     /// (entries, capacity) of the reverse-NAT map (one entry per translated flow).
     pub fn revnat_occupancy(&self) -> Result<(u64, u32)> {
         let map: HashMap<MapData, FlowKey, RevNat> =
-            HashMap::try_from(Map::LruHashMap(open_pinned(&self.dir, m::MAP_REVNAT)?))
+            HashMap::try_from(Map::HashMap(open_pinned(&self.dir, m::MAP_REVNAT)?))
                 .map_err(|e| kerr(m::MAP_REVNAT, e))?;
         occupancy(&map, m::MAP_REVNAT)
     }
@@ -1330,11 +1339,103 @@ impl MapReader {
         let ct: HashMap<MapData, FlowKey6, CtEntry6> =
             HashMap::try_from(Map::LruHashMap(ct)).map_err(|e| kerr(m::MAP_CONNTRACK6, e))?;
         let rnat: HashMap<MapData, FlowKey6, RevNat6> =
-            HashMap::try_from(Map::LruHashMap(rnat)).map_err(|e| kerr(m::MAP_REVNAT6, e))?;
+            HashMap::try_from(Map::HashMap(rnat)).map_err(|e| kerr(m::MAP_REVNAT6, e))?;
         Ok(Some((
             occupancy(&ct, m::MAP_CONNTRACK6)?,
             occupancy(&rnat, m::MAP_REVNAT6)?,
         )))
+    }
+}
+
+/// One family's NP_CT and NP_RNAT, opened on their own (the sweep runs beside the
+/// agent's other handles).
+pub struct KernelFlowTables<A: RawAddr> {
+    conntrack: HashMap<MapData, FlowKey<A>, CtEntry<A>>,
+    revnat: HashMap<MapData, FlowKey<A>, RevNat<A>>,
+    /// The last error, kept for the caller to report once per sweep.
+    error: Option<Error>,
+}
+
+impl<A: RawAddr> KernelFlowTables<A> {
+    fn names() -> (&'static str, &'static str) {
+        match A::FAMILY {
+            Family::V4 => (m::MAP_CONNTRACK, m::MAP_REVNAT),
+            Family::V6 => (m::MAP_CONNTRACK6, m::MAP_REVNAT6),
+        }
+    }
+
+    fn new(ct: MapData, rnat: MapData) -> Result<Self> {
+        let (ct_name, rnat_name) = Self::names();
+        Ok(Self {
+            conntrack: HashMap::try_from(Map::LruHashMap(ct)).map_err(|e| kerr(ct_name, e))?,
+            revnat: HashMap::try_from(Map::HashMap(rnat)).map_err(|e| kerr(rnat_name, e))?,
+            error: None,
+        })
+    }
+
+    /// The maps of `A`'s family pinned in `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let (ct, rnat) = Self::names();
+        Self::new(open_pinned(pin_dir, ct)?, open_pinned(pin_dir, rnat)?)
+    }
+
+    /// The maps of `A`'s family of a loaded datapath (pinned or not).
+    pub fn of(dp: &Datapath) -> Result<Self> {
+        let by_id = |name: &str| -> Result<MapData> {
+            let map = dp
+                .ebpf
+                .map(name)
+                .ok_or_else(|| Error::Kernel(format!("the eBPF object has no map {name}")))?;
+            let id = match map {
+                Map::HashMap(d) | Map::LruHashMap(d) => d.info().map_err(|e| kerr(name, e))?.id(),
+                _ => return Err(Error::Kernel(format!("{name} is no hash map"))),
+            };
+            MapData::from_id(id).map_err(|e| kerr(name, e))
+        };
+        let (ct, rnat) = Self::names();
+        Self::new(by_id(ct)?, by_id(rnat)?)
+    }
+
+    /// The first error met since the last call, if any.
+    pub fn take_error(&mut self) -> Option<Error> {
+        self.error.take()
+    }
+
+    fn note<T>(&mut self, r: std::result::Result<T, aya::maps::MapError>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => {
+                self.error.get_or_insert(kerr("sweeping reverse NAT", e));
+                None
+            }
+        }
+    }
+}
+
+impl<A: RawAddr> FlowTables<A> for KernelFlowTables<A> {
+    fn reverse_entries(&self) -> Vec<(FlowKey<A>, RevNat<A>)> {
+        // An entry deleted while the walk passes it ends that step with an error (the
+        // kernel then restarts from the first key, so duplicates are possible): skip it.
+        self.revnat.iter().filter_map(|kv| kv.ok()).collect()
+    }
+    fn reverse(&self, key: &FlowKey<A>) -> Option<RevNat<A>> {
+        self.revnat.get(key, 0).ok()
+    }
+    fn flow(&self, key: &FlowKey<A>) -> Option<CtEntry<A>> {
+        self.conntrack.get(key, 0).ok()
+    }
+    fn delete_reverse(&mut self, key: &FlowKey<A>) -> bool {
+        let r = self.revnat.remove(key);
+        self.note(r).is_some()
+    }
+    fn restore_reverse(&mut self, key: &FlowKey<A>, value: &RevNat<A>) {
+        const BPF_NOEXIST: u64 = 1;
+        let r = self.revnat.insert(key, value, BPF_NOEXIST);
+        if !matches!(&r, Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST))
+        {
+            self.note(r);
+        }
     }
 }
 

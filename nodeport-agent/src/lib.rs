@@ -2,6 +2,7 @@
 pub mod datapath;
 pub mod error;
 pub mod family;
+pub mod gc;
 pub mod hcnp;
 pub mod health;
 pub mod ifaddrs;
@@ -14,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod node_addrs;
+pub mod ports;
 pub mod serve;
 pub mod sync;
 pub mod tc_legacy;

@@ -17,7 +17,7 @@ use nodeport_agent::{
         XdpAttachMode,
     },
     family::RawAddr,
-    hcnp, health,
+    gc, hcnp, health,
     ifaddrs::{interface_addrs, snat_sources},
     inspect,
     kube_source::{self, KubeStats, WatchOptions},
@@ -27,10 +27,11 @@ use nodeport_agent::{
     model::{self, Inputs, IpCidr, Refusal, Settings},
     names::{self, NameStore},
     node_addrs::{self, InterfaceAddr, InterfacePatterns},
+    ports,
     serve::{self, Health, Shared},
     sync::Reconciler,
 };
-use nodeport_common::{maps as m, Config, CFG_F_DEBUG};
+use nodeport_common::{ct::Timeouts, maps as m, Config, CFG_F_DEBUG};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -225,9 +226,30 @@ struct Args {
     #[arg(long, value_name = "NAME")]
     service_proxy_name: Option<String>,
     /// Source ports used when forwarding to a backend on another node (SNAT). Must lie
-    /// outside the nodePort range and the kernel's ephemeral port range.
-    #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
+    /// outside the nodePort range; where it overlaps the kernel's ephemeral ports
+    /// (net.ipv4.ip_local_port_range) the agent reserves it in
+    /// net.ipv4.ip_local_reserved_ports, or refuses to start.
+    #[arg(long, default_value = DEFAULT_SNAT_RANGE, value_parser = parse_range)]
     snat_port_range: (u16, u16),
+    /// Capacity of the IPv4 conntrack map (NP_CT, LRU: under pressure the least recently
+    /// used flows are evicted).
+    #[arg(long, value_name = "N", default_value_t = MapSizes::default().conntrack, value_parser = clap::value_parser!(u32).range(1024..=1 << 26))]
+    conntrack_max: u32,
+    /// Capacity of the IPv4 reverse-NAT map (NP_RNAT, one entry per tracked flow; when
+    /// full, new flows are dropped and counted as drop_map_full). Default: --conntrack-max.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1024..=1 << 26))]
+    revnat_max: Option<u32>,
+    /// --conntrack-max for IPv6 (NP_CT6).
+    #[arg(long, value_name = "N", default_value_t = MapSizes::default().conntrack6, value_parser = clap::value_parser!(u32).range(1024..=1 << 26))]
+    conntrack_max6: u32,
+    /// --revnat-max for IPv6 (NP_RNAT6). Default: --conntrack-max6.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1024..=1 << 26))]
+    revnat_max6: Option<u32>,
+    /// Time between two sweeps that free the reverse-NAT entries (and SNAT ports) of gone
+    /// flows, seconds; a sweep also runs within a second of a drop for a full map or
+    /// exhausted SNAT ports.
+    #[arg(long, value_name = "SECONDS", default_value_t = gc::DEFAULT_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    conntrack_gc_interval: u64,
     /// Idle timeout of established TCP flows in conntrack, seconds (kube-proxy's
     /// --conntrack-tcp-timeout-established).
     #[arg(long, value_name = "SECONDS", default_value_t = Config::default().tcp_timeout_s, value_parser = clap::value_parser!(u32).range(1..))]
@@ -240,9 +262,14 @@ struct Args {
     /// --conntrack-tcp-timeout-close-wait).
     #[arg(long, value_name = "SECONDS", default_value_t = Config::default().tcp_closing_timeout_s, value_parser = clap::value_parser!(u32).range(1..))]
     conntrack_tcp_closing_timeout: u32,
-    /// Idle timeout of UDP flows, seconds (kube-proxy's --conntrack-udp-timeout).
+    /// Idle timeout of UDP flows that have had a reply, seconds (kube-proxy's
+    /// --conntrack-udp-timeout-stream).
     #[arg(long, value_name = "SECONDS", default_value_t = Config::default().udp_timeout_s, value_parser = clap::value_parser!(u32).range(1..))]
     conntrack_udp_timeout: u32,
+    /// Timeout of UDP flows without a reply yet (they hold their SNAT port this long),
+    /// seconds (kube-proxy's --conntrack-udp-timeout).
+    #[arg(long, value_name = "SECONDS", default_value_t = Config::default().udp_unreplied_timeout_s, value_parser = clap::value_parser!(u32).range(1..))]
+    conntrack_udp_unreplied_timeout: u32,
     /// On exit, leave the programs attached and the maps pinned (for upgrades: the next
     /// agent takes both over without dropping a connection).
     #[arg(long)]
@@ -269,6 +296,9 @@ struct Args {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
+
+/// `--snat-port-range`'s default: nodeport_common's DEFAULT_SNAT_PORT_MIN-MAX.
+const DEFAULT_SNAT_RANGE: &str = "10000-29999";
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s
@@ -386,8 +416,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if lo <= args.nodeport_range.1 && hi >= args.nodeport_range.0 {
         bail!("--snat-port-range {lo}-{hi} overlaps the nodePort range");
     }
+    match ports::reserve_snat_ports((lo, hi))
+        .context("keeping the node's sockets off the SNAT ports")?
+    {
+        ports::Reservation::NotNeeded { ephemeral } => info!(
+            snat = %format!("{lo}-{hi}"),
+            ephemeral = %format!("{}-{}", ephemeral.0, ephemeral.1),
+            "SNAT ports are outside the node's ephemeral ports or reserved already"
+        ),
+        ports::Reservation::Added { ephemeral, added } => warn!(
+            snat = %format!("{lo}-{hi}"),
+            ephemeral = %format!("{}-{}", ephemeral.0, ephemeral.1),
+            reserved = %ports::render(&added),
+            "the SNAT ports overlap the node's ephemeral ports: added them to \
+             net.ipv4.ip_local_reserved_ports (kept after exit)"
+        ),
+    }
     let sizes = MapSizes {
         node_addrs: args.max_node_addresses,
+        conntrack: args.conntrack_max,
+        revnat: args.revnat_max.unwrap_or(args.conntrack_max),
+        conntrack6: args.conntrack_max6,
+        revnat6: args.revnat_max6.unwrap_or(args.conntrack_max6),
         ..MapSizes::default()
     };
     for iface in args
@@ -446,9 +496,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tcp_syn_timeout_s: args.conntrack_tcp_syn_timeout,
         tcp_closing_timeout_s: args.conntrack_tcp_closing_timeout,
         udp_timeout_s: args.conntrack_udp_timeout,
-        ..Config::default()
+        udp_unreplied_timeout_s: args.conntrack_udp_unreplied_timeout,
     };
     dp.set_config(&config)?;
+    gc::spawn(
+        args.pin_path.clone(),
+        Timeouts::of(&config),
+        Duration::from_secs(args.conntrack_gc_interval),
+        metrics.clone(),
+    );
     if let Some(logger) = dp.take_logger() {
         spawn_ebpf_log(logger)?;
     }
@@ -720,6 +776,17 @@ mod tests {
 
     fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(BASE.iter().chain(extra))
+    }
+
+    #[test]
+    fn default_snat_range_is_the_datapath_default() {
+        assert_eq!(
+            parse_range(DEFAULT_SNAT_RANGE),
+            Ok((m::DEFAULT_SNAT_PORT_MIN, m::DEFAULT_SNAT_PORT_MAX))
+        );
+        let a = parse(&["--conntrack-max", "4096"]).unwrap();
+        assert_eq!((a.conntrack_max, a.revnat_max), (4096, None));
+        assert!(parse(&["--conntrack-max", "10"]).is_err());
     }
 
     #[test]

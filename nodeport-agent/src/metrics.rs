@@ -95,6 +95,9 @@ pub struct Metrics {
     healthcheck_listeners_failed: Gauge,
     service_backends: Family<ServiceLabels, Gauge>,
     service_draining: Family<ServiceLabels, Gauge>,
+    gc_sweeps: Counter,
+    gc_freed: Counter,
+    gc_duration: Histogram,
     /// Last values read from monotonic sources, to turn them into counter increments.
     last: Mutex<StdHashMap<String, u64>>,
 }
@@ -249,6 +252,24 @@ impl Metrics {
              under Local on another node), per service port served",
             service_draining.clone(),
         );
+        let gc_sweeps = Counter::default();
+        registry.register(
+            "conntrack_gc_sweeps",
+            "Sweeps of the reverse-NAT maps for entries of gone flows",
+            gc_sweeps.clone(),
+        );
+        let gc_freed = Counter::default();
+        registry.register(
+            "conntrack_gc_freed",
+            "Reverse-NAT entries freed by the sweep (their SNAT ports among them)",
+            gc_freed.clone(),
+        );
+        let gc_duration = Histogram::new([0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        registry.register(
+            "conntrack_gc_duration_seconds",
+            "Duration of a reverse-NAT sweep",
+            gc_duration.clone(),
+        );
         Self {
             registry,
             packets,
@@ -275,8 +296,18 @@ impl Metrics {
             healthcheck_listeners_failed,
             service_backends,
             service_draining,
+            gc_sweeps,
+            gc_freed,
+            gc_duration,
             last: Mutex::new(StdHashMap::new()),
         }
+    }
+
+    /// Record one reverse-NAT sweep.
+    pub fn record_gc(&self, elapsed: Duration, freed: u64) {
+        self.gc_sweeps.inc();
+        self.gc_freed.inc_by(freed);
+        self.gc_duration.observe(elapsed.as_secs_f64());
     }
 
     /// Record one reconciliation.

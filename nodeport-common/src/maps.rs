@@ -282,6 +282,9 @@ pub const CT_F_AFFINITY: u16 = 1 << 3;
 /// Conntrack flag: `backend_seq` holds a sequence number of the backend's (learnt from a
 /// reply that acknowledged the client's data).
 pub const CT_F_BACKEND_SEQ: u16 = 1 << 4;
+/// Conntrack flag: a reply of the backend's was translated back (UDP flows get the longer
+/// of their two timeouts from then on, as netfilter's do).
+pub const CT_F_REPLIED: u16 = 1 << 5;
 
 /// NP_CT value: the backend a flow is bound to and how it was translated.
 #[repr(C)]
@@ -398,8 +401,10 @@ pub struct Config {
     pub tcp_timeout_s: u32,
     pub tcp_closing_timeout_s: u32,
     pub tcp_syn_timeout_s: u32,
+    /// UDP flow that has had a reply.
     pub udp_timeout_s: u32,
-    pub pad: u32,
+    /// UDP flow without a reply yet: such flows hold their SNAT port this long.
+    pub udp_unreplied_timeout_s: u32,
 }
 
 impl Default for Config {
@@ -408,16 +413,23 @@ impl Default for Config {
             snat_addr: 0,
             snat_addr6: [0; 4],
             flags: 0,
-            snat_port_min: 61_000,
-            snat_port_max: 65_535,
+            snat_port_min: DEFAULT_SNAT_PORT_MIN,
+            snat_port_max: DEFAULT_SNAT_PORT_MAX,
             tcp_timeout_s: 21_600,
             tcp_closing_timeout_s: 10,
             tcp_syn_timeout_s: 60,
             udp_timeout_s: 60,
-            pad: 0,
+            udp_unreplied_timeout_s: 30,
         }
     }
 }
+
+/// The default SNAT source port range: 20,000 ports between the well-known ports most
+/// daemons and tunnels listen on (below 10,000: 4789 and 8472 VXLAN, 6081 Geneve, 6443,
+/// 2379) and Kubernetes' default nodePort range (30000-32767), outside Linux's default
+/// ephemeral range (32768-60999), so the node's own connections never pick these ports.
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 10_000;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 29_999;
 
 /// How many SNAT ports a new remote flow tries before it is dropped as exhausted.
 pub const SNAT_PROBES: u32 = 32;

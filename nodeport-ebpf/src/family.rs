@@ -40,7 +40,7 @@ pub trait Family: 'static {
     fn services() -> &'static HashMap<FrontendKey<Self::A>, Service>;
     fn backends() -> &'static Array<Backend<Self::A>>;
     fn conntrack() -> &'static LruHashMap<FlowKey<Self::A>, CtEntry<Self::A>>;
-    fn revnat() -> &'static LruHashMap<FlowKey<Self::A>, RevNat<Self::A>>;
+    fn revnat() -> &'static HashMap<FlowKey<Self::A>, RevNat<Self::A>>;
     fn node_addrs() -> &'static HashMap<Self::A, NodeAddr>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::A>, Affinity<Self::A>>;
     fn src_ranges() -> &'static LpmTrie<SrcRange<Self::A>, u32>;
@@ -76,7 +76,7 @@ impl Family for V4 {
         &CONNTRACK
     }
     #[inline(always)]
-    fn revnat() -> &'static LruHashMap<FlowKey, RevNat> {
+    fn revnat() -> &'static HashMap<FlowKey, RevNat> {
         &REVNAT
     }
     #[inline(always)]
@@ -122,7 +122,7 @@ impl Family for V6 {
         &CONNTRACK6
     }
     #[inline(always)]
-    fn revnat() -> &'static LruHashMap<FlowKey<Ip6>, RevNat<Ip6>> {
+    fn revnat() -> &'static HashMap<FlowKey<Ip6>, RevNat<Ip6>> {
         &REVNAT6
     }
     #[inline(always)]

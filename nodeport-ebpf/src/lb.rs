@@ -12,9 +12,11 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use nodeport_common::{
-    hash::flow_hash, Addr, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey,
-    RevNat, Service, SrcRange, Stat, BE_F_DRAINING, BE_F_LOCAL, CT_F_AFFINITY, CT_F_BACKEND_SEQ,
-    CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_ONLY, MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP, SNAT_PROBES,
+    ct::{bound_to, revnat_owner, Timeouts},
+    hash::flow_hash,
+    Addr, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey, RevNat, Service,
+    SrcRange, Stat, BE_F_DRAINING, BE_F_LOCAL, CT_F_AFFINITY, CT_F_BACKEND_SEQ, CT_F_CLOSING,
+    CT_F_REPLIED, CT_F_SNAT, CT_F_SYN_ONLY, MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP, SNAT_PROBES,
     SRC_RANGE_SVC_BITS, SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_REJECT, SVC_F_SRC_RANGES,
 };
 
@@ -85,62 +87,37 @@ fn lookup_service<F: Family>(f: &Flow<F::A>) -> Option<(Service, bool)> {
     unsafe { F::services().get(&key) }.map(|svc| (*svc, true))
 }
 
-/// The conntrack timeouts of `cfg`, seconds: UDP, TCP closing, TCP SYN only, TCP.
+/// The conntrack timeouts of `cfg`.
 #[inline(always)]
-fn timeouts(cfg: &Config) -> [u32; 4] {
-    // Four loads, then a choice among values: LLVM turns a choice among field loads into
-    // one load at a chosen offset, pointer arithmetic the verifier refuses without
-    // CAP_PERFMON when the offsets come from different paths.
+fn timeouts(cfg: &Config) -> Timeouts {
+    // Field by field with volatile loads, then choices among values: LLVM turns a choice
+    // among field loads into one load at a chosen offset, pointer arithmetic the verifier
+    // refuses without CAP_PERFMON when the offsets come from different paths.
     // SAFETY: reads of a live reference's fields.
-    [
-        &cfg.udp_timeout_s,
-        &cfg.tcp_closing_timeout_s,
-        &cfg.tcp_syn_timeout_s,
-        &cfg.tcp_timeout_s,
-    ]
-    .map(|t| unsafe { core::ptr::read_volatile(t) })
+    unsafe {
+        Timeouts {
+            tcp: core::ptr::read_volatile(&cfg.tcp_timeout_s),
+            tcp_syn: core::ptr::read_volatile(&cfg.tcp_syn_timeout_s),
+            tcp_closing: core::ptr::read_volatile(&cfg.tcp_closing_timeout_s),
+            udp: core::ptr::read_volatile(&cfg.udp_timeout_s),
+            udp_unreplied: core::ptr::read_volatile(&cfg.udp_unreplied_timeout_s),
+        }
+    }
 }
 
 /// The timeouts read from NP_CONFIG in place, or the defaults when the agent has not
 /// written it: no 48-byte copy of `Config` on the stack (TC egress has no room for one).
 #[inline(always)]
-fn timeouts_in_place() -> [u32; 4] {
+fn timeouts_in_place() -> Timeouts {
     match CONFIG.get(0) {
         Some(c) if c.snat_port_min != 0 => timeouts(c),
-        _ => {
-            let d = Config::default();
-            [
-                d.udp_timeout_s,
-                d.tcp_closing_timeout_s,
-                d.tcp_syn_timeout_s,
-                d.tcp_timeout_s,
-            ]
-        }
+        _ => Timeouts::of(&Config::default()),
     }
 }
 
 #[inline(always)]
-fn timeout_ns([udp, closing, syn, est]: [u32; 4], proto: u8, flags: u16) -> u64 {
-    let s = if proto != PROTO_TCP {
-        udp
-    } else if flags & CT_F_CLOSING != 0 {
-        closing
-    } else if flags & CT_F_SYN_ONLY != 0 {
-        syn
-    } else {
-        est
-    };
-    s as u64 * NS
-}
-
-#[inline(always)]
 fn expired<A: Addr>(cfg: &Config, proto: u8, ct: &CtEntry<A>, now: u64) -> bool {
-    expired_with(timeouts(cfg), proto, ct, now)
-}
-
-#[inline(always)]
-fn expired_with<A: Addr>(t: [u32; 4], proto: u8, ct: &CtEntry<A>, now: u64) -> bool {
-    now.saturating_sub(ct.last_seen_ns) > timeout_ns(t, proto, ct.flags)
+    timeouts(cfg).expired(proto, ct, now)
 }
 
 /// How far, either way, a TCP sequence number may lie from its sender's mark (the
@@ -173,7 +150,8 @@ fn is_syn<A: Addr>(f: &Flow<A>) -> bool {
 /// - the backend's: near `backend_seq`, or, before that is known, acknowledging near
 ///   `client_seq` (the SYN-ACK acknowledges the client's SYN), which sets `backend_seq`.
 ///
-/// Then a FIN or RST moves the flow to CLOSING and the client's ACK ends SYN_ONLY. A FIN
+/// Then a FIN or RST moves the flow to CLOSING and the client's ACK ends SYN_ONLY. Any
+/// packet from the backend marks the flow REPLIED (UDP's longer timeout). A FIN
 /// or RST that fails the check is still forwarded (the endpoint's TCP validates it) and
 /// counted (`event_tcp_out_of_window`); the flow keeps its timeout.
 #[inline(always)]
@@ -204,6 +182,9 @@ fn touch<A: Addr>(ct: *mut CtEntry<A>, f: &Flow<A>, forward: bool, now: u64) {
         } else {
             false
         };
+        if !forward {
+            flags |= CT_F_REPLIED;
+        }
         if in_window {
             if closes {
                 flags |= CT_F_CLOSING;
@@ -425,8 +406,8 @@ pub fn snat<F: Family>(f: &Flow<F::A>, c: &mut Choice<F::A>) -> Result<(), Stat>
     } else {
         F::snat_addr(&cfg)
     };
-    c.snat_port = alloc_snat_port::<F>(f, &cfg, &be, snat_addr, c.hash, c.now_ns)
-        .ok_or(Stat::DropSnatExhausted)?;
+    c.snat_port =
+        alloc_snat_port::<F>(f, &cfg, &be, snat_addr, c.hash).ok_or(Stat::DropSnatExhausted)?;
     c.snat_addr = snat_addr;
     Ok(())
 }
@@ -548,9 +529,13 @@ fn refresh_affinity<F: Family>(client_addr: F::A, svc_id: u32, backend_id: u32, 
     }
 }
 
-/// Pick a source port towards `be` from the SNAT range whose reply tuple is free, or held
-/// by a flow that is gone (its conntrack entry expired, missing or rebound). Tries
+/// Pick a source port towards `be` from the SNAT range whose reply tuple is free. Tries
 /// `SNAT_PROBES` ports starting at a hash of the flow; `None` when all are taken.
+///
+/// A port is claimed by creating its NP_RNAT entry with BPF_NOEXIST, which one CPU wins;
+/// nothing here takes over an entry of another flow, stale or not: NP_RNAT is no LRU map,
+/// and only the agent's sweep deletes an entry, once its flow is gone (`ct::revnat_live`).
+/// So two flows never share a reply tuple, and no entry vanishes under a live flow.
 ///
 /// The probes run under `bpf_loop`: the verifier checks the body once instead of once per
 /// unrolled probe (without CAP_PERFMON it also walks every speculative branch, and 32
@@ -562,7 +547,6 @@ fn alloc_snat_port<F: Family>(
     be: &Backend<F::A>,
     snat_addr: F::A,
     hash: u32,
-    now: u64,
 ) -> Option<u16> {
     if snat_addr.is_zero() || cfg.snat_port_max < cfg.snat_port_min {
         return None;
@@ -576,7 +560,6 @@ fn alloc_snat_port<F: Family>(
         port_min: cfg.snat_port_min as u32,
         start: hash.rotate_left(16) % range,
         range,
-        now,
         found: 0,
     };
     // SAFETY: `snat_probe` matches the callback ABI and only touches `probe` through the
@@ -603,13 +586,12 @@ struct SnatProbe<A: Addr> {
     port_min: u32,
     start: u32,
     range: NonZeroU32,
-    now: u64,
     /// Non-zero once `rkey.dport` is ours.
     found: u32,
 }
 
 /// One probe of [`alloc_snat_port`]: claim port `start + i` (mod the range) when its reply
-/// tuple is free or stale. Returns 1 (stop) once claimed.
+/// tuple is free. Returns 1 (stop) once claimed.
 extern "C" fn snat_probe<F: Family>(i: u64, ctx: *mut c_void) -> c_long {
     // SAFETY: `ctx` is the `SnatProbe` on alloc_snat_port's stack.
     let p = unsafe { &mut *ctx.cast::<SnatProbe<F::A>>() };
@@ -624,37 +606,21 @@ extern "C" fn snat_probe<F: Family>(i: u64, ctx: *mut c_void) -> c_long {
         p.found = 1;
         return 1;
     }
-    // SAFETY: plain data.
-    let Some(held) = (unsafe { F::revnat().get(&p.rkey) }).copied() else {
-        return 0;
-    };
-    let owner = FlowKey::new(
-        held.client_addr,
-        held.fe_addr,
-        held.client_port,
-        held.fe_port,
-        p.rkey.proto,
-    );
     // A port held by this very tuple's previous flow (a SYN reopening a closing flow) is
-    // free: the new flow replaces that entry. The backend then sees the tuple again, as it
-    // would if the client reused its port without NAT in between.
-    let own = held.client_addr == p.rev.client_addr
-        && held.client_port == p.rev.client_port
-        && held.fe_addr == p.rev.fe_addr
-        && held.fe_port == p.rev.fe_port;
+    // ours again: the entry already holds exactly what the new flow would write. The
+    // backend then sees the tuple again, as it would if the client reused its port
+    // without NAT in between.
     // SAFETY: plain data.
-    let live = !own
-        && match unsafe { F::conntrack().get(&owner) } {
-            Some(ct) => {
-                !expired(&config(), p.rkey.proto, ct, p.now)
-                    && ct.nat_port == p.rkey.dport
-                    && ct.nat_addr == p.rkey.daddr
-                    && ct.backend_addr == p.rkey.saddr
-                    && ct.backend_port == p.rkey.sport
-            }
-            None => false,
-        };
-    if !live && F::revnat().insert(&p.rkey, &p.rev, 0).is_ok() {
+    let own = match unsafe { F::revnat().get(&p.rkey) } {
+        Some(held) => {
+            held.client_addr == p.rev.client_addr
+                && held.client_port == p.rev.client_port
+                && held.fe_addr == p.rev.fe_addr
+                && held.fe_port == p.rev.fe_port
+        }
+        None => false,
+    };
+    if own {
         p.found = 1;
         return 1;
     }
@@ -671,23 +637,11 @@ pub fn reply<F: Family>(f: &Flow<F::A>) -> Option<Decision<F::A>> {
     let key = client_key(f);
     // SAFETY: plain data.
     let rev = (unsafe { F::revnat().get(&key) }).copied()?;
-    let owner = FlowKey::new(
-        rev.client_addr,
-        rev.fe_addr,
-        rev.client_port,
-        rev.fe_port,
-        f.proto,
-    );
-    let ct = F::conntrack().get_ptr_mut(&owner)?;
+    let ct = F::conntrack().get_ptr_mut(&revnat_owner(&key, &rev))?;
     let now = now_ns();
     // SAFETY: a map value pointer, read field by field.
     let entry = unsafe { &*ct };
-    let live = !expired_with(timeouts_in_place(), f.proto, entry, now)
-        && entry.backend_addr == f.saddr
-        && entry.backend_port == f.sport
-        && entry.nat_addr == f.daddr
-        && entry.nat_port == f.dport;
-    if !live {
+    if timeouts_in_place().expired(f.proto, entry, now) || !bound_to(entry, &key) {
         return None;
     }
     touch(ct, f, false, now);

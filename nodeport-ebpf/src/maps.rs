@@ -41,8 +41,7 @@ pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
 
 /// NP_RNAT_V1: reply tuple as it reaches this node -> frontend and client to restore.
 #[map(name = "NP_RNAT_V1")]
-pub static REVNAT: LruHashMap<FlowKey, RevNat> =
-    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+pub static REVNAT: HashMap<FlowKey, RevNat> = HashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
 
 /// NP_NODEADDR_V1: IPv4 address of this node -> flags. Destinations that take nodePorts.
 #[map(name = "NP_NODEADDR_V1")]
@@ -98,8 +97,7 @@ pub static CONNTRACK6: LruHashMap<FlowKey6, CtEntry6> =
     LruHashMap::with_max_entries(DEFAULT_CT6_ENTRIES, 0);
 
 #[map(name = "NP_RNAT6_V1")]
-pub static REVNAT6: LruHashMap<FlowKey6, RevNat6> =
-    LruHashMap::with_max_entries(DEFAULT_CT6_ENTRIES, 0);
+pub static REVNAT6: HashMap<FlowKey6, RevNat6> = HashMap::with_max_entries(DEFAULT_CT6_ENTRIES, 0);
 
 #[map(name = "NP_NODEADDR6_V1")]
 pub static NODE_ADDRS6: HashMap<Ip6, NodeAddr> =

@@ -9,15 +9,20 @@
 //! neighbours, pods of node2 (198.19.2.0/24) via node2, a blackhole 198.19.9.0/24 and a
 //! gateway without a neighbour entry for 198.19.3.0/24.
 
+use std::collections::BTreeMap;
+
 use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp};
 use etherparse::PacketBuilder;
 use nodeport_agent::{
-    datapath::{monotonic_coarse_ns, Datapath, MapSizes, Variant},
+    datapath::{monotonic_coarse_ns, Datapath, KernelFlowTables, MapSizes, Variant},
+    gc::{self, Swept},
     sync::Maps,
 };
 use nodeport_common::{
-    maps as m, Backend, Backend6, Config, CtEntry, FlowKey, FrontendKey, FrontendKey6, Service,
-    BE_F_LOCAL, CT_F_BACKEND_SEQ, CT_F_CLOSING, CT_F_SYN_ONLY, PROTO_TCP, PROTO_UDP, SVC_F_REJECT,
+    ct::{bound_to, revnat_owner, Timeouts},
+    maps as m, Backend, Backend6, Config, CtEntry, FlowKey, FrontendKey, FrontendKey6, Ip6, RevNat,
+    Service, BE_F_LOCAL, CT_F_BACKEND_SEQ, CT_F_CLOSING, CT_F_SYN_ONLY, PROTO_TCP, PROTO_UDP,
+    SVC_F_REJECT,
 };
 use tests::netns::{require_root, run_in, Netns, NodeLan};
 
@@ -71,6 +76,8 @@ struct Env {
     _peer: Netns,
     dp: Datapath,
     lan0: u32,
+    /// What NP_CONFIG holds.
+    config: Config,
 }
 
 fn service(port: u16, proto: u8, off: u32, backend_ids: &[u32], dp: &mut Datapath, svc_id: u32) {
@@ -117,17 +124,18 @@ fn setup() -> Option<Env> {
         backends: 64,
         maglev_slots: 1024,
         conntrack: 1024,
+        revnat: 1024,
         ..MapSizes::default()
     };
     let mut dp = Datapath::load(sizes, None).expect("load datapath");
-    dp.set_config(&Config {
+    let config = Config {
         snat_addr: raw(NODE1),
         snat_addr6: ip6(NODE1_6),
         snat_port_min: SNAT_PORT,
         snat_port_max: SNAT_PORT,
         ..Config::default()
-    })
-    .expect("config");
+    };
+    dp.set_config(&config).expect("config");
     dp.set_node_addr(raw(NODE1)).expect("node addr");
     dp.set_backend(1, &backend(POD_REMOTE, 80, 0)).unwrap();
     dp.set_backend(2, &backend(POD_LOCAL, 80, BE_F_LOCAL))
@@ -175,6 +183,7 @@ fn setup() -> Option<Env> {
         _peer: peer,
         dp,
         lan0,
+        config,
     })
 }
 
@@ -1406,6 +1415,17 @@ impl Env {
             .ok()
     }
 
+    /// Run the agent's reverse-NAT sweep over both families' maps.
+    fn sweep(&mut self) -> Swept {
+        let t = Timeouts::of(&self.config);
+        let mut v4 = KernelFlowTables::<u32>::of(&self.dp).expect("IPv4 flow tables");
+        let mut v6 = KernelFlowTables::<Ip6>::of(&self.dp).expect("IPv6 flow tables");
+        let mut swept = gc::sweep(&mut v4, &t, monotonic_coarse_ns);
+        swept += gc::sweep(&mut v6, &t, monotonic_coarse_ns);
+        assert!(v4.take_error().is_none() && v6.take_error().is_none());
+        swept
+    }
+
     /// Age the flow's entry by `secs` (as if its last packet came that long ago).
     fn age(&mut self, client_port: u16, node_port: u16, secs: u64) {
         let key = ct_key(client_port, node_port);
@@ -1908,8 +1928,23 @@ fn tcp_snat_ports_of_closing_and_expired_flows_are_reclaimed() {
         other.clone(),
         "drop_snat_exhausted",
     );
-    // Once that flow has expired (SYN only: 60 s), the port is reclaimed.
+    // Once that flow has expired (SYN only: 60 s), its port is free again, but only once
+    // the agent's sweep has deleted its reverse entry: the datapath never takes over an
+    // entry of another flow.
     env.age(40500, 30080, 61);
+    env.step(
+        "snat port of a dead flow, before the sweep",
+        "xdp",
+        other.clone(),
+        XDP_DROP,
+        other.clone(),
+        "drop_snat_exhausted",
+    );
+    assert_eq!(
+        env.sweep().freed,
+        1,
+        "the sweep frees the dead flow's entry"
+    );
     env.step(
         "snat port reclaimed",
         "xdp",
@@ -1944,5 +1979,148 @@ fn tcp_snat_ports_of_closing_and_expired_flows_are_reclaimed() {
             ISN + 1,
         ),
         "event_reply",
+    );
+}
+
+// Conntrack under pressure: NP_CT is an LRU map, NP_RNAT is not.
+
+impl Env {
+    fn revnat(&mut self) -> Vec<(FlowKey, RevNat)> {
+        let map = self.dp.ebpf_mut().map_mut(m::MAP_REVNAT).unwrap();
+        let map: aya::maps::HashMap<_, FlowKey, RevNat> =
+            aya::maps::HashMap::try_from(map).unwrap();
+        map.iter().map(|kv| kv.unwrap()).collect()
+    }
+
+    fn flows(&mut self) -> Vec<(FlowKey, CtEntry)> {
+        self.conntrack().iter().map(|kv| kv.unwrap()).collect()
+    }
+
+    /// What a user would see go wrong under pressure, checked over the maps: two live
+    /// flows leaving with the same tuple towards their backend (replies would reach only
+    /// one client), or a live flow without the reverse entry its replies need. Returns
+    /// the number of live flows.
+    #[track_caller]
+    fn assert_consistent(&mut self, case: &str) -> usize {
+        let t = Timeouts::of(&self.config);
+        let now = monotonic_coarse_ns();
+        let rnat: BTreeMap<_, _> = self
+            .revnat()
+            .into_iter()
+            .map(|(k, v)| ((k.saddr, k.daddr, k.sport, k.dport, k.proto), (k, v)))
+            .collect();
+        let mut tuples = BTreeMap::new();
+        let mut live = 0;
+        for (key, e) in self.flows() {
+            if t.expired(key.proto, &e, now) {
+                continue;
+            }
+            live += 1;
+            let reply = (
+                e.backend_addr,
+                e.nat_addr,
+                e.backend_port,
+                e.nat_port,
+                key.proto,
+            );
+            if let Some(other) = tuples.insert(reply, key) {
+                panic!("{case}: flows {other:?} and {key:?} share the reply tuple {reply:?}");
+            }
+            let Some((rkey, rev)) = rnat.get(&reply) else {
+                panic!("{case}: live flow {key:?} has no reverse entry");
+            };
+            assert!(
+                revnat_owner(rkey, rev) == key && bound_to(&e, rkey),
+                "{case}: the reverse entry of {key:?} belongs to {:?}",
+                revnat_owner(rkey, rev)
+            );
+        }
+        live
+    }
+}
+
+#[test]
+fn snat_tuples_are_never_shared_when_conntrack_evicts_or_fills() {
+    let Some(mut env) = setup() else { return };
+    // 64 SNAT ports towards the one remote UDP backend.
+    env.config.snat_port_max = SNAT_PORT + 63;
+    let config = env.config;
+    env.dp.set_config(&config).expect("config");
+    let datagram = |client_port: u16| {
+        udp(
+            CLIENT_MAC,
+            NODE1_MAC,
+            (CLIENT, client_port),
+            (NODE1, 30080),
+            64,
+        )
+    };
+    let send = |env: &mut Env, ports: std::ops::Range<u16>| {
+        for p in ports {
+            env.xdp(&datagram(p));
+        }
+    };
+    let exhausted = env.stat("drop_snat_exhausted");
+    send(&mut env, 20_000..20_200);
+    let live = env.assert_consistent("200 new flows for 64 ports");
+    assert!(
+        (48..=64).contains(&live),
+        "most of the 64 ports are taken ({live})"
+    );
+    assert_eq!(
+        env.stat("drop_snat_exhausted") - exhausted,
+        200 - live as u64,
+        "every flow that found no port is counted"
+    );
+    // Conntrack loses half of the flows (what LRU eviction does under pressure). New
+    // clients find no port: the evicted flows' reverse entries still hold theirs.
+    let keys: Vec<FlowKey> = env.flows().into_iter().map(|(k, _)| k).collect();
+    let evict = |env: &mut Env| {
+        for k in keys.iter().step_by(2) {
+            env.conntrack().remove(k).unwrap();
+        }
+    };
+    let evicted = keys.iter().step_by(2).count();
+    evict(&mut env);
+    send(&mut env, 20_200..20_300);
+    assert_eq!(
+        env.assert_consistent("new clients after eviction, before the sweep"),
+        live - evicted,
+        "the evicted flows' ports stay held until the sweep: nothing else takes them"
+    );
+    // An evicted flow that keeps sending gets its own port back (its reverse entry names it).
+    send(&mut env, 20_000..20_200);
+    assert_eq!(
+        env.assert_consistent("evicted flows sending again"),
+        live,
+        "each evicted flow is back on its own port"
+    );
+    // Evicted for good, the flows' entries are freed by the sweep; their ports go to new
+    // flows, one each.
+    evict(&mut env);
+    assert_eq!(env.sweep().freed as usize, evicted);
+    send(&mut env, 20_200..20_300);
+    let after = env.assert_consistent("new clients after the sweep");
+    assert_eq!(
+        after, live,
+        "every freed port was taken again, by one flow each"
+    );
+
+    // Reverse entries of local flows fill NP_RNAT (1,024 here) while NP_CT evicts: new
+    // flows are dropped and counted, none shares or loses an entry.
+    let full = env.stat("drop_map_full");
+    for p in 0..1_500u16 {
+        env.xdp(&udp(
+            CLIENT_MAC,
+            NODE1_MAC,
+            (CLIENT, 30_000 + p),
+            (NODE1, 30081),
+            64,
+        ));
+    }
+    env.assert_consistent("local flows beyond the maps' capacity");
+    assert!(
+        env.stat("drop_map_full") > full,
+        "flows beyond NP_RNAT's capacity are dropped and counted"
     );
 }
