@@ -1425,6 +1425,10 @@ impl<A: RawAddr> FlowTables<A> for KernelFlowTables<A> {
     fn flow(&self, key: &FlowKey<A>) -> Option<CtEntry<A>> {
         self.conntrack.get(key, 0).ok()
     }
+    fn delete_flow(&mut self, key: &FlowKey<A>) -> bool {
+        let r = self.conntrack.remove(key);
+        self.note(r).is_some()
+    }
     fn delete_reverse(&mut self, key: &FlowKey<A>) -> bool {
         let r = self.revnat.remove(key);
         self.note(r).is_some()

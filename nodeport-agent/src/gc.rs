@@ -8,6 +8,13 @@
 //! for every entry whose owner is missing, expired or bound elsewhere
 //! (`nodeport_common::ct::revnat_live`). A deleted SNAT entry is that port given back.
 //!
+//! Under pressure (a drop for a full map or exhausted ports was counted within
+//! [`PRESSURE_HOLD`]; sweeps then run every second) the sweep also ends unassured flows (`ct::unassured`: a TCP client that never
+//! acknowledged the handshake, a UDP flow never answered) idle for [`EARLY_DROP_AGE`],
+//! conntrack entry first, then reverse entry, as netfilter's `early_drop` does when its
+//! table is full: a spoofed flood then holds its entries for seconds, not for its
+//! timeouts, and new connections get through.
+//!
 //! A flow may come back to life between the check and the delete (a SYN reopening its
 //! tuple re-claims the entry it already holds): after deleting, the sweep looks at the
 //! owner once more and puts the entry back if the flow is live again.
@@ -19,10 +26,10 @@ use std::{
 };
 
 use nodeport_common::{
-    ct::{revnat_live, revnat_owner, Timeouts},
+    ct::{bound_to, revnat_live, revnat_owner, unassured, Timeouts},
     CtEntry, FlowKey, Ip6, RevNat, Stat,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     datapath::{monotonic_coarse_ns, KernelFlowTables, MapReader},
@@ -33,12 +40,26 @@ use crate::{
 /// Default time between two sweeps (`--conntrack-gc-interval`).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How long an unassured flow may idle before a sweep under pressure ends it.
+pub const EARLY_DROP_AGE: Duration = Duration::from_secs(2);
+
+/// What kind of sweep is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Free the entries of gone flows.
+    Routine,
+    /// Also end unassured flows idle for [`EARLY_DROP_AGE`].
+    Pressure,
+}
+
 /// One family's conntrack maps as the sweep sees them.
 pub trait FlowTables<A: RawAddr> {
     /// Every reverse entry (a snapshot: the datapath keeps writing meanwhile).
     fn reverse_entries(&self) -> Vec<(FlowKey<A>, RevNat<A>)>;
     fn reverse(&self, key: &FlowKey<A>) -> Option<RevNat<A>>;
     fn flow(&self, key: &FlowKey<A>) -> Option<CtEntry<A>>;
+    /// Delete a conntrack entry; false when it was already gone.
+    fn delete_flow(&mut self, key: &FlowKey<A>) -> bool;
     /// Delete a reverse entry; false when it was already gone.
     fn delete_reverse(&mut self, key: &FlowKey<A>) -> bool;
     /// Create a reverse entry where none exists.
@@ -54,6 +75,8 @@ pub struct Swept {
     pub freed: u64,
     /// Entries put back because their flow came back to life during the sweep.
     pub restored: u64,
+    /// Unassured flows ended under pressure (their entries are among `freed`).
+    pub early_dropped: u64,
 }
 
 impl std::ops::AddAssign for Swept {
@@ -61,14 +84,17 @@ impl std::ops::AddAssign for Swept {
         self.scanned += o.scanned;
         self.freed += o.freed;
         self.restored += o.restored;
+        self.early_dropped += o.early_dropped;
     }
 }
 
 /// Free every reverse entry of `tables` whose flow is gone at `now()` (CLOCK_MONOTONIC_COARSE
-/// ns, the datapath's clock) under timeouts `t`.
+/// ns, the datapath's clock) under timeouts `t`; under [`Mode::Pressure`], end unassured
+/// flows idle for [`EARLY_DROP_AGE`] too.
 pub fn sweep<A: RawAddr, T: FlowTables<A>>(
     tables: &mut T,
     t: &Timeouts,
+    mode: Mode,
     now: impl Fn() -> u64,
 ) -> Swept {
     let entries = tables.reverse_entries();
@@ -77,11 +103,35 @@ pub fn sweep<A: RawAddr, T: FlowTables<A>>(
         ..Swept::default()
     };
     let at = now();
-    let dead: Vec<_> = entries
-        .into_iter()
-        .filter(|(k, v)| !revnat_live(t, k, tables.flow(&revnat_owner(k, v)).as_ref(), at))
-        .collect();
-    for (key, value) in dead {
+    let early_age = EARLY_DROP_AGE.as_nanos() as u64;
+    // (reverse key, value, owner to end first)
+    let mut doomed = Vec::new();
+    for (key, value) in entries {
+        let owner_key = revnat_owner(&key, &value);
+        let owner = tables.flow(&owner_key);
+        if !revnat_live(t, &key, owner.as_ref(), at) {
+            doomed.push((key, value, None));
+        } else if let Some(ct) = owner.filter(|ct| {
+            mode == Mode::Pressure
+                && unassured(key.proto, ct)
+                && at.saturating_sub(ct.last_seen_ns) >= early_age
+        }) {
+            doomed.push((key, value, Some((owner_key, ct))));
+        }
+    }
+    for (key, value, end) in doomed {
+        if let Some((owner_key, ct)) = end {
+            // Still the same idle, unassured flow (not answered or used since).
+            let same = tables.flow(&owner_key).is_some_and(|now_ct| {
+                now_ct.last_seen_ns == ct.last_seen_ns
+                    && unassured(key.proto, &now_ct)
+                    && bound_to(&now_ct, &key)
+            });
+            if !same || !tables.delete_flow(&owner_key) {
+                continue;
+            }
+            out.early_dropped += 1;
+        }
         // Only the value judged dead: a local flow's bind may have written over it since.
         if tables.reverse(&key) != Some(value) || !tables.delete_reverse(&key) {
             continue;
@@ -97,14 +147,19 @@ pub fn sweep<A: RawAddr, T: FlowTables<A>>(
     out
 }
 
-/// When the next sweep is due: every `interval`, and early (at the next check) once the
-/// datapath has counted a drop for a full table or exhausted SNAT ports since the last
-/// sweep, which is when freed entries are wanted at once.
+/// How long after the last counted pressure drop sweeps keep running every second under
+/// [`Mode::Pressure`]: long enough for a flood's flows to idle past [`EARLY_DROP_AGE`].
+pub const PRESSURE_HOLD: Duration = Duration::from_secs(10);
+
+/// When the next sweep is due: every `interval`; and every second, under pressure, for
+/// [`PRESSURE_HOLD`] after the datapath counted a drop for a full table or exhausted SNAT
+/// ports, which is when freed entries are wanted at once.
 #[derive(Debug)]
 pub struct Schedule {
     interval: Duration,
     last: Option<Instant>,
     pressure_seen: u64,
+    pressure_until: Option<Instant>,
 }
 
 impl Schedule {
@@ -113,23 +168,32 @@ impl Schedule {
             interval,
             last: None,
             pressure_seen: 0,
+            pressure_until: None,
         }
     }
 
-    /// Whether to sweep at `now`, given the datapath's running count of pressure drops.
-    /// A sweep under pressure waits at least a second after the previous one.
-    pub fn due(&mut self, now: Instant, pressure_drops: u64) -> bool {
+    /// Whether to sweep at `now`, and how, given the datapath's running count of pressure
+    /// drops.
+    pub fn due(&mut self, now: Instant, pressure_drops: u64) -> Option<Mode> {
+        if pressure_drops != self.pressure_seen {
+            self.pressure_seen = pressure_drops;
+            self.pressure_until = Some(now + PRESSURE_HOLD);
+        }
+        let pressure = self.pressure_until.is_some_and(|u| now < u);
         let since = self.last.map(|l| now.saturating_duration_since(l));
-        let pressure = pressure_drops != self.pressure_seen;
         let due = match since {
             None => true,
             Some(s) => s >= self.interval || (pressure && s >= Duration::from_secs(1)),
         };
-        if due {
-            self.last = Some(now);
-            self.pressure_seen = pressure_drops;
+        if !due {
+            return None;
         }
-        due
+        self.last = Some(now);
+        Some(if pressure {
+            Mode::Pressure
+        } else {
+            Mode::Routine
+        })
     }
 }
 
@@ -165,12 +229,16 @@ pub fn spawn(pin_dir: PathBuf, t: Timeouts, interval: Duration, metrics: Arc<Met
                         .sum()
                 })
                 .unwrap_or(0);
-            if schedule.due(Instant::now(), pressure) {
+            if let Some(mode) = schedule.due(Instant::now(), pressure) {
                 let start = Instant::now();
-                let mut swept = sweep(&mut v4, &t, monotonic_coarse_ns);
-                swept += sweep(&mut v6, &t, monotonic_coarse_ns);
-                metrics.record_gc(start.elapsed(), swept.freed);
-                debug!(?swept, elapsed = ?start.elapsed(), "reverse-NAT sweep");
+                let mut swept = sweep(&mut v4, &t, mode, monotonic_coarse_ns);
+                swept += sweep(&mut v6, &t, mode, monotonic_coarse_ns);
+                metrics.record_gc(start.elapsed(), swept.freed, swept.early_dropped);
+                if swept.early_dropped > 0 {
+                    info!(?swept, elapsed = ?start.elapsed(), "conntrack under pressure: ended unassured flows");
+                } else {
+                    debug!(?swept, elapsed = ?start.elapsed(), "reverse-NAT sweep");
+                }
                 let error = [v4.take_error(), v6.take_error()]
                     .into_iter()
                     .flatten()
@@ -197,7 +265,7 @@ pub fn spawn(pin_dir: PathBuf, t: Timeouts, interval: Duration, metrics: Arc<Met
 mod tests {
     use std::collections::BTreeMap;
 
-    use nodeport_common::{Config, CT_F_SNAT, PROTO_TCP};
+    use nodeport_common::{Config, CT_F_SNAT, CT_F_SYN_ONLY, PROTO_TCP};
 
     use super::*;
 
@@ -228,6 +296,9 @@ mod tests {
         }
         fn flow(&self, key: &FlowKey) -> Option<CtEntry> {
             self.ct.get(&k(key)).copied()
+        }
+        fn delete_flow(&mut self, key: &FlowKey) -> bool {
+            self.ct.remove(&k(key)).is_some()
         }
         fn delete_reverse(&mut self, key: &FlowKey) -> bool {
             if let Some((ck, ce)) = self.revive_on_delete.take() {
@@ -276,13 +347,13 @@ mod tests {
         tables.ct.remove(&(2, 100, 1000, 80));
         tables.ct.get_mut(&(3, 100, 1000, 80)).unwrap().nat_port = 20_009;
         tables.ct.get_mut(&(4, 100, 1000, 80)).unwrap().last_seen_ns = 0;
-        let swept = sweep(&mut tables, &t, || 22_000 * S);
+        let swept = sweep(&mut tables, &t, Mode::Routine, || 22_000 * S);
         assert_eq!(
             swept,
             Swept {
                 scanned: 4,
                 freed: 3,
-                restored: 0
+                ..Swept::default()
             }
         );
         assert_eq!(
@@ -290,7 +361,7 @@ mod tests {
             vec![(50, 200, 8080, 20_000)]
         );
         assert_eq!(
-            sweep(&mut tables, &t, || 22_000 * S),
+            sweep(&mut tables, &t, Mode::Routine, || 22_000 * S),
             Swept {
                 scanned: 1,
                 ..Swept::default()
@@ -306,24 +377,53 @@ mod tests {
         let owner = (1, 100, 1000, 80);
         let live = tables.ct.remove(&owner).unwrap();
         tables.revive_on_delete = Some((owner, live));
-        let swept = sweep(&mut tables, &t, || 1_001 * S);
+        let swept = sweep(&mut tables, &t, Mode::Routine, || 1_001 * S);
         assert_eq!(swept.restored, 1);
         assert_eq!(swept.freed, 0);
         assert!(tables.rnat.contains_key(&(50, 200, 8080, 20_000)));
     }
 
     #[test]
-    fn sweeps_on_interval_and_early_under_pressure() {
+    fn under_pressure_unassured_idle_flows_end_first() {
+        let t = Timeouts::of(&Config::default());
+        let mut tables = Tables::default();
+        // 1: answered (client ACKed); 2: SYN only, idle 5 s; 3: SYN only, 1 s old.
+        flow(&mut tables, 1, 1000, 20_000, 95);
+        flow(&mut tables, 2, 1000, 20_001, 95);
+        flow(&mut tables, 3, 1000, 20_002, 99);
+        for c in [2, 3] {
+            tables.ct.get_mut(&(c, 100, 1000, 80)).unwrap().flags |= CT_F_SYN_ONLY;
+        }
+        let routine = sweep(&mut tables, &t, Mode::Routine, || 100 * S);
+        assert_eq!(routine.freed, 0, "all three are live");
+        let swept = sweep(&mut tables, &t, Mode::Pressure, || 100 * S);
+        assert_eq!((swept.freed, swept.early_dropped), (1, 1));
+        assert!(!tables.ct.contains_key(&(2, 100, 1000, 80)), "flow 2 ended");
+        assert!(!tables.rnat.contains_key(&(50, 200, 8080, 20_001)));
+        assert_eq!(tables.ct.len(), 2);
+        assert_eq!(tables.rnat.len(), 2);
+    }
+
+    #[test]
+    fn sweeps_on_interval_and_every_second_under_pressure() {
         let mut s = Schedule::new(Duration::from_secs(10));
         let t0 = Instant::now();
-        assert!(s.due(t0, 0), "first sweep at start");
-        assert!(!s.due(t0 + Duration::from_secs(5), 0));
-        assert!(
-            !s.due(t0 + Duration::from_millis(500), 3),
-            "not twice within a second"
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(s.due(t0, 0), Some(Mode::Routine), "first sweep at start");
+        assert_eq!(s.due(at(5_000), 0), None);
+        assert_eq!(s.due(at(5_500), 3), Some(Mode::Pressure), "drops counted");
+        assert_eq!(s.due(at(6_000), 3), None, "not twice within a second");
+        // The flood stopped (no new drops), but its flows are still young: keep sweeping
+        // every second under pressure for PRESSURE_HOLD.
+        assert_eq!(s.due(at(6_600), 3), Some(Mode::Pressure));
+        assert_eq!(s.due(at(7_700), 3), Some(Mode::Pressure));
+        assert_eq!(s.due(at(15_000), 3), Some(Mode::Pressure));
+        assert_eq!(
+            s.due(at(15_600), 3),
+            None,
+            "hold over: back to the interval"
         );
-        assert!(s.due(t0 + Duration::from_secs(6), 3), "drops counted");
-        assert!(!s.due(t0 + Duration::from_secs(8), 3));
-        assert!(s.due(t0 + Duration::from_secs(16), 3), "interval");
+        assert_eq!(s.due(at(24_000), 3), None);
+        assert_eq!(s.due(at(25_000), 3), Some(Mode::Routine), "interval");
     }
 }

@@ -246,8 +246,8 @@ struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1024..=1 << 26))]
     revnat_max6: Option<u32>,
     /// Time between two sweeps that free the reverse-NAT entries (and SNAT ports) of gone
-    /// flows, seconds; a sweep also runs within a second of a drop for a full map or
-    /// exhausted SNAT ports.
+    /// flows, seconds; sweeps also run every second for 10 s after a drop for a full map or
+    /// exhausted SNAT ports, and then end unassured flows idle for 2 s.
     #[arg(long, value_name = "SECONDS", default_value_t = gc::DEFAULT_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
     conntrack_gc_interval: u64,
     /// Idle timeout of established TCP flows in conntrack, seconds (kube-proxy's
@@ -262,12 +262,12 @@ struct Args {
     /// --conntrack-tcp-timeout-close-wait).
     #[arg(long, value_name = "SECONDS", default_value_t = Config::default().tcp_closing_timeout_s, value_parser = clap::value_parser!(u32).range(1..))]
     conntrack_tcp_closing_timeout: u32,
-    /// Idle timeout of UDP flows that have had a reply, seconds (kube-proxy's
-    /// --conntrack-udp-timeout-stream).
+    /// Idle timeout of UDP streams (the client sent again after a reply), seconds
+    /// (kube-proxy's --conntrack-udp-timeout-stream).
     #[arg(long, value_name = "SECONDS", default_value_t = Config::default().udp_timeout_s, value_parser = clap::value_parser!(u32).range(1..))]
     conntrack_udp_timeout: u32,
-    /// Timeout of UDP flows without a reply yet (they hold their SNAT port this long),
-    /// seconds (kube-proxy's --conntrack-udp-timeout).
+    /// Timeout of UDP flows that are no stream: unanswered, or one request and its reply
+    /// (they hold their SNAT port this long), seconds (kube-proxy's --conntrack-udp-timeout).
     #[arg(long, value_name = "SECONDS", default_value_t = Config::default().udp_unreplied_timeout_s, value_parser = clap::value_parser!(u32).range(1..))]
     conntrack_udp_unreplied_timeout: u32,
     /// On exit, leave the programs attached and the maps pinned (for upgrades: the next

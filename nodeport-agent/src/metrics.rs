@@ -97,6 +97,7 @@ pub struct Metrics {
     service_draining: Family<ServiceLabels, Gauge>,
     gc_sweeps: Counter,
     gc_freed: Counter,
+    gc_early_dropped: Counter,
     gc_duration: Histogram,
     /// Last values read from monotonic sources, to turn them into counter increments.
     last: Mutex<StdHashMap<String, u64>>,
@@ -264,6 +265,12 @@ impl Metrics {
             "Reverse-NAT entries freed by the sweep (their SNAT ports among them)",
             gc_freed.clone(),
         );
+        let gc_early_dropped = Counter::default();
+        registry.register(
+            "conntrack_gc_early_dropped",
+            "Unassured flows (no handshake ACK, no UDP reply) ended by a sweep under pressure",
+            gc_early_dropped.clone(),
+        );
         let gc_duration = Histogram::new([0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
         registry.register(
             "conntrack_gc_duration_seconds",
@@ -298,15 +305,17 @@ impl Metrics {
             service_draining,
             gc_sweeps,
             gc_freed,
+            gc_early_dropped,
             gc_duration,
             last: Mutex::new(StdHashMap::new()),
         }
     }
 
     /// Record one reverse-NAT sweep.
-    pub fn record_gc(&self, elapsed: Duration, freed: u64) {
+    pub fn record_gc(&self, elapsed: Duration, freed: u64, early_dropped: u64) {
         self.gc_sweeps.inc();
         self.gc_freed.inc_by(freed);
+        self.gc_early_dropped.inc_by(early_dropped);
         self.gc_duration.observe(elapsed.as_secs_f64());
     }
 

@@ -2,7 +2,7 @@
 //! NP_CT entry an NP_RNAT entry belongs to. The datapath decides with them per packet; the
 //! agent's sweep (nodeport-agent `gc`) frees reverse entries whose flow is gone with them.
 
-use crate::{Addr, Config, CtEntry, FlowKey, RevNat, CT_F_CLOSING, CT_F_REPLIED, CT_F_SYN_ONLY};
+use crate::{Addr, Config, CtEntry, FlowKey, RevNat, CT_F_CLOSING, CT_F_STREAM, CT_F_SYN_ONLY};
 
 const NS: u64 = 1_000_000_000;
 
@@ -31,11 +31,12 @@ impl Timeouts {
 
     /// The idle timeout of a flow of `proto` with `CT_F_*` `flags`, seconds: a TCP flow
     /// after a FIN or RST, before the client's ACK, established; a UDP flow before and
-    /// after its first reply (netfilter's UDP_CT_UNREPLIED and UDP_CT_REPLIED).
+    /// after it became a stream (netfilter's UDP_CT_UNREPLIED, which also covers a single
+    /// request and its reply, and UDP_CT_REPLIED).
     #[inline(always)]
     pub fn for_flow(&self, proto: u8, flags: u16) -> u32 {
         if proto != crate::PROTO_TCP {
-            if flags & CT_F_REPLIED != 0 {
+            if flags & CT_F_STREAM != 0 {
                 self.udp
             } else {
                 self.udp_unreplied
@@ -54,6 +55,18 @@ impl Timeouts {
     #[inline(always)]
     pub fn expired<A: Addr>(&self, proto: u8, ct: &CtEntry<A>, now_ns: u64) -> bool {
         now_ns.saturating_sub(ct.last_seen_ns) > self.for_flow(proto, ct.flags) as u64 * NS
+    }
+}
+
+/// Whether a flow is not established yet: a TCP flow whose client has not acknowledged
+/// the handshake, a UDP flow that is no stream (netfilter's "not assured"). Spoofed
+/// floods consist of such flows; under pressure they are the first to go.
+#[inline(always)]
+pub fn unassured<A: Addr>(proto: u8, ct: &CtEntry<A>) -> bool {
+    if proto == crate::PROTO_TCP {
+        ct.flags & CT_F_SYN_ONLY != 0
+    } else {
+        ct.flags & CT_F_STREAM == 0
     }
 }
 
@@ -100,7 +113,7 @@ pub fn revnat_live<A: Addr>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{PROTO_TCP, PROTO_UDP};
+    use crate::{CT_F_REPLIED, PROTO_TCP, PROTO_UDP};
 
     fn entry(last_seen_s: u64, flags: u16) -> CtEntry {
         CtEntry {
@@ -118,14 +131,15 @@ mod tests {
     fn timeouts_follow_protocol_and_state() {
         let t = Timeouts::of(&Config::default());
         assert_eq!(t.for_flow(PROTO_UDP, 0), 30, "an unanswered UDP flow");
-        assert_eq!(t.for_flow(PROTO_UDP, CT_F_REPLIED), 60);
+        assert_eq!(t.for_flow(PROTO_UDP, CT_F_REPLIED), 30, "one exchange");
+        assert_eq!(t.for_flow(PROTO_UDP, CT_F_REPLIED | CT_F_STREAM), 60);
         assert_eq!(t.for_flow(PROTO_TCP, CT_F_SYN_ONLY), 60);
         assert_eq!(t.for_flow(PROTO_TCP, CT_F_SYN_ONLY | CT_F_CLOSING), 10);
         assert_eq!(t.for_flow(PROTO_TCP, CT_F_REPLIED), 21_600);
         let e = entry(100, 0);
         assert!(!t.expired(PROTO_UDP, &e, 130 * NS));
         assert!(t.expired(PROTO_UDP, &e, 130 * NS + 1));
-        assert!(!t.expired(PROTO_UDP, &entry(100, CT_F_REPLIED), 130 * NS + 1));
+        assert!(!t.expired(PROTO_UDP, &entry(100, CT_F_STREAM), 130 * NS + 1));
         assert!(
             !t.expired(PROTO_UDP, &e, 0),
             "a clock behind the entry is not expiry"

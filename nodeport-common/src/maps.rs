@@ -282,9 +282,12 @@ pub const CT_F_AFFINITY: u16 = 1 << 3;
 /// Conntrack flag: `backend_seq` holds a sequence number of the backend's (learnt from a
 /// reply that acknowledged the client's data).
 pub const CT_F_BACKEND_SEQ: u16 = 1 << 4;
-/// Conntrack flag: a reply of the backend's was translated back (UDP flows get the longer
-/// of their two timeouts from then on, as netfilter's do).
+/// Conntrack flag: a reply of the backend's was translated back.
 pub const CT_F_REPLIED: u16 = 1 << 5;
+/// Conntrack flag: the client sent again after a reply: for UDP, a stream rather than one
+/// exchange (netfilter's "assured" UDP), which gets the longer timeout and is spared when
+/// a sweep under pressure ends unassured flows.
+pub const CT_F_STREAM: u16 = 1 << 6;
 
 /// NP_CT value: the backend a flow is bound to and how it was translated.
 #[repr(C)]
@@ -401,9 +404,10 @@ pub struct Config {
     pub tcp_timeout_s: u32,
     pub tcp_closing_timeout_s: u32,
     pub tcp_syn_timeout_s: u32,
-    /// UDP flow that has had a reply.
+    /// UDP stream (`CT_F_STREAM`: the client sent again after a reply).
     pub udp_timeout_s: u32,
-    /// UDP flow without a reply yet: such flows hold their SNAT port this long.
+    /// UDP flow that is no stream (yet): unanswered, or one request and its reply. Such
+    /// flows hold their SNAT port this long.
     pub udp_unreplied_timeout_s: u32,
 }
 

@@ -16,8 +16,8 @@ use nodeport_common::{
     hash::flow_hash,
     Addr, Affinity, AffinityKey, Backend, Config, CtEntry, FlowKey, FrontendKey, RevNat, Service,
     SrcRange, Stat, BE_F_DRAINING, BE_F_LOCAL, CT_F_AFFINITY, CT_F_BACKEND_SEQ, CT_F_CLOSING,
-    CT_F_REPLIED, CT_F_SNAT, CT_F_SYN_ONLY, MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP, SNAT_PROBES,
-    SRC_RANGE_SVC_BITS, SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_REJECT, SVC_F_SRC_RANGES,
+    CT_F_REPLIED, CT_F_SNAT, CT_F_STREAM, CT_F_SYN_ONLY, MAGLEV_SLOTS_PER_ENTRY, PROTO_TCP,
+    SNAT_PROBES, SRC_RANGE_SVC_BITS, SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_REJECT, SVC_F_SRC_RANGES,
 };
 
 use crate::{
@@ -151,7 +151,8 @@ fn is_syn<A: Addr>(f: &Flow<A>) -> bool {
 ///   `client_seq` (the SYN-ACK acknowledges the client's SYN), which sets `backend_seq`.
 ///
 /// Then a FIN or RST moves the flow to CLOSING and the client's ACK ends SYN_ONLY. Any
-/// packet from the backend marks the flow REPLIED (UDP's longer timeout). A FIN
+/// packet from the backend marks the flow REPLIED, and the client's next one STREAM
+/// (UDP's longer timeout). A FIN
 /// or RST that fails the check is still forwarded (the endpoint's TCP validates it) and
 /// counted (`event_tcp_out_of_window`); the flow keeps its timeout.
 #[inline(always)]
@@ -184,6 +185,8 @@ fn touch<A: Addr>(ct: *mut CtEntry<A>, f: &Flow<A>, forward: bool, now: u64) {
         };
         if !forward {
             flags |= CT_F_REPLIED;
+        } else if old & CT_F_REPLIED != 0 {
+            flags |= CT_F_STREAM;
         }
         if in_window {
             if closes {

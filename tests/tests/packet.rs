@@ -1420,8 +1420,8 @@ impl Env {
         let t = Timeouts::of(&self.config);
         let mut v4 = KernelFlowTables::<u32>::of(&self.dp).expect("IPv4 flow tables");
         let mut v6 = KernelFlowTables::<Ip6>::of(&self.dp).expect("IPv6 flow tables");
-        let mut swept = gc::sweep(&mut v4, &t, monotonic_coarse_ns);
-        swept += gc::sweep(&mut v6, &t, monotonic_coarse_ns);
+        let mut swept = gc::sweep(&mut v4, &t, gc::Mode::Routine, monotonic_coarse_ns);
+        swept += gc::sweep(&mut v6, &t, gc::Mode::Routine, monotonic_coarse_ns);
         assert!(v4.take_error().is_none() && v6.take_error().is_none());
         swept
     }
