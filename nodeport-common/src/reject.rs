@@ -10,6 +10,10 @@
 //! - Port unreachable: `eth | IP | ICMP header (8) | the client's IP header | the first 8
 //!   bytes of its UDP header` (the quote: what the client's stack matches its socket with);
 //!   the datapath makes room for the new headers in front of the client's.
+//! - Path MTU errors (ICMP fragmentation needed, ICMPv6 packet too big) for a packet too
+//!   big for the next hop towards a remote backend: `eth | IP | ICMP header (8) | as much
+//!   of the client's packet as keeps the error within 576 (IPv4) / 1280 (IPv6) bytes`. The
+//!   datapath sums the long quote with `bpf_csum_diff` and passes the sum in.
 
 /// Header lengths.
 pub const ETH_HLEN: usize = 14;
@@ -28,6 +32,22 @@ pub const UNREACH6_FRAME: usize = ETH_HLEN + 2 * IPV6_HLEN + ICMP_HLEN + QUOTE_L
 /// Room an unreachable needs in front of the client's IP header (new IP and ICMP headers).
 pub const UNREACH4_ROOM: usize = IPV4_HLEN + ICMP_HLEN;
 pub const UNREACH6_ROOM: usize = IPV6_HLEN + ICMP_HLEN;
+
+/// Bytes of the client's packet a path MTU error quotes: as much as keeps the error within
+/// the datagram every host takes, 576 bytes for IPv4 (RFC 1812 4.3.2.3; Linux `icmp_send`
+/// quotes as much), 1280 for IPv6 (RFC 4443 2.4 (c)). Multiples of 4, as `bpf_csum_diff`
+/// needs; IPv4 packets shorter than that are not answered (no route MTU below it exists
+/// in practice: the kernel's smallest learnt path MTU is 552).
+pub const PTB4_QUOTE: usize = 576 - IPV4_HLEN - ICMP_HLEN;
+pub const PTB6_QUOTE: usize = 1280 - IPV6_HLEN - ICMP_HLEN;
+/// Frame lengths of the path MTU errors (room in front of the quote as for unreachables).
+pub const PTB4_FRAME: usize = ETH_HLEN + UNREACH4_ROOM + PTB4_QUOTE;
+pub const PTB6_FRAME: usize = ETH_HLEN + UNREACH6_ROOM + PTB6_QUOTE;
+/// The path MTU reported when the kernel does not say which it found (before 5.12,
+/// `bpf_fib_lookup` returns FRAG_NEEDED without `mtu_result`): the minimum every path
+/// takes, so the client's next packets fit whatever the real one is.
+pub const PTB4_MIN_MTU: u16 = 576;
+pub const PTB6_MIN_MTU: u16 = 1280;
 
 /// Refusals each CPU may send per second, and the burst it may save up (the kernel's own
 /// ICMP rate limit defaults: `icmp_msgs_per_sec` 1000, `icmp_msgs_burst` 50).
@@ -296,37 +316,77 @@ pub fn rst6(f: &mut [u8; RST6_FRAME]) {
     );
 }
 
+/// Fill in an ICMP error from the frontend to the client in front of the quote at
+/// `L3 + UNREACH4_ROOM` (the client's IP header first): `head` is the ICMP header with a
+/// zero checksum, `quote` the one's-complement sum of the quote as big-endian words.
+#[inline(always)]
+fn error4(f: &mut [u8], macs: &[u8; 12], head: [u8; ICMP_HLEN], quote: u64) {
+    const Q: usize = L3 + UNREACH4_ROOM;
+    const I: usize = L3 + IPV4_HLEN;
+    eth_back(f, macs, 0x0800);
+    let (client, frontend) = (addr4(f, Q + 12), addr4(f, Q + 16));
+    let tot = (f.len() - L3) as u16;
+    ipv4(&mut f[L3..I], true, tot, PROTO_ICMP, frontend, client);
+    put(f, I, &head);
+    put(f, I + 2, &check(add_bytes(quote, &head)));
+}
+
+/// [`error4`] for IPv6 (the quote at `L3 + UNREACH6_ROOM`); the checksum covers the
+/// pseudo-header.
+#[inline(always)]
+fn error6(f: &mut [u8], macs: &[u8; 12], head: [u8; ICMP_HLEN], quote: u64) {
+    const Q: usize = L3 + UNREACH6_ROOM;
+    const I: usize = L3 + IPV6_HLEN;
+    eth_back(f, macs, 0x86dd);
+    let (client, frontend) = (addr6(f, Q + 8), addr6(f, Q + 24));
+    let plen = (f.len() - I) as u16;
+    ipv6(&mut f[L3..I], plen, PROTO_ICMP6, frontend, client);
+    put(f, I, &head);
+    let sum = pseudo(&frontend, &client, PROTO_ICMP6, plen as u32) + quote;
+    put(f, I + 2, &check(add_bytes(sum, &head)));
+}
+
 /// Fill in an IPv4 port unreachable (type 3, code 3), from the frontend to the client,
 /// in front of the quote at `UNREACH4_FRAME - 28`; `macs` are the Ethernet addresses the
 /// client's frame arrived with.
 #[inline(always)]
 pub fn unreach4(f: &mut [u8; UNREACH4_FRAME], macs: &[u8; 12]) {
-    const Q: usize = L3 + UNREACH4_ROOM;
-    const I: usize = L3 + IPV4_HLEN;
-    eth_back(f, macs, 0x0800);
-    let (client, frontend) = (addr4(f, Q + 12), addr4(f, Q + 16));
-    let tot = (UNREACH4_FRAME - L3) as u16;
-    ipv4(&mut f[L3..I], true, tot, PROTO_ICMP, frontend, client);
-    put(f, I, &[3, 3, 0, 0, 0, 0, 0, 0]);
-    let c = check(add_bytes(0, &f[I..]));
-    put(f, I + 2, &c);
+    let quote = add_bytes(0, &f[L3 + UNREACH4_ROOM..]);
+    error4(f, macs, [3, 3, 0, 0, 0, 0, 0, 0], quote);
 }
 
 /// [`unreach4`] for IPv6: ICMPv6 port unreachable (type 1, code 4).
 #[inline(always)]
 pub fn unreach6(f: &mut [u8; UNREACH6_FRAME], macs: &[u8; 12]) {
-    const Q: usize = L3 + UNREACH6_ROOM;
-    const I: usize = L3 + IPV6_HLEN;
-    eth_back(f, macs, 0x86dd);
-    let (client, frontend) = (addr6(f, Q + 8), addr6(f, Q + 24));
-    let plen = (UNREACH6_FRAME - I) as u16;
-    ipv6(&mut f[L3..I], plen, PROTO_ICMP6, frontend, client);
-    put(f, I, &[1, 4, 0, 0, 0, 0, 0, 0]);
-    let sum = add_bytes(
-        pseudo(&frontend, &client, PROTO_ICMP6, plen as u32),
-        &f[I..],
-    );
-    put(f, I + 2, &check(sum));
+    let quote = add_bytes(0, &f[L3 + UNREACH6_ROOM..]);
+    error6(f, macs, [1, 4, 0, 0, 0, 0, 0, 0], quote);
+}
+
+/// Fill in an ICMP fragmentation needed (type 3, code 4) with next-hop MTU `mtu`, from the
+/// frontend to the client, in front of the quote (the client's packet's first
+/// [`PTB4_QUOTE`] bytes); `quote` is the quote's folded one's-complement sum as big-endian
+/// words ([`quote_sum`] on the host, `bpf_csum_diff` in the datapath).
+#[inline(always)]
+pub fn frag_needed4(f: &mut [u8; PTB4_FRAME], macs: &[u8; 12], mtu: u16, quote: u16) {
+    let m = mtu.to_be_bytes();
+    error4(f, macs, [3, 4, 0, 0, 0, 0, m[0], m[1]], quote as u64);
+}
+
+/// [`frag_needed4`] for IPv6: ICMPv6 packet too big (type 2, code 0) with MTU `mtu`.
+#[inline(always)]
+pub fn too_big6(f: &mut [u8; PTB6_FRAME], macs: &[u8; 12], mtu: u16, quote: u16) {
+    let m = (mtu as u32).to_be_bytes();
+    error6(f, macs, [2, 0, 0, 0, m[0], m[1], m[2], m[3]], quote as u64);
+}
+
+/// The folded one's-complement sum of `b` as big-endian 16-bit words (`b` of even length):
+/// the `quote` argument of [`frag_needed4`] and [`too_big6`].
+pub fn quote_sum(b: &[u8]) -> u16 {
+    let mut sum = add_bytes(0, b);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
 }
 
 #[cfg(test)]
@@ -491,6 +551,53 @@ mod tests {
         );
         assert_eq!((&h[8..24], &h[24..40]), (&F6[..], &C6[..]));
         assert_eq!((&h[48..88], &h[88..]), (&ip[..], &udp[..]));
+    }
+
+    /// A 1500-byte client packet (IP header `ip` first) with a recognisable payload.
+    fn big_packet(ip: &[u8]) -> [u8; 1500] {
+        let mut v = [0u8; 1500];
+        for (i, b) in v.iter_mut().enumerate() {
+            *b = ip.get(i).copied().unwrap_or((i * 7) as u8);
+        }
+        v
+    }
+
+    #[test]
+    fn frag_needed4_quotes_576_bytes_worth_with_the_mtu() {
+        let pkt = big_packet(&ip4(PROTO_TCP, 1480));
+        // As the datapath leaves it: room in front, the frame cut after the quote.
+        let mut f: [u8; PTB4_FRAME] = frame(0, &[&[0xee; UNREACH4_ROOM], &pkt[..PTB4_QUOTE]]);
+        frag_needed4(&mut f, &MACS, 1400, quote_sum(&pkt[..PTB4_QUOTE]));
+        assert_back(&f, 0x0800);
+        let h = &f[14..];
+        assert_eq!(h.len(), 576);
+        assert!(verifies(&[&h[..20]]), "IP header checksum");
+        assert!(verifies(&[&h[20..]]), "ICMP checksum covers the quote");
+        assert_eq!((&h[12..16], &h[16..20]), (&F4[..], &C4[..]));
+        assert_eq!(
+            (h[20], h[21], h[9], h[1], h[6]),
+            (3, 4, PROTO_ICMP, 0xc0, 0)
+        );
+        assert_eq!(u16::from_be_bytes([h[2], h[3]]), 576);
+        assert_eq!(u16::from_be_bytes([h[26], h[27]]), 1400);
+        assert_eq!(&h[28..], &pkt[..PTB4_QUOTE], "the quote is untouched");
+    }
+
+    #[test]
+    fn too_big6_quotes_1280_bytes_worth_with_the_mtu() {
+        let pkt = big_packet(&ip6(17, 1460));
+        let mut f: [u8; PTB6_FRAME] = frame(0x86dd, &[&[0; UNREACH6_ROOM], &pkt[..PTB6_QUOTE]]);
+        too_big6(&mut f, &MACS, 1400, quote_sum(&pkt[..PTB6_QUOTE]));
+        assert_back(&f, 0x86dd);
+        let h = &f[14..];
+        assert_eq!(h.len(), 1280);
+        let plen = (1280u32 - 40).to_be_bytes();
+        assert!(verifies(&[&h[40..], &C6, &F6, &plen, &[0, 0, 0, 58]]));
+        assert_eq!((h[40], h[41], h[6]), (2, 0, 58));
+        assert_eq!(be32(&h[44..]), 1400);
+        assert_eq!(u16::from_be_bytes([h[4], h[5]]), 1240);
+        assert_eq!((&h[8..24], &h[24..40]), (&F6[..], &C6[..]));
+        assert_eq!(&h[48..], &pkt[..PTB6_QUOTE]);
     }
 
     #[test]

@@ -57,8 +57,12 @@ stats! {
     /// Refused: the service has no endpoint at all (kube-proxy's REJECT); a TCP RST or an
     /// ICMP (ICMPv6) port unreachable went back to the client from the frontend address.
     RejectNoEndpoints = "reject_no_endpoints",
-    /// Dropped: a refusal was due but this CPU's refusal budget was spent.
+    /// Dropped: a refusal (or a path MTU error) was due but this CPU's budget was spent.
     DropRejectRate = "drop_reject_rate",
+    /// Answered: a client's packet (IPv4 with don't-fragment, or IPv6) was too big for the
+    /// route to its remote backend; an ICMP fragmentation needed (ICMPv6 packet too big)
+    /// with the route's MTU went back to the client from the frontend address.
+    IcmpFragNeeded = "icmp_frag_needed",
     /// Event: a new flow was bound to a backend.
     NewFlow = "event_new_flow",
     /// Event: a packet of an established flow was translated.

@@ -1,6 +1,8 @@
 //! Forwarding of translated packets with the kernel FIB (`bpf_fib_lookup`): XDP_TX out of
 //! the receiving interface, XDP_REDIRECT into another interface of ours, and otherwise the
-//! stack (TC then finishes with `bpf_redirect_neigh`, which resolves neighbours).
+//! stack (TC then finishes with `bpf_redirect_neigh`, which resolves neighbours). A
+//! client's packet too big for the route to its backend is not forwarded: the caller
+//! answers it with a path MTU error ([`TooBig`]).
 
 use core::{
     mem::{size_of, MaybeUninit},
@@ -10,21 +12,24 @@ use core::{
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_BLACKHOLE,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     helpers::generated::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use nodeport_common::{Addr, Stat};
+use nodeport_common::{
+    reject::{PTB4_MIN_MTU, PTB4_QUOTE, PTB6_MIN_MTU},
+    Addr, Stat, PROTO_TCP,
+};
 
 use crate::{
-    family::Family,
+    family::{Family, L3},
     lb::{IcmpNat, Nat},
     maps::DEVICES,
     nat::{rewrite_icmp, rewrite_tc, rewrite_xdp},
-    packet::{Bounds, Flow, IcmpError, Skb},
+    packet::{Bounds, Flow, IcmpError, PacketBytes, Skb},
 };
 
 /// Fill FIB lookup parameters in place, as sixteen volatile 32-bit stores. Plain struct
@@ -97,6 +102,43 @@ fn fib_lookup<F: Family, C: EbpfContext>(
     }
 }
 
+/// Whether a FIB answer was FRAG_NEEDED for a packet a path MTU error must answer, and
+/// the MTU it reports. The answer: `(mtu, Stat::IcmpFragNeeded)` in place of `(action,
+/// stat)` from [`xdp_route`] and [`tc_route`] (asked with `pmtu`); the program then turns
+/// the packet into the error (`reject::FragNeeded4`, `reject::TooBig6`). Not every packet
+/// too big is answered: IPv4 without don't-fragment may be fragmented on the way (not
+/// here: see `tc_route`), and an IPv4 packet shorter than the quote is left to the
+/// stack.
+pub struct TooBig;
+
+impl TooBig {
+    /// The MTU to report for packet `b`, checked at `tot_len` bytes, when FIB answer `rc`
+    /// (parameters `p`) asks for a path MTU error.
+    #[inline(always)]
+    fn mtu<F: Family>(rc: u32, b: &impl PacketBytes, tot_len: u16, p: &FibParams) -> Option<u32> {
+        if rc != BPF_FIB_LKUP_RET_FRAG_NEEDED {
+            return None;
+        }
+        if !F::IS_V6 {
+            // Don't-fragment, in the high byte of the fragment field (offset 6).
+            let df = b.load::<u8>(L3 + 6)? & 0x40 != 0;
+            if !df || (tot_len as usize) < PTB4_QUOTE {
+                return None;
+            }
+        }
+        // SAFETY: the helper wrote the union's output member (net/core/filter.c,
+        // bpf_ipv4_fib_lookup: `params->mtu_result = mtu`, since 5.12); before that it
+        // still holds `tot_len`.
+        let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+        let floor = if F::IS_V6 { PTB6_MIN_MTU } else { PTB4_MIN_MTU };
+        Some(if mtu == 0 || mtu >= tot_len {
+            floor
+        } else {
+            mtu
+        } as u32)
+    }
+}
+
 #[inline(always)]
 fn unreachable(rc: u32) -> bool {
     rc == BPF_FIB_LKUP_RET_BLACKHOLE
@@ -105,15 +147,18 @@ fn unreachable(rc: u32) -> bool {
 }
 
 /// Translate and send a packet that this node routes (to a remote backend, or a reply
-/// back to the client). Untouched `XDP_PASS` whenever the stack has to help.
+/// back to the client). Untouched `XDP_PASS` whenever the stack has to help. `pmtu`: a
+/// client's packet to its backend, answered with a path MTU error when too big
+/// ([`TooBig`]).
 #[inline(always)]
 pub fn xdp_forward<F: Family>(
     ctx: &XdpContext,
     b: &Bounds,
     f: &Flow<F::A>,
     nat: &Nat<F::A>,
+    pmtu: bool,
 ) -> (u32, Stat) {
-    xdp_route::<F>(ctx, b, f, nat, Rewrite::Flow)
+    xdp_route::<F>(ctx, b, f, nat, Rewrite::Flow, pmtu)
 }
 
 /// The header rewrite [`xdp_route`] applies once the FIB has answered. (An enum rather
@@ -129,7 +174,7 @@ pub enum Rewrite<'a, A: Addr> {
 /// Route packet `f` as translated by `nat` (the FIB sees the new addresses and ports):
 /// on success `rewrite` is applied, then the Ethernet addresses are set and the
 /// frame goes out with XDP_TX or XDP_REDIRECT. Untouched `XDP_PASS` whenever the stack
-/// has to help.
+/// has to help; `(mtu, Stat::IcmpFragNeeded)` for a packet too big under `pmtu`.
 #[inline(always)]
 pub fn xdp_route<F: Family>(
     ctx: &XdpContext,
@@ -137,6 +182,7 @@ pub fn xdp_route<F: Family>(
     f: &Flow<F::A>,
     nat: &Nat<F::A>,
     rewrite: Rewrite<F::A>,
+    pmtu: bool,
 ) -> (u32, Stat) {
     if f.ttl <= 1 {
         // The stack answers with ICMP time exceeded.
@@ -189,6 +235,11 @@ pub fn xdp_route<F: Family>(
     if unreachable(rc) {
         return (xdp_action::XDP_DROP, Stat::DropFib);
     }
+    if pmtu {
+        if let Some(mtu) = TooBig::mtu::<F>(rc, b, f.tot_len, p) {
+            return (mtu, Stat::IcmpFragNeeded);
+        }
+    }
     (xdp_action::XDP_PASS, Stat::FibPass)
 }
 
@@ -202,8 +253,38 @@ pub const TC_NEXT: i32 = TC_ACT_UNSPEC;
 /// TC counterpart of [`xdp_forward`]: translate through helpers, then hand the packet to
 /// `bpf_redirect_neigh` on the FIB's egress interface (it resolves the neighbour).
 #[inline(always)]
-pub fn tc_forward<F: Family>(ctx: &TcContext, f: &Flow<F::A>, nat: &Nat<F::A>) -> (i32, Stat) {
-    tc_route::<F>(ctx, f, nat, Rewrite::Flow)
+pub fn tc_forward<F: Family>(
+    ctx: &TcContext,
+    f: &Flow<F::A>,
+    nat: &Nat<F::A>,
+    pmtu: bool,
+) -> (i32, Stat) {
+    tc_route::<F>(ctx, f, nat, Rewrite::Flow, pmtu)
+}
+
+/// The length of the packets the skb becomes on the wire: its IP length, or for a GSO
+/// skb (GRO-merged, or TSO from a local sender) one segment's, network and transport
+/// headers plus `gso_size`, as the kernel checks a GSO packet against an MTU
+/// (net/core/skbuff.c, `skb_gso_network_seglen`; `is_skb_forwardable`, `bpf_check_mtu`).
+#[inline(always)]
+fn wire_len<F: Family>(ctx: &TcContext, f: &Flow<F::A>) -> u16 {
+    // SAFETY: reading a field of the skb context.
+    let gso = unsafe { (*ctx.skb.skb).gso_size };
+    if gso == 0 {
+        return f.tot_len;
+    }
+    let l4_hlen = if f.proto == PROTO_TCP {
+        let doff = Skb(ctx).load::<u8>(f.l4 as usize + 12).unwrap_or(0x50);
+        ((doff >> 4) as u32) * 4
+    } else {
+        8
+    };
+    let seg = (f.l4 - f.l3) as u32 + l4_hlen + gso;
+    if seg > u16::MAX as u32 {
+        u16::MAX
+    } else {
+        seg as u16
+    }
 }
 
 /// TC counterpart of [`xdp_route`]: the FIB sees the translated packet, `rewrite` is
@@ -216,6 +297,7 @@ pub fn tc_route<F: Family>(
     f: &Flow<F::A>,
     nat: &Nat<F::A>,
     rewrite: Rewrite<F::A>,
+    pmtu: bool,
 ) -> (i32, Stat) {
     if f.ttl <= 1 {
         return (TC_NEXT, Stat::FibPass);
@@ -223,7 +305,22 @@ pub fn tc_route<F: Family>(
     // SAFETY: reading the ingress ifindex of the skb context.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let mut p = MaybeUninit::<FibParams>::uninit();
-    let rc = fib_lookup::<F, _>(ctx, f, nat, ingress, 0, &mut p);
+    // Under `pmtu` the FIB checks the wire length against the route's MTU (a route
+    // metric, a learnt path MTU, the device's); otherwise, `tot_len` 0, the helper checks
+    // the skb against the egress device's MTU itself.
+    let len = if pmtu { wire_len::<F>(ctx, f) } else { 0 };
+    let mut rc = fib_lookup::<F, _>(ctx, f, nat, ingress, len, &mut p);
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        // SAFETY: every byte was written by fill_params (and then by the helper).
+        if let Some(mtu) = TooBig::mtu::<F>(rc, &Skb(ctx), len, unsafe { p.assume_init_ref() }) {
+            return (mtu as i32, Stat::IcmpFragNeeded);
+        }
+        // IPv4 without don't-fragment: sent on as before, checked against the device
+        // only. This node cannot fragment it: eBPF has no helper for that, and handed to
+        // the stack translated, it would be dropped as a martian (its source is this
+        // node's own address; net/ipv4/fib_frontend.c, __fib_validate_source).
+        rc = fib_lookup::<F, _>(ctx, f, nat, ingress, 0, &mut p);
+    }
     // SAFETY: every byte was written by fill_params (and then by the helper).
     let p = unsafe { p.assume_init_ref() };
     if unreachable(rc) {

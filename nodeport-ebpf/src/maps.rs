@@ -57,7 +57,8 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 
 /// NP_DEV_V1: ifindex -> ifindex, the interfaces XDP may redirect into (ours, with NAPI).
-/// NP_REJECT_V1: each CPU's budget of refusals (TCP RST, ICMP port unreachable).
+/// NP_REJECT_V1: each CPU's budget of refusals (TCP RST, ICMP port unreachable) and path
+/// MTU errors (ICMP fragmentation needed, ICMPv6 packet too big).
 #[map(name = "NP_REJECT_V1")]
 pub static REJECT: PerCpuArray<RejectBucket> = PerCpuArray::with_max_entries(1, 0);
 
@@ -66,8 +67,8 @@ pub static REJECT: PerCpuArray<RejectBucket> = PerCpuArray::with_max_entries(1, 
 #[map(name = "NP_REJECT_BUF_V1")]
 pub static REJECT_BUF: PerCpuArray<[u8; REJECT_BUF_LEN]> = PerCpuArray::with_max_entries(1, 0);
 
-/// Room for the largest refusal frame.
-pub const REJECT_BUF_LEN: usize = 128;
+/// Room for the largest refusal frame (an ICMPv6 packet too big: 1294 bytes).
+pub const REJECT_BUF_LEN: usize = 1296;
 
 #[map(name = "NP_DEV_V1")]
 pub static DEVICES: DevMapHash = DevMapHash::with_max_entries(DEFAULT_MAX_DEVICES, 0);

@@ -76,6 +76,21 @@ impl Verdict {
     /// The service has no endpoint: refuse (`xdp_refuse`, `tc_refuse`), from a BPF
     /// function called by the program itself, whose frame the packet path's do not hold.
     const REFUSE: Verdict = Verdict(u64::MAX - 4);
+    /// High word of [`Verdict::too_big`].
+    const TOO_BIG_TAG: u64 = 0xffff_fffe;
+
+    /// A client's packet too big for the route to its backend: answer with a path MTU
+    /// error reporting `mtu` (`xdp_frag_needed`, `tc_frag_needed`, BPF functions called
+    /// by the program itself, like the refusals).
+    #[inline(always)]
+    fn too_big(mtu: u32) -> Verdict {
+        Verdict((Verdict::TOO_BIG_TAG << 32) | mtu as u64)
+    }
+    /// For `too_big`: the MTU to report.
+    #[inline(always)]
+    fn mtu(self) -> Option<u32> {
+        (self.0 >> 32 == Verdict::TOO_BIG_TAG).then_some(self.0 as u32)
+    }
 
     #[inline(always)]
     fn new(action: u32, stat: Stat) -> Verdict {
@@ -151,6 +166,9 @@ fn xdp_family<F: Family>(ctx: &XdpContext) -> Verdict {
     if v.0 == Verdict::REFUSE.0 {
         return xdp_refuse::<F>(ctx);
     }
+    if let Some(mtu) = v.mtu() {
+        return xdp_frag_needed::<F>(ctx, mtu);
+    }
     v
 }
 
@@ -161,44 +179,80 @@ fn ip_proto<F: Family>(b: &impl PacketBytes) -> u8 {
     b.load::<u8>(crate::family::L3 + off).unwrap_or(0)
 }
 
-/// A TCP RST or ICMP port unreachable back out of the receiving interface, within this
-/// CPU's budget.
-#[inline(never)]
-fn xdp_refuse<F: Family>(ctx: &XdpContext) -> Verdict {
+/// An answer of shape `S` (reporting `mtu`, for path MTU errors) back out of the
+/// receiving interface with XDP_TX, within this CPU's budget, counted `sent`; a frame
+/// that cannot be turned is dropped, counted `failed`.
+#[inline(always)]
+fn xdp_answer<S: reject::Shape>(ctx: &XdpContext, mtu: u32, sent: Stat, failed: Stat) -> Verdict {
     if !reject::budget() {
         return Verdict::new(xdp_action::XDP_DROP, Stat::DropRejectRate);
     }
-    let tcp = ip_proto::<F>(&bounds(ctx)) == nodeport_common::PROTO_TCP;
-    let sent = match (F::IS_V6, tcp) {
-        (false, true) => reject::xdp::<reject::Rst4>(ctx),
-        (false, false) => reject::xdp::<reject::Unreach4>(ctx),
-        (true, true) => reject::xdp::<reject::Rst6>(ctx),
-        (true, false) => reject::xdp::<reject::Unreach6>(ctx),
-    };
-    if sent {
-        Verdict::new(xdp_action::XDP_TX, Stat::RejectNoEndpoints)
+    if reject::xdp::<S>(ctx, mtu) {
+        Verdict::new(xdp_action::XDP_TX, sent)
     } else {
-        Verdict::new(xdp_action::XDP_DROP, Stat::DropNoBackend)
+        Verdict::new(xdp_action::XDP_DROP, failed)
     }
 }
 
-/// `xdp_refuse` in TC: redirected to the receiving interface's egress.
-#[inline(never)]
-fn tc_refuse<F: Family>(ctx: &TcContext) -> Verdict {
+/// [`xdp_answer`] in TC: redirected to the receiving interface's egress.
+#[inline(always)]
+fn tc_answer<S: reject::Shape>(ctx: &TcContext, mtu: u32, sent: Stat, failed: Stat) -> Verdict {
     if !reject::budget() {
         return Verdict::new(TC_ACT_SHOT as u32, Stat::DropRejectRate);
     }
+    match reject::tc::<S>(ctx, mtu) {
+        action if action >= 0 => Verdict::new(action as u32, sent),
+        _ => Verdict::new(TC_ACT_SHOT as u32, failed),
+    }
+}
+
+/// A TCP RST or ICMP port unreachable back out of the receiving interface.
+#[inline(never)]
+fn xdp_refuse<F: Family>(ctx: &XdpContext) -> Verdict {
+    let tcp = ip_proto::<F>(&bounds(ctx)) == nodeport_common::PROTO_TCP;
+    let (sent, failed) = (Stat::RejectNoEndpoints, Stat::DropNoBackend);
+    match (F::IS_V6, tcp) {
+        (false, true) => xdp_answer::<reject::Rst4>(ctx, 0, sent, failed),
+        (false, false) => xdp_answer::<reject::Unreach4>(ctx, 0, sent, failed),
+        (true, true) => xdp_answer::<reject::Rst6>(ctx, 0, sent, failed),
+        (true, false) => xdp_answer::<reject::Unreach6>(ctx, 0, sent, failed),
+    }
+}
+
+/// `xdp_refuse` in TC.
+#[inline(never)]
+fn tc_refuse<F: Family>(ctx: &TcContext) -> Verdict {
     let tcp = ip_proto::<F>(&Skb(ctx)) == nodeport_common::PROTO_TCP;
-    let sent = match (F::IS_V6, tcp) {
-        (false, true) => reject::tc::<reject::Rst4>(ctx),
-        (false, false) => reject::tc::<reject::Unreach4>(ctx),
-        (true, true) => reject::tc::<reject::Rst6>(ctx),
-        (true, false) => reject::tc::<reject::Unreach6>(ctx),
-    };
-    if sent >= 0 {
-        Verdict::new(sent as u32, Stat::RejectNoEndpoints)
+    let (sent, failed) = (Stat::RejectNoEndpoints, Stat::DropNoBackend);
+    match (F::IS_V6, tcp) {
+        (false, true) => tc_answer::<reject::Rst4>(ctx, 0, sent, failed),
+        (false, false) => tc_answer::<reject::Unreach4>(ctx, 0, sent, failed),
+        (true, true) => tc_answer::<reject::Rst6>(ctx, 0, sent, failed),
+        (true, false) => tc_answer::<reject::Unreach6>(ctx, 0, sent, failed),
+    }
+}
+
+/// A path MTU error (ICMP fragmentation needed, ICMPv6 packet too big) in place of a
+/// client's packet too big for the route to its backend. Never for an ICMP error: only
+/// TCP and UDP flows come here. A frame that cannot be turned is dropped (`drop_fib`).
+#[inline(never)]
+fn xdp_frag_needed<F: Family>(ctx: &XdpContext, mtu: u32) -> Verdict {
+    let (sent, failed) = (Stat::IcmpFragNeeded, Stat::DropFib);
+    if F::IS_V6 {
+        xdp_answer::<reject::TooBig6>(ctx, mtu, sent, failed)
     } else {
-        Verdict::new(TC_ACT_SHOT as u32, Stat::DropNoBackend)
+        xdp_answer::<reject::FragNeeded4>(ctx, mtu, sent, failed)
+    }
+}
+
+/// `xdp_frag_needed` in TC.
+#[inline(never)]
+fn tc_frag_needed<F: Family>(ctx: &TcContext, mtu: u32) -> Verdict {
+    let (sent, failed) = (Stat::IcmpFragNeeded, Stat::DropFib);
+    if F::IS_V6 {
+        tc_answer::<reject::TooBig6>(ctx, mtu, sent, failed)
+    } else {
+        tc_answer::<reject::FragNeeded4>(ctx, mtu, sent, failed)
     }
 }
 
@@ -392,7 +446,11 @@ fn xdp_act_inline<F: Family>(
                 (xdp_action::XDP_PASS, Stat::PassMalformed)
             }
         }
-        Decision::ToRemote(nat) | Decision::Reply(nat) => xdp_forward::<F>(ctx, b, f, nat),
+        Decision::ToRemote(nat) => match xdp_forward::<F>(ctx, b, f, nat, true) {
+            (mtu, Stat::IcmpFragNeeded) => return Verdict::too_big(mtu),
+            v => v,
+        },
+        Decision::Reply(nat) => xdp_forward::<F>(ctx, b, f, nat, false),
     })
 }
 
@@ -417,9 +475,14 @@ fn xdp_icmp<F: Family>(ctx: &XdpContext) -> Verdict {
                 (xdp_action::XDP_PASS, Stat::PassMalformed)
             }
         }
-        IcmpDecision::Route(n) => {
-            xdp_route::<F>(ctx, b, &e.outer, &n.outer_nat(), Rewrite::Icmp(&e, &n))
-        }
+        IcmpDecision::Route(n) => xdp_route::<F>(
+            ctx,
+            b,
+            &e.outer,
+            &n.outer_nat(),
+            Rewrite::Icmp(&e, &n),
+            false,
+        ),
     };
     if matches!(stat, Stat::Tx | Stat::Redirect | Stat::LocalDeliver) {
         count(Stat::IcmpNat);
@@ -499,12 +562,18 @@ fn tc_program<const DEBUG: bool>(ctx: &TcContext) -> i32 {
         Ok(Ether::Ipv4) => match tc_family::<V4>(ctx) {
             v if v.0 == Verdict::OTHER_PROTO.0 => tc_in_icmp::<V4>(ctx),
             v if v.0 == Verdict::REFUSE.0 => tc_refuse::<V4>(ctx),
-            v => v,
+            v => match v.mtu() {
+                Some(mtu) => tc_frag_needed::<V4>(ctx, mtu),
+                None => v,
+            },
         },
         Ok(Ether::Ipv6) => match tc_family::<V6>(ctx) {
             v if v.0 == Verdict::OTHER_PROTO.0 => tc_in_icmp::<V6>(ctx),
             v if v.0 == Verdict::REFUSE.0 => tc_refuse::<V6>(ctx),
-            v => v,
+            v => match v.mtu() {
+                Some(mtu) => tc_frag_needed::<V6>(ctx, mtu),
+                None => v,
+            },
         },
         Err(_) => Verdict::NONE,
     };
@@ -568,7 +637,7 @@ fn tc_in_icmp<F: Family>(ctx: &TcContext) -> Verdict {
             }
         }
         IcmpDecision::Route(n) => {
-            tc_route::<F>(ctx, &e.outer, &n.outer_nat(), Rewrite::Icmp(&e, &n))
+            tc_route::<F>(ctx, &e.outer, &n.outer_nat(), Rewrite::Icmp(&e, &n), false)
         }
     };
     if matches!(stat, Stat::TcNat | Stat::LocalDeliver) {
@@ -590,7 +659,11 @@ fn tc_act<F: Family>(ctx: &TcContext, f: &Flow<F::A>, decision: &Decision<F::A>)
                 (TC_ACT_SHOT, Stat::DropMapFull)
             }
         }
-        Decision::ToRemote(nat) | Decision::Reply(nat) => tc_forward::<F>(ctx, f, nat),
+        Decision::ToRemote(nat) => match tc_forward::<F>(ctx, f, nat, true) {
+            (mtu, Stat::IcmpFragNeeded) => return Verdict::too_big(mtu as u32),
+            v => v,
+        },
+        Decision::Reply(nat) => tc_forward::<F>(ctx, f, nat, false),
     })
 }
 

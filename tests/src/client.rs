@@ -164,6 +164,20 @@ pub fn http_echo(ns: &Netns, addr: SocketAddr, data: &[u8]) -> Result<(String, V
     })
 }
 
+/// `len` deterministic bytes that no shifted copy matches (a lost or repeated segment of
+/// a bulk transfer shows), from `seed` (non-zero).
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 /// One GET on a fresh connection from the calling thread's namespace.
 pub fn http_get_here(addr: SocketAddr, timeout: Duration) -> Result<EchoReply> {
     let mut conn = KeepAliveConn::connect_here(addr, timeout)?;

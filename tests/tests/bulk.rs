@@ -14,22 +14,9 @@ use tests::{
 
 const SIZE: usize = 10 * 1024 * 1024;
 
-/// Deterministic bytes that no shifted copy matches (a lost or repeated segment shows).
-fn payload() -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..SIZE)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// 10 MB each way through a pod of the other node, via each node.
 fn through_remote_backends(tb: &Testbed) {
-    let data = payload();
+    let data = client::pattern(SIZE, 0x9e37_79b9_7f4a_7c15);
     for node in ["node1", "node2"] {
         let addr = tb.nodeport_addr(node);
         // New connections until Maglev picks a pod of the other node (two of three pods

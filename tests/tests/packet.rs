@@ -100,6 +100,32 @@ fn service(port: u16, proto: u8, off: u32, backend_ids: &[u32], dp: &mut Datapat
     .expect("set service");
 }
 
+/// IPv6 backend `id` (`addr`, port 80, on another node) as the only backend of UDP
+/// nodePort `port`, its table at `off`.
+fn udp6_service(dp: &mut Datapath, id: u32, addr: [u8; 16], port: u16, off: u32, svc_id: u32) {
+    let be = Backend6 {
+        addr: ip6(addr),
+        port: 80u16.to_be(),
+        flags: 0,
+        pad: 0,
+    };
+    dp.set_backend6(id, &be).expect("set backend6");
+    dp.write_slots(off, &[id]).expect("write slots");
+    let key = FrontendKey6 {
+        addr: [0; 4],
+        port: port.to_be(),
+        proto: PROTO_UDP,
+        pad: 0,
+    };
+    let svc = Service {
+        table_off: off,
+        table_size: 1,
+        svc_id,
+        ..Default::default()
+    };
+    dp.set_service6(&key, &svc).expect("set service6");
+}
+
 fn backend(addr: [u8; 4], port: u16, flags: u8) -> Backend {
     Backend {
         addr: raw(addr),
@@ -152,32 +178,7 @@ fn setup() -> Option<Env> {
 
     // IPv6: node1 fd00:18::11 with the same SNAT port; backend 5 is node2's pod.
     dp.set_node_addr6(ip6(NODE1_6)).expect("node addr6");
-    dp.set_backend6(
-        5,
-        &Backend6 {
-            addr: ip6(POD_REMOTE_6),
-            port: 80u16.to_be(),
-            flags: 0,
-            pad: 0,
-        },
-    )
-    .unwrap();
-    dp.write_slots(70, &[5]).expect("write slots");
-    dp.set_service6(
-        &FrontendKey6 {
-            addr: [0; 4],
-            port: 30080u16.to_be(),
-            proto: PROTO_UDP,
-            pad: 0,
-        },
-        &Service {
-            table_off: 70,
-            table_size: 1,
-            svc_id: 8,
-            ..Default::default()
-        },
-    )
-    .expect("set service6");
+    udp6_service(&mut dp, 5, POD_REMOTE_6, 30080, 70, 8);
     Some(Env {
         ns,
         _peer: peer,
@@ -201,15 +202,27 @@ impl Env {
     }
 
     fn tc(&mut self, name: &str, input: &[u8]) -> (u32, Vec<u8>) {
+        self.tc_gso(name, input, 0)
+    }
+
+    /// [`Env::tc`] for a GSO skb (as GRO merges them) of segments of `gso_size` bytes of
+    /// payload; 0: not GSO.
+    fn tc_gso(&mut self, name: &str, input: &[u8], gso_size: u32) -> (u32, Vec<u8>) {
         let lan0 = self.lan0;
         let ebpf = self.dp.ebpf_mut();
         let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
         run_in(&self.ns, || {
             // struct __sk_buff (192 bytes): ingress_ifindex at 36 and ifindex at 40, so the
-            // skb looks received on lan0 as in the cluster.
+            // skb looks received on lan0 as in the cluster; gso_segs at 164, gso_size at
+            // 176 (net/bpf/test_run.c, convert___skb_to_skb, takes both).
             let mut ctx = vec![0u8; 192];
             ctx[36..40].copy_from_slice(&lan0.to_ne_bytes());
             ctx[40..44].copy_from_slice(&lan0.to_ne_bytes());
+            if gso_size > 0 {
+                let segs = (input.len() as u32).div_ceil(gso_size);
+                ctx[164..168].copy_from_slice(&segs.to_ne_bytes());
+                ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+            }
             run(prog, input, Some(&ctx))
         })
     }
@@ -2123,4 +2136,231 @@ fn snat_tuples_are_never_shared_when_conntrack_evicts_or_fills() {
         env.stat("drop_map_full") > full,
         "flows beyond NP_RNAT's capacity are dropped and counted"
     );
+}
+
+const POD_PMTU: [u8; 4] = [198, 19, 4, 10];
+const POD_PMTU_6: [u8; 16] = [0xfd, 0, 0, 0x19, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a];
+/// The MTU of the route to node2's pods of 198.19.4.0/24 (fd00:19:4::/64).
+const PATH_MTU: u16 = 1400;
+
+/// A TCP segment (ACK) of the client's flow 40010 -> node1:30086 with `len` bytes of
+/// payload: as the client sent it, or (`to_pod`) as forwarded to the backend, from node1's
+/// SNAT port, TTL - 1 (the MACs stay: TC leaves them to `bpf_redirect_neigh`).
+fn tcp_data(len: usize, to_pod: bool) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+    let ((src, sp), (dst, dp), ttl) = if to_pod {
+        ((NODE1, SNAT_PORT), (POD_PMTU, 80), 63)
+    } else {
+        ((CLIENT, 40010), (NODE1, 30086), 64)
+    };
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC)
+        .ipv4(src, dst, ttl)
+        .tcp(sp, dp, 1001, 64240)
+        .ack(5000)
+        .write(&mut v, &payload)
+        .unwrap();
+    v
+}
+
+/// A UDP datagram client -> node1:30086 of `len` bytes of payload (IPv4: DF as given).
+fn big_udp(len: usize, df: bool) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len).map(|i| (i * 3) as u8).collect();
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC)
+        .ipv4(CLIENT, NODE1, 64)
+        .udp(40011, 30086)
+        .write(&mut v, &payload)
+        .unwrap();
+    if !df {
+        v[20] &= !0x40;
+        fix_ip_csum(&mut v);
+    }
+    v
+}
+
+fn big_udp6(len: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len).map(|i| (i * 3) as u8).collect();
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC)
+        .ipv6(CLIENT_6, NODE1_6, 64)
+        .udp(40012, 30086)
+        .write(&mut v, &payload)
+        .unwrap();
+    v
+}
+
+/// The fragmentation needed node1 sends for `frame` from the frontend: TOS 0xc0, no DF,
+/// the first 548 bytes of the client's packet quoted (576 in all).
+fn frag_needed(frame: &[u8]) -> Vec<u8> {
+    let mut v = icmp_unreach(
+        NODE1_MAC,
+        CLIENT_MAC,
+        (NODE1, CLIENT),
+        64,
+        Some(PATH_MTU),
+        &frame[..14 + 548],
+    );
+    v[15] = 0xc0;
+    v[20] &= !0x40;
+    fix_ip_csum(&mut v);
+    assert_eq!(v.len(), 14 + 576);
+    v
+}
+
+/// Path MTU: the route to the backend's pods carries `mtu lock 1400` (unlocked, the FIB
+/// helper ignores it: net/ipv4/route.c, ip_mtu_from_fib_result; net/ipv6/route.c,
+/// ip6_mtu_from_fib6). A client's packet that
+/// does not fit, IPv4 with don't-fragment or IPv6, is answered with ICMP fragmentation
+/// needed (ICMPv6 packet too big) from the frontend, quoting the client's packet; XDP and
+/// TC alike. A GSO skb is judged by its segments; IPv4 without DF is sent on.
+#[test]
+fn packets_too_big_for_the_route_get_path_mtu_errors() {
+    let Some(mut env) = setup() else { return };
+    env.ns
+        .ip("route add 198.19.4.0/24 via 198.18.0.12 dev lan0 mtu lock 1400");
+    env.ns
+        .ip("route add fd00:19:4::/64 via fd00:18::12 dev lan0 mtu lock 1400");
+    env.dp.set_backend(6, &backend(POD_PMTU, 80, 0)).unwrap();
+    service(30086, PROTO_TCP, 80, &[6], &mut env.dp, 9);
+    service(30086, PROTO_UDP, 90, &[6], &mut env.dp, 10);
+    udp6_service(&mut env.dp, 7, POD_PMTU_6, 30086, 100, 11);
+
+    // TCP: the SYN fits and goes out; a full-sized segment of the flow does not.
+    let syn = tcp(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 40010),
+        (NODE1, 30086),
+        64,
+        true,
+    );
+    let syn_out = tcp(
+        NODE1_MAC,
+        NODE2_MAC,
+        (NODE1, SNAT_PORT),
+        (POD_PMTU, 80),
+        63,
+        true,
+    );
+    case!(env, "small SYN", "xdp", syn, XDP_TX, syn_out, "tx");
+    let big = tcp_data(1460, false);
+    assert_eq!(big.len(), 14 + 1500);
+    for (prog, verdict) in [("xdp", XDP_TX), (m::PROG_TC_INGRESS, TC_ACT_REDIRECT)] {
+        case!(
+            env,
+            &format!("TCP segment of 1500 bytes, {prog}"),
+            prog,
+            big.clone(),
+            verdict,
+            frag_needed(&big),
+            "icmp_frag_needed"
+        );
+    }
+    // A GRO-merged skb of 1448-byte segments (1488 on the wire) is too big; one of
+    // 1300-byte segments (1340) fits, however long the skb: translated and sent. (Two
+    // segments each: BPF_PROG_TEST_RUN takes at most a page.)
+    let merged = tcp_data(2 * 1448, false);
+    let before = env.stat("icmp_frag_needed");
+    let got = env.tc_gso(m::PROG_TC_INGRESS, &merged, 1448);
+    expect(
+        &mut env,
+        "GSO skb of 1488-byte segments",
+        got,
+        TC_ACT_REDIRECT,
+        &frag_needed(&merged),
+        "icmp_frag_needed",
+        before,
+    );
+    let merged = tcp_data(2 * 1300, false);
+    let before = env.stat("tc_nat");
+    let got = env.tc_gso(m::PROG_TC_INGRESS, &merged, 1300);
+    expect(
+        &mut env,
+        "GSO skb of 1340-byte segments",
+        got,
+        TC_ACT_REDIRECT,
+        &tcp_data(2 * 1300, true),
+        "tc_nat",
+        before,
+    );
+
+    // UDP with DF: answered; without DF: XDP leaves it to TC, which sends it on
+    // translated (no fragmentation here, and the stack would take it for a martian).
+    let dgram = big_udp(1472, true);
+    for (prog, verdict) in [("xdp", XDP_TX), (m::PROG_TC_INGRESS, TC_ACT_REDIRECT)] {
+        case!(
+            env,
+            &format!("UDP datagram of 1500 bytes with DF, {prog}"),
+            prog,
+            dgram.clone(),
+            verdict,
+            frag_needed(&dgram),
+            "icmp_frag_needed"
+        );
+    }
+    let no_df = big_udp(1472, false);
+    case!(
+        env,
+        "UDP without DF, xdp",
+        "xdp",
+        no_df.clone(),
+        XDP_PASS,
+        no_df.clone(),
+        "fib_pass"
+    );
+    let before = env.stat("tc_nat");
+    let got = env.tc(m::PROG_TC_INGRESS, &no_df);
+    assert_eq!(got.0, TC_ACT_REDIRECT, "UDP without DF, tc: verdict");
+    assert_eq!(got.1.len(), no_df.len(), "UDP without DF, tc: sent whole");
+    assert_eq!(
+        &got.1[14 + 16..14 + 20],
+        &POD_PMTU,
+        "UDP without DF, tc: translated"
+    );
+    assert_eq!(env.stat("tc_nat"), before + 1);
+    // A datagram that fits is forwarded as ever.
+    let small = big_udp(1372, true);
+    case!(
+        env,
+        "UDP datagram of 1400 bytes",
+        "xdp",
+        small.clone(),
+        XDP_TX,
+        {
+            let payload: Vec<u8> = (0..1372).map(|i| (i * 3) as u8).collect();
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(NODE1_MAC, NODE2_MAC)
+                .ipv4(NODE1, POD_PMTU, 63)
+                .udp(SNAT_PORT, 80)
+                .write(&mut v, &payload)
+                .unwrap();
+            v
+        },
+        "tx"
+    );
+
+    // IPv6: packet too big, quoting as much as fits in 1280 bytes.
+    let dgram6 = big_udp6(1452);
+    assert_eq!(dgram6.len(), 14 + 1500);
+    let too_big = icmp6_error(
+        NODE1_MAC,
+        CLIENT_MAC,
+        (NODE1_6, CLIENT_6),
+        64,
+        Some(PATH_MTU as u32),
+        &dgram6[..14 + 1232],
+    );
+    assert_eq!(too_big.len(), 14 + 1280);
+    for (prog, verdict) in [("xdp", XDP_TX), (m::PROG_TC_INGRESS, TC_ACT_REDIRECT)] {
+        case!(
+            env,
+            &format!("UDP6 datagram of 1500 bytes, {prog}"),
+            prog,
+            dgram6.clone(),
+            verdict,
+            too_big.clone(),
+            "icmp_frag_needed"
+        );
+    }
 }
