@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod csum;
+pub mod frag;
 pub mod hash;
 pub mod maps;
 pub mod reject;
