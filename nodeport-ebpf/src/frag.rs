@@ -17,7 +17,6 @@ use nodeport_common::{
 use crate::{
     maps::FRAGS,
     packet::{Flow, FRAG_FIRST, FRAG_LATER},
-    stats::count,
 };
 
 /// [`lookup`]'s answer when the datagram is unknown.
@@ -25,6 +24,7 @@ const MISS: u64 = u64::MAX;
 
 /// Record a first fragment's ports, or fill in a later fragment's. `PassFragOutOfOrder`:
 /// a later fragment whose first fragment was not seen (yet). Whole datagrams pass through.
+/// The caller counts `event_frag_later` (TC ingress only where XDP has not already).
 #[inline(always)]
 pub fn track<A: Addr>(f: &mut Flow<A>) -> Result<(), Stat> {
     if f.frag == 0 {
@@ -50,7 +50,6 @@ pub fn track<A: Addr>(f: &mut Flow<A>) -> Result<(), Stat> {
     }
     f.sport = ports as u16;
     f.dport = (ports >> 16) as u16;
-    count(Stat::FragLater);
     Ok(())
 }
 

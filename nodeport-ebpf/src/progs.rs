@@ -324,6 +324,9 @@ fn xdp_parse<F: Family>(ctx: &XdpContext, f: &mut MaybeUninit<Flow<F::A>>) -> Re
 fn parse_into<F: Family>(ctx: &XdpContext, f: &mut MaybeUninit<Flow<F::A>>) -> Result<(), Stat> {
     let mut flow = parse::<F, false>(&bounds(ctx))?;
     frag::track(&mut flow)?;
+    if flow.frag == FRAG_LATER {
+        count(Stat::FragLater);
+    }
     f.write(flow);
     Ok(())
 }
@@ -552,18 +555,27 @@ fn tc_family<F: Family>(ctx: &TcContext) -> Verdict {
 /// datagram is known under its arriving addresses, not its new ones).
 #[inline(never)]
 fn tc_frag_out_of_order(ctx: &TcContext) -> Verdict {
-    // SAFETY: reading the ingress ifindex of the skb context.
-    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    if DEVICES.get(ingress).is_some() {
+    if xdp_served(ctx) {
         return Verdict::NONE;
     }
     Verdict::new(TC_NEXT as u32, Stat::PassFragOutOfOrder)
+}
+
+/// Whether the packet arrived on an interface XDP serves (one in NP_DEV): XDP saw it first.
+#[inline(always)]
+fn xdp_served(ctx: &TcContext) -> bool {
+    // SAFETY: reading the ingress ifindex of the skb context.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    DEVICES.get(ingress).is_some()
 }
 
 #[inline(never)]
 fn tc_parse<F: Family>(ctx: &TcContext, f: &mut MaybeUninit<Flow<F::A>>) -> Result<(), Stat> {
     let mut flow = parse::<F, true>(&Skb(ctx))?;
     frag::track(&mut flow)?;
+    if flow.frag == FRAG_LATER && !xdp_served(ctx) {
+        count(Stat::FragLater);
+    }
     f.write(flow);
     Ok(())
 }
@@ -573,9 +585,7 @@ fn tc_parse<F: Family>(ctx: &TcContext, f: &mut MaybeUninit<Flow<F::A>>) -> Resu
 /// here as `xdp_icmp` would. Where XDP runs (the interface is in NP_DEV), it has done so.
 #[inline(never)]
 fn tc_in_icmp<F: Family>(ctx: &TcContext) -> Verdict {
-    // SAFETY: reading the ingress ifindex of the skb context.
-    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    if DEVICES.get(ingress).is_some() {
+    if xdp_served(ctx) {
         return Verdict::NONE;
     }
     let skb = Skb(ctx);
@@ -643,6 +653,9 @@ fn tc_out<F: Family>(ctx: &TcContext) -> i32 {
     // to count.
     if frag::track(&mut f).is_err() {
         return TC_NEXT;
+    }
+    if f.frag == FRAG_LATER {
+        count(Stat::FragLater);
     }
     let Some(Decision::Reply(nat)) = reply::<F>(&f) else {
         return TC_NEXT;

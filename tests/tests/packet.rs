@@ -1531,6 +1531,23 @@ fn ipv6_remote_backend_reply_and_icmpv6_errors() {
         hbh,
         "pass_ipv6_ext"
     );
+    // IPv6 fragments are not translated (docs/architecture.md, Fragments): a first
+    // fragment (fragment header, offset 0, M set) passes untouched like any extension
+    // header.
+    let mut frag = from_client.clone();
+    frag[14 + 6] = 44; // next header: fragment
+    let payload_len = u16::from_be_bytes([frag[14 + 4], frag[14 + 5]]) + 8;
+    frag[14 + 4..14 + 6].copy_from_slice(&payload_len.to_be_bytes());
+    frag.splice(54..54, [17, 0, 0, 1, 0, 0, 0x12, 0x34]);
+    case!(
+        env,
+        "ipv6 first fragment",
+        "xdp",
+        frag.clone(),
+        XDP_PASS,
+        frag,
+        "pass_ipv6_ext"
+    );
 }
 
 // TCP state: which FIN and RST close a flow, SYN reuse of a closing tuple, expiry, replies
