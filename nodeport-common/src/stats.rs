@@ -81,7 +81,8 @@ stats! {
     /// out of order, or the first took another path): passed untouched to the stack.
     PassFragOutOfOrder = "pass_frag_out_of_order",
     /// Event: a later IPv4 fragment of UDP took its datagram's ports from the first
-    /// fragment (NP_FRAG) and went through the flow's decision.
+    /// fragment (NP_FRAG) and went through the flow's decision (once per fragment: TC
+    /// ingress does not count those XDP saw).
     FragLater = "event_frag_later",
 }
 
