@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod csum;
 pub mod ct;
+pub mod frag;
 pub mod hash;
 pub mod maps;
 pub mod reject;

@@ -21,7 +21,7 @@ macro_rules! stats {
 stats! {
     /// Neither IPv4 nor IPv6 (ARP, VLAN-tagged): passed untouched.
     PassNotIp = "pass_not_ip",
-    /// IPv4 fragment: passed untouched to the stack, which reassembles.
+    /// IPv4 fragment of a protocol other than UDP: passed untouched to the stack.
     PassFragment = "pass_fragment",
     /// Truncated or inconsistent headers: passed untouched, the stack validates.
     PassMalformed = "pass_malformed",
@@ -81,6 +81,13 @@ stats! {
     /// Event: a TCP FIN or RST was forwarded but left its flow's state alone: its sequence
     /// number was far from the sender's recent ones (spoofed, or not seen from the start).
     TcpOutOfWindow = "event_tcp_out_of_window",
+    /// A later IPv4 fragment of UDP whose first fragment this node has not seen (it came
+    /// out of order, or the first took another path): passed untouched to the stack.
+    PassFragOutOfOrder = "pass_frag_out_of_order",
+    /// Event: a later IPv4 fragment of UDP took its datagram's ports from the first
+    /// fragment (NP_FRAG) and went through the flow's decision (once per fragment: TC
+    /// ingress does not count those XDP saw).
+    FragLater = "event_frag_later",
 }
 
 /// Number of counters (the NP_STATS array size).

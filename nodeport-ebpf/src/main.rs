@@ -9,6 +9,8 @@ mod bench;
 #[cfg(target_arch = "bpf")]
 mod family;
 #[cfg(target_arch = "bpf")]
+mod frag;
+#[cfg(target_arch = "bpf")]
 mod fwd;
 #[cfg(target_arch = "bpf")]
 mod lb;

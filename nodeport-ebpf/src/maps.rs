@@ -7,12 +7,15 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use nodeport_common::{
-    reject::RejectBucket, stats::STAT_COUNT, Affinity, Affinity6, AffinityKey, AffinityKey6,
-    Backend, Backend6, Config, CtEntry, CtEntry6, FlowKey, FlowKey6, FrontendKey, FrontendKey6,
-    Ip6, MaglevEntry, NodeAddr, RevNat, RevNat6, Service, SrcRange, SrcRange6,
-    DEFAULT_AFFINITY6_ENTRIES, DEFAULT_AFFINITY_ENTRIES, DEFAULT_CT6_ENTRIES, DEFAULT_CT_ENTRIES,
-    DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_DEVICES, DEFAULT_MAX_NODE_ADDRS,
-    DEFAULT_MAX_SERVICES, DEFAULT_SRC_RANGES, DEFAULT_SRC_RANGES6, MAGLEV_SLOTS_PER_ENTRY,
+    frag::{FragKey, FragPorts, DEFAULT_FRAG_ENTRIES},
+    reject::RejectBucket,
+    stats::STAT_COUNT,
+    Affinity, Affinity6, AffinityKey, AffinityKey6, Backend, Backend6, Config, CtEntry, CtEntry6,
+    FlowKey, FlowKey6, FrontendKey, FrontendKey6, Ip6, MaglevEntry, NodeAddr, RevNat, RevNat6,
+    Service, SrcRange, SrcRange6, DEFAULT_AFFINITY6_ENTRIES, DEFAULT_AFFINITY_ENTRIES,
+    DEFAULT_CT6_ENTRIES, DEFAULT_CT_ENTRIES, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_DEVICES, DEFAULT_MAX_NODE_ADDRS, DEFAULT_MAX_SERVICES, DEFAULT_SRC_RANGES,
+    DEFAULT_SRC_RANGES6, MAGLEV_SLOTS_PER_ENTRY,
 };
 
 /// NP_SVC_V1: frontend (addr or 0 for nodePorts, port, proto) -> service (Maglev table range).
@@ -110,3 +113,9 @@ pub static AFFINITY6: LruHashMap<AffinityKey6, Affinity6> =
 
 #[map(name = "NP_SRCRANGE6_V1")]
 pub static SRC_RANGES6: LpmTrie<SrcRange6, u32> = LpmTrie::with_max_entries(DEFAULT_SRC_RANGES6, 0);
+
+/// NP_FRAG_V1: IPv4 datagram (addresses, IP id, protocol) -> the ports its first fragment
+/// carried, for its later fragments (`frag.rs`).
+#[map(name = "NP_FRAG_V1")]
+pub static FRAGS: LruHashMap<FragKey, FragPorts> =
+    LruHashMap::with_max_entries(DEFAULT_FRAG_ENTRIES, 0);

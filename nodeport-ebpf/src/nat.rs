@@ -15,8 +15,8 @@ use crate::{
     family::{Family, L3},
     lb::{IcmpNat, Nat},
     packet::{
-        Bounds, Flow, IcmpError, PacketBytes, ICMP_CHECK, IP_CHECK, IP_TTL_PROTO, L4_DPORT,
-        L4_SPORT, L4_V4, L4_V6, TCP_CHECK, UDP_CHECK,
+        Bounds, Flow, IcmpError, PacketBytes, Skb, FRAG_LATER, ICMP_CHECK, IP_CHECK, IP_TTL_PROTO,
+        L4_DPORT, L4_SPORT, L4_V4, L4_V6, TCP_CHECK, UDP_CHECK,
     },
 };
 
@@ -26,6 +26,9 @@ use crate::{
 /// not in bounds (cannot happen after `parse`).
 #[inline(always)]
 pub fn rewrite_xdp<F: Family>(b: &Bounds, f: &Flow<F::A>, nat: &Nat<F::A>, dec_ttl: bool) -> bool {
+    if f.frag == FRAG_LATER {
+        return rewrite_addrs::<F>(b, f, nat, dec_ttl);
+    }
     match (F::IS_V6, f.proto == PROTO_TCP) {
         (false, true) => rewrite_at::<F, { L4_V4 + TCP_CHECK }>(b, f, nat, dec_ttl),
         (false, false) => rewrite_at::<F, { L4_V4 + UDP_CHECK }>(b, f, nat, dec_ttl),
@@ -72,6 +75,22 @@ fn rewrite_l3<F: Family>(
     ip = F::A::csum_replace(ip, from[0], to[0]);
     ip = F::A::csum_replace(ip, from[1], to[1]);
     (!dec_ttl || p.store(L3 + IP_TTL_PROTO, tp)) && p.store(L3 + IP_CHECK, ip)
+}
+
+/// A later fragment's rewrite: the IP header alone (addresses, TTL, IPv4 checksum). It
+/// holds no transport header; the datagram's UDP checksum is in the first fragment, whose
+/// rewrite already folded in the new addresses and ports. XDP and TC alike (IPv4's
+/// header starts at `L3` whatever its options).
+#[inline(always)]
+fn rewrite_addrs<F: Family>(
+    p: &impl PacketBytes,
+    f: &Flow<F::A>,
+    nat: &Nat<F::A>,
+    dec_ttl: bool,
+) -> bool {
+    rewrite_l3::<F>(p, [f.saddr, f.daddr], [nat.saddr, nat.daddr], dec_ttl)
+        && p.store(L3 + F::SADDR, nat.saddr)
+        && p.store(L3 + F::DADDR, nat.daddr)
 }
 
 #[inline(always)]
@@ -210,6 +229,9 @@ pub fn rewrite_tc<F: Family>(
     nat: &Nat<F::A>,
     dec_ttl: bool,
 ) -> bool {
+    if f.frag == FRAG_LATER {
+        return rewrite_addrs::<F>(&Skb(ctx), f, nat, dec_ttl);
+    }
     let l4_flags = if f.proto == PROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {

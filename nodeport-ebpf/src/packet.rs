@@ -170,7 +170,17 @@ pub struct Flow<A: Addr> {
     /// a FIN or RST against the flow's recent numbers before it believes it.
     pub seq: u32,
     pub ack: u32,
+    /// IPv4 fragments of UDP: 0 for a whole datagram, [`FRAG_FIRST`] or [`FRAG_LATER`]
+    /// (ports filled in from NP_FRAG by `frag::track`; no transport header to rewrite).
+    pub frag: u8,
+    /// IPv4 identification, raw network order (0 for IPv6): NP_FRAG's key.
+    pub ip_id: u16,
 }
+
+/// [`Flow::frag`]: the first fragment of a datagram (MF set, offset 0), holding its ports.
+pub const FRAG_FIRST: u8 = 1;
+/// [`Flow::frag`]: a later fragment (offset != 0), without a transport header.
+pub const FRAG_LATER: u8 = 2;
 
 impl<A: Addr> Flow<A> {
     #[inline(always)]
@@ -199,7 +209,10 @@ fn ipv6_ext(nexthdr: u8) -> bool {
 /// as `PassIpOptions` (XDP, which then works at constant offsets). Promises, in order:
 /// - truncated headers, a version that is not the family's, IHL < 5, a length shorter than
 ///   the headers or longer than the frame: `PassMalformed`;
-/// - IPv4 fragments (MF set or non-zero offset): `PassFragment`, also the first one;
+/// - IPv4 fragments of UDP: the first (MF set, offset 0) is parsed like a datagram, its
+///   UDP length (the whole datagram's) allowed beyond the fragment (`FRAG_FIRST`); a later
+///   one (offset != 0) comes back with ports 0 (`FRAG_LATER`, see `frag::track`). IPv4
+///   fragments of other protocols: `PassFragment`, also the first one;
 /// - IPv6 with an extension header first (the fragment header included): `PassIpv6Ext`.
 ///   The chain is not walked: such packets go to the stack untouched;
 /// - neither TCP nor UDP: `PassOtherProto`.
@@ -210,7 +223,7 @@ pub fn parse<F: Family, const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flo
     let vihl: u8 = b.load(l3).ok_or(Stat::PassMalformed)?;
     let saddr: F::A = b.load(l3 + F::SADDR).ok_or(Stat::PassMalformed)?;
     let daddr: F::A = b.load(l3 + F::DADDR).ok_or(Stat::PassMalformed)?;
-    let (l4, l4_len, proto, ttl, tot_len) = if F::IS_V6 {
+    let (l4, l4_len, proto, ttl, tot_len, frag, ip_id) = if F::IS_V6 {
         let hdr: [u16; 4] = b.load(l3).ok_or(Stat::PassMalformed)?;
         let payload_len = u16::from_be(hdr[2]) as usize;
         let [nexthdr, hop_limit] = hdr[3].to_ne_bytes();
@@ -221,7 +234,7 @@ pub fn parse<F: Family, const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flo
             return Err(Stat::PassIpv6Ext);
         }
         let tot_len = (IPV6_HLEN + payload_len) as u16;
-        (F::L4, payload_len, nexthdr, hop_limit, tot_len)
+        (F::L4, payload_len, nexthdr, hop_limit, tot_len, 0, 0)
     } else {
         if vihl >> 4 != 4 {
             return Err(Stat::PassMalformed);
@@ -232,12 +245,20 @@ pub fn parse<F: Family, const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flo
         }
         // The fixed header must be there, and then the options the IHL announces.
         let tot_len = u16::from_be(b.load::<u16>(l3 + 2).ok_or(Stat::PassMalformed)?);
+        let ip_id: u16 = b.load(l3 + 4).ok_or(Stat::PassMalformed)?;
         let frag = u16::from_be(b.load::<u16>(l3 + 6).ok_or(Stat::PassMalformed)?);
         let ttl_proto: [u8; 2] = b.load(l3 + IP_TTL_PROTO).ok_or(Stat::PassMalformed)?;
         if ihl > frame_l3_len || (tot_len as usize) < ihl || tot_len as usize > frame_l3_len {
             return Err(Stat::PassMalformed);
         }
-        if frag & 0x3fff != 0 {
+        let frag = if frag & 0x1fff != 0 {
+            FRAG_LATER
+        } else if frag & 0x2000 != 0 {
+            FRAG_FIRST
+        } else {
+            0
+        };
+        if frag != 0 && ttl_proto[1] != PROTO_UDP {
             return Err(Stat::PassFragment);
         }
         if !OPTIONS && ihl != IPV4_MIN_HLEN {
@@ -250,9 +271,13 @@ pub fn parse<F: Family, const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flo
             ttl_proto[1],
             ttl_proto[0],
             tot_len,
+            frag,
+            ip_id,
         )
     };
     let (sport, dport, tcp_flags, seq, ack) = match proto {
+        // No transport header: the ports come from the first fragment (`frag::track`).
+        _ if frag == FRAG_LATER => (0, 0, 0, 0, 0),
         PROTO_TCP => {
             if l4_len < TCP_HLEN {
                 return Err(Stat::PassMalformed);
@@ -279,7 +304,8 @@ pub fn parse<F: Family, const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flo
             }
             let hdr: [u16; 4] = b.load(l4).ok_or(Stat::PassMalformed)?;
             let udp_len = u16::from_be(hdr[2]) as usize;
-            if udp_len < UDP_HLEN || udp_len > l4_len {
+            // A first fragment's UDP length is the whole datagram's.
+            if udp_len < UDP_HLEN || (udp_len > l4_len && frag != FRAG_FIRST) {
                 return Err(Stat::PassMalformed);
             }
             (hdr[0], hdr[1], 0, 0, 0)
@@ -299,6 +325,8 @@ pub fn parse<F: Family, const OPTIONS: bool>(b: &impl PacketBytes) -> Result<Flo
         tot_len,
         seq,
         ack,
+        frag,
+        ip_id,
     })
 }
 
@@ -372,6 +400,8 @@ pub fn parse_icmp_error<F: Family>(b: &impl PacketBytes) -> Option<IcmpError<F::
             tot_len: ip_len as u16,
             seq: 0,
             ack: 0,
+            frag: 0,
+            ip_id: 0,
         },
         saddr: b.load(F::INNER_L3 + F::SADDR)?,
         daddr: b.load(F::INNER_L3 + F::DADDR)?,

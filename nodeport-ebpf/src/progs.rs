@@ -29,13 +29,17 @@ use nodeport_common::{Ip6, Stat, CFG_F_DEBUG};
 
 use crate::{
     family::{Family, V4, V6},
+    frag,
     fwd::{tc_forward, tc_route, xdp_forward, xdp_route, Rewrite, TC_NEXT},
     lb::{
         bind, config, icmp_error, known, open, reply, snat, Choice, Decision, IcmpDecision, Known,
     },
     maps::DEVICES,
     nat::{rewrite_icmp, rewrite_tc, rewrite_xdp},
-    packet::{ether, parse, parse_icmp_error, xdp_bounds, Bounds, Ether, Flow, PacketBytes, Skb},
+    packet::{
+        ether, parse, parse_icmp_error, xdp_bounds, Bounds, Ether, Flow, PacketBytes, Skb,
+        FRAG_LATER,
+    },
     reject,
     stats::{count, count_index},
 };
@@ -329,6 +333,10 @@ fn decide<F: Family>(f: &Flow<F::A>, d: &mut Decision<F::A>) -> bool {
 /// The frontend half of the decision into `d`: backend choice, SNAT port, binding.
 #[inline(always)]
 fn open_decide<F: Family>(f: &Flow<F::A>, reselect: bool, d: &mut Decision<F::A>) -> bool {
+    // A later fragment follows its first fragment's flow; it never opens one.
+    if f.frag == FRAG_LATER {
+        return false;
+    }
     // Not zeroed first: LLVM makes that a memset loop, which the verifier refuses without
     // CAP_PERFMON. `open` writes every field when it returns Ok.
     // IPv4 runs the steps inline; IPv6's need frames of their own.
@@ -368,7 +376,12 @@ fn xdp_parse<F: Family>(ctx: &XdpContext, f: &mut MaybeUninit<Flow<F::A>>) -> Re
 
 #[inline(always)]
 fn parse_into<F: Family>(ctx: &XdpContext, f: &mut MaybeUninit<Flow<F::A>>) -> Result<(), Stat> {
-    f.write(parse::<F, false>(&bounds(ctx))?);
+    let mut flow = parse::<F, false>(&bounds(ctx))?;
+    frag::track(&mut flow)?;
+    if flow.frag == FRAG_LATER {
+        count(Stat::FragLater);
+    }
+    f.write(flow);
     Ok(())
 }
 
@@ -594,6 +607,7 @@ fn tc_family<F: Family>(ctx: &TcContext) -> Verdict {
     match tc_parse::<F>(ctx, &mut f) {
         Ok(()) => {}
         Err(Stat::PassOtherProto) => return Verdict::OTHER_PROTO,
+        Err(Stat::PassFragOutOfOrder) => return tc_frag_out_of_order(ctx),
         Err(_) => return Verdict::NONE,
     }
     // SAFETY: tc_parse wrote the flow when it returned Ok.
@@ -605,9 +619,33 @@ fn tc_family<F: Family>(ctx: &TcContext) -> Verdict {
     tc_act::<F>(ctx, f, &d)
 }
 
+/// A later fragment without its first, in TC ingress: counted only where XDP does not
+/// serve the interface (XDP counted it already, or translated it: a translated fragment's
+/// datagram is known under its arriving addresses, not its new ones).
+#[inline(never)]
+fn tc_frag_out_of_order(ctx: &TcContext) -> Verdict {
+    if xdp_served(ctx) {
+        return Verdict::NONE;
+    }
+    Verdict::new(TC_NEXT as u32, Stat::PassFragOutOfOrder)
+}
+
+/// Whether the packet arrived on an interface XDP serves (one in NP_DEV): XDP saw it first.
+#[inline(always)]
+fn xdp_served(ctx: &TcContext) -> bool {
+    // SAFETY: reading the ingress ifindex of the skb context.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    DEVICES.get(ingress).is_some()
+}
+
 #[inline(never)]
 fn tc_parse<F: Family>(ctx: &TcContext, f: &mut MaybeUninit<Flow<F::A>>) -> Result<(), Stat> {
-    f.write(parse::<F, true>(&Skb(ctx))?);
+    let mut flow = parse::<F, true>(&Skb(ctx))?;
+    frag::track(&mut flow)?;
+    if flow.frag == FRAG_LATER && !xdp_served(ctx) {
+        count(Stat::FragLater);
+    }
+    f.write(flow);
     Ok(())
 }
 
@@ -616,9 +654,7 @@ fn tc_parse<F: Family>(ctx: &TcContext, f: &mut MaybeUninit<Flow<F::A>>) -> Resu
 /// here as `xdp_icmp` would. Where XDP runs (the interface is in NP_DEV), it has done so.
 #[inline(never)]
 fn tc_in_icmp<F: Family>(ctx: &TcContext) -> Verdict {
-    // SAFETY: reading the ingress ifindex of the skb context.
-    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    if DEVICES.get(ingress).is_some() {
+    if xdp_served(ctx) {
         return Verdict::NONE;
     }
     let skb = Skb(ctx);
@@ -681,11 +717,19 @@ pub fn np_tc_out(ctx: TcContext) -> i32 {
 
 #[inline(never)]
 fn tc_out<F: Family>(ctx: &TcContext) -> i32 {
-    let f = match parse::<F, true>(&Skb(ctx)) {
+    let mut f = match parse::<F, true>(&Skb(ctx)) {
         Ok(f) => f,
         Err(Stat::PassOtherProto) => return tc_out_icmp::<F>(ctx),
         Err(_) => return TC_NEXT,
     };
+    // The node's own traffic leaves here too: a fragment without its first is not ours
+    // to count.
+    if frag::track(&mut f).is_err() {
+        return TC_NEXT;
+    }
+    if f.frag == FRAG_LATER {
+        count(Stat::FragLater);
+    }
     let Some(Decision::Reply(nat)) = reply::<F>(&f) else {
         return TC_NEXT;
     };

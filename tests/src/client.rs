@@ -348,13 +348,48 @@ pub fn udp_request_here_from(
     timeout: Duration,
     attempts: u32,
 ) -> Result<EchoReply> {
+    let answer = udp_exchange(addr, sport, b"ping\n", timeout, attempts)?;
+    let body = String::from_utf8_lossy(&answer);
+    EchoReply::parse(&body).ok_or_else(|| ClientError::BadResponse {
+        addr,
+        detail: format!("datagram {body:?}"),
+    })
+}
+
+/// One UDP datagram `data` (longer than `echo::UDP_ECHO_ABOVE`) from a fresh connected
+/// socket in namespace `ns`, answered with the reply line and `data` again (up to
+/// [`UDP_ATTEMPTS`] sends): the reply and the echoed bytes.
+pub fn udp_echo(ns: &Netns, addr: SocketAddr, data: &[u8]) -> Result<(EchoReply, Vec<u8>)> {
+    let answer = run_in(ns, || {
+        udp_exchange(addr, 0, data, UDP_TIMEOUT, UDP_ATTEMPTS)
+    })?;
+    let bad = |detail: String| ClientError::BadResponse { addr, detail };
+    let n = answer.len();
+    let line = answer.iter().position(|&b| b == b'\n').map(|i| i + 1);
+    let line = line.ok_or_else(|| bad(format!("{n} bytes without a line")))?;
+    let head = String::from_utf8_lossy(&answer[..line]);
+    let reply = EchoReply::parse(&head).ok_or_else(|| bad(format!("datagram {head:?}")))?;
+    Ok((reply, answer[line..].to_vec()))
+}
+
+/// Send `data` from a fresh socket bound to port `sport` (0: any) and connected to `addr`,
+/// and return the first answer, trying up to `attempts` times. The socket is connected, so
+/// only an answer from `addr` itself counts (a reply that was not reverse-translated is
+/// ignored, like a real client would).
+fn udp_exchange(
+    addr: SocketAddr,
+    sport: u16,
+    data: &[u8],
+    timeout: Duration,
+    attempts: u32,
+) -> Result<Vec<u8>> {
     let sock = UdpSocket::bind(unspecified_like(addr, sport)).map_err(io_err("bind", addr))?;
     sock.connect(addr).map_err(io_err("connect", addr))?;
     sock.set_read_timeout(Some(timeout))
         .map_err(io_err("setsockopt", addr))?;
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65_536];
     for _ in 0..attempts {
-        if let Err(e) = sock.send(b"ping\n") {
+        if let Err(e) = sock.send(data) {
             // A refused earlier attempt (ICMP port unreachable) shows up here: try again.
             if e.kind() != io::ErrorKind::ConnectionRefused {
                 return Err(io_err("send", addr)(e));
@@ -363,13 +398,7 @@ pub fn udp_request_here_from(
             continue;
         }
         match sock.recv(&mut buf) {
-            Ok(n) => {
-                let body = String::from_utf8_lossy(&buf[..n]);
-                return EchoReply::parse(&body).ok_or_else(|| ClientError::BadResponse {
-                    addr,
-                    detail: format!("datagram {body:?}"),
-                });
-            }
+            Ok(n) => return Ok(buf[..n].to_vec()),
             Err(e)
                 if matches!(
                     e.kind(),

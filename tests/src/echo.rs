@@ -8,6 +8,9 @@
 //! IPv6 on one socket (`IPV6_V6ONLY` off, whatever `net.ipv6.bindv6only` says); on a kernel
 //! without IPv6 it falls back to IPv4 only.
 //!
+//! A UDP datagram longer than [`UDP_ECHO_ABOVE`] bytes is answered with the reply line
+//! followed by the datagram itself (large datagrams both ways, fragmented at MTU 1500).
+//!
 //! `POST /echo` sends the request body back as the response body, streamed (up to
 //! [`MAX_ECHO`] bytes, with an `X-From: NAME` header): bulk transfers both ways, checked
 //! byte for byte by the client.
@@ -37,6 +40,10 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: usize = 1024 * 1024;
 /// Largest `POST /echo` body.
 pub const MAX_ECHO: usize = 64 * 1024 * 1024;
+
+/// A UDP datagram longer than this is echoed after the reply line (fragmented requests
+/// and answers: a 4,000-byte datagram gets a 4,000-odd-byte answer).
+pub const UDP_ECHO_ABOVE: usize = 1024;
 
 /// The reply body for a client seen at `peer`.
 pub fn reply_body(name: &str, peer: SocketAddr) -> String {
@@ -187,14 +194,18 @@ fn dual_stack(addr: SocketAddr, ty: libc::c_int) -> Option<io::Result<OwnedFd>> 
 }
 
 fn serve_udp(name: &str, sock: &UdpSocket, verbose: bool) {
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65_536];
     loop {
         match sock.recv_from(&mut buf) {
-            Ok((_, peer)) => {
+            Ok((n, peer)) => {
                 if verbose {
-                    eprintln!("udp from {peer}");
+                    eprintln!("udp from {peer} ({n} bytes)");
                 }
-                if let Err(e) = sock.send_to(reply_body(name, peer).as_bytes(), peer) {
+                let mut answer = reply_body(name, peer).into_bytes();
+                if n > UDP_ECHO_ABOVE {
+                    answer.extend_from_slice(&buf[..n]);
+                }
+                if let Err(e) = sock.send_to(&answer, peer) {
                     eprintln!("udp reply to {peer}: {e}");
                 }
             }

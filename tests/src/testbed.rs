@@ -537,6 +537,22 @@ impl Testbed {
         });
     }
 
+    /// Whether `node`'s datapath has the nodePort frontend of protocol `proto` (the first
+    /// port's nodePort) with the `externalTrafficPolicy: Local` flag set as `local`.
+    pub fn nodeport_policy_is(&self, node: &str, proto: u8, local: bool) -> bool {
+        let agent = self.agents().iter().find(|a| a.node == node).unwrap();
+        let Ok(maps) = nodeport_agent::datapath::MapReader::open(agent.pin_path()) else {
+            return false;
+        };
+        let port = self.nodeport_addr(node).port().to_be();
+        maps.services().unwrap_or_default().iter().any(|(k, v)| {
+            k.addr == 0
+                && k.port == port
+                && k.proto == proto
+                && (v.flags & nodeport_common::SVC_F_LOCAL != 0) == local
+        })
+    }
+
     /// `node's address:30080` (the first port's nodePort), IPv4.
     pub fn nodeport_addr(&self, node: &str) -> SocketAddr {
         self.nodeport_addr_in(node, IpFamily::V4)

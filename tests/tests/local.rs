@@ -63,22 +63,6 @@ fn local_policy_keeps_the_client_address_and_stays_on_the_node() {
     assert!(client::http_get(tb.cluster().client(), tb.nodeport_addr("node1")).is_ok());
 }
 
-/// Whether node1's datapath has `sample-nodeport`'s TCP nodePort frontend with the Local
-/// flag set as `local`.
-fn node1_policy_is(tb: &Testbed, local: bool) -> bool {
-    let agent = tb.agents().iter().find(|a| a.node == "node1").unwrap();
-    let Ok(maps) = nodeport_agent::datapath::MapReader::open(agent.pin_path()) else {
-        return false;
-    };
-    let port = tb.nodeport_addr("node1").port().to_be();
-    maps.services().unwrap_or_default().iter().any(|(k, v)| {
-        k.addr == 0
-            && k.port == port
-            && k.proto == nodeport_common::PROTO_TCP
-            && (v.flags & nodeport_common::SVC_F_LOCAL != 0) == local
-    })
-}
-
 #[test]
 fn switching_between_cluster_and_local_keeps_established_connections() {
     if !require_root() {
@@ -115,7 +99,7 @@ fn switching_between_cluster_and_local_keeps_established_connections() {
         tb.update_manifests(|m| m.service.external_traffic_policy = Some(p.into()));
         let local = p == "Local";
         let done = poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
-            node1_policy_is(tb, local)
+            tb.nodeport_policy_is("node1", nodeport_common::PROTO_TCP, local)
         });
         assert!(done, "policy {p} never programmed\n{}", tb.agent_logs());
     };

@@ -482,6 +482,248 @@ fn udp_checksums() {
     );
 }
 
+/// A UDP datagram with `len` payload bytes from `src` to `dst` (checksum over the whole
+/// datagram), cut as a sender on an MTU 1500 link cuts it: IPv4 fragments of at most 1,480
+/// payload bytes, IP id `id`, MF on all but the last, each with its own header checksum.
+fn udp_fragments(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    (src, sp): Addr,
+    (dst, dp): Addr,
+    ttl: u8,
+    id: u16,
+    len: usize,
+) -> Vec<Vec<u8>> {
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut whole = Vec::new();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src, dst, ttl)
+        .udp(sp, dp)
+        .write(&mut whole, &payload)
+        .unwrap();
+    let l4 = &whole[14 + 20..];
+    l4.chunks(1480)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut f = whole[..14 + 20].to_vec();
+            f.extend_from_slice(chunk);
+            f[16..18].copy_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+            f[18..20].copy_from_slice(&id.to_be_bytes());
+            let more = if (i + 1) * 1480 < l4.len() { 0x2000 } else { 0 };
+            f[20..22].copy_from_slice(&(more | (i * 1480 / 8) as u16).to_be_bytes());
+            fix_ip_csum(&mut f);
+            f
+        })
+        .collect()
+}
+
+/// IPv4 fragments of UDP, requests and replies, through a remote backend (SNAT, XDP both
+/// ways), a local backend (XDP DNAT, TC egress reply) and TC ingress alone: every fragment
+/// of a datagram takes the translation of its first (the first's UDP checksum covers the
+/// whole datagram; later fragments get the IP header rewrite alone, checked here against
+/// the translated datagram cut the same way), and a later fragment whose first was not
+/// seen passes untouched and is counted.
+#[test]
+fn udp_fragments_take_their_first_fragments_translation() {
+    let Some(mut env) = setup() else { return };
+    let frags = |smac, dmac, src, dst, ttl, id| udp_fragments(smac, dmac, src, dst, ttl, id, 4000);
+
+    // Cluster: client -> node1:30080 -> node2's pod, SNAT to node1:61000, out with XDP_TX.
+    let req = frags(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 5360),
+        (NODE1, 30080),
+        64,
+        0x1111,
+    );
+    let want = frags(
+        NODE1_MAC,
+        NODE2_MAC,
+        (NODE1, SNAT_PORT),
+        (POD_REMOTE, 80),
+        63,
+        0x1111,
+    );
+    assert_eq!(req.len(), 3, "4,000 bytes at MTU 1500 make three fragments");
+    for (i, (input, out)) in req.into_iter().zip(want).enumerate() {
+        let later = env.stat("event_frag_later");
+        case!(
+            env,
+            &format!("remote request fragment {i}"),
+            "xdp",
+            input,
+            XDP_TX,
+            out,
+            "tx"
+        );
+        assert_eq!(
+            env.stat("event_frag_later"),
+            later + (i > 0) as u64,
+            "fragment {i}"
+        );
+    }
+    // The backend's 4,000-byte answer, fragmented by its node: back to the client from
+    // node1:30080.
+    let rep = frags(
+        NODE2_MAC,
+        NODE1_MAC,
+        (POD_REMOTE, 80),
+        (NODE1, SNAT_PORT),
+        63,
+        0x2222,
+    );
+    let want = frags(
+        NODE1_MAC,
+        CLIENT_MAC,
+        (NODE1, 30080),
+        (CLIENT, 5360),
+        62,
+        0x2222,
+    );
+    for (i, (input, out)) in rep.into_iter().zip(want).enumerate() {
+        case!(
+            env,
+            &format!("remote reply fragment {i}"),
+            "xdp",
+            input,
+            XDP_TX,
+            out,
+            "event_reply"
+        );
+    }
+
+    // Local: DNAT to the pod, client kept, handed to the stack.
+    let req = frags(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 5361),
+        (NODE1, 30081),
+        64,
+        0x3333,
+    );
+    let want = frags(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 5361),
+        (POD_LOCAL, 80),
+        64,
+        0x3333,
+    );
+    for (i, (input, out)) in req.into_iter().zip(want).enumerate() {
+        case!(
+            env,
+            &format!("local request fragment {i}"),
+            "xdp",
+            input,
+            XDP_PASS,
+            out,
+            "local_deliver"
+        );
+    }
+    // The pod's answer leaves through the stack, fragmented: TC egress restores the
+    // frontend on every fragment.
+    let rep = frags(
+        NODE1_MAC,
+        CLIENT_MAC,
+        (POD_LOCAL, 80),
+        (CLIENT, 5361),
+        63,
+        0x4444,
+    );
+    let want = frags(
+        NODE1_MAC,
+        CLIENT_MAC,
+        (NODE1, 30081),
+        (CLIENT, 5361),
+        63,
+        0x4444,
+    );
+    for (i, (input, out)) in rep.into_iter().zip(want).enumerate() {
+        case!(
+            env,
+            &format!("local reply fragment {i}"),
+            m::PROG_TC_EGRESS,
+            input,
+            TC_NEXT,
+            out,
+            "tc_nat"
+        );
+    }
+
+    // An interface served by TC alone: the same translation in TC ingress.
+    let req = frags(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 5362),
+        (NODE1, 30081),
+        64,
+        0x5555,
+    );
+    let want = frags(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 5362),
+        (POD_LOCAL, 80),
+        64,
+        0x5555,
+    );
+    for (i, (input, out)) in req.into_iter().zip(want).enumerate() {
+        case!(
+            env,
+            &format!("tc ingress request fragment {i}"),
+            m::PROG_TC_INGRESS,
+            input,
+            TC_NEXT,
+            out,
+            "tc_nat"
+        );
+    }
+
+    // Out of order: a later fragment before its first passes untouched, counted, in XDP
+    // and in TC ingress; its first fragment then opens the flow as usual.
+    let late = frags(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 5363),
+        (NODE1, 30081),
+        64,
+        0x6666,
+    );
+    for prog in ["xdp", m::PROG_TC_INGRESS] {
+        let verdict = if prog == "xdp" { XDP_PASS } else { TC_NEXT };
+        case!(
+            env,
+            &format!("{prog}: fragment before its first"),
+            prog,
+            late[1].clone(),
+            verdict,
+            late[1].clone(),
+            "pass_frag_out_of_order"
+        );
+    }
+    // Fragments of other protocols still pass untouched.
+    let mut tcp_first = tcp(
+        CLIENT_MAC,
+        NODE1_MAC,
+        (CLIENT, 40100),
+        (NODE1, 30081),
+        64,
+        true,
+    );
+    tcp_first[20] = 0x20;
+    fix_ip_csum(&mut tcp_first);
+    case!(
+        env,
+        "tcp first fragment",
+        "xdp",
+        tcp_first.clone(),
+        XDP_PASS,
+        tcp_first,
+        "pass_fragment"
+    );
+}
+
 /// An ICMP destination-unreachable from `src` to `dst` quoting `quoted` (a whole frame
 /// whose Ethernet header is dropped), `mtu` set for fragmentation-needed, else port
 /// unreachable.
@@ -1087,11 +1329,11 @@ fn malformed_and_unusual_shapes() {
     let mut mf = syn.clone();
     mf[20] = 0x20; // more fragments
     fix_ip_csum(&mut mf);
-    shapes.push(("first fragment", mf, "pass_fragment"));
+    shapes.push(("first fragment of tcp", mf, "pass_fragment"));
     let mut off = syn.clone();
     off[20..22].copy_from_slice(&185u16.to_be_bytes()); // offset 1480
     fix_ip_csum(&mut off);
-    shapes.push(("later fragment", off, "pass_fragment"));
+    shapes.push(("later fragment of tcp", off, "pass_fragment"));
     shapes.push(("802.1Q tagged", vlan_tag(&syn), "pass_not_ip"));
 
     for (name, input, stat) in shapes {
@@ -1309,6 +1551,23 @@ fn ipv6_remote_backend_reply_and_icmpv6_errors() {
         hbh.clone(),
         XDP_PASS,
         hbh,
+        "pass_ipv6_ext"
+    );
+    // IPv6 fragments are not translated (docs/architecture.md, Fragments): a first
+    // fragment (fragment header, offset 0, M set) passes untouched like any extension
+    // header.
+    let mut frag = from_client.clone();
+    frag[14 + 6] = 44; // next header: fragment
+    let payload_len = u16::from_be_bytes([frag[14 + 4], frag[14 + 5]]) + 8;
+    frag[14 + 4..14 + 6].copy_from_slice(&payload_len.to_be_bytes());
+    frag.splice(54..54, [17, 0, 0, 1, 0, 0, 0x12, 0x34]);
+    case!(
+        env,
+        "ipv6 first fragment",
+        "xdp",
+        frag.clone(),
+        XDP_PASS,
+        frag,
         "pass_ipv6_ext"
     );
 }

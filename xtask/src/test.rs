@@ -116,7 +116,7 @@ fn all_steps() -> Vec<Step<'static>> {
 /// agent's `auto` mode serves the uplinks with TC alone (tests/src/cluster.rs, `LanKind`).
 const DEFAULT_VETH_SUITE: &[&str] = &[
     "e2e", "bulk", "drain", "hook", "local", "lb", "affinity", "ipv6", "icmp", "health", "restart",
-    "addrs", "observe", "reject", "flood", "pmtu",
+    "addrs", "observe", "reject", "flood", "pmtu", "frags",
 ];
 
 fn warn_not_root() {
