@@ -94,10 +94,12 @@ fn dual_stack_cluster_plumbing() {
         for pod in c.pods() {
             let addr = pod.echo_addr_in(V6);
             // The address the pod sees: a local bridged pod is reached from cni0's address
-            // (same prefix), every other from the node's lan address.
+            // (same prefix), a local routed one from the lan address, another node's from
+            // what the pod network prefers (the lan address, or flannel.1's).
             let want: IpAddr = match (pod.node == node.name, node.shape) {
                 (true, PodShape::Bridged) => node.bridge_gateway6().into(),
-                _ => node.ip6.into(),
+                (true, PodShape::Routed) => node.ip6.into(),
+                (false, _) => c.remote_pod_source(&node.name, V6),
             };
             let r = client::http_get(node.ns(), addr)
                 .unwrap_or_else(|e| panic!("{} -> {} over TCP/IPv6: {e}", node.name, pod.name));
