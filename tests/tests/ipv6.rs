@@ -14,7 +14,7 @@ use std::{
 
 use tests::{
     client::{self, EchoReply},
-    cluster::{IpFamily, PodShape},
+    cluster::{IpFamily, PodNet, PodShape},
     manifests::{LoadBalancer, Protocol, Service, ServicePort},
     netns::{require_root, Netns},
     testbed::{
@@ -98,6 +98,11 @@ fn dual_stack_cluster_plumbing() {
             // what the pod network prefers (the lan address, or flannel.1's).
             let want: IpAddr = match (pod.node == node.name, node.shape) {
                 (true, PodShape::Bridged) => node.bridge_gateway6().into(),
+                // Under VXLAN flannel.1's fd00:19:1:: shares the longest prefix with the
+                // pod (RFC 6724, rule 8), so the node's own traffic takes it as source.
+                (true, PodShape::Routed) if c.spec().podnet == PodNet::Vxlan => {
+                    node.tunnel_addr(V6)
+                }
                 (true, PodShape::Routed) => node.ip6.into(),
                 (false, _) => c.remote_pod_source(&node.name, V6),
             };
