@@ -952,7 +952,7 @@ impl Datapath {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(stem) = name.strip_suffix(tc_legacy::FILTER_MARKER) {
                 let iface = iface_of_pin(stem);
-                if !keep.iter().any(|k| *k == iface) {
+                if !keep.contains(&iface) {
                     tc_legacy::remove_stale(&iface, &dir)?;
                     removed.push(name);
                 }
@@ -967,7 +967,7 @@ impl Datapath {
                     .find_map(|suffix| name.strip_suffix(suffix))
                     .unwrap_or(name.as_str()),
             );
-            if !keep.iter().any(|k| *k == iface) {
+            if !keep.contains(&iface) {
                 fs::remove_file(entry.path()).map_err(|e| kerr(entry.path().display(), e))?;
                 removed.push(name);
             }
