@@ -346,6 +346,48 @@ pub fn driver_of(iface: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
+/// The stem of `iface`'s pin names (`<stem>-xdp`, ...): bpffs refuses names with a dot
+/// (kernel/bpf/inode.c, bpf_lookup), which tunnel devices have (`flannel.1`), so a dot
+/// becomes `%`.
+pub fn pin_stem(iface: &str) -> String {
+    iface.replace('.', "%")
+}
+
+/// The interface whose pin names have stem `stem` ([`pin_stem`] undone).
+pub fn iface_of_pin(stem: &str) -> String {
+    stem.replace('%', ".")
+}
+
+/// The pod network tunnel devices of this network namespace whose names match `patterns`
+/// (see [`crate::links::is_tunnel_driver`]), in index order. `drivers` remembers each
+/// (name, index) seen, so that an ethtool query runs once per new interface, not once per
+/// pod veth per call.
+pub fn find_tunnels(
+    patterns: &crate::node_addrs::InterfacePatterns,
+    drivers: &mut std::collections::HashMap<(String, u32), bool>,
+) -> Vec<String> {
+    if patterns.is_empty() {
+        return Vec::new();
+    }
+    let Ok(list) = nix::net::if_::if_nameindex() else {
+        return Vec::new();
+    };
+    let now: Vec<(String, u32)> = list
+        .iter()
+        .map(|i| (i.name().to_string_lossy().into_owned(), i.index()))
+        .filter(|(n, _)| patterns.matches(n))
+        .collect();
+    drivers.retain(|k, _| now.contains(k));
+    now.into_iter()
+        .filter(|k| {
+            *drivers
+                .entry(k.clone())
+                .or_insert_with(|| crate::links::is_tunnel_driver(driver_of(&k.0).as_deref()))
+        })
+        .map(|(n, _)| n)
+        .collect()
+}
+
 /// The shared-memory view of NP_MAGLEV (BPF_F_MMAPABLE array of `MaglevEntry`, two
 /// 4-byte slots per 8-byte element, so the mapping is one flat run of u32 slots).
 struct MaglevMmap {
@@ -703,7 +745,8 @@ impl Datapath {
         if let Some(dir) = &link_dir {
             fs::create_dir_all(dir).map_err(|e| kerr(dir.display(), e))?;
         }
-        let pin = |kind: &str| link_dir.as_ref().map(|d| d.join(format!("{iface}-{kind}")));
+        let stem = pin_stem(iface);
+        let pin = |kind: &str| link_dir.as_ref().map(|d| d.join(format!("{stem}-{kind}")));
         let (xdp_pin, in_pin, out_pin) = (pin("xdp"), pin("tc-in"), pin("tc-out"));
         // An earlier run's links that no longer hold this interface (deleted and recreated,
         // or its driver reloaded, while no agent ran) cannot be updated: remove their pins
@@ -916,9 +959,10 @@ impl Datapath {
             .flatten()
         {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(iface) = name.strip_suffix(tc_legacy::FILTER_MARKER) {
-                if !keep.iter().any(|k| k == iface) {
-                    tc_legacy::remove_stale(iface, &dir)?;
+            if let Some(stem) = name.strip_suffix(tc_legacy::FILTER_MARKER) {
+                let iface = iface_of_pin(stem);
+                if !keep.contains(&iface) {
+                    tc_legacy::remove_stale(&iface, &dir)?;
                     removed.push(name);
                 }
                 continue;
@@ -926,11 +970,13 @@ impl Datapath {
             if name.ends_with(tc_legacy::QDISC_MARKER) {
                 continue; // handled with its interface's filters
             }
-            let iface = ["-xdp", "-tc-in", "-tc-out"]
-                .iter()
-                .find_map(|suffix| name.strip_suffix(suffix))
-                .unwrap_or(name.as_str());
-            if !keep.iter().any(|k| k == iface) {
+            let iface = iface_of_pin(
+                ["-xdp", "-tc-in", "-tc-out"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(name.as_str()),
+            );
+            if !keep.contains(&iface) {
                 fs::remove_file(entry.path()).map_err(|e| kerr(entry.path().display(), e))?;
                 removed.push(name);
             }

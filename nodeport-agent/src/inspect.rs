@@ -305,7 +305,7 @@ pub fn interfaces(link_names: &[String]) -> Vec<InterfaceView> {
     by_if
         .into_iter()
         .map(|(i, (xdp, legacy))| InterfaceView {
-            interface: i.to_string(),
+            interface: crate::datapath::iface_of_pin(i),
             path: if xdp { "xdp+tc" } else { "tc" },
             tc: if legacy { "cls_bpf" } else { "tcx" },
         })

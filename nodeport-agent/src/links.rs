@@ -1,9 +1,14 @@
 //! Interfaces come and go: which configured interfaces have the datapath attached, what to
 //! do when one vanishes or comes back under another index (deleted and recreated, driver
-//! reloaded), and which address of theirs is the SNAT source. The decisions live here and
-//! are unit tested; the kernel side is [`LinkOps`], implemented by the datapath.
+//! reloaded), and which address of theirs is the SNAT source. The pod network's tunnel
+//! devices (flannel.1, ...) are tracked beside them: found by their driver, attached (TC
+//! only) when they appear, forgotten when they go, never a condition of readiness. The
+//! decisions live here and are unit tested; the kernel side is [`LinkOps`], implemented by
+//! the datapath.
 
 use std::net::IpAddr;
+
+use nodeport_common::Ip6;
 
 use crate::{
     datapath::{ifindex_of, Attached, Datapath, XdpAttachMode},
@@ -15,8 +20,8 @@ use crate::{
 pub trait LinkOps {
     /// The index of `iface` now; `None` when there is no such interface.
     fn ifindex(&self, iface: &str) -> Option<u32>;
-    /// Attach the programs to `iface`.
-    fn attach(&mut self, iface: &str) -> Result<Attached>;
+    /// Attach the programs to `iface` (a tunnel device: TC alone).
+    fn attach(&mut self, iface: &str, tunnel: bool) -> Result<Attached>;
     /// Detach whatever is left of the programs on `iface`, with its pins.
     fn detach(&mut self, iface: &str);
 }
@@ -31,8 +36,11 @@ impl LinkOps for DatapathLinks<'_> {
     fn ifindex(&self, iface: &str) -> Option<u32> {
         ifindex_of(iface)
     }
-    fn attach(&mut self, iface: &str) -> Result<Attached> {
-        self.dp.attach(iface, self.mode)
+    fn attach(&mut self, iface: &str, tunnel: bool) -> Result<Attached> {
+        // A tunnel device has no native XDP (and XDP could not redirect into it: no
+        // ndo_xdp_xmit); its decapsulated packets meet TC ingress.
+        let mode = if tunnel { XdpAttachMode::Tc } else { self.mode };
+        self.dp.attach(iface, mode)
     }
     fn detach(&mut self, iface: &str) {
         self.dp.detach(iface);
@@ -42,13 +50,23 @@ impl LinkOps for DatapathLinks<'_> {
 /// A transition of one configured interface, reported once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// The interface is gone; what was left of the attachment was removed.
-    Vanished { iface: String, ifindex: u32 },
+    /// The interface is gone; what was left of the attachment was removed. A tunnel is
+    /// then forgotten (found again if it comes back).
+    Vanished {
+        iface: String,
+        ifindex: u32,
+        tunnel: bool,
+    },
     /// The interface exists under a new index (recreated, driver reloaded); the old
     /// attachment was removed.
     Recreated { iface: String, old: u32, new: u32 },
-    /// Attached again after [`Event::Vanished`] or [`Event::Recreated`].
-    Attached { iface: String, how: Attached },
+    /// Attached again after [`Event::Vanished`] or [`Event::Recreated`], or a tunnel
+    /// device attached for the first time.
+    Attached {
+        iface: String,
+        how: Attached,
+        tunnel: bool,
+    },
     /// Attaching failed; reported again only when the error changes. Retried every poll.
     AttachFailed { iface: String, error: String },
 }
@@ -59,6 +77,17 @@ struct IfState {
     attached: Option<u32>,
     /// The last attach error reported.
     failing: Option<String>,
+    /// A tunnel device found by [`Links::add_tunnels`], not a configured interface.
+    tunnel: bool,
+}
+
+/// Drivers (as ethtool names them) of the tunnel devices that overlay pod networks use:
+/// flannel's `flannel.1`, Calico's `vxlan.calico`, Antrea's `antrea-gw0` peers, ...
+pub const TUNNEL_DRIVERS: &[&str] = &["vxlan", "geneve"];
+
+/// Whether a device with `driver` is a pod network tunnel ([`TUNNEL_DRIVERS`]).
+pub fn is_tunnel_driver(driver: Option<&str>) -> bool {
+    driver.is_some_and(|d| TUNNEL_DRIVERS.contains(&d))
 }
 
 /// The configured interfaces and their attachment state.
@@ -86,18 +115,55 @@ impl Links {
         }
     }
 
-    /// Every configured interface has the programs attached.
+    /// Every configured interface has the programs attached (tunnels do not count).
     pub fn all_attached(&self) -> bool {
-        self.ifaces.iter().all(|(_, st)| st.attached.is_some())
+        self.ifaces
+            .iter()
+            .all(|(_, st)| st.tunnel || st.attached.is_some())
     }
 
     /// The configured interfaces without the programs.
     pub fn unattached(&self) -> Vec<&str> {
         self.ifaces
             .iter()
-            .filter(|(_, st)| st.attached.is_none())
+            .filter(|(_, st)| !st.tunnel && st.attached.is_none())
             .map(|(n, _)| n.as_str())
             .collect()
+    }
+
+    /// Tracks the tunnel devices in `found` that are neither tracked nor configured
+    /// interfaces: the next [`Links::poll`] attaches them.
+    pub fn add_tunnels(&mut self, found: &[String]) {
+        for t in found {
+            if !self.ifaces.iter().any(|(n, _)| n == t) {
+                self.ifaces.push((
+                    t.clone(),
+                    IfState {
+                        tunnel: true,
+                        ..IfState::default()
+                    },
+                ));
+            }
+        }
+    }
+
+    /// The tunnel source of each family for NP_CONFIG (`tun_*`): the first attached
+    /// tunnel (in the order found) with a usable address of that family, as (ifindex,
+    /// address), (0, zero) when none has. `addrs` are (interface, address) pairs as the
+    /// kernel lists them.
+    pub fn tunnel_sources(&self, addrs: &[(String, IpAddr)]) -> ((u32, u32), (u32, Ip6)) {
+        fn first<A: RawAddr>(links: &Links, addrs: &[(String, IpAddr)]) -> (u32, A) {
+            links
+                .ifaces
+                .iter()
+                .filter(|(_, st)| st.tunnel)
+                .find_map(|(n, st)| {
+                    let a: A = snat_source(std::slice::from_ref(n), addrs);
+                    (!a.is_zero()).then_some((st.attached?, a))
+                })
+                .unwrap_or_default()
+        }
+        (first(self, addrs), first(self, addrs))
     }
 
     /// Compares every configured interface's index with the one it was attached at:
@@ -115,6 +181,7 @@ impl Links {
                     events.push(Event::Vanished {
                         iface: iface.clone(),
                         ifindex: old,
+                        tunnel: st.tunnel,
                     });
                     continue;
                 }
@@ -130,13 +197,14 @@ impl Links {
                 (None, None) => continue,
                 (None, Some(_)) => {}
             }
-            match ops.attach(iface) {
+            match ops.attach(iface, st.tunnel) {
                 Ok(how) => {
                     st.attached = Some(how.ifindex);
                     st.failing = None;
                     events.push(Event::Attached {
                         iface: iface.clone(),
                         how,
+                        tunnel: st.tunnel,
                     });
                 }
                 Err(e) => {
@@ -153,6 +221,9 @@ impl Links {
                 }
             }
         }
+        // A tunnel that went is forgotten; discovery finds it again if it comes back.
+        self.ifaces
+            .retain(|(_, st)| !st.tunnel || st.attached.is_some() || st.failing.is_some());
         events
     }
 }
@@ -197,7 +268,7 @@ mod tests {
         fn ifindex(&self, iface: &str) -> Option<u32> {
             self.ifaces.get(iface).copied()
         }
-        fn attach(&mut self, iface: &str) -> Result<Attached> {
+        fn attach(&mut self, iface: &str, _tunnel: bool) -> Result<Attached> {
             if let Some(e) = &self.refuse {
                 return Err(Error::Kernel(e.clone()));
             }
@@ -228,9 +299,9 @@ mod tests {
         events
             .iter()
             .map(|e| match e {
-                Event::Vanished { iface, ifindex } => format!("vanished {iface} {ifindex}"),
+                Event::Vanished { iface, ifindex, .. } => format!("vanished {iface} {ifindex}"),
                 Event::Recreated { iface, old, new } => format!("recreated {iface} {old}->{new}"),
-                Event::Attached { iface, how } => format!("attached {iface} {}", how.ifindex),
+                Event::Attached { iface, how, .. } => format!("attached {iface} {}", how.ifindex),
                 Event::AttachFailed { iface, .. } => format!("failed {iface}"),
             })
             .collect()
@@ -240,7 +311,7 @@ mod tests {
         k.ifaces = BTreeMap::from([("eth0".into(), 2), ("eth1".into(), 3)]);
         let mut links = Links::new(&names(&["eth0", "eth1"]));
         for i in ["eth0", "eth1"] {
-            let how = k.attach(i).unwrap();
+            let how = k.attach(i, false).unwrap();
             links.set_attached(i, how.ifindex);
         }
         links
@@ -302,6 +373,47 @@ mod tests {
         k.refuse = None;
         assert_eq!(kinds(&links.poll(&mut k)), ["attached eth0 12"]);
         assert!(links.all_attached());
+    }
+
+    #[test]
+    fn tunnels_attach_when_found_leave_readiness_alone_and_are_forgotten_when_gone() {
+        let mut k = Kernel::default();
+        let mut links = started(&mut k);
+        assert!(is_tunnel_driver(Some("vxlan")) && is_tunnel_driver(Some("geneve")));
+        assert!(!is_tunnel_driver(Some("veth")) && !is_tunnel_driver(None));
+        let a = |n: &str, ip: &str| (n.to_string(), ip.parse::<IpAddr>().unwrap());
+        let addrs = vec![
+            a("eth0", "198.18.0.11"),
+            a("flannel.1", "198.19.1.0"),
+            a("flannel.1", "fd00:19:1::"),
+        ];
+        // Not attached yet: no tunnel source.
+        links.add_tunnels(&names(&["flannel.1"]));
+        assert_eq!(links.tunnel_sources(&addrs), ((0, 0), (0, [0; 4])));
+        k.ifaces.insert("flannel.1".into(), 7);
+        assert_eq!(kinds(&links.poll(&mut k)), ["attached flannel.1 7"]);
+        assert_eq!(k.attached["flannel.1"], 7);
+        // Found again: tracked once.
+        links.add_tunnels(&names(&["flannel.1", "eth0"]));
+        assert!(links.poll(&mut k).is_empty());
+        assert_eq!(
+            links.tunnel_sources(&addrs),
+            (
+                (7, addr_raw(Ipv4Addr::new(198, 19, 1, 0))),
+                (7, addr6_raw("fd00:19:1::".parse().unwrap()))
+            )
+        );
+        // Gone: detached and forgotten, readiness untouched.
+        k.ifaces.remove("flannel.1");
+        assert_eq!(kinds(&links.poll(&mut k)), ["vanished flannel.1 7"]);
+        assert!(links.all_attached());
+        assert!(links.unattached().is_empty());
+        assert!(!k.attached.contains_key("flannel.1"));
+        assert_eq!(links.tunnel_sources(&addrs), ((0, 0), (0, [0; 4])));
+        // Back under a new index: found and attached anew.
+        k.ifaces.insert("flannel.1".into(), 8);
+        links.add_tunnels(&names(&["flannel.1"]));
+        assert_eq!(kinds(&links.poll(&mut k)), ["attached flannel.1 8"]);
     }
 
     #[test]

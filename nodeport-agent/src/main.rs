@@ -2,6 +2,7 @@
 //! maps equal to the desired state computed from Services, EndpointSlices and Nodes.
 
 use std::{
+    collections::HashMap,
     net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
@@ -13,12 +14,12 @@ use std::sync::Arc;
 
 use nodeport_agent::{
     datapath::{
-        monotonic_coarse_ns, Datapath, EbpfLog, MapReader, MapSizes, TcAttach, Variant,
-        XdpAttachMode,
+        find_tunnels, monotonic_coarse_ns, Datapath, EbpfLog, MapReader, MapSizes, TcAttach,
+        Variant, XdpAttachMode,
     },
     family::RawAddr,
     gc, hcnp, health,
-    ifaddrs::{interface_addrs, snat_sources},
+    ifaddrs::{interface_addrs, named_interface_addrs, snat_sources},
     inspect,
     kube_source::{self, KubeStats, WatchOptions},
     links::{DatapathLinks, Event as LinkEvent, Links},
@@ -31,7 +32,7 @@ use nodeport_agent::{
     serve::{self, Health, Shared},
     sync::Reconciler,
 };
-use nodeport_common::{ct::Timeouts, maps as m, Config, CFG_F_DEBUG};
+use nodeport_common::{ct::Timeouts, maps as m, Config, Ip6, CFG_F_DEBUG};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -200,6 +201,13 @@ struct Args {
     /// devices.
     #[arg(long, value_name = "PATTERNS", default_value = node_addrs::DEFAULT_EXCLUDE_INTERFACES)]
     exclude_interfaces: InterfacePatterns,
+    /// Pod network tunnel devices to serve besides the `--interface`s: those of these
+    /// comma-separated glob patterns whose driver is vxlan or geneve (flannel's
+    /// flannel.1, Calico's vxlan.calico). Each is attached (TC only) when it appears and
+    /// detached when it goes, and a remote backend reached through it is SNATed to its
+    /// address, so that replies come back through the tunnel. Empty string: none.
+    #[arg(long, value_name = "PATTERNS", default_value = "*")]
+    tunnel_interfaces: InterfacePatterns,
     /// Room for this many node addresses per family (the size of NP_NODEADDR and of
     /// NP_NODEADDR6). When more qualify, the Node object's and the uplinks' are kept and
     /// the others are logged by address.
@@ -339,7 +347,12 @@ fn poll_links(
     let events = links.poll(&mut DatapathLinks { dp, mode });
     for e in &events {
         match e {
-            LinkEvent::Vanished { iface, ifindex } => warn!(
+            LinkEvent::Vanished {
+                iface,
+                ifindex,
+                tunnel: true,
+            } => info!(interface = %iface, ifindex, "tunnel device gone: detached"),
+            LinkEvent::Vanished { iface, ifindex, .. } => warn!(
                 interface = %iface,
                 ifindex,
                 "interface gone: detached; not ready until it is back"
@@ -350,13 +363,17 @@ fn poll_links(
                 ifindex = new,
                 "interface recreated (new index): re-attaching"
             ),
-            LinkEvent::Attached { iface, how } => info!(
+            LinkEvent::Attached { iface, how, tunnel } => info!(
                 interface = %iface,
                 ifindex = how.ifindex,
                 path = ?how.path,
-                why = how.why,
                 tc = %how.tc,
-                "re-attached"
+                "{}",
+                if *tunnel {
+                    "tunnel device attached"
+                } else {
+                    "re-attached"
+                }
             ),
             LinkEvent::AttachFailed { iface, error } => error!(
                 interface = %iface,
@@ -373,6 +390,18 @@ fn poll_links(
         health.set_unattached();
     }
     metrics.set_ready(health.ready());
+}
+
+/// The SNAT sources of a configuration: for interfaces' addresses and tunnels.
+fn sources(c: &Config) -> (u32, Ip6, u32, u32, u32, Ip6) {
+    (
+        c.snat_addr,
+        c.snat_addr6,
+        c.tun_ifindex,
+        c.tun_addr,
+        c.tun_ifindex6,
+        c.tun_addr6,
+    )
 }
 
 /// Forward the datapath's aya-log records to the log facade.
@@ -497,6 +526,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tcp_closing_timeout_s: args.conntrack_tcp_closing_timeout,
         udp_timeout_s: args.conntrack_udp_timeout,
         udp_unreplied_timeout_s: args.conntrack_udp_unreplied_timeout,
+        ..Config::default()
     };
     dp.set_config(&config)?;
     gc::spawn(
@@ -531,7 +561,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
         links.set_attached(iface, how.ifindex);
     }
-    for stale in dp.prune_links(&args.interfaces)? {
+    // Tunnel devices are attached at the first link check below; their links pinned by an
+    // earlier run are kept for it to take over.
+    let mut tunnel_drivers = HashMap::new();
+    let mut keep = args.interfaces.clone();
+    keep.extend(find_tunnels(&args.tunnel_interfaces, &mut tunnel_drivers));
+    for stale in dp.prune_links(&keep)? {
         info!(link = %stale, "removed pinned link of an interface no longer configured");
     }
     health.set_attached();
@@ -632,11 +667,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 have_objects = true;
             }
             _ = link_tick.tick() => {
+                links.add_tunnels(&find_tunnels(&args.tunnel_interfaces, &mut tunnel_drivers));
                 poll_links(&mut links, &mut dp, args.xdp_mode, &health, &metrics);
                 let snat = snat_sources(&args.interfaces, &args.exclude_interfaces);
-                if snat != (config.snat_addr, config.snat_addr6) {
-                    let mut next = config;
-                    (next.snat_addr, next.snat_addr6) = snat;
+                let ((tun, tun_addr), (tun6, tun_addr6)) =
+                    links.tunnel_sources(&named_interface_addrs());
+                let mut next = config;
+                (next.snat_addr, next.snat_addr6) = snat;
+                (next.tun_ifindex, next.tun_addr) = (tun, tun_addr);
+                (next.tun_ifindex6, next.tun_addr6) = (tun6, tun_addr6);
+                if sources(&next) != sources(&config) {
                     // On failure `config` keeps the old sources, so this is retried.
                     match dp.set_config(&next) {
                         Ok(()) => {
@@ -644,10 +684,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             info!(
                                 snat_addr = %snat.0.to_ip(),
                                 snat_addr6 = %snat.1.to_ip(),
-                                "SNAT source changed with the interfaces' addresses"
+                                tunnel_ifindex = tun,
+                                tunnel_addr = %tun_addr.to_ip(),
+                                tunnel_ifindex6 = tun6,
+                                tunnel_addr6 = %tun_addr6.to_ip(),
+                                "SNAT sources changed with the interfaces and their addresses"
                             );
                         }
-                        Err(e) => error!("updating the SNAT source: {e}"),
+                        Err(e) => error!("updating the SNAT sources: {e}"),
                     }
                 }
                 continue;

@@ -61,8 +61,18 @@ impl LegacyTc {
     /// Adds the clsact qdisc of `iface` if missing; `markers` is the directory where the
     /// ownership marker lives (the pin path's `links/`), if any.
     pub fn new(iface: &str, ifindex: u32, markers: Option<&Path>) -> Result<LegacyTc> {
-        let marker = markers.map(|d| d.join(format!("{iface}{QDISC_MARKER}")));
-        let filter_marker = markers.map(|d| d.join(format!("{iface}{FILTER_MARKER}")));
+        let marker = markers.map(|d| {
+            d.join(format!(
+                "{}{QDISC_MARKER}",
+                crate::datapath::pin_stem(iface)
+            ))
+        });
+        let filter_marker = markers.map(|d| {
+            d.join(format!(
+                "{}{FILTER_MARKER}",
+                crate::datapath::pin_stem(iface)
+            ))
+        });
         if let Some(m) = &filter_marker {
             fs::create_dir_all(m).map_err(|e| kerr(m.display(), e))?;
         }
@@ -159,14 +169,20 @@ pub fn remove_stale(iface: &str, markers: &Path) -> Result<()> {
             let _ = f.detach();
         }
     }
-    let qdisc = markers.join(format!("{iface}{QDISC_MARKER}"));
+    let qdisc = markers.join(format!(
+        "{}{QDISC_MARKER}",
+        crate::datapath::pin_stem(iface)
+    ));
     if qdisc.exists() {
         if let Ok(ifindex) = nix::net::if_::if_nametoindex(iface) {
             let _ = del_clsact(ifindex);
         }
         fs::remove_dir(&qdisc).map_err(|e| kerr(qdisc.display(), e))?;
     }
-    let filters = markers.join(format!("{iface}{FILTER_MARKER}"));
+    let filters = markers.join(format!(
+        "{}{FILTER_MARKER}",
+        crate::datapath::pin_stem(iface)
+    ));
     fs::remove_dir(&filters).map_err(|e| kerr(filters.display(), e))?;
     Ok(())
 }

@@ -409,6 +409,16 @@ pub struct Config {
     /// UDP flow that is no stream (yet): unanswered, or one request and its reply. Such
     /// flows hold their SNAT port this long.
     pub udp_unreplied_timeout_s: u32,
+    /// The pod network's tunnel device for IPv4 (flannel.1, vxlan.calico, ...); 0: none.
+    /// A new flow to a remote backend that the FIB reaches through it gets `tun_addr` as
+    /// SNAT source (the address the route through the tunnel prefers), so that replies
+    /// come back through the tunnel instead of onto a network that knows no pod addresses.
+    pub tun_ifindex: u32,
+    /// The tunnel device's IPv4 address, network order.
+    pub tun_addr: u32,
+    /// The same for IPv6 (a device of its own, as flannel's flannel-v6.1, or the same).
+    pub tun_ifindex6: u32,
+    pub tun_addr6: Ip6,
 }
 
 impl Default for Config {
@@ -424,6 +434,10 @@ impl Default for Config {
             tcp_syn_timeout_s: 60,
             udp_timeout_s: 60,
             udp_unreplied_timeout_s: 30,
+            tun_ifindex: 0,
+            tun_addr: 0,
+            tun_ifindex6: 0,
+            tun_addr6: [0; 4],
         }
     }
 }
@@ -455,7 +469,7 @@ assert_size!(CtEntry6, 64);
 assert_size!(RevNat, 12);
 assert_size!(RevNat6, 36);
 assert_size!(NodeAddr, 4);
-assert_size!(Config, 48);
+assert_size!(Config, 76);
 assert_size!(AffinityKey, 8);
 assert_size!(AffinityKey6, 20);
 assert_size!(Affinity, 24);

@@ -46,6 +46,8 @@ pub trait Family: 'static {
     fn src_ranges() -> &'static LpmTrie<SrcRange<Self::A>, u32>;
     /// The SNAT source for frontends that are not node addresses.
     fn snat_addr(cfg: &Config) -> Self::A;
+    /// The pod network's tunnel device (ifindex, 0 for none) and its address.
+    fn tunnel(cfg: &Config) -> (u32, Self::A);
 }
 
 pub struct V4;
@@ -95,6 +97,10 @@ impl Family for V4 {
     fn snat_addr(cfg: &Config) -> u32 {
         cfg.snat_addr
     }
+    #[inline(always)]
+    fn tunnel(cfg: &Config) -> (u32, u32) {
+        (cfg.tun_ifindex, cfg.tun_addr)
+    }
 }
 
 impl Family for V6 {
@@ -140,5 +146,9 @@ impl Family for V6 {
     #[inline(always)]
     fn snat_addr(cfg: &Config) -> Ip6 {
         cfg.snat_addr6
+    }
+    #[inline(always)]
+    fn tunnel(cfg: &Config) -> (u32, Ip6) {
+        (cfg.tun_ifindex6, cfg.tun_addr6)
     }
 }

@@ -21,13 +21,13 @@ use aya_ebpf::{
 };
 use nodeport_common::{
     reject::{PTB4_MIN_MTU, PTB4_QUOTE, PTB6_MIN_MTU},
-    Addr, Stat, PROTO_TCP,
+    Addr, Backend, Stat, PROTO_TCP,
 };
 
 use crate::{
     family::{Family, L3},
     lb::{IcmpNat, Nat},
-    maps::DEVICES,
+    maps::{DEVICES, FIB_BUF},
     nat::{rewrite_icmp, rewrite_tc, rewrite_xdp},
     packet::{Bounds, Flow, IcmpError, PacketBytes, Skb},
 };
@@ -137,6 +137,37 @@ impl TooBig {
             mtu
         } as u32)
     }
+}
+
+/// The interface the FIB sends remote backend `be` out of, for new flow `f` arriving on
+/// `ingress`; 0 when there is no usable route. The parameters live in a per-CPU map value
+/// (NP_FIB_BUF), not on the stack: 64 more bytes took the call chain past the verifier's
+/// 512.
+#[inline(always)]
+pub fn egress_ifindex<F: Family, C: EbpfContext>(
+    ctx: &C,
+    ingress: u32,
+    f: &Flow<F::A>,
+    be: &Backend<F::A>,
+) -> u32 {
+    let nat = Nat {
+        saddr: f.daddr,
+        daddr: be.addr,
+        sport: f.sport,
+        dport: be.port,
+    };
+    let Some(p) = FIB_BUF.get_ptr_mut(0) else {
+        return 0;
+    };
+    fill_params::<F>(p, f, &nat, ingress, 0);
+    // SAFETY: `p` is this CPU's map value, as large as the parameters, filled above.
+    let rc =
+        unsafe { bpf_fib_lookup(ctx.as_ptr().cast(), p, size_of::<FibParams>() as i32, 0) as u32 };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return 0;
+    }
+    // SAFETY: written by the helper.
+    unsafe { (*p).ifindex }
 }
 
 #[inline(always)]

@@ -1,6 +1,7 @@
 //! The load-balancing decision: frontend lookup, conntrack, Maglev backend choice and SNAT
-//! port allocation for forward packets; reverse-NAT lookup for replies. Pure map logic:
-//! it decides the new addresses and ports; `nat` rewrites and `fwd` forwards. Written once
+//! port allocation for forward packets; reverse-NAT lookup for replies. Map logic: it
+//! decides the new addresses and ports (asking `fwd` only which interface reaches a remote
+//! backend, when a tunnel is configured); `nat` rewrites and `fwd` forwards. Written once
 //! for both families: `F` picks the maps (NP_CT or NP_CT6, ...).
 
 use core::{mem::MaybeUninit, num::NonZeroU32};
@@ -10,6 +11,7 @@ use aya_ebpf::{
     cty::{c_long, c_void},
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_loop},
     maps::lpm_trie::Key,
+    EbpfContext,
 };
 use nodeport_common::{
     ct::{bound_to, revnat_owner, Timeouts},
@@ -22,6 +24,7 @@ use nodeport_common::{
 
 use crate::{
     family::Family,
+    fwd::egress_ifindex,
     maps::{CONFIG, MAGLEV},
     packet::{Flow, IcmpError, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
@@ -391,20 +394,38 @@ fn chosen_backend<F: Family>(c: &Choice<F::A>) -> Option<(Backend<F::A>, bool)> 
     (!be.addr.is_zero()).then_some((be, local))
 }
 
-/// The source a new flow to a remote backend gets: the address the client used when it is
-/// this node's (always for nodePorts; an external IP may be one too), else the configured
-/// node address; and a free port of the SNAT range, whose reply tuple this claims in
-/// NP_RNAT; recorded in `c`. Nothing to do for a local backend.
+/// What the FIB said of a remote backend, for [`snat`]: not asked (XDP, whose frames have
+/// no room for the question).
+pub const VIA_UNASKED: u32 = 0;
+/// Not through the pod network's tunnel (or no tunnel configured).
+pub const VIA_OTHER: u32 = 1;
+/// Through the pod network's tunnel device.
+pub const VIA_TUNNEL: u32 = 2;
+
+/// The source a new flow to a remote backend gets: the tunnel's address when `via` is
+/// [`VIA_TUNNEL`] (the FIB reaches the backend through the pod network's tunnel device,
+/// `tun_*` in NP_CONFIG: replies must come back through the tunnel, as they do for
+/// kube-proxy's MASQUERADE, which picks that address too); else the address the client
+/// used when it is this node's (always for nodePorts; an external IP may be one too),
+/// else the configured node address; and a free port of the SNAT range, whose reply tuple
+/// this claims in NP_RNAT; recorded in `c`. Nothing to do for a local backend. With a
+/// tunnel configured and the FIB not asked (`VIA_UNASKED`), `Stat::FibPass`: TC decides.
 #[inline(always)]
-pub fn snat<F: Family>(f: &Flow<F::A>, c: &mut Choice<F::A>) -> Result<(), Stat> {
+pub fn snat<F: Family>(f: &Flow<F::A>, c: &mut Choice<F::A>, via: u32) -> Result<(), Stat> {
     let (be, local) = chosen_backend::<F>(c).ok_or(Stat::DropNoBackend)?;
     if local {
         return Ok(());
     }
     let cfg = config();
+    let (tun, tun_addr) = F::tunnel(&cfg);
+    if tun != 0 && via == VIA_UNASKED {
+        return Err(Stat::FibPass);
+    }
     // SAFETY: plain data.
     let is_node_addr = c.node_port || unsafe { F::node_addrs().get(&f.daddr) }.is_some();
-    let snat_addr = if is_node_addr {
+    let snat_addr = if via == VIA_TUNNEL {
+        tun_addr
+    } else if is_node_addr {
         f.daddr
     } else {
         F::snat_addr(&cfg)
@@ -413,6 +434,36 @@ pub fn snat<F: Family>(f: &Flow<F::A>, c: &mut Choice<F::A>) -> Result<(), Stat>
         alloc_snat_port::<F>(f, &cfg, &be, snat_addr, c.hash).ok_or(Stat::DropSnatExhausted)?;
     c.snat_addr = snat_addr;
     Ok(())
+}
+
+/// The tunnel device of family `F` (`tun_ifindex` in NP_CONFIG; 0: none) when the chosen
+/// backend is remote: whether the SNAT source needs the FIB's word (see [`snat`]). A BPF
+/// function of its own: inlined, its backend copy grew the frames of IPv6's new-flow
+/// path past the verifier's 512 bytes for the call chain.
+#[inline(never)]
+pub fn tunnel_question<F: Family>(c: &Choice<F::A>) -> u32 {
+    // A reference into the map value: a copy of the whole config would grow the frame.
+    let tun = CONFIG.get(0).map_or(0, |cfg| F::tunnel(cfg).0);
+    match chosen_backend::<F>(c) {
+        Some((_, false)) => tun,
+        _ => 0,
+    }
+}
+
+/// Whether the FIB sends the chosen backend of `c` out of tunnel device `tun` (a
+/// remote backend, see [`tunnel_question`]). `ingress`: the receiving interface.
+#[inline(always)]
+pub fn through_tunnel<F: Family, C: EbpfContext>(
+    ctx: &C,
+    ingress: u32,
+    f: &Flow<F::A>,
+    c: &Choice<F::A>,
+    tun: u32,
+) -> bool {
+    match chosen_backend::<F>(c) {
+        Some((be, false)) => egress_ifindex::<F, C>(ctx, ingress, f, &be) == tun,
+        _ => false,
+    }
 }
 
 /// Bind a new flow to the chosen backend, with the source [`snat`] gave it: conntrack

@@ -70,6 +70,13 @@ pub static REJECT: PerCpuArray<RejectBucket> = PerCpuArray::with_max_entries(1, 
 #[map(name = "NP_REJECT_BUF_V1")]
 pub static REJECT_BUF: PerCpuArray<[u8; REJECT_BUF_LEN]> = PerCpuArray::with_max_entries(1, 0);
 
+/// NP_FIB_BUF_V1: each CPU's `bpf_fib_lookup` parameters for the route question of a new
+/// flow's SNAT source (`fwd::egress_ifindex`): 64 bytes that the IPv4 path's frame, which
+/// holds the whole decision, has no room for.
+#[map(name = "NP_FIB_BUF_V1")]
+pub static FIB_BUF: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// Room for the largest refusal frame (an ICMPv6 packet too big: 1294 bytes).
 pub const REJECT_BUF_LEN: usize = 1296;
 

@@ -23,6 +23,7 @@ use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
+    EbpfContext,
 };
 use aya_log_ebpf::info;
 use nodeport_common::{Ip6, Stat, CFG_F_DEBUG};
@@ -32,7 +33,8 @@ use crate::{
     frag,
     fwd::{tc_forward, tc_route, xdp_forward, xdp_route, Rewrite, TC_NEXT},
     lb::{
-        bind, config, icmp_error, known, open, reply, snat, Choice, Decision, IcmpDecision, Known,
+        bind, config, icmp_error, known, open, reply, snat, through_tunnel, tunnel_question,
+        Choice, Decision, IcmpDecision, Known, VIA_OTHER, VIA_TUNNEL, VIA_UNASKED,
     },
     maps::DEVICES,
     nat::{rewrite_icmp, rewrite_tc, rewrite_xdp},
@@ -290,7 +292,7 @@ fn xdp_known<F: Family>(ctx: &XdpContext) -> Verdict {
         // do not add to this one's.
         Some(reselect) if F::IS_V6 => Verdict::open(reselect),
         Some(reselect) => {
-            if !open_decide::<F>(f, reselect, &mut d) {
+            if !open_decide::<F>(None, f, reselect, &mut d) {
                 return Verdict::new(xdp_action::XDP_PASS, Stat::PassNoMatch);
             }
             xdp_act_inline::<F>(ctx, &bounds(ctx), f, &d)
@@ -310,7 +312,7 @@ fn xdp_new<F: Family>(ctx: &XdpContext, reselect: bool) -> Verdict {
     // SAFETY: xdp_parse wrote the flow when it returned Ok.
     let f = unsafe { f.assume_init_ref() };
     let mut d = Decision::Drop(Stat::PassNoMatch);
-    if !open_decide::<F>(f, reselect, &mut d) {
+    if !open_decide::<F>(None, f, reselect, &mut d) {
         return Verdict::new(xdp_action::XDP_PASS, Stat::PassNoMatch);
     }
     if F::IS_V6 {
@@ -323,16 +325,36 @@ fn xdp_new<F: Family>(ctx: &XdpContext, reselect: bool) -> Verdict {
 /// The whole decision into `d`, as steps in BPF functions of their own (TC). False: the
 /// packet is not ours.
 #[inline(always)]
-fn decide<F: Family>(f: &Flow<F::A>, d: &mut Decision<F::A>) -> bool {
+fn decide<F: Family>(ctx: &TcContext, f: &Flow<F::A>, d: &mut Decision<F::A>) -> bool {
     match known_step::<F>(f, d) {
         None => true,
-        Some(reselect) => open_decide::<F>(f, reselect, d),
+        Some(reselect) => open_decide::<F>(Some(ctx), f, reselect, d),
     }
 }
 
-/// The frontend half of the decision into `d`: backend choice, SNAT port, binding.
+/// The interface a TC packet arrived on.
 #[inline(always)]
-fn open_decide<F: Family>(f: &Flow<F::A>, reselect: bool, d: &mut Decision<F::A>) -> bool {
+fn tc_ingress(ctx: &TcContext) -> u32 {
+    // SAFETY: reading the ingress ifindex of the skb context.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}
+
+/// The frontend half of the decision into `d`: backend choice, SNAT port, binding.
+///
+/// Where the pod network has a tunnel (`tun_*` in NP_CONFIG), a new flow to a remote
+/// backend asks the FIB whether the tunnel reaches it, for its SNAT source (`lb::snat`).
+/// TC asks (`tc`), in BPF functions of their own. XDP leaves such a flow to TC, untouched
+/// (`lb::snat` says `Stat::FibPass`, carried out as XDP_PASS): its frames have no room
+/// for the question (the verifier's 512 bytes for a call chain). Its later packets come
+/// back to XDP as established, and a tunnelled one passes on anyway (XDP cannot redirect
+/// into a tunnel device: it has no ndo_xdp_xmit).
+#[inline(always)]
+fn open_decide<F: Family>(
+    tc: Option<&TcContext>,
+    f: &Flow<F::A>,
+    reselect: bool,
+    d: &mut Decision<F::A>,
+) -> bool {
     // A later fragment follows its first fragment's flow; it never opens one.
     if f.frag == FRAG_LATER {
         return false;
@@ -352,10 +374,17 @@ fn open_decide<F: Family>(f: &Flow<F::A>, reselect: bool, d: &mut Decision<F::A>
         Some(Ok(())) => {
             // SAFETY: initialised by open's Ok.
             let choice = unsafe { choice.assume_init_mut() };
+            let via = match tc {
+                None => VIA_UNASKED,
+                Some(ctx) => match tunnel_question::<F>(choice) {
+                    0 => VIA_OTHER,
+                    tun => tunnel_step::<F>(ctx, f, choice, tun),
+                },
+            };
             let sourced = if F::IS_V6 {
-                snat_step::<F>(f, choice)
+                snat_step::<F>(f, choice, via)
             } else {
-                snat::<F>(f, choice)
+                snat::<F>(f, choice, via)
             };
             match sourced {
                 Ok(()) if F::IS_V6 => {
@@ -414,8 +443,19 @@ fn open_step<F: Family>(
 
 /// The SNAT port search runs under `bpf_loop`, whose callback frame adds to this one.
 #[inline(never)]
-fn snat_step<F: Family>(f: &Flow<F::A>, choice: &mut Choice<F::A>) -> Result<(), Stat> {
-    snat::<F>(f, choice)
+fn snat_step<F: Family>(f: &Flow<F::A>, choice: &mut Choice<F::A>, via: u32) -> Result<(), Stat> {
+    snat::<F>(f, choice, via)
+}
+
+/// `lb::through_tunnel` as a step of its own (its FIB question stays out of the frames
+/// of the steps after it): `VIA_TUNNEL` when tunnel `tun` reaches the chosen backend.
+#[inline(never)]
+fn tunnel_step<F: Family>(ctx: &TcContext, f: &Flow<F::A>, choice: &Choice<F::A>, tun: u32) -> u32 {
+    if through_tunnel::<F, TcContext>(ctx, tc_ingress(ctx), f, choice, tun) {
+        VIA_TUNNEL
+    } else {
+        VIA_OTHER
+    }
 }
 
 #[inline(never)]
@@ -451,6 +491,8 @@ fn xdp_act_inline<F: Family>(
 ) -> Verdict {
     Verdict::of(match decision {
         Decision::Drop(Stat::RejectNoEndpoints) => return Verdict::REFUSE,
+        // A new flow whose SNAT source TC chooses (see `open_decide`).
+        Decision::Drop(Stat::FibPass) => (xdp_action::XDP_PASS, Stat::FibPass),
         Decision::Drop(stat) => (xdp_action::XDP_DROP, *stat),
         Decision::ToLocal(nat) => {
             if rewrite_xdp::<F>(b, f, nat, false) {
@@ -507,7 +549,7 @@ fn xdp_icmp<F: Family>(ctx: &XdpContext) -> Verdict {
 /// and the verdict. A BPF function of its own, parsing again: aya-log's buffers would not
 /// fit in the frames of the packet path.
 #[inline(never)]
-fn log_packet<C: aya_ebpf::EbpfContext>(ctx: &C, b: &impl PacketBytes, stat: u32) -> u32 {
+fn log_packet<C: EbpfContext>(ctx: &C, b: &impl PacketBytes, stat: u32) -> u32 {
     let Some(stat) = Stat::ALL.get(stat as usize) else {
         return 0;
     };
@@ -613,7 +655,7 @@ fn tc_family<F: Family>(ctx: &TcContext) -> Verdict {
     // SAFETY: tc_parse wrote the flow when it returned Ok.
     let f = unsafe { f.assume_init_ref() };
     let mut d = Decision::Drop(Stat::PassNoMatch);
-    if !decide::<F>(f, &mut d) {
+    if !decide::<F>(ctx, f, &mut d) {
         return Verdict::NONE;
     }
     tc_act::<F>(ctx, f, &d)
@@ -633,9 +675,7 @@ fn tc_frag_out_of_order(ctx: &TcContext) -> Verdict {
 /// Whether the packet arrived on an interface XDP serves (one in NP_DEV): XDP saw it first.
 #[inline(always)]
 fn xdp_served(ctx: &TcContext) -> bool {
-    // SAFETY: reading the ingress ifindex of the skb context.
-    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    DEVICES.get(ingress).is_some()
+    DEVICES.get(tc_ingress(ctx)).is_some()
 }
 
 #[inline(never)]

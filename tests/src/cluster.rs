@@ -21,6 +21,9 @@
 //!
 //! Every node's lan interface is `lan0`; every pod's is `eth0`. Namespaces are
 //! `np-<id>-lan`, `np-<id>-client`, `np-<id>-<node>`, `np-<id>-<pod>`.
+//!
+//! `NP_PODNET=vxlan` ([`PodNet::Vxlan`]) carries pod traffic between nodes in flannel's
+//! default VXLAN overlay instead of routing pod CIDRs over the lan (see [`PodNet`]).
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
@@ -140,6 +143,8 @@ impl NodeSpec {
 pub struct ClusterSpec {
     /// What the lan's veths are like.
     pub lan: LanKind,
+    /// How pod traffic crosses from node to node.
+    pub podnet: PodNet,
     pub client_ip: Ipv4Addr,
     pub client_ip6: Ipv6Addr,
     /// Prefix length of the lan (198.18.0.0/24).
@@ -172,6 +177,76 @@ impl LanKind {
     }
 }
 
+/// The whole pod network (every node's pod CIDR lies in it): what ip-masq and the
+/// underlay filter of [`PodNet::Vxlan`] tell apart.
+pub const POD_NETWORK: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 19, 0, 0), 16);
+/// The IPv6 pod network.
+pub const POD_NETWORK6: (Ipv6Addr, u8) = (ula(0x19, 0, 0), 32);
+/// flannel's VXLAN device, network identifier and UDP port.
+pub const VXLAN_DEV: &str = "flannel.1";
+pub const VXLAN_VNI: u32 = 1;
+pub const VXLAN_PORT: u16 = 8472;
+/// What VXLAN over IPv4 adds to a frame (outer Ethernet is not counted: outer IPv4 20,
+/// UDP 8, VXLAN 8, inner Ethernet 14): flannel.1's MTU is the uplink's minus this.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// The MTU of the lan's veths.
+pub const LAN_MTU: u32 = 1500;
+
+/// How pod traffic crosses from node to node (test-network.md, "Pod networks").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodNet {
+    /// Pod CIDRs routed node-to-node over the lan (flannel host-gw, Calico without
+    /// encapsulation): each node has a route to every other node's pod CIDR via that
+    /// node's lan address.
+    Routed,
+    /// flannel's default VXLAN backend: a [`VXLAN_DEV`] device on every node (VNI 1, UDP
+    /// port 8472, learning off, MTU [`LAN_MTU`] - [`VXLAN_OVERHEAD`]) holding the node's
+    /// pod CIDR's network address (`198.19.1.0/32`, `fd00:19:1::/128`: IPv6 rides the
+    /// same device over the IPv4 underlay), static neighbour and FDB entries for every
+    /// other node's device MAC -> that node's lan address, and routes `<cidr> via
+    /// <cidr network address> dev flannel.1 onlink`. Pods get the tunnel's MTU, as
+    /// flannel's CNI gives them. ip-masq as flannel installs it (nftables, table
+    /// `np_masq`): pod traffic leaving the pod network is masqueraded. The lan's bridge
+    /// drops (and counts, table `np_underlay`) every frame with a pod address, as a
+    /// cloud network that knows only node addresses does: pod traffic between nodes must
+    /// travel in the tunnel.
+    Vxlan,
+}
+
+impl PodNet {
+    /// `NP_PODNET=vxlan` selects [`PodNet::Vxlan`] for every standard cluster; anything
+    /// else, or unset, [`PodNet::Routed`].
+    pub fn from_env() -> PodNet {
+        match std::env::var("NP_PODNET").as_deref() {
+            Ok("vxlan") => PodNet::Vxlan,
+            _ => PodNet::Routed,
+        }
+    }
+
+    /// The MTU of pod interfaces (and of `cni0`).
+    pub fn pod_mtu(self) -> u32 {
+        match self {
+            PodNet::Routed => LAN_MTU,
+            PodNet::Vxlan => LAN_MTU - VXLAN_OVERHEAD,
+        }
+    }
+}
+
+/// Counters of a node's [`VXLAN_DEV`] ([`Cluster::tunnel_counters`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelCounters {
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+/// The MAC address of node number `i`'s [`VXLAN_DEV`] (flannel derives one at random and
+/// publishes it in the Node's annotations; fixed here so that peers can be written at once).
+fn vxlan_mac(i: usize) -> String {
+    format!("0e:6e:70:00:00:{:02x}", i + 1)
+}
+
 /// fd00:<a>:<b>::<h>
 const fn ula(a: u16, b: u16, h: u16) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, a, b, 0, 0, 0, 0, h)
@@ -182,6 +257,7 @@ impl ClusterSpec {
     pub fn standard() -> ClusterSpec {
         ClusterSpec {
             lan: LanKind::from_env(),
+            podnet: PodNet::from_env(),
             client_ip: Ipv4Addr::new(198, 18, 0, 10),
             client_ip6: ula(0x18, 0, 0x10),
             lan_prefix: 24,
@@ -281,6 +357,12 @@ impl Node {
     /// The IPv6 `cni0` gateway of a bridged node: the first address of the IPv6 pod CIDR.
     pub fn bridge_gateway6(&self) -> Ipv6Addr {
         ip6_plus(self.pod_cidr6.0, 1)
+    }
+
+    /// The node's [`VXLAN_DEV`] address of `family` under [`PodNet::Vxlan`]: its pod
+    /// CIDR's network address.
+    pub fn tunnel_addr(&self, family: IpFamily) -> IpAddr {
+        pick(family, self.pod_cidr.0, self.pod_cidr6.0)
     }
 }
 
@@ -402,7 +484,10 @@ impl Cluster {
             ns.sysctl("net.ipv6.conf.all.forwarding", "1");
             match n.shape {
                 PodShape::Bridged => {
-                    ns.ip("link add cni0 type bridge mcast_snooping 0");
+                    ns.ip(&format!(
+                        "link add cni0 mtu {} type bridge mcast_snooping 0",
+                        spec.podnet.pod_mtu()
+                    ));
                     ns.ip(&format!(
                         "addr add {}/{} dev cni0",
                         n.bridge_gateway(),
@@ -437,18 +522,23 @@ impl Cluster {
                 ..n.clone()
             });
         }
-        // Pod CIDRs are routed node-to-node over the lan; the client gets no such route.
-        for n in &cluster.nodes {
-            for other in spec.nodes.iter().filter(|o| o.name != n.name) {
-                n.ns.ip(&format!(
-                    "route add {}/{} via {} dev lan0",
-                    other.pod_cidr.0, other.pod_cidr.1, other.ip
-                ));
-                n.ns.ip(&format!(
-                    "route add {}/{} via {} dev lan0",
-                    other.pod_cidr6.0, other.pod_cidr6.1, other.ip6
-                ));
+        match spec.podnet {
+            // Pod CIDRs are routed node-to-node over the lan; the client gets no such route.
+            PodNet::Routed => {
+                for n in &cluster.nodes {
+                    for other in spec.nodes.iter().filter(|o| o.name != n.name) {
+                        n.ns.ip(&format!(
+                            "route add {}/{} via {} dev lan0",
+                            other.pod_cidr.0, other.pod_cidr.1, other.ip
+                        ));
+                        n.ns.ip(&format!(
+                            "route add {}/{} via {} dev lan0",
+                            other.pod_cidr6.0, other.pod_cidr6.1, other.ip6
+                        ));
+                    }
+                }
             }
+            PodNet::Vxlan => cluster.vxlan_overlay(),
         }
         for n in &spec.nodes {
             for p in &n.pods {
@@ -456,6 +546,145 @@ impl Cluster {
             }
         }
         cluster
+    }
+
+    /// [`PodNet::Vxlan`]: flannel's device, peers and routes on every node, its ip-masq
+    /// rules, and the underlay filter on the lan's bridge.
+    fn vxlan_overlay(&self) {
+        require_tool("nft", "install it with `apt-get install nftables`");
+        require_tool("bridge", "install iproute2");
+        let (net, len) = POD_NETWORK;
+        let (net6, len6) = POD_NETWORK6;
+        for (i, n) in self.nodes.iter().enumerate() {
+            n.ns.ip(&format!(
+                "link add {VXLAN_DEV} address {} mtu {} type vxlan id {VXLAN_VNI} local {} \
+                 dev lan0 dstport {VXLAN_PORT} nolearning",
+                vxlan_mac(i),
+                LAN_MTU - VXLAN_OVERHEAD,
+                n.ip
+            ));
+            n.ns.ip(&format!("addr add {}/32 dev {VXLAN_DEV}", n.pod_cidr.0));
+            n.ns.ip(&format!(
+                "addr add {}/128 dev {VXLAN_DEV} nodad",
+                n.pod_cidr6.0
+            ));
+            n.ns.ip(&format!("link set {VXLAN_DEV} up"));
+            for (j, o) in self.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
+                let mac = vxlan_mac(j);
+                for gw in [IpAddr::from(o.pod_cidr.0), IpAddr::from(o.pod_cidr6.0)] {
+                    n.ns.ip(&format!(
+                        "neigh replace {gw} lladdr {mac} dev {VXLAN_DEV} nud permanent"
+                    ));
+                }
+                n.ns.exec(&[
+                    "bridge",
+                    "fdb",
+                    "append",
+                    &mac,
+                    "dev",
+                    VXLAN_DEV,
+                    "dst",
+                    &o.ip.to_string(),
+                    "self",
+                    "permanent",
+                ]);
+                n.ns.ip(&format!(
+                    "route add {}/{} via {} dev {VXLAN_DEV} onlink",
+                    o.pod_cidr.0, o.pod_cidr.1, o.pod_cidr.0
+                ));
+                n.ns.ip(&format!(
+                    "route add {}/{} via {} dev {VXLAN_DEV} onlink",
+                    o.pod_cidr6.0, o.pod_cidr6.1, o.pod_cidr6.0
+                ));
+            }
+            // flannel's ip-masq rules (its MasqRules), for both families.
+            let (cidr, clen) = n.pod_cidr;
+            let (cidr6, clen6) = n.pod_cidr6;
+            n.ns.nft(&format!(
+                "table inet np_masq {{
+                   chain post {{
+                     type nat hook postrouting priority srcnat; policy accept
+                     ip saddr {net}/{len} ip daddr {net}/{len} return
+                     ip saddr {net}/{len} ip daddr != 224.0.0.0/4 masquerade
+                     ip saddr != {net}/{len} ip daddr {cidr}/{clen} return
+                     ip saddr != {net}/{len} ip daddr {net}/{len} masquerade
+                     ip6 saddr {net6}/{len6} ip6 daddr {net6}/{len6} return
+                     ip6 saddr {net6}/{len6} ip6 daddr != ff00::/8 masquerade
+                     ip6 saddr != {net6}/{len6} ip6 daddr {cidr6}/{clen6} return
+                     ip6 saddr != {net6}/{len6} ip6 daddr {net6}/{len6} masquerade
+                   }}
+                 }}"
+            ));
+        }
+        self.lan.nft(&format!(
+            "table bridge np_underlay {{
+               chain forward {{
+                 type filter hook forward priority 0; policy accept
+                 ip saddr {net}/{len} counter drop
+                 ip daddr {net}/{len} counter drop
+                 ip6 saddr {net6}/{len6} counter drop
+                 ip6 daddr {net6}/{len6} counter drop
+               }}
+             }}"
+        ));
+    }
+
+    /// Packets the lan's bridge dropped because they carried a pod address
+    /// ([`PodNet::Vxlan`]'s underlay filter; 0 for other pod networks).
+    pub fn underlay_drops(&self) -> u64 {
+        if self.spec.podnet != PodNet::Vxlan {
+            return 0;
+        }
+        let out = self
+            .lan
+            .exec(&["nft", "-j", "list", "table", "bridge", "np_underlay"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft -j prints JSON");
+        v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o["rule"]["expr"].as_array())
+            .flatten()
+            .filter_map(|e| e["counter"]["packets"].as_u64())
+            .sum()
+    }
+
+    /// What `node`'s [`VXLAN_DEV`] sent and received so far (`ip -s link`'s counters; a
+    /// GSO packet counts once). Panics unless the cluster runs [`PodNet::Vxlan`].
+    pub fn tunnel_counters(&self, node: &str) -> TunnelCounters {
+        assert_eq!(
+            self.spec.podnet,
+            PodNet::Vxlan,
+            "no tunnel without NP_PODNET=vxlan"
+        );
+        let out = self
+            .node(node)
+            .ns
+            .exec(&["ip", "-s", "-j", "link", "show", "dev", VXLAN_DEV]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
+        let get = |dir: &str, what: &str| {
+            v[0]["stats64"][dir][what]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no {dir} {what} in `ip -s -j link`: {v}"))
+        };
+        TunnelCounters {
+            tx_packets: get("tx", "packets"),
+            rx_packets: get("rx", "packets"),
+            tx_bytes: get("tx", "bytes"),
+            rx_bytes: get("rx", "bytes"),
+        }
+    }
+
+    /// The source address `node`'s own traffic to another node's pods carries, and so
+    /// what a remote backend sees of a flow the node translated with SNAT (Cluster
+    /// policy): the node's lan address, or under [`PodNet::Vxlan`] its tunnel's (the
+    /// address the route through `flannel.1` prefers, as kube-proxy's MASQUERADE picks it).
+    pub fn remote_pod_source(&self, node: &str, family: IpFamily) -> IpAddr {
+        let n = self.node(node);
+        match self.spec.podnet {
+            PodNet::Routed => n.addr(family),
+            PodNet::Vxlan => n.tunnel_addr(family),
+        }
     }
 
     /// Creates a veth `bridge_side` (in the lan, on br0) <-> `inner` (in namespace `ns`).
@@ -578,8 +807,9 @@ impl Cluster {
         let ns = Netns::new(&format!("np-{}-{name}", self.run_id));
         ipv6_without_dad(&ns);
         n.ns.ip(&format!(
-            "link add {host_if} type veth peer name eth0 netns {}",
-            ns.name()
+            "link add {host_if} mtu {mtu} type veth peer name eth0 mtu {mtu} netns {}",
+            ns.name(),
+            mtu = self.spec.podnet.pod_mtu()
         ));
         ns.ip("link set eth0 up");
         match n.shape {

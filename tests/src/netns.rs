@@ -223,6 +223,35 @@ impl Netns {
         run_checked(&mut c);
     }
 
+    /// Loads the nftables `ruleset` inside the namespace (`nft -f -`); panics when it fails.
+    pub fn nft(&self, ruleset: &str) {
+        use std::io::Write as _;
+        let mut child = self
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run nft in {}: {e}", self.name));
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(ruleset.as_bytes())
+            .unwrap_or_else(|e| panic!("writing to nft in {}: {e}", self.name));
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("waiting for nft in {}: {e}", self.name));
+        assert!(
+            out.status.success(),
+            "nft -f - in {} failed ({}): {}\n{ruleset}",
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+
     /// Sets a sysctl inside the namespace (`/proc/sys/net` is per network namespace).
     pub fn sysctl(&self, key: &str, value: &str) {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);

@@ -110,7 +110,8 @@ pub fn names(list: &[&str]) -> BTreeSet<String> {
 
 /// Under `externalTrafficPolicy: Cluster`, entering through `node`: a backend on `node`
 /// sees the client's own address, a backend elsewhere sees `node`'s address (SNAT), in the
-/// family of the request. Both kinds must occur.
+/// family of the request: its lan address, or on a VXLAN pod network its tunnel's
+/// ([`Cluster::remote_pod_source`]). Both kinds must occur.
 pub fn assert_cluster_policy_addresses(
     c: &Cluster,
     node: &str,
@@ -133,7 +134,7 @@ pub fn assert_cluster_policy_addresses(
             remote += 1;
             assert_eq!(
                 r.client_ip,
-                c.node(node).addr(family),
+                c.remote_pod_source(node, family),
                 "{} backend {} on {backend_node} must see {node}'s address (SNAT), not the \
                  client's",
                 family.as_str(),

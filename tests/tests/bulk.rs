@@ -2,12 +2,15 @@
 //! MB echoed back, verified byte for byte, through each node. On a lan of default veths
 //! (`NP_LAN=veth`: senders with tx offload hand over CHECKSUM_PARTIAL packets, GRO merges
 //! segments) this is what a translation that mishandles partial checksums or merged
-//! packets breaks: transfers stall or arrive short. Needs root.
+//! packets breaks: transfers stall or arrive short. On a VXLAN pod network
+//! (`NP_PODNET=vxlan`) the bytes must cross the receiving node's flannel.1 both ways. Needs
+//! root.
 
 use std::time::Duration;
 
 use tests::{
     client,
+    cluster::PodNet,
     netns::require_root,
     testbed::{default_agent_path, echo_path, Testbed, TestbedOptions},
 };
@@ -23,6 +26,8 @@ fn through_remote_backends(tb: &Testbed) {
         // via node2, one via node1: 40 tries miss with odds below 1e-7).
         let mut done = false;
         for _ in 0..40 {
+            let tunnel_before = (tb.cluster().spec().podnet == PodNet::Vxlan)
+                .then(|| tb.cluster().tunnel_counters(node));
             let (from, back) = client::http_echo(tb.cluster().client(), addr, &data)
                 .unwrap_or_else(|e| panic!("bulk transfer via {node}: {e}\n{}", tb.agent_logs()));
             if tb.cluster().pod_node(&from) == node {
@@ -36,6 +41,20 @@ fn through_remote_backends(tb: &Testbed) {
             );
             let first_bad = back.iter().zip(&data).position(|(a, b)| a != b);
             assert_eq!(first_bad, None, "via {node} to {from}: bytes differ");
+            if let Some(before) = tunnel_before {
+                // On a VXLAN pod network both directions crossed flannel.1 of the node
+                // the client talked to.
+                let after = tb.cluster().tunnel_counters(node);
+                let (tx, rx) = (
+                    after.tx_bytes - before.tx_bytes,
+                    after.rx_bytes - before.rx_bytes,
+                );
+                assert!(
+                    tx >= SIZE as u64 && rx >= SIZE as u64,
+                    "via {node} to {from}: {node}'s flannel.1 sent {tx} and received {rx} \
+                     bytes for {SIZE} each way"
+                );
+            }
             done = true;
             break;
         }

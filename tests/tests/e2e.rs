@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     thread,
     time::{Duration, Instant},
@@ -15,7 +15,7 @@ use std::{
 
 use tests::{
     client::{self, EchoReply, KeepAliveConn},
-    cluster::{Cluster, ClusterSpec, IpFamily, LanKind, PodShape},
+    cluster::{Cluster, ClusterSpec, IpFamily, LanKind, PodNet, PodShape, TunnelCounters},
     netns::{list_np_namespaces, require_root, run_id},
     testbed::{
         all_ok, assert_cluster_policy_addresses, default_agent_path, echo_path, names, poll_until,
@@ -261,24 +261,53 @@ fn harness_routes_without_agent() {
             let r = client::http_get(node.ns(), pod.echo_addr())
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
             assert_eq!(r.from, pod.name, "{what}");
-            // The node's source address: its lan address, or cni0's for its own bridged pods.
+            // The node's source address: cni0's for its own bridged pods, its lan address
+            // for its routed ones, and for another node's pods whatever the pod network
+            // prefers (the lan address, or flannel.1's under NP_PODNET=vxlan).
             let src = if pod.node == node.name && node.shape == PodShape::Bridged {
-                node.bridge_gateway()
+                IpAddr::from(node.bridge_gateway())
+            } else if pod.node == node.name {
+                IpAddr::from(node.ip)
             } else {
-                node.ip
+                c.remote_pod_source(&node.name, IpFamily::V4)
             };
-            assert_eq!(r.client_ipv4(), src, "{what}: no NAT between node and pod");
+            assert_eq!(r.client_ip, src, "{what}: no NAT between node and pod");
             let r = client::udp_request(node.ns(), pod.echo_addr())
                 .unwrap_or_else(|e| panic!("udp {what}: {e}"));
             assert_eq!(r.from, pod.name, "udp {what}");
         }
     }
     // Pod to pod, across nodes and shapes.
+    let tunnel = c.spec().podnet == PodNet::Vxlan;
+    let before: Vec<TunnelCounters> = if tunnel {
+        c.nodes()
+            .iter()
+            .map(|n| c.tunnel_counters(&n.name))
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (a, b) in [("pa1", "pb1"), ("pb1", "pa2"), ("pb2", "pa3")] {
         let (pa, pb) = (c.pod(a), c.pod(b));
         let r =
             client::http_get(pa.ns(), pb.echo_addr()).unwrap_or_else(|e| panic!("{a} -> {b}: {e}"));
         assert_eq!((r.from.as_str(), r.client_ipv4()), (b, pa.ip), "{a} -> {b}");
+    }
+    if tunnel {
+        // Pod traffic between nodes went through flannel.1 both ways (the lan's bridge
+        // drops any frame with a pod address, so nothing took another way).
+        for (n, b) in c.nodes().iter().zip(before) {
+            let a = c.tunnel_counters(&n.name);
+            let (tx, rx, tx2, rx2) = (b.tx_packets, b.rx_packets, a.tx_packets, a.rx_packets);
+            assert!(
+                tx2 >= tx + 9 && rx2 >= rx + 9,
+                "{}: flannel.1 sent {} and received {} packets for three TCP exchanges \
+                 across nodes",
+                n.name,
+                tx2 - tx,
+                rx2 - rx
+            );
+        }
     }
     // The client has no route to pods: fails, and fast.
     for pod in c.pods() {

@@ -14,7 +14,7 @@ use std::{
 
 use tests::{
     client::{self, EchoReply},
-    cluster::{IpFamily, PodShape},
+    cluster::{IpFamily, PodNet, PodShape},
     manifests::{LoadBalancer, Protocol, Service, ServicePort},
     netns::{require_root, Netns},
     testbed::{
@@ -94,10 +94,17 @@ fn dual_stack_cluster_plumbing() {
         for pod in c.pods() {
             let addr = pod.echo_addr_in(V6);
             // The address the pod sees: a local bridged pod is reached from cni0's address
-            // (same prefix), every other from the node's lan address.
+            // (same prefix), a local routed one from the lan address, another node's from
+            // what the pod network prefers (the lan address, or flannel.1's).
             let want: IpAddr = match (pod.node == node.name, node.shape) {
                 (true, PodShape::Bridged) => node.bridge_gateway6().into(),
-                _ => node.ip6.into(),
+                // Under VXLAN flannel.1's fd00:19:1:: shares the longest prefix with the
+                // pod (RFC 6724, rule 8), so the node's own traffic takes it as source.
+                (true, PodShape::Routed) if c.spec().podnet == PodNet::Vxlan => {
+                    node.tunnel_addr(V6)
+                }
+                (true, PodShape::Routed) => node.ip6.into(),
+                (false, _) => c.remote_pod_source(&node.name, V6),
             };
             let r = client::http_get(node.ns(), addr)
                 .unwrap_or_else(|e| panic!("{} -> {} over TCP/IPv6: {e}", node.name, pod.name));

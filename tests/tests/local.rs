@@ -6,6 +6,7 @@ use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use tests::{
     client::{self, KeepAliveConn},
+    cluster::IpFamily,
     netns::require_root,
     testbed::{default_agent_path, echo_path, poll_until, Testbed, TestbedOptions},
 };
@@ -72,7 +73,12 @@ fn switching_between_cluster_and_local_keeps_established_connections() {
     let mut tb = Testbed::serving(opts);
     let client_ip = tb.cluster().client_ip().to_string();
     let node1 = tb.nodeport_addr("node1");
-    let node1_ip = node1.ip().to_string();
+    // What node2's pod sees of node1's source-NATed flows: node1's lan address, or its
+    // tunnel's on a VXLAN pod network.
+    let node1_ip = tb
+        .cluster()
+        .remote_pod_source("node1", IpFamily::V4)
+        .to_string();
 
     // Under Cluster: one kept-alive connection to node2's pod (source-NATed to node1) and
     // one to a pod of node1 (client address kept).
