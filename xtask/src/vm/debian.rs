@@ -145,8 +145,8 @@ pub fn kernel(cache: &Path, suite: &'static str) -> Result<Kernel> {
     let modules = ["lib/modules", "usr/lib/modules"]
         .iter()
         .map(|dir| dest.join(dir).join(&release))
-        .find(|dir| dir.join("modules.dep").exists())
-        .with_context(|| format!("no modules.dep for {release} in {}", dest.display()))?;
+        .find(|dir| dir.join("kernel").is_dir())
+        .with_context(|| format!("no modules for {release} in {}", dest.display()))?;
     Ok(Kernel {
         release,
         vmlinuz,
@@ -170,43 +170,64 @@ pub fn busybox(cache: &Path) -> Result<PathBuf> {
 }
 
 /// The modules `wanted` (by name, e.g. `veth`) and everything they depend on, in load order
-/// (dependencies first), as paths relative to the modules folder, read from `modules.dep`.
+/// (dependencies first), as paths relative to the modules folder. Debian's packages carry no
+/// `modules.dep` (depmod writes it when the package is installed), so dependencies are read
+/// from each module with `modinfo -F depends`; built-in modules are skipped.
 pub fn modules_in_load_order(modules: &Path, wanted: &[&str]) -> Result<Vec<String>> {
-    let dep = fs::read_to_string(modules.join("modules.dep"))?;
-    let deps: std::collections::HashMap<&str, Vec<&str>> = dep
-        .lines()
-        .filter_map(|line| line.split_once(':'))
-        .map(|(module, deps)| (module, deps.split_whitespace().collect()))
-        .collect();
-    let name_of = |path: &str| {
-        let file = path.rsplit('/').next().unwrap_or(path);
-        file.split(".ko").next().unwrap_or(file).replace('-', "_")
-    };
-    let mut order = Vec::new();
-    fn visit<'a>(
-        module: &'a str,
-        deps: &std::collections::HashMap<&'a str, Vec<&'a str>>,
-        order: &mut Vec<String>,
-    ) {
-        if order.iter().any(|m| m == module) {
-            return;
+    let mut files = std::collections::HashMap::new();
+    let mut stack = vec![modules.join("kernel")];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Some(name) = module_name(&path.to_string_lossy()) {
+                let relative = path.strip_prefix(modules).unwrap_or(&path);
+                files.insert(name, relative.to_string_lossy().into_owned());
+            }
         }
-        for dep in deps.get(module).into_iter().flatten() {
-            visit(dep, deps, order);
-        }
-        order.push(module.to_owned());
     }
     let builtin = fs::read_to_string(modules.join("modules.builtin")).unwrap_or_default();
-    for want in wanted {
-        let want = want.replace('-', "_");
-        match deps.keys().find(|path| name_of(path) == want) {
-            Some(module) => visit(module, &deps, &mut order),
-            None if builtin.lines().any(|path| name_of(path) == want) => {}
-            None => bail!(
-                "module {want} is neither in nor built into {}",
+    let builtin: Vec<String> = builtin.lines().filter_map(module_name).collect();
+    let mut order = Vec::new();
+    let mut todo: Vec<(String, bool)> = wanted
+        .iter()
+        .rev()
+        .map(|w| (w.replace('-', "_"), false))
+        .collect();
+    // Depth first: a module is pushed to `order` once all its dependencies are.
+    while let Some((name, expanded)) = todo.pop() {
+        if order.iter().any(|(n, _)| *n == name) || builtin.contains(&name) {
+            continue;
+        }
+        let Some(file) = files.get(&name) else {
+            bail!(
+                "module {name} is neither in nor built into {}",
                 modules.display()
-            ),
+            );
+        };
+        if expanded {
+            order.push((name, file.clone()));
+            continue;
+        }
+        let out = util::run_quiet(
+            Command::new("modinfo")
+                .args(["-F", "depends"])
+                .arg(modules.join(file)),
+        )?;
+        todo.push((name, true));
+        for dep in String::from_utf8_lossy(&out.stdout).trim().split(',') {
+            if !dep.is_empty() {
+                todo.push((dep.replace('-', "_"), false));
+            }
         }
     }
-    Ok(order)
+    Ok(order.into_iter().map(|(_, file)| file).collect())
+}
+
+/// `veth` for `.../veth.ko`, `.ko.xz`, `.ko.zst`; None for other files.
+fn module_name(path: &str) -> Option<String> {
+    let file = path.rsplit('/').next()?;
+    let (name, _) = file.split_once(".ko")?;
+    Some(name.replace('-', "_"))
 }

@@ -80,7 +80,7 @@ pub fn run(options: Options) -> Result<ExitCode> {
     fs::create_dir_all(&cache)?;
     fs::create_dir_all(&logs)?;
     let busybox = debian::busybox(&cache).context("fetching busybox-static")?;
-    let cases = cases(&binaries);
+    let cases = cases(&binaries)?;
 
     let mut results = Vec::new();
     for (version, suite, distro) in kernels {
@@ -138,9 +138,14 @@ fn build() -> Result<Binaries> {
     })
 }
 
-fn cases(binaries: &Binaries) -> Vec<Case> {
+fn cases(binaries: &Binaries) -> Result<Vec<Case>> {
     let packet = binaries.packet.display();
-    vec![
+    // By its path: busybox's shell would run its own `setpriv` applet, which lacks
+    // --bounding-set.
+    let setpriv = util::find_program("setpriv")
+        .context("setpriv is not installed (Debian package util-linux)")?;
+    let setpriv = setpriv.display();
+    Ok(vec![
         Case {
             name: "verifier-root",
             title: "verifier (root)",
@@ -152,7 +157,7 @@ fn cases(binaries: &Binaries) -> Vec<Case> {
             // As tests/tests/caps.rs drops them for the agent: uid 0, but only these two
             // capabilities in the bounding set, so the exec'd test holds exactly them.
             command: format!(
-                "setpriv --bounding-set=-all,+bpf,+net_admin --inh-caps=-all -- \
+                "{setpriv} --bounding-set=-all,+bpf,+net_admin --inh-caps=-all -- \
                  {packet} --exact {VERIFIER_TEST} --nocapture --test-threads=1"
             ),
         },
@@ -161,7 +166,7 @@ fn cases(binaries: &Binaries) -> Vec<Case> {
             title: "packet tests (root)",
             command: format!("{packet} --test-threads=1"),
         },
-    ]
+    ])
 }
 
 /// Fetch (or reuse) the kernel of `suite`, pack an initramfs, boot it, read the results.

@@ -147,18 +147,30 @@ fn end_of(console: &Console) -> String {
 
 /// One case from its console lines and the exit code `/init` printed (None: no end marker).
 fn read_case(lines: &[String], rc: Option<i32>, console: &Console) -> CaseResult {
-    let mut outcomes = Vec::new();
-    for line in lines {
-        // libtest: `test NAME ... ok` / `... FAILED` / `... ignored`
-        if let Some(rest) = line.strip_prefix("test ") {
-            if let Some((name, outcome)) = rest.rsplit_once(" ... ") {
-                outcomes.push((name.to_owned(), outcome.trim().to_owned()));
-            }
-        }
-    }
-    let ran_tests = lines
-        .iter()
-        .any(|l| l.starts_with("running ") && (l.ends_with(" tests") || l.ends_with(" test")));
+    // libtest's summary: `test result: FAILED. 17 passed; 1 failed; ...`, and the names of
+    // the failed tests listed (indented) under the last `failures:` line.
+    let summary = lines.iter().find_map(|l| l.strip_prefix("test result: "));
+    let count = |what: &str| -> usize {
+        summary
+            .and_then(|s| {
+                s.split(';').find_map(|part| {
+                    part.trim()
+                        .trim_start_matches(|c: char| !c.is_ascii_digit())
+                        .strip_suffix(what)
+                })
+            })
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let failed_names: Vec<String> = match lines.iter().rposition(|l| l == "failures:") {
+        Some(at) => lines[at + 1..]
+            .iter()
+            .take_while(|l| l.starts_with("    "))
+            .map(|l| l.trim().to_owned())
+            .collect(),
+        None => Vec::new(),
+    };
+    let ran_tests = summary.is_some();
     let Some(rc) = rc else {
         let last = lines.last().map(String::as_str).unwrap_or("");
         return CaseResult::Infra(format!(
@@ -173,11 +185,10 @@ fn read_case(lines: &[String], rc: Option<i32>, console: &Console) -> CaseResult
             text.into_iter().rev().collect::<Vec<_>>().join(" | ")
         ));
     }
-    let tests = outcomes.len();
-    let failed: Vec<(String, String)> = outcomes
+    let tests = count(" passed") + count(" failed");
+    let failed: Vec<(String, String)> = failed_names
         .iter()
-        .filter(|(_, outcome)| outcome.starts_with("FAILED"))
-        .map(|(name, _)| (name.clone(), panic_message(lines, name)))
+        .map(|name| (name.clone(), panic_message(lines, name)))
         .collect();
     if rc == 0 && failed.is_empty() {
         CaseResult::Passed { tests }
@@ -231,6 +242,10 @@ fn panic_message(lines: &[String], name: &str) -> String {
 fn instruction_counts(lines: &[String]) -> Vec<(String, (u64, u64))> {
     let mut out = Vec::new();
     for line in lines {
+        // With --nocapture the first line follows libtest's `test NAME ... `.
+        let line = line
+            .rsplit_once(" ... ")
+            .map_or(line.as_str(), |(_, rest)| rest);
         let Some((program, rest)) = line.split_once(": ") else {
             continue;
         };
