@@ -222,15 +222,29 @@ fn panic_message(lines: &[String], name: &str) -> String {
             s.chars().take(n).collect::<String>() + " ..."
         }
     };
-    match message.find("verifier_log: \"") {
+    // aya's LoadError prints the verifier's log inline, its lines joined by `\n` escapes; the
+    // reason is at its end, before the statistics.
+    match message.find("verifier_log: ") {
         Some(i) => {
-            let log = &message[i + "verifier_log: \"".len()..];
-            let log = log.rsplit_once('"').map_or(log, |(log, _)| log);
-            let lines: Vec<&str> = log.split("\\n").filter(|l| !l.is_empty()).collect();
-            let tail = lines[lines.len().saturating_sub(6)..].join("\n      ");
+            let log = &message[i + "verifier_log: ".len()..];
+            let lines: Vec<&str> = log
+                .split("\\n")
+                .map(str::trim)
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with('}')
+                        && !l.starts_with("verification time")
+                        && !l.starts_with("stack depth")
+                })
+                .collect();
+            let tail = lines[lines.len().saturating_sub(4)..]
+                .iter()
+                .map(|l| short(l, 200))
+                .collect::<Vec<_>>()
+                .join("\n      ");
             format!(
                 "{}\n    verifier log, last lines:\n      {tail}",
-                short(&message[..i], 400)
+                short(&message[..i], 300)
             )
         }
         None => short(&message, 800),
@@ -333,8 +347,22 @@ pub fn print(results: &[(&str, &str, KernelResult)], cases: &[Case]) {
         for case in cases {
             match r.cases.get(case.name) {
                 Some(CaseResult::Failed { failed, .. }) => {
+                    // Tests that failed the same way (e.g. every test when a program does
+                    // not load) are listed once.
+                    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
                     for (test, message) in failed {
-                        eprintln!("\n{version} {}: {test} FAILED:\n    {message}", case.title);
+                        let key = without_timing(message);
+                        match groups.iter_mut().find(|(m, _)| without_timing(m) == key) {
+                            Some((_, tests)) => tests.push(test),
+                            None => groups.push((message.clone(), vec![test])),
+                        }
+                    }
+                    for (message, tests) in groups {
+                        eprintln!(
+                            "\n{version} {}: FAILED {}:\n    {message}",
+                            case.title,
+                            tests.join(", ")
+                        );
                     }
                 }
                 Some(CaseResult::Infra(why)) => eprintln!(
@@ -364,4 +392,13 @@ pub fn print(results: &[(&str, &str, KernelResult)], cases: &[Case]) {
             eprintln!("{l}");
         }
     }
+}
+
+/// `message` without the verifier's run time, which differs between otherwise equal failures.
+fn without_timing(message: &str) -> String {
+    message
+        .lines()
+        .filter(|l| !l.contains("verification time"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
