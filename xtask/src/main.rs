@@ -77,6 +77,10 @@ enum Command {
         /// Echo each VM's console as it arrives.
         #[arg(long)]
         verbose: bool,
+        /// Also run one end-to-end test (the two-node namespace cluster with real TCP and
+        /// UDP clients, tests/e2e.rs) in each VM.
+        #[arg(long)]
+        e2e: bool,
     },
 }
 
@@ -96,10 +100,12 @@ fn main() -> ExitCode {
             kernels,
             timeout,
             verbose,
+            e2e,
         } => vm::run(vm::Options {
             kernels,
             timeout: std::time::Duration::from_secs(timeout),
             verbose,
+            e2e,
         }),
     };
     match result {

@@ -32,10 +32,14 @@ pub const KERNELS: &[(&str, &str, &str)] = &[
 ];
 
 /// Modules the tests need that Debian builds as modules (with their dependencies).
-const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf"];
+const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "bridge"];
 
 /// Host programs the tests run inside the VM (with their libraries).
-const HOST_PROGRAMS: &[&str] = &["ip", "nsenter", "setpriv"];
+const HOST_PROGRAMS: &[&str] = &["ip", "nsenter", "setpriv", "ethtool"];
+
+/// The end-to-end test `--e2e` adds: real TCP and UDP clients through both nodes of the
+/// namespace cluster, each node with its own agent (tests/tests/e2e.rs).
+const E2E_TEST: &str = "tcp_and_udp_through_both_nodes";
 
 /// The verifier test: every shipped program in every shipped configuration loads.
 const VERIFIER_TEST: &str = "every_program_passes_the_verifier";
@@ -52,6 +56,8 @@ pub struct Options {
     pub kernels: Vec<String>,
     pub timeout: Duration,
     pub verbose: bool,
+    /// Also run one end-to-end cluster test.
+    pub e2e: bool,
 }
 
 pub fn run(options: Options) -> Result<ExitCode> {
@@ -80,7 +86,7 @@ pub fn run(options: Options) -> Result<ExitCode> {
     fs::create_dir_all(&cache)?;
     fs::create_dir_all(&logs)?;
     let busybox = debian::busybox(&cache).context("fetching busybox-static")?;
-    let cases = cases(&binaries)?;
+    let cases = cases(&binaries, options.e2e)?;
 
     let mut results = Vec::new();
     for (version, suite, distro) in kernels {
@@ -104,6 +110,7 @@ pub fn run(options: Options) -> Result<ExitCode> {
 /// VM, so paths compiled into the tests still hold).
 struct Binaries {
     packet: PathBuf,
+    e2e: PathBuf,
     agent: PathBuf,
     echo: PathBuf,
 }
@@ -118,34 +125,38 @@ fn build() -> Result<Binaries> {
             .args(["--bins", "--tests", "--message-format=json"]),
     )
     .context("release build")?;
-    let mut packet = None;
+    let (mut packet, mut e2e) = (None, None);
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == "packet"
-            && msg["profile"]["test"] == true
-        {
-            packet = msg["executable"].as_str().map(PathBuf::from);
+        if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
+            continue;
+        }
+        let executable = msg["executable"].as_str().map(PathBuf::from);
+        match msg["target"]["name"].as_str() {
+            Some("packet") => packet = executable,
+            Some("e2e") => e2e = executable,
+            _ => {}
         }
     }
     let bin = util::target_dir().join("release");
     Ok(Binaries {
         packet: packet.context("cargo built no `packet` test executable")?,
+        e2e: e2e.context("cargo built no `e2e` test executable")?,
         agent: bin.join("nodeport-agent"),
         echo: bin.join("np-echo"),
     })
 }
 
-fn cases(binaries: &Binaries) -> Result<Vec<Case>> {
+fn cases(binaries: &Binaries, e2e: bool) -> Result<Vec<Case>> {
     let packet = binaries.packet.display();
     // By its path: busybox's shell would run its own `setpriv` applet, which lacks
     // --bounding-set.
     let setpriv = util::find_program("setpriv")
         .context("setpriv is not installed (Debian package util-linux)")?;
     let setpriv = setpriv.display();
-    Ok(vec![
+    let mut cases = vec![
         Case {
             name: "verifier-root",
             title: "verifier (root)",
@@ -166,7 +177,18 @@ fn cases(binaries: &Binaries) -> Result<Vec<Case>> {
             title: "packet tests (root)",
             command: format!("{packet} --test-threads=1"),
         },
-    ])
+    ];
+    if e2e {
+        cases.push(Case {
+            name: "e2e",
+            title: "e2e (root)",
+            command: format!(
+                "{} --exact {E2E_TEST} --test-threads=1",
+                binaries.e2e.display()
+            ),
+        });
+    }
+    Ok(cases)
 }
 
 /// Fetch (or reuse) the kernel of `suite`, pack an initramfs, boot it, read the results.
@@ -228,7 +250,12 @@ fn pack(
     for program in HOST_PROGRAMS {
         fs_.host_program(program)?;
     }
-    for binary in [&binaries.packet, &binaries.agent, &binaries.echo] {
+    for binary in [
+        &binaries.packet,
+        &binaries.e2e,
+        &binaries.agent,
+        &binaries.echo,
+    ] {
         fs_.binary(&binary.to_string_lossy(), binary)?;
     }
     // Modules, decompressed (trixie ships .ko.xz; busybox's insmod wants plain ELF).
