@@ -1,4 +1,4 @@
-//! Developer tasks for nodeport: `cargo xtask <setup|build|run|test|cleanup|bench>`.
+//! Developer tasks for nodeport: `cargo xtask <setup|build|run|test|cleanup|bench|vm-test>`.
 //!
 //! This crate must build on a fresh machine before the eBPF toolchain exists, so it uses only
 //! std, anyhow and clap, and never depends on another workspace crate.
@@ -12,6 +12,7 @@ mod setup;
 mod svg;
 mod test;
 mod util;
+mod vm;
 
 use std::{ffi::OsString, process::ExitCode};
 
@@ -63,6 +64,24 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// The kernel matrix (root): boot Debian's kernels under qemu and run the verifier test
+    /// (as root and with only CAP_BPF + CAP_NET_ADMIN) and the packet tests in each; print a
+    /// table. Kernel packages are cached in target/vm-cache, console logs go to target/vm-test.
+    VmTest {
+        /// Kernels to boot, by version: 5.10 (Debian 11), 6.1 (Debian 12), 6.12 (Debian 13).
+        #[arg(long, value_delimiter = ',', default_value = "5.10,6.1,6.12")]
+        kernels: Vec<String>,
+        /// Time limit per VM, in seconds (boot and all tests; qemu is killed after it).
+        #[arg(long, default_value_t = 1200)]
+        timeout: u64,
+        /// Echo each VM's console as it arrives.
+        #[arg(long)]
+        verbose: bool,
+        /// Also run one end-to-end test (the two-node namespace cluster with real TCP and
+        /// UDP clients, tests/e2e.rs) in each VM.
+        #[arg(long)]
+        e2e: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,6 +96,17 @@ fn main() -> ExitCode {
         Command::Test { unit } => test::run(unit),
         Command::Cleanup => cleanup::run(cleanup::Scope::Everything).map(|_| ExitCode::SUCCESS),
         Command::Bench { quick } => bench::run(quick).map(|_| ExitCode::SUCCESS),
+        Command::VmTest {
+            kernels,
+            timeout,
+            verbose,
+            e2e,
+        } => vm::run(vm::Options {
+            kernels,
+            timeout: std::time::Duration::from_secs(timeout),
+            verbose,
+            e2e,
+        }),
     };
     match result {
         Ok(code) => code,
