@@ -1690,7 +1690,7 @@ impl Env {
     /// [`Env::step`] for a client segment to node1's nodePort 30081 from `port`, which XDP
     /// hands to the stack translated for the local backend POD_LOCAL.
     #[track_caller]
-    fn to_local_pod(&mut self, case: &str, port: u16, flags: u8, seq: u32, ack: u32, stat: &str) {
+    fn step_local(&mut self, case: &str, port: u16, flags: u8, seq: u32, ack: u32, stat: &str) {
         self.step(
             case,
             "xdp",
@@ -1819,13 +1819,13 @@ fn tcp_fin_and_rst_close_a_flow_only_in_window() {
         ),
     ];
     for (port, cases) in flows {
-        env.to_local_pod("syn", port, SYN, ISN, 0, "local_deliver");
+        env.step_local("syn", port, SYN, ISN, 0, "local_deliver");
         let e = env.ct(port, 30081).expect("entry of the syn");
         assert_flags(&e, CT_F_SYN_ONLY, "syn");
         assert_eq!(e.client_seq, ISN, "the client's mark is its SYN's");
         for &(case, flags, seq, stat, state) in cases {
             let ack = if flags & ACK != 0 { BISN + 1 } else { 0 };
-            env.to_local_pod(case, port, flags, seq, ack, stat);
+            env.step_local(case, port, flags, seq, ack, stat);
             let e = env.ct(port, 30081).expect("entry");
             assert_flags(&e, state, case);
         }
@@ -1837,7 +1837,7 @@ fn tcp_backend_fin_and_rst_need_the_backends_numbers() {
     let Some(mut env) = setup() else { return };
     // A local flow; the backend's packets leave through TC egress.
     let port = 40200;
-    env.to_local_pod("syn", port, SYN, ISN, 0, "local_deliver");
+    env.step_local("syn", port, SYN, ISN, 0, "local_deliver");
     let reply = |flags, seq, ack| from_local(POD_LOCAL, port, flags, seq, ack);
     let restored = |flags, seq, ack| {
         seg(
@@ -1873,7 +1873,7 @@ fn tcp_backend_fin_and_rst_need_the_backends_numbers() {
     let e = env.ct(port, 30081).unwrap();
     assert_flags(&e, CT_F_SYN_ONLY | CT_F_BACKEND_SEQ, "syn-ack");
     assert_eq!(e.backend_seq, BISN);
-    env.to_local_pod("ack", port, ACK, ISN + 1, BISN + 1, "local_deliver");
+    env.step_local("ack", port, ACK, ISN + 1, BISN + 1, "local_deliver");
     // A stranger's RST "from the backend" with the client's numbers right but not the
     // backend's: forwarded, state kept.
     env.step(
@@ -1911,8 +1911,8 @@ fn tcp_syn_on_a_closing_tuple_opens_a_fresh_flow() {
         .set_backend(6, &backend(POD_LOCAL_2, 80, BE_F_LOCAL))
         .unwrap();
     let port = 40300;
-    env.to_local_pod("syn", port, SYN, ISN, 0, "local_deliver");
-    env.to_local_pod("ack", port, ACK, ISN + 1, BISN + 1, "local_deliver");
+    env.step_local("syn", port, SYN, ISN, 0, "local_deliver");
+    env.step_local("ack", port, ACK, ISN + 1, BISN + 1, "local_deliver");
     // The service now chooses backend 6; the live flow stays on its backend, even for a
     // SYN (a retransmission, or a stranger's).
     service(30081, PROTO_TCP, 20, &[6], &mut env.dp, 3);
@@ -2007,8 +2007,8 @@ fn tcp_expired_flows_reopen_and_their_replies_pass_untouched() {
         .set_backend(6, &backend(POD_LOCAL_2, 80, BE_F_LOCAL))
         .unwrap();
     let port = 40400;
-    env.to_local_pod("syn", port, SYN, ISN, 0, "local_deliver");
-    env.to_local_pod("ack", port, ACK, ISN + 1, BISN + 1, "local_deliver");
+    env.step_local("syn", port, SYN, ISN, 0, "local_deliver");
+    env.step_local("ack", port, ACK, ISN + 1, BISN + 1, "local_deliver");
     let live_reply = from_local(POD_LOCAL, port, ACK, BISN + 1, ISN + 1);
     env.step(
         "reply of the live flow",
